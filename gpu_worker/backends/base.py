@@ -1,0 +1,89 @@
+"""The backend interface: the same for the numpy reference (`cpu`) and `cuda`.
+
+The engine owns scheduling and the KV block tables; a backend owns weights and KV memory and runs
+one step over an explicit batch. Nothing else crosses this boundary.
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import numpy as np
+
+from gpu_worker.sampling.params import SamplingParams
+
+
+@dataclass(frozen=True)
+class SampleRequest:
+    """What the sampler needs for one sequence at generation step `step` (0 = first new token)."""
+
+    params: SamplingParams
+    step: int
+    # Prompt + generated ids so far (repetition penalty looks at both) # [num_seen] int32
+    seen_token_ids: np.ndarray
+    # Generated ids so far (presence/frequency penalties count these) # [num_generated] int32
+    output_token_ids: np.ndarray
+
+
+@dataclass(frozen=True)
+class StepBatch:
+    """One engine step over `num_seqs` sequences with `num_tokens` new tokens in all.
+
+    Sequence i contributes input_ids[query_start_loc[i]:query_start_loc[i+1]] (a prefill chunk or
+    one decode token). Its KV for those tokens is written to `slot_mapping` slots
+    (block_id * block_size + offset) before attention reads positions [0, context_lens[i]).
+    """
+
+    input_ids: np.ndarray        # [num_tokens] int32
+    positions: np.ndarray        # [num_tokens] int32, absolute positions
+    query_start_loc: np.ndarray  # [num_seqs + 1] int32, cumulative
+    context_lens: np.ndarray     # [num_seqs] int32, KV length after this step
+    block_tables: np.ndarray     # [num_seqs, max_blocks_per_seq] int32, -1 padded
+    slot_mapping: np.ndarray     # [num_tokens] int32
+    # Per sequence: a SampleRequest when this step ends its prompt or is a decode step; None for a
+    # prefill chunk that is not the prompt's last (nothing sampled).
+    sample: tuple[SampleRequest | None, ...]
+
+    @property
+    def num_seqs(self) -> int:
+        return len(self.context_lens)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.input_ids)
+
+
+@dataclass(frozen=True)
+class TokenLogprobs:
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()   # (token_id, logprob), most likely first
+
+
+@dataclass(frozen=True)
+class StepOutput:
+    token_ids: np.ndarray                        # [num_seqs] int32, -1 where nothing was sampled
+    logprobs: tuple[TokenLogprobs | None, ...]   # per sequence, when its params ask for logprobs
+
+
+class Backend(ABC):
+    """A model on a device: weights, KV cache memory and one step of the forward + sampler."""
+
+    name: str            # "cpu" or "cuda"
+    device_name: str     # e.g. "numpy (2 CPU cores)" or "NVIDIA H100 80GB HBM3"
+    weight_bytes: int    # bytes the weights occupy on the device (exact)
+
+    @abstractmethod
+    def kv_bytes_per_block(self, block_size: int) -> int:
+        """Bytes one KV block of `block_size` tokens takes (all layers, K and V)."""
+
+    @abstractmethod
+    def allocate_kv_cache(self, num_blocks: int, block_size: int) -> None:
+        """Preallocate the paged KV cache; block ids are [0, num_blocks)."""
+
+    @abstractmethod
+    def step(self, batch: StepBatch) -> StepOutput:
+        """Run the forward over `batch`, write its KV, sample where asked."""
+
+    def close(self) -> None:
+        """Release device memory."""
