@@ -28,10 +28,11 @@ test: setup
 
 setup: venv stubs kernels model cuda-extra
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml clients/python/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q -e '.[test]' --config-settings editable_mode=compat
+	$(PIP) install -q -e clients/python --config-settings editable_mode=compat
 	touch $@
 
 venv: $(VENV)/.installed
