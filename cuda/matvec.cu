@@ -1,0 +1,120 @@
+// Quantized matrix-vector products for decode: y[b, n] = sum_k x[b, k] * W[n, k].
+//
+// W: [N, K] in any GGUF format (quant_formats.cuh), x: [B, K] fp32, y: [B, N] fp32.
+// One CTA takes `rows_per_cta` consecutive rows: their bytes are one contiguous range, which is
+// copied global -> shared with 16-byte cp.async (fully coalesced whatever the block size; the
+// bytes of a 22-byte Q5_0 block are not 16-byte aligned, so direct vector loads cannot work).
+// Then warp w computes rows w, w + num_warps, ... of the tile: lane l takes the 8-value units
+// l, l + 32, ... of the row, dequantizes each unit once and applies it to every batch row.
+//
+// Batch invariance: a row's result depends only on (K, type). The per-lane order over units and
+// the xor-butterfly over lanes are fixed; each batch row b runs the same explicit __fmaf_rn
+// chain whatever B, MAX_B or b, and the grid's batch chunks (blockIdx.y) only pick which x rows.
+#include "quant_formats.cuh"
+
+namespace matvec_detail {
+
+constexpr int kUnit = 8;
+
+// Kernel parameters, gathered once so device functions take one argument.
+struct MatvecArgs {
+    const uint8_t* weight;   // [N, row_bytes]; the tile copy never reads past row N - 1
+    int row_bytes;
+    int num_rows;            // N
+    int num_cols;            // K (a multiple of 8)
+    int rows_per_cta;
+    const float* x;          // [B, K]
+    float* y;                // [B, N]
+    int batch;               // B in all; this CTA takes batch rows [blockIdx.y * MAX_B, +MAX_B)
+};
+
+// Copies bytes [begin, end) of the weight into smem (which holds them from offset begin % 16).
+__device__ __forceinline__ void stage_tile(const uint8_t* weight, long long begin, long long end,
+                                           uint8_t* smem) {
+    const long long first = begin & ~15LL;
+    const int num_chunks = int((end - first + 15) / 16);
+    for (int c = threadIdx.x; c < num_chunks; c += blockDim.x) {
+        const long long src_offset = first + 16LL * c;
+        const long long left = end - src_offset;
+        const int src_size = left >= 16 ? 16 : int(left);   // zero-fill the tail chunk
+        const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem + 16 * c));
+        asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n"
+                     :: "r"(dst), "l"(weight + src_offset), "r"(src_size));
+    }
+    asm volatile("cp.async.commit_group;\ncp.async.wait_group 0;\n" ::: "memory");
+    __syncthreads();
+}
+
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+    for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffffu, v, offset);
+    return v;
+}
+
+template <int T, int MAX_B>
+__device__ void row_dot(const uint8_t* row, const MatvecArgs& a, int batch0, int num_b, int n) {
+    const int lane = threadIdx.x & 31;
+    float acc[MAX_B];
+#pragma unroll
+    for (int b = 0; b < MAX_B; ++b) acc[b] = 0.0f;
+    const int num_units = a.num_cols / kUnit;
+    for (int u = lane; u < num_units; u += 32) {
+        float w[kUnit];
+        qformats::dequant8<T>(row, u * kUnit, w);
+#pragma unroll
+        for (int b = 0; b < MAX_B; ++b) {
+            if (b < num_b) {
+                const float4* xp = reinterpret_cast<const float4*>(
+                    a.x + static_cast<long long>(batch0 + b) * a.num_cols + u * kUnit);
+                const float4 x0 = __ldg(xp), x1 = __ldg(xp + 1);
+                float s = acc[b];
+                s = __fmaf_rn(w[0], x0.x, s); s = __fmaf_rn(w[1], x0.y, s);
+                s = __fmaf_rn(w[2], x0.z, s); s = __fmaf_rn(w[3], x0.w, s);
+                s = __fmaf_rn(w[4], x1.x, s); s = __fmaf_rn(w[5], x1.y, s);
+                s = __fmaf_rn(w[6], x1.z, s); s = __fmaf_rn(w[7], x1.w, s);
+                acc[b] = s;
+            }
+        }
+    }
+#pragma unroll
+    for (int b = 0; b < MAX_B; ++b) {
+        const float total = warp_sum(acc[b]);
+        if (lane == 0 && b < num_b) a.y[static_cast<long long>(batch0 + b) * a.num_rows + n] = total;
+    }
+}
+
+template <int T, int MAX_B>
+__device__ void matvec(const MatvecArgs& a) {
+    extern __shared__ __align__(16) uint8_t tile[];
+    const int row0 = blockIdx.x * a.rows_per_cta;
+    const int num_tile_rows = min(a.rows_per_cta, a.num_rows - row0);
+    const long long begin = static_cast<long long>(row0) * a.row_bytes;
+    stage_tile(a.weight, begin, begin + static_cast<long long>(num_tile_rows) * a.row_bytes, tile);
+
+    const int batch0 = blockIdx.y * MAX_B;
+    const int num_b = min(MAX_B, a.batch - batch0);
+    const uint8_t* tile_rows = tile + (begin & 15);
+    const int num_warps = blockDim.x / 32;
+    for (int r = threadIdx.x / 32; r < num_tile_rows; r += num_warps) {
+        row_dot<T, MAX_B>(tile_rows + r * a.row_bytes, a, batch0, num_b, row0 + r);
+    }
+}
+
+}  // namespace matvec_detail
+
+// Plain scalar parameters (PyCUDA prepared-call format "PiiiiPPi").
+#define QFORMATS_MATVEC_ENTRY(TYPE, NAME, MAX_B)                                              \
+    extern "C" __global__ void __launch_bounds__(128) matvec_##NAME##_b##MAX_B(               \
+        const uint8_t* weight, int row_bytes, int num_rows, int num_cols, int rows_per_cta,   \
+        const float* x, float* y, int batch) {                                                \
+        const matvec_detail::MatvecArgs args{weight, row_bytes, num_rows, num_cols,           \
+                                             rows_per_cta, x, y, batch};                     \
+        matvec_detail::matvec<TYPE, MAX_B>(args);                                             \
+    }
+#define QFORMATS_MATVEC_ENTRIES(TYPE, NAME) \
+    QFORMATS_MATVEC_ENTRY(TYPE, NAME, 1)    \
+    QFORMATS_MATVEC_ENTRY(TYPE, NAME, 2)    \
+    QFORMATS_MATVEC_ENTRY(TYPE, NAME, 4)    \
+    QFORMATS_MATVEC_ENTRY(TYPE, NAME, 8)
+
+QFORMATS_FOR_EACH_TYPE(QFORMATS_MATVEC_ENTRIES)

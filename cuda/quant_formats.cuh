@@ -1,0 +1,212 @@
+// GGUF weight formats as device functions, shared by matvec.cu, embedding.cu and gemm.cu.
+//
+// Block layouts are byte-for-byte llama.cpp's (ggml-common.h); all multi-byte fields are
+// little-endian and at even offsets, so a block pointer with 2-byte alignment suffices.
+// A weight is row-major [rows, cols]; each row is a whole number of blocks, rows packed
+// back to back (row r starts at byte r * row_bytes).
+//
+// The one entry point every kernel uses is
+//     dequant8<TYPE>(row, v0, out)   -> out[0..8) = values v0 .. v0+7 of the row (v0 % 8 == 0)
+// Eight consecutive values always share one scale (and min) in every format, so a kernel can
+// treat every type as "units of 8 values" and stay type-generic. The arithmetic is spelled out
+// with __fmul_rn/__fmaf_rn so that no caller's surrounding code can change its rounding.
+#pragma once
+#include <cstdint>
+#include <cuda_fp16.h>
+#include <cuda_bf16.h>
+
+namespace qformats {
+
+// GGML type ids (ggml.h enum ggml_type); the launchers pass these numbers to pick kernels.
+enum GgmlType : int {
+    kF32 = 0, kF16 = 1, kQ4_0 = 2, kQ4_1 = 3, kQ5_0 = 6, kQ5_1 = 7, kQ8_0 = 8,
+    kQ4_K = 12, kQ5_K = 13, kQ6_K = 14, kBF16 = 30,
+};
+
+// Values and bytes per block, for index arithmetic.
+template <int T> struct BlockInfo;
+template <> struct BlockInfo<kF32>  { static constexpr int kValues = 1;   static constexpr int kBytes = 4; };
+template <> struct BlockInfo<kF16>  { static constexpr int kValues = 1;   static constexpr int kBytes = 2; };
+template <> struct BlockInfo<kBF16> { static constexpr int kValues = 1;   static constexpr int kBytes = 2; };
+template <> struct BlockInfo<kQ4_0> { static constexpr int kValues = 32;  static constexpr int kBytes = 18; };
+template <> struct BlockInfo<kQ4_1> { static constexpr int kValues = 32;  static constexpr int kBytes = 20; };
+template <> struct BlockInfo<kQ5_0> { static constexpr int kValues = 32;  static constexpr int kBytes = 22; };
+template <> struct BlockInfo<kQ5_1> { static constexpr int kValues = 32;  static constexpr int kBytes = 24; };
+template <> struct BlockInfo<kQ8_0> { static constexpr int kValues = 32;  static constexpr int kBytes = 34; };
+template <> struct BlockInfo<kQ4_K> { static constexpr int kValues = 256; static constexpr int kBytes = 144; };
+template <> struct BlockInfo<kQ5_K> { static constexpr int kValues = 256; static constexpr int kBytes = 176; };
+template <> struct BlockInfo<kQ6_K> { static constexpr int kValues = 256; static constexpr int kBytes = 210; };
+
+__device__ __forceinline__ float load_half(const uint8_t* p) {
+    return __half2float(*reinterpret_cast<const __half*>(p));
+}
+
+__device__ __forceinline__ uint32_t load_u32_unaligned(const uint8_t* p) {
+    // qh fields sit at offsets 2 or 4 of 22/24-byte blocks: only 2-byte aligned.
+    const uint16_t* h = reinterpret_cast<const uint16_t*>(p);
+    return uint32_t(h[0]) | (uint32_t(h[1]) << 16);
+}
+
+// Locates the block holding value v of a row and v's index inside that block.
+template <int T>
+__device__ __forceinline__ const uint8_t* block_of(const uint8_t* row, int v, int& index_in_block) {
+    constexpr int kValues = BlockInfo<T>::kValues;
+    index_in_block = v % kValues;
+    return row + (v / kValues) * BlockInfo<T>::kBytes;
+}
+
+// 4-bit nibbles of a 32-value block: values 0..15 are low nibbles of qs[0..15], 16..31 high.
+__device__ __forceinline__ void nibbles8(const uint8_t* qs, int i, int out[8]) {
+    const int shift = i < 16 ? 0 : 4;
+    const uint8_t* q = qs + (i & 15);
+#pragma unroll
+    for (int j = 0; j < 8; ++j) out[j] = (q[j] >> shift) & 0xF;
+}
+
+// Fifth bit of value i..i+7 from the 32-bit qh mask (bit i = value i).
+__device__ __forceinline__ void high_bits8(uint32_t qh, int i, int out[8]) {
+#pragma unroll
+    for (int j = 0; j < 8; ++j) out[j] |= int((qh >> (i + j)) & 1u) << 4;
+}
+
+template <int T> __device__ void dequant8(const uint8_t* row, int v0, float out[8]);
+
+template <> __device__ __forceinline__ void dequant8<kF32>(const uint8_t* row, int v0, float out[8]) {
+    const float* p = reinterpret_cast<const float*>(row) + v0;
+#pragma unroll
+    for (int j = 0; j < 8; ++j) out[j] = p[j];
+}
+
+template <> __device__ __forceinline__ void dequant8<kF16>(const uint8_t* row, int v0, float out[8]) {
+    const __half* p = reinterpret_cast<const __half*>(row) + v0;
+#pragma unroll
+    for (int j = 0; j < 8; ++j) out[j] = __half2float(p[j]);
+}
+
+template <> __device__ __forceinline__ void dequant8<kBF16>(const uint8_t* row, int v0, float out[8]) {
+    const __nv_bfloat16* p = reinterpret_cast<const __nv_bfloat16*>(row) + v0;
+#pragma unroll
+    for (int j = 0; j < 8; ++j) out[j] = __bfloat162float(p[j]);
+}
+
+// Q4_0: { half d; uint8 qs[16]; }  x = d * (q - 8)
+template <> __device__ __forceinline__ void dequant8<kQ4_0>(const uint8_t* row, int v0, float out[8]) {
+    int i; const uint8_t* b = block_of<kQ4_0>(row, v0, i);
+    const float d = load_half(b);
+    int q[8]; nibbles8(b + 2, i, q);
+#pragma unroll
+    for (int j = 0; j < 8; ++j) out[j] = __fmul_rn(d, float(q[j] - 8));
+}
+
+// Q4_1: { half d; half m; uint8 qs[16]; }  x = d * q + m
+template <> __device__ __forceinline__ void dequant8<kQ4_1>(const uint8_t* row, int v0, float out[8]) {
+    int i; const uint8_t* b = block_of<kQ4_1>(row, v0, i);
+    const float d = load_half(b), m = load_half(b + 2);
+    int q[8]; nibbles8(b + 4, i, q);
+#pragma unroll
+    for (int j = 0; j < 8; ++j) out[j] = __fmaf_rn(d, float(q[j]), m);
+}
+
+// Q5_0: { half d; uint8 qh[4]; uint8 qs[16]; }  x = d * (q - 16), q = nibble | qh bit << 4
+template <> __device__ __forceinline__ void dequant8<kQ5_0>(const uint8_t* row, int v0, float out[8]) {
+    int i; const uint8_t* b = block_of<kQ5_0>(row, v0, i);
+    const float d = load_half(b);
+    int q[8]; nibbles8(b + 6, i, q); high_bits8(load_u32_unaligned(b + 2), i, q);
+#pragma unroll
+    for (int j = 0; j < 8; ++j) out[j] = __fmul_rn(d, float(q[j] - 16));
+}
+
+// Q5_1: { half d; half m; uint8 qh[4]; uint8 qs[16]; }  x = d * q + m
+template <> __device__ __forceinline__ void dequant8<kQ5_1>(const uint8_t* row, int v0, float out[8]) {
+    int i; const uint8_t* b = block_of<kQ5_1>(row, v0, i);
+    const float d = load_half(b), m = load_half(b + 2);
+    int q[8]; nibbles8(b + 8, i, q); high_bits8(load_u32_unaligned(b + 4), i, q);
+#pragma unroll
+    for (int j = 0; j < 8; ++j) out[j] = __fmaf_rn(d, float(q[j]), m);
+}
+
+// Q8_0: { half d; int8 qs[32]; }  x = d * q
+template <> __device__ __forceinline__ void dequant8<kQ8_0>(const uint8_t* row, int v0, float out[8]) {
+    int i; const uint8_t* b = block_of<kQ8_0>(row, v0, i);
+    const float d = load_half(b);
+    const int8_t* q = reinterpret_cast<const int8_t*>(b + 2) + i;
+#pragma unroll
+    for (int j = 0; j < 8; ++j) out[j] = __fmul_rn(d, float(q[j]));
+}
+
+// 6-bit scale and min of sub-block s (0..7) from the 12 packed bytes of Q4_K / Q5_K.
+__device__ __forceinline__ void scale_min_k4(const uint8_t* sc, int s, int& scale, int& min) {
+    if (s < 4) {
+        scale = sc[s] & 63;
+        min = sc[s + 4] & 63;
+    } else {
+        scale = (sc[s + 4] & 0xF) | ((sc[s - 4] >> 6) << 4);
+        min = (sc[s + 4] >> 4) | ((sc[s] >> 6) << 4);
+    }
+}
+
+// Q4_K: { half d; half dmin; uint8 scales[12]; uint8 qs[128]; }, 8 sub-blocks of 32 values.
+// Sub-block s uses nibble (s & 1) of qs[32 * (s / 2) + l];  x = d*scale_s*q - dmin*min_s
+template <> __device__ __forceinline__ void dequant8<kQ4_K>(const uint8_t* row, int v0, float out[8]) {
+    int i; const uint8_t* b = block_of<kQ4_K>(row, v0, i);
+    const int s = i / 32, l = i % 32;
+    int scale, min; scale_min_k4(b + 4, s, scale, min);
+    const float d = __fmul_rn(load_half(b), float(scale));
+    const float m = __fmul_rn(load_half(b + 2), float(min));
+    const uint8_t* q = b + 16 + 32 * (s / 2) + l;
+    const int shift = (s & 1) * 4;
+#pragma unroll
+    for (int j = 0; j < 8; ++j) out[j] = __fmaf_rn(d, float((q[j] >> shift) & 0xF), -m);
+}
+
+// Q5_K: { half d; half dmin; uint8 scales[12]; uint8 qh[32]; uint8 qs[128]; }
+// As Q4_K, plus fifth bit s of qh[l].
+template <> __device__ __forceinline__ void dequant8<kQ5_K>(const uint8_t* row, int v0, float out[8]) {
+    int i; const uint8_t* b = block_of<kQ5_K>(row, v0, i);
+    const int s = i / 32, l = i % 32;
+    int scale, min; scale_min_k4(b + 4, s, scale, min);
+    const float d = __fmul_rn(load_half(b), float(scale));
+    const float m = __fmul_rn(load_half(b + 2), float(min));
+    const uint8_t* qh = b + 16 + l;
+    const uint8_t* q = b + 48 + 32 * (s / 2) + l;
+    const int shift = (s & 1) * 4;
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+        const int v = ((q[j] >> shift) & 0xF) | (((qh[j] >> s) & 1) << 4);
+        out[j] = __fmaf_rn(d, float(v), -m);
+    }
+}
+
+// Q6_K: { uint8 ql[128]; uint8 qh[64]; int8 scales[16]; half d; }, two halves of 128 values.
+// In half h, value g*32 + l (g = 0..3) takes nibble (g >= 2) of ql[64h + 32(g&1) + l] and bits
+// 2g..2g+1 of qh[32h + l];  x = d * scales[i / 16] * (q - 32)
+template <> __device__ __forceinline__ void dequant8<kQ6_K>(const uint8_t* row, int v0, float out[8]) {
+    int i; const uint8_t* b = block_of<kQ6_K>(row, v0, i);
+    const int h = i / 128, g = (i % 128) / 32, l = i % 32;
+    const float d = __fmul_rn(load_half(b + 208), float(reinterpret_cast<const int8_t*>(b + 192)[i / 16]));
+    const uint8_t* ql = b + 64 * h + 32 * (g & 1) + l;
+    const uint8_t* qh = b + 128 + 32 * h + l;
+    const int lo_shift = (g >= 2) ? 4 : 0, hi_shift = 2 * g;
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+        const int v = ((ql[j] >> lo_shift) & 0xF) | (((qh[j] >> hi_shift) & 3) << 4);
+        out[j] = __fmul_rn(d, float(v - 32));
+    }
+}
+
+}  // namespace qformats
+
+// Instantiates MACRO(type_id, lowercase_name) once per supported type; the kernels' extern "C"
+// names are built from the lowercase name (matvec_q4_k_b8, embedding_q5_0, gemm_bf16, ...).
+#define QFORMATS_FOR_EACH_TYPE(MACRO) \
+    MACRO(qformats::kF32, f32)        \
+    MACRO(qformats::kF16, f16)        \
+    MACRO(qformats::kBF16, bf16)      \
+    MACRO(qformats::kQ4_0, q4_0)      \
+    MACRO(qformats::kQ4_1, q4_1)      \
+    MACRO(qformats::kQ5_0, q5_0)      \
+    MACRO(qformats::kQ5_1, q5_1)      \
+    MACRO(qformats::kQ8_0, q8_0)      \
+    MACRO(qformats::kQ4_K, q4_k)      \
+    MACRO(qformats::kQ5_K, q5_k)      \
+    MACRO(qformats::kQ6_K, q6_k)
