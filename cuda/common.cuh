@@ -1,0 +1,62 @@
+// Shared helpers for the qwen-serve kernels: warp reductions in a fixed order and fp16 loads.
+//
+// Batch invariance: every reduction here combines values in an order fixed by lane / thread
+// index only (xor butterfly, then a fixed tree over warps), never by how many rows or tokens a
+// launch holds, and never through atomics.
+#pragma once
+#include <cuda_fp16.h>
+#include <stdint.h>
+
+#define QS_WARP 32
+
+namespace qs {
+
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+    for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffffu, v, offset);
+    return v;
+}
+
+__device__ __forceinline__ float warp_max(float v) {
+#pragma unroll
+    for (int offset = 16; offset > 0; offset >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, offset));
+    return v;
+}
+
+// Sum over the whole block (blockDim.x a multiple of 32, at most 1024). `scratch` holds >= 32
+// floats. Every thread gets the result. Order: butterfly within each warp, then warp 0 sums the
+// per-warp partials by butterfly (missing warps contribute 0): fixed for a given blockDim.
+__device__ __forceinline__ float block_sum(float v, float* scratch) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, num_warps = blockDim.x >> 5;
+    v = warp_sum(v);
+    __syncthreads();  // scratch may still be read by a previous call
+    if (lane == 0) scratch[warp] = v;
+    __syncthreads();
+    float total = lane < num_warps ? scratch[lane] : 0.0f;
+    total = warp_sum(total);
+    return total;
+}
+
+__device__ __forceinline__ float block_max(float v, float* scratch) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, num_warps = blockDim.x >> 5;
+    v = warp_max(v);
+    __syncthreads();
+    if (lane == 0) scratch[warp] = v;
+    __syncthreads();
+    float best = lane < num_warps ? scratch[lane] : -INFINITY;
+    return warp_max(best);
+}
+
+// 8 consecutive fp16 values (one 16-byte load) widened to fp32.
+__device__ __forceinline__ void load_half8(const __half* src, float* dst) {
+    const uint4 raw = *reinterpret_cast<const uint4*>(src);
+    const __half2* h2 = reinterpret_cast<const __half2*>(&raw);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        const float2 f = __half22float2(h2[i]);
+        dst[2 * i] = f.x;
+        dst[2 * i + 1] = f.y;
+    }
+}
+
+}  // namespace qs

@@ -1,0 +1,78 @@
+// Q/K/V bias + NeoX RoPE + paged KV-cache write, one block per token.
+//   q[t] = rope(q[t] + bias_q, pos[t])          fp32, in place  [num_tokens, num_heads * head_dim]
+//   k    = rope(k[t] + bias_k, pos[t])          -> k_cache[slot[t]] as fp16
+//   v    = v[t] + bias_v                        -> v_cache[slot[t]] as fp16
+// NeoX rotation pairs (i, i + head_dim/2) with angle pos * base^(-2i/head_dim); the angles come
+// from host-computed cos/sin tables [max_positions, head_dim/2] so the device and the numpy
+// reference use the same rounded values. KV cache layout (docs/ARCHITECTURE.md):
+// [num_blocks * block_size (= slot), num_kv_heads, head_dim] fp16. slot < 0 means "do not write"
+// (padding rows of a captured decode graph).
+#include "common.cuh"
+
+// Every field 8 bytes wide so the host can mirror the layout with a plain numpy record.
+struct RopeKvParams {
+    float* q;                 // [num_tokens, num_heads * head_dim]
+    const float* k;           // [num_tokens, num_kv_heads * head_dim]
+    const float* v;           // [num_tokens, num_kv_heads * head_dim]
+    const float* bias_q;      // [num_heads * head_dim]
+    const float* bias_k;      // [num_kv_heads * head_dim]
+    const float* bias_v;      // [num_kv_heads * head_dim]
+    const int* positions;     // [num_tokens]
+    const int* slot_mapping;  // [num_tokens]
+    const float* cos_table;   // [max_positions, head_dim / 2]
+    const float* sin_table;   // [max_positions, head_dim / 2]
+    __half* k_cache;          // [num_slots, num_kv_heads, head_dim]
+    __half* v_cache;          // [num_slots, num_kv_heads, head_dim]
+    long long num_heads;
+    long long num_kv_heads;
+    long long head_dim;
+};
+
+namespace qs {
+
+__device__ __forceinline__ void rotate_pair(const float* src, const float* bias, int head, int i,
+                                            int head_dim, float c, float s, float* x0, float* x1) {
+    const int half_dim = head_dim / 2;
+    const int base = head * head_dim;
+    const float a = src[base + i] + bias[base + i];
+    const float b = src[base + i + half_dim] + bias[base + i + half_dim];
+    *x0 = a * c - b * s;
+    *x1 = b * c + a * s;
+}
+
+}  // namespace qs
+
+// grid = (num_tokens), block = (256)
+extern "C" __global__ void __launch_bounds__(256) rope_kv_f32(const RopeKvParams p) {
+    const int t = blockIdx.x;
+    const int hd = (int)p.head_dim, half_dim = hd / 2;
+    const int nh = (int)p.num_heads, nkv = (int)p.num_kv_heads;
+    const int pos = p.positions[t];
+    const int slot = p.slot_mapping[t];
+    const float* cos_row = p.cos_table + (size_t)pos * half_dim;
+    const float* sin_row = p.sin_table + (size_t)pos * half_dim;
+    float* q = p.q + (size_t)t * nh * hd;
+    const float* k = p.k + (size_t)t * nkv * hd;
+    const float* v = p.v + (size_t)t * nkv * hd;
+    const int num_q_pairs = nh * half_dim, num_k_pairs = nkv * half_dim;
+    for (int w = threadIdx.x; w < num_q_pairs; w += blockDim.x) {
+        const int head = w / half_dim, i = w % half_dim;
+        float x0, x1;
+        qs::rotate_pair(q, p.bias_q, head, i, hd, cos_row[i], sin_row[i], &x0, &x1);
+        q[head * hd + i] = x0;  // this thread alone reads and writes this pair
+        q[head * hd + i + half_dim] = x1;
+    }
+    if (slot < 0) return;
+    __half* k_dst = p.k_cache + (size_t)slot * nkv * hd;
+    __half* v_dst = p.v_cache + (size_t)slot * nkv * hd;
+    for (int w = threadIdx.x; w < num_k_pairs; w += blockDim.x) {
+        const int head = w / half_dim, i = w % half_dim;
+        float x0, x1;
+        qs::rotate_pair(k, p.bias_k, head, i, hd, cos_row[i], sin_row[i], &x0, &x1);
+        k_dst[head * hd + i] = __float2half_rn(x0);
+        k_dst[head * hd + i + half_dim] = __float2half_rn(x1);
+    }
+    for (int w = threadIdx.x; w < nkv * hd; w += blockDim.x) {
+        v_dst[w] = __float2half_rn(v[w] + p.bias_v[w]);
+    }
+}
