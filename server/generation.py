@@ -1,0 +1,128 @@
+"""One generation request, end to end on the front-end side: worker token events in, front-end
+events (started, text deltas, finished) out. Stream and unary both consume this same generator, so
+their text is identical for the same seed by construction.
+"""
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+
+from gpu_worker.sampling.params import SamplingParams, StoppingParams
+from server.errors import RpcError
+from server.metrics import Metrics
+from server.requests import (
+    DeltaEvent,
+    FinishedEvent,
+    FinishReason,
+    GenerationEvent,
+    StartedEvent,
+    TokenLogprob,
+)
+from server.text import OutputText, TextTools
+
+_WORKER_REASONS = {"stop": FinishReason.STOP, "length": FinishReason.LENGTH, "eos": FinishReason.EOS,
+                   "cancelled": FinishReason.CANCELLED, "aborted": FinishReason.CANCELLED,
+                   "abort": FinishReason.CANCELLED}
+
+
+@dataclass(frozen=True)
+class GenerationJob:
+    request_id: str
+    model: str
+    prompt_ids: list[int]
+    sampling: SamplingParams
+    stopping: StoppingParams
+    stops: tuple[str, ...]
+    arrival_ns: int
+
+
+def worker_reason(reason: Any) -> FinishReason:
+    """The worker's finish reason (a str or an enum with a str `value`/`name`) as ours."""
+    for candidate in (reason, getattr(reason, "value", None), getattr(reason, "name", None)):
+        if isinstance(candidate, str) and candidate.lower() in _WORKER_REASONS:
+            return _WORKER_REASONS[candidate.lower()]
+    raise ValueError(f"unknown finish reason from the worker: {reason!r}")
+
+
+def _logprob_entry(tools: TextTools, token_id: int, logprobs: Any) -> TokenLogprob | None:
+    if logprobs is None:
+        return None
+    top = tuple((int(alt_id), float(alt_logprob), tools.piece(int(alt_id)))
+                for alt_id, alt_logprob in logprobs.top)
+    return TokenLogprob(token_id=token_id, logprob=float(logprobs.logprob), top=top)
+
+
+class Generation:
+    """Drives one request through `worker.generate` and records its metrics."""
+
+    def __init__(self, worker: Any, tools: TextTools, metrics: Metrics, job: GenerationJob) -> None:
+        self.worker, self.tools, self.metrics, self.job = worker, tools, metrics, job
+        hidden = set(job.stopping.stop_token_ids)
+        if not job.stopping.ignore_eos:
+            hidden.update(job.stopping.eos_token_ids)
+        self.text = OutputText(tools, job.stops, frozenset(hidden))
+        self.completion_tokens = 0
+        self.first_token_ns = 0
+        self.last_token_ns = 0
+        self.finished = False
+        self.aborted_by_client = False   # set by the Abort RPC
+
+    def _observe_token(self) -> None:
+        now = time.monotonic_ns()
+        if self.completion_tokens == 0:
+            self.first_token_ns = now
+            self.metrics.observe_ttft((now - self.job.arrival_ns) / 1e9)
+        else:
+            self.metrics.observe_itl((now - self.last_token_ns) / 1e9)
+        self.last_token_ns = now
+        self.completion_tokens += 1
+
+    def _finished(self, reason: FinishReason, matched_stop: str = "", timings: Any = None) -> FinishedEvent:
+        self.finished = True
+        front_ttft = self.first_token_ns - self.job.arrival_ns if self.completion_tokens else 0
+        return FinishedEvent(
+            reason=reason, prompt_tokens=len(self.job.prompt_ids), completion_tokens=self.completion_tokens,
+            queue_ns=int(getattr(timings, "queue_ns", 0) or 0),
+            time_to_first_token_ns=max(0, front_ttft),
+            decode_ns=max(0, self.last_token_ns - self.first_token_ns),
+            matched_stop=matched_stop)
+
+    async def events(self) -> AsyncIterator[GenerationEvent]:
+        job = self.job
+        yield StartedEvent(job.request_id, job.model, len(job.prompt_ids), job.sampling.seed)
+        stream = self.worker.generate(job.request_id, job.prompt_ids, job.sampling, job.stopping)
+        async with contextlib.aclosing(stream):
+            async for event in stream:
+                if _is_finish(event):
+                    async for tail in self._finish(event):
+                        yield tail
+                    return
+                self._observe_token()
+                token_id = int(event.token_id)
+                text, matched = self.text.push(token_id)
+                entry = _logprob_entry(self.tools, token_id, getattr(event, "logprobs", None))
+                yield DeltaEvent(text, (token_id,), (entry,) if entry else ())
+                if matched is not None:
+                    # Stop string: the worker would go on generating; end it there and now.
+                    await self.worker.abort(job.request_id)
+                    yield self._finished(FinishReason.STOP, matched_stop=matched)
+                    return
+        raise RuntimeError("the worker's event stream ended without a finished event")
+
+    async def _finish(self, event: Any) -> AsyncIterator[GenerationEvent]:
+        text, matched = self.text.finish()
+        if text:
+            yield DeltaEvent(text, ())
+        if str(event.reason) == "error":
+            raise RpcError(grpc.StatusCode.INTERNAL, f"the worker failed this request: {event.message}")
+        reason = FinishReason.STOP if matched is not None else worker_reason(event.reason)
+        yield self._finished(reason, matched_stop=matched or "", timings=getattr(event, "timings", None))
+
+
+def _is_finish(event: Any) -> bool:
+    return getattr(event, "reason", None) is not None and not hasattr(event, "token_id")

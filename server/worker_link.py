@@ -1,0 +1,107 @@
+"""The front-end's view of the model: the worker client plus what is derived from the model file
+(tokenizer, chat template, limits). Requests before the worker is ready get UNAVAILABLE.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from gpu_worker.text.tokenizer import Tokenizer
+from server.config import ServeConfig
+from server.errors import RpcError
+from server.logs import get_logger
+from server.metrics import Metrics
+from server.text import TextTools
+from server.validation import ModelLimits
+
+log = get_logger("worker_link")
+STATS_INTERVAL_S = 1.0
+
+
+class ServingModel:
+    """Facts of the served model the servicer needs on every request."""
+
+    def __init__(self, name: str, limits: ModelLimits, tools: TextTools) -> None:
+        self.name, self.limits, self.tools = name, limits, tools
+
+
+def _load_model_facts(model_info: dict[str, Any]) -> ServingModel:
+    tokenizer = Tokenizer.from_gguf(str(model_info["model_path"]))
+    # Ids the tokenizer cannot spell cannot be detokenized: bound inputs by both vocabularies.
+    vocab = min(int(model_info["vocab_size"]), tokenizer.vocab_size)
+    limits = ModelLimits(vocab_size=vocab, context_length=int(model_info["context_length"]))
+    tools = TextTools(tokenizer, tokenizer.chat_template, tuple(tokenizer.stop_token_ids))
+    return ServingModel(Path(str(model_info["model_path"])).name, limits, tools)
+
+
+class WorkerLink:
+    def __init__(self, config: ServeConfig, metrics: Metrics,
+                 worker_factory: Callable[..., Any] | None = None) -> None:
+        self.config, self.metrics = config, metrics
+        self._factory = worker_factory or default_worker_factory
+        self.worker: Any = None
+        self._model: ServingModel | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._on_change: Callable[[bool], Awaitable[None]] | None = None
+
+    @property
+    def is_serving(self) -> bool:
+        return self._model is not None and self.worker is not None and bool(self.worker.is_serving)
+
+    def model(self) -> ServingModel:
+        """The served model, or UNAVAILABLE while the worker is starting or down."""
+        if self._model is None or not self.is_serving:
+            raise RpcError(grpc.StatusCode.UNAVAILABLE, "the model worker is not ready; retry shortly")
+        return self._model
+
+    def start(self, on_serving_change: Callable[[bool], Awaitable[None]]) -> None:
+        self._on_change = on_serving_change
+        self._tasks.append(asyncio.create_task(self._start_worker()))
+
+    async def _start_worker(self) -> None:
+        try:
+            self.worker = self._factory(self.config, self._state_changed, self.metrics)
+            await self.worker.start()
+            self._model = await asyncio.to_thread(_load_model_facts, dict(self.worker.model_info))
+            await self._state_changed(self.worker.is_serving)
+            self._tasks.append(asyncio.create_task(self._poll_stats()))
+        except Exception:
+            log.exception("the model worker failed to start")
+            raise
+
+    async def _state_changed(self, serving: bool) -> None:
+        log.info("worker %s", "serving" if serving else "not serving")
+        if self._on_change is not None:
+            await self._on_change(serving and self._model is not None)
+
+    async def _poll_stats(self) -> None:
+        """Engine gauges (running, waiting, KV blocks) into the metrics, once a second."""
+        while True:
+            await asyncio.sleep(STATS_INTERVAL_S)
+            if not self.is_serving:
+                continue
+            with contextlib.suppress(Exception):
+                stats = await self.worker.stats()
+                self.metrics.set_running(int(stats.get("running_requests", 0)))
+                self.metrics.set_kv_blocks(int(stats.get("kv_blocks_used", 0)), int(stats.get("kv_blocks_free", 0)))
+
+    async def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(BaseException):
+                await task
+        if self.worker is not None:
+            await self.worker.close()
+
+
+def default_worker_factory(config: ServeConfig, on_state_change: Callable[[bool], Awaitable[None]],
+                           metrics: Metrics) -> Any:
+    from server.worker_client import WorkerClient   # written by the engine helper
+
+    return WorkerClient(config=config, on_state_change=on_state_change, metrics=metrics)
