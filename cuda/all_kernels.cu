@@ -1,0 +1,11 @@
+// The single translation unit of the fatbin (`make kernels` -> cuda/build/qwen_kernels.fatbin):
+// every op file is included here so PyCUDA loads one module with every extern "C" entry point.
+#include "rms_norm.cu"
+#include "rope_kv.cu"
+#include "attention_decode.cu"
+#include "attention_prefill.cu"
+#include "swiglu.cu"
+#include "sampling.cu"
+#include "embedding.cu"
+#include "matvec.cu"
+#include "gemm.cu"
