@@ -48,6 +48,7 @@ class WorkerLink:
         self._model: ServingModel | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._on_change: Callable[[bool], Awaitable[None]] | None = None
+        self._restarts_seen = 0
 
     @property
     def is_serving(self) -> bool:
@@ -65,14 +66,24 @@ class WorkerLink:
 
     async def _start_worker(self) -> None:
         try:
-            self.worker = self._factory(self.config, self._state_changed, self.metrics)
+            self.worker = self._factory(self.config)
+            self.worker.on_state_change(self._on_worker_state)
             await self.worker.start()
             self._model = await asyncio.to_thread(_load_model_facts, dict(self.worker.model_info))
             await self._state_changed(self.worker.is_serving)
+            self._restarts_seen = self.worker.restart_count
             self._tasks.append(asyncio.create_task(self._poll_stats()))
         except Exception:
             log.exception("the model worker failed to start")
             raise
+
+    def _on_worker_state(self, serving: bool) -> None:
+        """The worker client's callback (plain function): health follows in a task on this loop."""
+        restarts = int(getattr(self.worker, "restart_count", 0))
+        for _ in range(restarts - self._restarts_seen):
+            self.metrics.worker_restarted()
+        self._restarts_seen = restarts
+        self._tasks.append(asyncio.get_running_loop().create_task(self._state_changed(serving)))
 
     async def _state_changed(self, serving: bool) -> None:
         log.info("worker %s", "serving" if serving else "not serving")
@@ -87,7 +98,7 @@ class WorkerLink:
                 continue
             with contextlib.suppress(Exception):
                 stats = await self.worker.stats()
-                self.metrics.set_running(int(stats.get("running_requests", 0)))
+                self.metrics.set_running(int(stats.get("running", 0)))
                 self.metrics.set_kv_blocks(int(stats.get("kv_blocks_used", 0)), int(stats.get("kv_blocks_free", 0)))
 
     async def close(self) -> None:
@@ -100,8 +111,21 @@ class WorkerLink:
             await self.worker.close()
 
 
-def default_worker_factory(config: ServeConfig, on_state_change: Callable[[bool], Awaitable[None]],
-                           metrics: Metrics) -> Any:
+def resolve_model_path(config: ServeConfig) -> str:
+    if config.model_path:
+        return config.model_path
+    from gpu_worker.model.fetch import fetch_default_model   # downloads once, then the cached file
+
+    return str(fetch_default_model())
+
+
+def default_worker_factory(config: ServeConfig) -> Any:
     from server.worker_client import WorkerClient   # written by the engine helper
 
-    return WorkerClient(config=config, on_state_change=on_state_change, metrics=metrics)
+    options: dict[str, Any] = {"max_batch": config.max_batch}
+    if config.kv_cache_gb is not None:
+        options["kv_cache_gb"] = config.kv_cache_gb
+    if config.attach_dir:
+        return WorkerClient(resolve_model_path(config) if config.model_path else "", backend=config.backend,
+                            socket_dir=config.attach_dir, attach=True, **options)
+    return WorkerClient(resolve_model_path(config), backend=config.backend, **options)
