@@ -1,0 +1,1 @@
+"""Continuous-batching engine: Sequence, KVBlockManager, Scheduler, Engine (schedule -> run -> postprocess)."""

@@ -1,0 +1,90 @@
+"""One request's state inside the engine: tokens, KV progress, block table, timings."""
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass
+
+from gpu_worker.sampling.params import SamplingParams, StoppingParams
+
+
+class SequenceStatus(enum.Enum):
+    WAITING = "waiting"      # queued (new, or preempted and waiting to recompute)
+    RUNNING = "running"      # owns KV blocks; prefilling in chunks or decoding
+    FINISHED = "finished"
+
+
+# Finish reasons the engine reports ("stop" = a stop token id; "error" carries a message).
+FINISH_REASONS = ("eos", "length", "stop", "cancelled", "error")
+
+
+@dataclass(frozen=True)
+class RequestSpec:
+    """What a client submits; validated again here because the worker trusts no one."""
+
+    request_key: int                  # front-end's integer handle, unique while in flight
+    prompt_token_ids: tuple[int, ...]
+    sampling: SamplingParams
+    stopping: StoppingParams
+
+    def __post_init__(self) -> None:
+        if not self.prompt_token_ids:
+            raise ValueError("prompt_token_ids must not be empty")
+        if self.stopping.max_tokens < 1:
+            raise ValueError(f"max_tokens must be >= 1, got {self.stopping.max_tokens}")
+        if not (0 <= self.request_key < 2**64):
+            raise ValueError(f"request_key must be in [0, 2^64), got {self.request_key}")
+
+
+class Sequence:
+    """Prompt + generated tokens of one request.
+
+    Invariant: `num_computed_tokens` tokens have their KV written; the next step feeds
+    token_ids[num_computed_tokens : num_computed_tokens + chunk]. Preemption (recompute) drops
+    the KV and resets `num_computed_tokens` to 0; generated tokens stay and are re-prefilled.
+    """
+
+    def __init__(self, spec: RequestSpec, arrival_ns: int | None = None) -> None:
+        self.spec = spec
+        self.key = spec.request_key
+        self.token_ids: list[int] = list(spec.prompt_token_ids)
+        self.num_prompt_tokens = len(spec.prompt_token_ids)
+        self.num_computed_tokens = 0
+        self.block_table: list[int] = []
+        self.status = SequenceStatus.WAITING
+        self.finish_reason: str | None = None
+        self.error_message = ""
+        self.num_preemptions = 0
+        self.arrival_ns = arrival_ns if arrival_ns is not None else time.monotonic_ns()
+        self.first_scheduled_ns: int | None = None
+        self.first_token_ns: int | None = None
+        self.finished_ns: int | None = None
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens:]
+
+    @property
+    def num_uncomputed_tokens(self) -> int:
+        """Tokens still to feed before the next sample (1 for a decode step)."""
+        return self.num_tokens - self.num_computed_tokens
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status is SequenceStatus.FINISHED
+
+    def timings_ns(self) -> tuple[int, int, int]:
+        """(queue_ns, ttft_ns, decode_ns), each measured from the worker's monotonic clock."""
+        end = self.finished_ns or time.monotonic_ns()
+        queue_ns = (self.first_scheduled_ns or end) - self.arrival_ns
+        ttft_ns = (self.first_token_ns - self.arrival_ns) if self.first_token_ns else 0
+        decode_ns = (end - self.first_token_ns) if self.first_token_ns else 0
+        return queue_ns, ttft_ns, decode_ns
