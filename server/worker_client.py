@@ -2,21 +2,280 @@
 
 API (used by server.servicer; everything runs on one asyncio loop):
     client = WorkerClient(model_path, backend="auto", socket_dir=None, attach=False, **worker_opts)
-    await client.start()          # spawn `python -m gpu_worker.worker_main` (or attach) and wait for ready
+    await client.start()          # spawn `python -m gpu_worker.worker_main` (or attach), wait for ready
     client.model_info: dict       # architecture, quant_types, context_length, vocab_size, weight_bytes,
                                   # kv_bytes, kv_block_size, kv_blocks_total, backend, device_name, ...
     async for ev in client.generate(request_id, prompt_ids, sampling, stopping):
-        TokenEvent(token_id, logprobs) ... then exactly one FinishedEvent(reason, prompt_tokens,
+        TokenEvent(token_id, logprobs) ..., then exactly one FinishedEvent(reason, prompt_tokens,
         completion_tokens, queue_ns, ttft_ns, decode_ns); reason in eos | length | stop | cancelled.
-        Raises WorkerUnavailable (worker down / died mid-stream, at once for all in-flight requests)
-        or WorkerRequestError (the worker rejected the request, e.g. prompt longer than the KV cache).
+        Raises WorkerUnavailable (worker down, or died mid-stream: at once for every in-flight
+        request) or WorkerRequestError (the worker rejected it, e.g. prompt larger than the KV cache).
         Closing the generator early (client cancel) aborts the request in the worker.
-    await client.abort(request_id) -> bool      # False when not in flight; the stream then ends "cancelled"
-    await client.stats() -> dict                # kv_blocks_total/used/free, running, waiting, steps, ...
+    await client.abort(request_id) -> bool   # False when not in flight; its stream ends "cancelled"
+    await client.stats() -> dict             # kv_blocks_total/used/free, running, waiting, steps, ...
     client.is_serving; client.on_state_change(callback(serving: bool)); client.restart_count
     await client.close()
 Supervision: socket EOF (exit, crash, kill -9) or a heartbeat stalled for `heartbeat_timeout_s`
-fails in-flight requests, removes the dead worker's /dev/shm segments, and restarts an owned worker
-(SIGKILL first if hung); an attached client reconnects when the worker is back.
-EOF_MARKER_UNUSED
+fails the in-flight requests, removes the dead worker's /dev/shm segments and restarts an owned
+worker (SIGKILL first, in case it hangs); an attached client reconnects when the worker is back.
+EOS / stop-id tokens that end a request are not emitted as TokenEvents.
 """
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+from collections import deque
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+
+from gpu_worker.backends.base import TokenLogprobs
+from gpu_worker.engine.sequence import RequestSpec
+from gpu_worker.ipc import messages
+from gpu_worker.ipc.client_endpoint import ClientConnection
+from gpu_worker.sampling.params import SamplingParams, StoppingParams
+from gpu_worker.ipc.worker_process import WorkerProcess
+
+log = logging.getLogger("qwen_serve.worker_client")
+
+
+class WorkerUnavailable(RuntimeError):
+    """The worker is down or died while the request was in flight (maps to gRPC UNAVAILABLE)."""
+
+
+class WorkerRequestError(RuntimeError):
+    """The worker refused or failed this one request (message says why)."""
+
+
+@dataclass(frozen=True)
+class TokenEvent:
+    token_id: int
+    logprobs: TokenLogprobs | None = None
+
+
+@dataclass(frozen=True)
+class FinishedEvent:
+    reason: str                 # eos | length | stop | cancelled
+    prompt_tokens: int
+    completion_tokens: int
+    queue_ns: int
+    ttft_ns: int
+    decode_ns: int
+
+
+@dataclass
+class _Stream:
+    request_id: str
+    key: int
+    queue: asyncio.Queue          # TokenEvent | FinishedEvent | BaseException
+    finished: bool = False
+
+
+class WorkerClient:
+    def __init__(self, model_path: str, backend: str = "auto", socket_dir: str | None = None,
+                 attach: bool = False, heartbeat_timeout_s: float = 30.0, start_timeout_s: float = 600.0,
+                 restart: bool = True, **worker_opts: object) -> None:
+        self.process = WorkerProcess(model_path, backend, socket_dir, attach, worker_opts)
+        self.heartbeat_timeout_s = heartbeat_timeout_s
+        self.start_timeout_s = start_timeout_s
+        self.restart_enabled = restart
+        self.model_info: dict = {}
+        self.restart_count = 0
+        self._conn: ClientConnection | None = None
+        self._streams: dict[int, _Stream] = {}
+        self._keys: dict[str, int] = {}
+        self._key_counter = itertools.count(1)
+        self._outbound: deque[tuple[int, bytes]] = deque()
+        self._stats_waiters: dict[int, asyncio.Future] = {}
+        self._callbacks: list[Callable[[bool], None]] = []
+        self._serving = False
+        self._closing = False
+        self._recover_task: asyncio.Task | None = None
+        self._watchdog_task: asyncio.Task | None = None
+
+    # --- lifecycle -----------------------------------------------------------------------------
+    async def start(self) -> None:
+        await self._connect_fresh()
+        self._watchdog_task = asyncio.create_task(self._watchdog())
+
+    async def _connect_fresh(self) -> None:
+        self._conn = await self.process.start_and_connect(self.start_timeout_s)
+        self.model_info = self._conn.model_info
+        asyncio.get_running_loop().add_reader(self._conn.sock.fileno(), self._on_readable)
+        self._set_serving(True)
+
+    async def close(self) -> None:
+        self._closing = True
+        for task in (self._watchdog_task, self._recover_task):
+            if task is not None:
+                task.cancel()
+        if self._conn is not None and self.process.owned:
+            self._conn.try_send(messages.SHUTDOWN, b"")
+        await self.process.stop()
+        self._drop_connection(WorkerUnavailable("worker client closed"))
+        self.process.cleanup()
+
+    @property
+    def is_serving(self) -> bool:
+        return self._serving
+
+    @property
+    def worker_pid(self) -> int | None:
+        return self._conn.worker_pid if self._conn else None
+
+    def on_state_change(self, callback: Callable[[bool], None]) -> None:
+        self._callbacks.append(callback)
+
+    def _set_serving(self, serving: bool) -> None:
+        if serving != self._serving:
+            self._serving = serving
+            for cb in list(self._callbacks):
+                cb(serving)
+
+    # --- requests ------------------------------------------------------------------------------
+    async def generate(self, request_id: str, prompt_ids: list[int], sampling: SamplingParams,
+                       stopping: StoppingParams) -> AsyncIterator[TokenEvent | FinishedEvent]:
+        if not self._serving or self._conn is None:
+            raise WorkerUnavailable("worker is not serving")
+        if request_id in self._keys:
+            raise ValueError(f"request id {request_id!r} is already in flight")
+        key = next(self._key_counter)
+        spec = RequestSpec(key, tuple(int(t) for t in prompt_ids), sampling, stopping)
+        stream = _Stream(request_id, key, asyncio.Queue())
+        self._streams[key], self._keys[request_id] = stream, key
+        conn = self._conn
+        try:
+            self._send(messages.SUBMIT, messages.encode_submit(spec))
+            while True:
+                item = await stream.queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+                if isinstance(item, FinishedEvent):
+                    return
+        finally:
+            self._streams.pop(key, None)
+            self._keys.pop(request_id, None)
+            if not stream.finished and conn is self._conn and self._serving:
+                self._send(messages.ABORT, messages.encode_key(key))
+
+    async def abort(self, request_id: str) -> bool:
+        key = self._keys.get(request_id)
+        if key is None or not self._serving:
+            return False
+        self._send(messages.ABORT, messages.encode_key(key))
+        return True
+
+    async def stats(self, timeout_s: float = 10.0) -> dict:
+        if not self._serving:
+            raise WorkerUnavailable("worker is not serving")
+        nonce = next(self._key_counter)
+        future = asyncio.get_running_loop().create_future()
+        self._stats_waiters[nonce] = future
+        try:
+            self._send(messages.STATS_REQUEST, messages.encode_key(nonce))
+            return await asyncio.wait_for(future, timeout_s)
+        finally:
+            self._stats_waiters.pop(nonce, None)
+
+    def _send(self, msg_type: int, payload: bytes) -> None:
+        """Send in order; records that do not fit wait in `_outbound` until the worker reads."""
+        self._outbound.append((msg_type, payload))
+        self._flush_outbound()
+
+    def _flush_outbound(self) -> None:
+        while self._outbound and self._conn is not None:
+            if not self._conn.try_send(*self._outbound[0]):
+                return
+            self._outbound.popleft()
+
+    # --- events --------------------------------------------------------------------------------
+    def _on_readable(self) -> None:
+        conn = self._conn
+        if conn is None:
+            return
+        if not conn.drain_wakes():
+            self._worker_lost("worker closed the connection")
+            return
+        for msg_type, payload in conn.receive():
+            self._dispatch(msg_type, payload)
+        self._flush_outbound()
+
+    def _dispatch(self, msg_type: int, payload: bytes) -> None:
+        if msg_type == messages.TOKENS:
+            for tok in messages.decode_tokens(payload):
+                stream = self._streams.get(tok.request_key)
+                if stream is not None:
+                    stream.queue.put_nowait(TokenEvent(tok.token_id, tok.logprobs))
+        elif msg_type == messages.FINISHED:
+            fin = messages.decode_finished(payload)
+            stream = self._streams.get(fin.request_key)
+            if stream is None:
+                return
+            stream.finished = True
+            if fin.reason == "error":
+                stream.queue.put_nowait(WorkerRequestError(fin.message))
+            else:
+                stream.queue.put_nowait(FinishedEvent(fin.reason, fin.prompt_tokens, fin.completion_tokens,
+                                                      fin.queue_ns, fin.ttft_ns, fin.decode_ns))
+        elif msg_type == messages.STATS:
+            stats = messages.decode_stats(payload)
+            future = self._stats_waiters.get(int(stats.pop("nonce", 0)))
+            if future is not None and not future.done():
+                future.set_result(stats)
+
+    # --- supervision ---------------------------------------------------------------------------
+    def _worker_lost(self, reason: str) -> None:
+        if self._conn is None or self._closing:
+            return
+        log.error("worker lost: %s", reason)
+        self._drop_connection(WorkerUnavailable(f"worker unavailable: {reason}"))
+        self._set_serving(False)
+        self._recover_task = asyncio.create_task(self._recover())
+
+    def _drop_connection(self, error: BaseException) -> None:
+        """Fail every in-flight request at once and forget the connection (segments unlinked)."""
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            asyncio.get_running_loop().remove_reader(conn.sock.fileno())
+            conn.close(unlink=True)
+        for stream in self._streams.values():
+            stream.finished = True
+            stream.queue.put_nowait(error)
+        self._streams.clear()
+        self._keys.clear()
+        self._outbound.clear()
+        for future in self._stats_waiters.values():
+            if not future.done():
+                future.set_exception(error)
+
+    async def _recover(self) -> None:
+        if not self.restart_enabled:
+            return
+        await self.process.stop(kill=True)
+        while not self._closing:
+            try:
+                await self._connect_fresh()
+                self.restart_count += 1
+                log.info("worker serving again (restart %d)", self.restart_count)
+                return
+            except (OSError, RuntimeError, TimeoutError) as exc:
+                log.error("worker restart failed: %s; retrying", exc)
+                await self.process.stop(kill=True)
+                await asyncio.sleep(1.0)
+
+    async def _watchdog(self) -> None:
+        """Heartbeat check: the worker bumps a counter in the event ring header every loop turn."""
+        last_beat, last_change = -1, asyncio.get_running_loop().time()
+        period = min(1.0, self.heartbeat_timeout_s / 4)
+        while not self._closing:
+            await asyncio.sleep(period)
+            now = asyncio.get_running_loop().time()
+            if self._conn is None:
+                last_beat, last_change = -1, now
+                continue
+            beat = self._conn.heartbeat()
+            if beat != last_beat:
+                last_beat, last_change = beat, now
+            elif now - last_change > self.heartbeat_timeout_s:
+                self._worker_lost(f"no heartbeat for {now - last_change:.1f} s")

@@ -1,0 +1,127 @@
+"""Worker process: load the model, create the backend, size the KV cache, warm up, then serve the
+front-end over shared-memory IPC (`qwen-serve worker ...` or `python -m gpu_worker.worker_main`).
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import logging
+import os
+import signal
+import sys
+import time
+
+from gpu_worker.engine.engine import Engine, FinishOut
+from gpu_worker.engine.sequence import RequestSpec
+from gpu_worker.ipc.worker_endpoint import WorkerEndpoint
+from gpu_worker.sampling.params import SamplingParams, StoppingParams
+
+log = logging.getLogger("qwen_serve.worker")
+
+WARMUP_KEY = 2**64 - 1
+
+
+def run_worker(model_path: str, backend: str = "auto", socket_dir: str = "/tmp/qwen-serve",
+               kv_cache_gb: float = 0.25, block_size: int = 16, max_batch: int = 64,
+               max_tokens_per_step: int = 256, num_kv_blocks: int | None = None,
+               heartbeat_interval_s: float = 0.1, parent_pid: int | None = None) -> int:
+    """Serve until SHUTDOWN, SIGTERM/SIGINT, or (with parent_pid) the parent's exit. Returns 0."""
+    from gpu_worker.backends.factory import create_backend
+    from gpu_worker.model.gguf_loader import load_gguf
+
+    t0 = time.monotonic()
+    model = load_gguf(model_path)
+    config = model.config
+    be = create_backend(backend, model)
+    if num_kv_blocks is None:
+        num_kv_blocks = int(kv_cache_gb * 2**30) // be.kv_bytes_per_block(block_size)
+    if num_kv_blocks < 1:
+        raise ValueError(f"KV budget {kv_cache_gb} GiB holds no block of {block_size} tokens")
+    be.allocate_kv_cache(num_kv_blocks, block_size)
+    engine = Engine(be, num_kv_blocks, block_size, max_batch, max_tokens_per_step,
+                    context_length=config.context_length, eos_token_ids=(config.eos_token_id,),
+                    vocab_size=config.vocab_size)
+    warm_up(engine)
+    info = describe(model, be, model_path, num_kv_blocks, block_size)
+    log.info("worker ready in %.1f s: %s on %s, %d KV blocks", time.monotonic() - t0,
+             info["architecture"], info["device_name"], num_kv_blocks)
+    endpoint = WorkerEndpoint(engine, socket_dir, info, heartbeat_interval_s=heartbeat_interval_s,
+                              parent_pid=parent_pid)
+
+    def request_stop(signum: int, _frame: object) -> None:
+        endpoint.stop_requested = True
+
+    signal.signal(signal.SIGTERM, request_stop)
+    signal.signal(signal.SIGINT, request_stop)
+    endpoint.serve_forever()
+    be.close()
+    return 0
+
+
+def warm_up(engine: Engine) -> None:
+    """One greedy 1-token request through the whole path; KV must be fully free afterwards."""
+    spec = RequestSpec(WARMUP_KEY, (0,), SamplingParams(temperature=0.0), StoppingParams(max_tokens=1))
+    events = engine.add_request(spec)
+    while engine.has_work:
+        events += engine.step()
+    finish = [e for e in events if isinstance(e, FinishOut)]
+    if len(finish) != 1 or finish[0].reason not in ("length", "eos", "stop"):
+        raise RuntimeError(f"warm-up step failed: {finish}")
+    if engine.block_manager.num_used_blocks:
+        raise RuntimeError("warm-up left KV blocks allocated")
+
+
+def describe(model: object, be: object, model_path: str, num_kv_blocks: int, block_size: int) -> dict:
+    """Model info for GetModelInfo (JSON-safe)."""
+    config = model.config  # type: ignore[attr-defined]
+    return {
+        "model_path": os.path.abspath(model_path),
+        "architecture": config.architecture,
+        "quant_types": quant_type_counts(model),
+        "context_length": config.context_length,
+        "vocab_size": config.vocab_size,
+        "num_layers": config.num_layers,
+        "eos_token_id": config.eos_token_id,
+        "tokenizer_kind": str(model.metadata.get("tokenizer.ggml.model", "unknown")),  # type: ignore[attr-defined]
+        "weight_bytes": int(be.weight_bytes),  # type: ignore[attr-defined]
+        "kv_bytes": int(be.kv_bytes_per_block(block_size)) * num_kv_blocks,  # type: ignore[attr-defined]
+        "kv_block_size": block_size,
+        "kv_blocks_total": num_kv_blocks,
+        "backend": be.name,  # type: ignore[attr-defined]
+        "device_name": be.device_name,  # type: ignore[attr-defined]
+    }
+
+
+def quant_type_counts(model: object) -> dict[str, int]:
+    """{"Q4_K": n, ...} over the file's tensors."""
+    names = [t.qtype.name for t in model.tensors.values()]  # type: ignore[attr-defined]
+    return dict(sorted(collections.Counter(names).items()))
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="qwen-serve worker", description=__doc__)
+    p.add_argument("--model", required=True, help="path of the GGUF file")
+    p.add_argument("--backend", default="auto", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--socket-dir", required=True, help="dir (0700) for the worker's Unix socket")
+    p.add_argument("--kv-cache-gb", type=float, default=0.25, help="KV cache budget in GiB")
+    p.add_argument("--num-kv-blocks", type=int, default=None, help="exact block count (overrides the budget)")
+    p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--max-batch", type=int, default=64, help="sequences per step")
+    p.add_argument("--max-tokens-per-step", type=int, default=256, help="token budget per step")
+    p.add_argument("--heartbeat-interval", type=float, default=0.1, help="seconds")
+    p.add_argument("--parent-pid", type=int, default=None, help="exit when this parent process is gone")
+    p.add_argument("--log-level", default="INFO")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
+                        format="%(asctime)s worker[%(process)d] %(levelname)s %(message)s")
+    return run_worker(args.model, args.backend, args.socket_dir, args.kv_cache_gb, args.block_size,
+                      args.max_batch, args.max_tokens_per_step, args.num_kv_blocks,
+                      args.heartbeat_interval, args.parent_pid)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
