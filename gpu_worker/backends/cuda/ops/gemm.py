@@ -1,0 +1,61 @@
+"""Launcher for cuda/gemm.cu: y[M, N] = x[M, K] @ W[N, K].T on tensor cores (fp16 operands,
+fp32 accumulation), for prefill and large batches.
+
+A row's result does not depend on M or on how a prompt is split into chunks, but it differs
+from matvec's fp32 result: the backend must route a given token kind (prefill vs decode) to
+one kernel regardless of batch size, or batch invariance breaks.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from gpu_worker.backends.cuda.ops.quant_weight import DeviceWeight, check_aligned_16
+
+TILE_M = 64
+TILE_N = 64
+TILE_K = 32
+THREADS = 128
+MAX_GRID_Y = 65535
+
+
+@dataclass(frozen=True)
+class GemmLaunch:
+    kernel_name: str
+    grid: tuple[int, int, int]
+    block: tuple[int, int, int]
+
+
+def plan_gemm(weight: DeviceWeight, num_tokens: int) -> GemmLaunch:
+    if num_tokens <= 0:
+        raise ValueError(f"gemm num_tokens must be positive, got {num_tokens}")
+    if -(-num_tokens // TILE_M) > MAX_GRID_Y:
+        raise ValueError(f"gemm num_tokens {num_tokens} exceeds {TILE_M * MAX_GRID_Y}")
+    if weight.cols % TILE_K:
+        raise ValueError(f"gemm needs cols a multiple of {TILE_K}, got {weight.cols}")
+    grid = (-(-weight.rows // TILE_N), -(-num_tokens // TILE_M), 1)
+    return GemmLaunch(f"gemm_{weight.kernel_suffix}", grid, (THREADS, 1, 1))
+
+
+class GemmOp:
+    """Launches GEMM kernels from a loaded module (pycuda.driver.Module) on a given stream."""
+
+    def __init__(self, module: Any) -> None:
+        self._module = module
+        self._functions: dict[str, Any] = {}
+
+    def _function(self, name: str) -> Any:
+        if name not in self._functions:
+            function = self._module.get_function(name)
+            function.prepare("PiiiPPi")
+            self._functions[name] = function
+        return self._functions[name]
+
+    def __call__(self, weight: DeviceWeight, x_ptr: int, y_ptr: int, num_tokens: int, stream: Any) -> None:
+        """x_ptr: [num_tokens, weight.cols] fp32, y_ptr: [num_tokens, weight.rows] fp32."""
+        check_aligned_16("gemm x", x_ptr)
+        plan = plan_gemm(weight, num_tokens)
+        self._function(plan.kernel_name).prepared_async_call(
+            plan.grid, plan.block, stream,
+            int(weight.ptr), weight.row_bytes, weight.rows, weight.cols, int(x_ptr), int(y_ptr), num_tokens,
+        )

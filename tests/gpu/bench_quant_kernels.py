@@ -1,0 +1,146 @@
+"""Bandwidth of the quantized matvec (decode) and throughput of the GEMM (prefill) at the real
+Qwen2.5-0.5B shapes. Run on the GPU machine: `python tests/gpu/bench_quant_kernels.py [out.json]`.
+
+Kernel time = replay of a CUDA graph of many launches (cuda.bindings, when present) / launches,
+so Python launch cost stays out; weights rotate over a 1 GiB pool so L2 (50 MB) cannot hold them.
+"""
+from __future__ import annotations
+
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import test_quant_kernels as kit  # noqa: E402  (module loader shared with the tests)
+from gguf import GGMLQuantizationType as QType  # noqa: E402
+
+from gpu_worker.backends.cuda.ops.gemm import GemmOp  # noqa: E402
+from gpu_worker.backends.cuda.ops.matvec import MatvecOp  # noqa: E402
+from gpu_worker.backends.cuda.ops.quant_weight import DeviceWeight  # noqa: E402
+
+POOL_BYTES = 1 << 30
+# (name, rows, cols, type) of the default Q4_K_M file, plus its F16 conversion's big ones.
+MATVEC_SHAPES = [
+    ("attn_q/o", 896, 896, QType.Q5_0), ("attn_k", 128, 896, QType.Q5_0), ("attn_v", 128, 896, QType.Q8_0),
+    ("ffn_gate/up", 4864, 896, QType.Q5_0), ("ffn_down", 896, 4864, QType.Q6_K),
+    ("ffn_down", 896, 4864, QType.Q4_K), ("lm_head", 151936, 896, QType.Q8_0),
+    ("ffn_gate/up", 4864, 896, QType.F16), ("ffn_down", 896, 4864, QType.F16),
+    ("lm_head", 151936, 896, QType.F16),
+]
+GEMM_SHAPES = [("attn_q/o", 896, 896, QType.Q5_0), ("ffn_gate/up", 4864, 896, QType.Q5_0),
+               ("ffn_down", 896, 4864, QType.Q6_K)]
+
+
+class Timer:
+    """Times `launch(i)` for i in range(count) as one captured graph (median of 5 replays)."""
+
+    def __init__(self, drv, stream) -> None:
+        self.drv, self.stream = drv, stream
+        try:
+            from cuda.bindings import driver as cu
+            self.cu = cu
+        except ImportError:
+            self.cu = None
+
+    def per_launch_us(self, launch, count: int) -> float:
+        for i in range(3):
+            launch(i)
+        self.stream.synchronize()
+        run = self._graph(launch, count) if self.cu else (lambda: [launch(i) for i in range(count)])
+        times = []
+        for _ in range(5):
+            start, end = self.drv.Event(), self.drv.Event()
+            start.record(self.stream)
+            run()
+            end.record(self.stream)
+            end.synchronize()
+            times.append(end.time_since(start) * 1e3 / count)
+        return float(np.median(times))
+
+    def _graph(self, launch, count: int):
+        cu = self.cu
+        cs = cu.CUstream(self.stream.handle)
+        cu.cuStreamBeginCapture(cs, cu.CUstreamCaptureMode.CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
+        for i in range(count):
+            launch(i)
+        err, graph = cu.cuStreamEndCapture(cs)
+        err2, exec_graph = cu.cuGraphInstantiate(graph, 0)
+        if err != cu.CUresult.CUDA_SUCCESS or err2 != cu.CUresult.CUDA_SUCCESS:
+            raise RuntimeError(f"graph capture failed: {err} {err2}")
+        return lambda: cu.cuGraphLaunch(exec_graph, cs)
+
+
+def copy_bandwidth_gbs(drv, pool: int, timer: Timer) -> float:
+    half = POOL_BYTES // 2
+    us = timer.per_launch_us(lambda i: drv.memcpy_dtod_async(pool + half, pool, half, timer.stream), 10)
+    return 2 * half / (us * 1e-6) / 1e9
+
+
+def bench_matvec(drv, module, stream, pool: int, timer: Timer) -> list[dict]:
+    matvec, dev, rng = MatvecOp(module), kit.Device(drv), np.random.default_rng(0)
+    results = []
+    for name, rows, cols, qtype in MATVEC_SHAPES:
+        nbytes = DeviceWeight(int(qtype), rows, cols, 1).nbytes
+        stride = -(-nbytes // 256) * 256
+        copies = max(2, min(64, POOL_BYTES // stride))
+        weights = [DeviceWeight(int(qtype), rows, cols, pool + i * stride) for i in range(copies)]
+        for batch in (1, 8):
+            x = dev.upload(rng.standard_normal((batch, cols), dtype=np.float32))
+            y = dev.poisoned((batch, rows))
+            us = timer.per_launch_us(lambda i: matvec(weights[i % copies], x, y, batch, stream), 4 * copies)
+            moved = nbytes + 4 * batch * (rows + cols)
+            results.append(dict(kernel="matvec", shape=name, rows=rows, cols=cols, type=qtype.name,
+                                batch=batch, us=us, weight_bytes=nbytes, gbs=moved / (us * 1e-6) / 1e9))
+    return results
+
+
+def bench_gemm(drv, module, stream, pool: int, timer: Timer, tokens: int = 512) -> list[dict]:
+    gemm, dev, rng = GemmOp(module), kit.Device(drv), np.random.default_rng(1)
+    results = []
+    for name, rows, cols, qtype in GEMM_SHAPES:
+        weight = DeviceWeight(int(qtype), rows, cols, pool)
+        x = dev.upload(rng.standard_normal((tokens, cols), dtype=np.float32))
+        y = dev.poisoned((tokens, rows))
+        us = timer.per_launch_us(lambda i: gemm(weight, x, y, tokens, stream), 20)
+        results.append(dict(kernel="gemm", shape=name, rows=rows, cols=cols, type=qtype.name, batch=tokens,
+                            us=us, tflops=2 * tokens * rows * cols / (us * 1e-6) / 1e12))
+    return results
+
+
+def main() -> None:
+    import pycuda.autoinit  # noqa: F401
+    import pycuda.driver as drv
+
+    module = kit.load_quant_module(drv, Path(tempfile.mkdtemp()))
+    stream, card = drv.Stream(), drv.Context.get_device().name()
+    pool_alloc = drv.mem_alloc(POOL_BYTES)
+    pool = int(pool_alloc)
+    chunk = np.random.default_rng(7).integers(0, 256, 64 << 20, dtype=np.uint8)
+    for offset in range(0, POOL_BYTES, chunk.nbytes):   # random bytes, never zeros
+        drv.memcpy_htod(pool + offset, chunk)
+    timer = Timer(drv, stream)
+    copy_gbs = copy_bandwidth_gbs(drv, pool, timer)
+    rows = bench_matvec(drv, module, stream, pool, timer) + bench_gemm(drv, module, stream, pool, timer)
+    report = dict(card=card, graph_timing=timer.cu is not None, copy_gbs=copy_gbs, results=rows)
+    if len(sys.argv) > 1:
+        Path(sys.argv[1]).write_text(json.dumps(report, indent=1))
+    print_table(report)
+
+
+def print_table(report: dict) -> None:
+    print(f"\ncard: {report['card']}  graph timing: {report['graph_timing']}  "
+          f"dtod copy: {report['copy_gbs']:.0f} GB/s (read+write)")
+    print(f"{'kernel':7} {'shape':12} {'rows x cols':>13} {'type':5} {'B/M':>4} {'us':>9} {'GB/s':>7} "
+          f"{'%copy':>6} {'TFLOP/s':>8}")
+    for r in report["results"]:
+        gbs = r.get("gbs")
+        pct = f"{100 * gbs / report['copy_gbs']:.0f}" if gbs else ""
+        print(f"{r['kernel']:7} {r['shape']:12} {r['rows']:>6}x{r['cols']:<6} {r['type']:5} {r['batch']:>4} "
+              f"{r['us']:9.2f} {gbs or 0:7.0f} {pct:>6} {r.get('tflops', 0):8.1f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,186 @@
+"""GPU checks of cuda/matvec.cu, cuda/embedding.cu and cuda/gemm.cu against gguf's numpy dequantizer.
+
+Every supported GGML type, fresh random valid blocks, outputs poisoned with NaN before each launch.
+Batch invariance is checked bitwise. Skipped cleanly without PyCUDA or a GPU.
+"""
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+from gguf import GGMLQuantizationType as QType
+from gguf.quants import dequantize
+
+from gpu_worker.backends.cuda.ops.embedding import EmbeddingOp
+from gpu_worker.backends.cuda.ops.gemm import GemmOp
+from gpu_worker.backends.cuda.ops.matvec import MatvecOp
+from gpu_worker.backends.cuda.ops.quant_weight import DeviceWeight
+from gpu_worker.model.quant_types import SUPPORTED_TYPES, quant_spec
+
+pytestmark = pytest.mark.gpu
+
+REPO = Path(__file__).resolve().parents[2]
+FATBIN = REPO / "cuda" / "build" / "qwen_kernels.fatbin"
+OWN_SOURCES = ("matvec.cu", "embedding.cu", "gemm.cu")
+ALL_TYPES = sorted(SUPPORTED_TYPES, key=int)
+# Byte offsets of the fp16 scale/min fields in each block; random bytes there could be inf/NaN.
+HALF_FIELD_OFFSETS = {
+    QType.Q4_0: (0,), QType.Q4_1: (0, 2), QType.Q5_0: (0,), QType.Q5_1: (0, 2), QType.Q8_0: (0,),
+    QType.Q4_K: (0, 2), QType.Q5_K: (0, 2), QType.Q6_K: (208,),
+}
+MATVEC_TOLERANCE = 1e-5   # fp32 products and fp32 accumulation
+GEMM_TOLERANCE = 2e-3     # fp16 operands, fp32 accumulation
+
+
+def random_weight_bytes(qtype: QType, rows: int, cols: int, rng: np.random.Generator) -> np.ndarray:
+    """[rows, row_bytes] uint8 of valid random blocks: random quants, sane finite fp16 scales."""
+    if qtype == QType.F32:
+        return rng.standard_normal((rows, cols), dtype=np.float32).view(np.uint8)
+    if qtype == QType.F16:
+        return rng.standard_normal((rows, cols)).astype(np.float16).view(np.uint8)
+    if qtype == QType.BF16:
+        bits = rng.standard_normal((rows, cols), dtype=np.float32).view(np.uint32) >> 16
+        return bits.astype(np.uint16).view(np.uint8)
+    spec = quant_spec(qtype)
+    num_blocks = rows * cols // spec.block_elems
+    blocks = rng.integers(0, 256, size=(num_blocks, spec.block_bytes), dtype=np.uint8)
+    for offset in HALF_FIELD_OFFSETS[qtype]:
+        scales = rng.uniform(0.002, 0.02, num_blocks) * rng.choice([-1.0, 1.0], num_blocks)
+        blocks[:, offset:offset + 2] = scales.astype(np.float16).view(np.uint8).reshape(num_blocks, 2)
+    return blocks.reshape(rows, -1)
+
+
+def rel_error(out: np.ndarray, ref: np.ndarray) -> float:
+    return float(np.linalg.norm(out.astype(np.float64) - ref) / np.linalg.norm(ref))
+
+
+def compile_own_module(drv, out_dir: Path):
+    """Builds this file's three kernels into one cubin for the present card (used when the
+    project fatbin has not been built)."""
+    nvcc = shutil.which("nvcc") or "/usr/local/cuda/bin/nvcc"
+    major, minor = drv.Context.get_device().compute_capability()
+    source = out_dir / "quant_kernels.cu"
+    source.write_text("".join(f'#include "{REPO / "cuda" / name}"\n' for name in OWN_SOURCES))
+    cubin = out_dir / "quant_kernels.cubin"
+    subprocess.run([nvcc, "--cubin", f"-arch=sm_{major}{minor}", "-O3", "-std=c++17",
+                    "-o", str(cubin), str(source)], check=True)
+    return drv.module_from_file(str(cubin))
+
+
+def load_quant_module(drv, out_dir: Path):
+    if FATBIN.is_file():
+        module = drv.module_from_file(str(FATBIN))
+        try:
+            module.get_function("matvec_q8_0_b1")
+            return module
+        except drv.LogicError:
+            pass
+    return compile_own_module(drv, out_dir)
+
+
+@pytest.fixture(scope="module")
+def gpu(tmp_path_factory):
+    """(pycuda.driver, module, stream); skips without PyCUDA or a device."""
+    drv = pytest.importorskip("pycuda.driver")
+    try:
+        import pycuda.autoinit  # noqa: F401  (creates the context on device 0)
+    except Exception as error:  # no driver / no device
+        pytest.skip(f"no usable CUDA device: {error}")
+    return drv, load_quant_module(drv, tmp_path_factory.mktemp("cubin")), drv.Stream()
+
+
+class Device:
+    """Tiny helpers that upload arrays and read back NaN-poisoned outputs."""
+
+    def __init__(self, drv) -> None:
+        self.drv = drv
+        self.keep: list = []
+
+    def upload(self, array: np.ndarray) -> int:
+        allocation = self.drv.to_device(np.ascontiguousarray(array))
+        self.keep.append(allocation)
+        return int(allocation)
+
+    def poisoned(self, shape: tuple[int, ...]) -> int:
+        return self.upload(np.full(shape, np.nan, dtype=np.float32))
+
+    def read(self, ptr: int, shape: tuple[int, ...], stream) -> np.ndarray:
+        stream.synchronize()
+        out = np.empty(shape, dtype=np.float32)
+        self.drv.memcpy_dtoh(out, ptr)
+        return out
+
+
+def upload_weight(dev: Device, qtype: QType, rows: int, cols: int, rng) -> tuple[DeviceWeight, np.ndarray]:
+    raw = random_weight_bytes(qtype, rows, cols, rng)
+    dense = dequantize(raw, qtype).astype(np.float64)   # the independent oracle, [rows, cols]
+    assert np.isfinite(dense).all()
+    return DeviceWeight(int(qtype), rows, cols, dev.upload(raw)), dense
+
+
+def matvec_shapes(qtype: QType) -> list[tuple[int, int]]:
+    # 130 rows: a partial last tile; 768 cols: 3 units per lane; 896 (the model's hidden size) is
+    # not a whole number of 256-value super-blocks, so K-quants skip it.
+    return [(130, 768)] if quant_spec(qtype).block_elems == 256 else [(130, 768), (77, 896)]
+
+
+@pytest.mark.parametrize("qtype", ALL_TYPES, ids=lambda t: t.name)
+def test_matvec_matches_reference_and_is_batch_invariant(gpu, qtype):
+    drv, module, stream = gpu
+    dev, rng, matvec = Device(drv), np.random.default_rng(int(qtype)), MatvecOp(module)
+    for rows, cols in matvec_shapes(qtype):
+        weight, dense = upload_weight(dev, qtype, rows, cols, rng)
+        x = rng.standard_normal((11, cols), dtype=np.float32)
+        y_ptr = dev.poisoned((11, rows))
+        matvec(weight, dev.upload(x), y_ptr, 11, stream)        # 11 rows: two grid.y chunks
+        y11 = dev.read(y_ptr, (11, rows), stream)
+        assert not np.isnan(y11).any(), "an output element was not written"
+        assert rel_error(y11, x.astype(np.float64) @ dense.T) <= MATVEC_TOLERANCE
+        for order in ([3], [5, 2, 7], [7, 6, 5, 4, 3, 2, 1, 0], [0, 1]):   # b1, b4, b8, b2 kernels
+            y_ptr = dev.poisoned((len(order), rows))
+            matvec(weight, dev.upload(x[order]), y_ptr, len(order), stream)
+            y = dev.read(y_ptr, (len(order), rows), stream)
+            np.testing.assert_array_equal(y, y11[order], err_msg=f"batch variance for {order}")
+
+
+@pytest.mark.parametrize("qtype", ALL_TYPES, ids=lambda t: t.name)
+def test_embedding_gathers_exact_rows(gpu, qtype):
+    drv, module, stream = gpu
+    dev, rng, embedding = Device(drv), np.random.default_rng(100 + int(qtype)), EmbeddingOp(module)
+    vocab, cols = 300, 512
+    table, dense = upload_weight(dev, qtype, vocab, cols, rng)
+    ids = np.concatenate([rng.integers(0, vocab, 9), [0, vocab - 1, 5, 5]]).astype(np.int32)
+    out_ptr = dev.poisoned((len(ids), cols))
+    embedding(table, dev.upload(ids), out_ptr, len(ids), stream)
+    out = dev.read(out_ptr, (len(ids), cols), stream)
+    assert not np.isnan(out).any()
+    assert rel_error(out, dense[ids]) <= 1e-6
+    bad = np.array([3, -1, vocab], dtype=np.int32)
+    out_ptr = dev.poisoned((3, cols))
+    embedding(table, dev.upload(bad), out_ptr, 3, stream)
+    out = dev.read(out_ptr, (3, cols), stream)
+    assert rel_error(out[0], dense[3]) <= 1e-6 and np.isnan(out[1:]).all()
+
+
+@pytest.mark.parametrize("qtype", ALL_TYPES, ids=lambda t: t.name)
+def test_gemm_matches_reference_and_is_chunk_invariant(gpu, qtype):
+    drv, module, stream = gpu
+    dev, rng, gemm = Device(drv), np.random.default_rng(200 + int(qtype)), GemmOp(module)
+    rows, cols, tokens = 130, 768, 150          # partial tiles in M and N
+    weight, dense = upload_weight(dev, qtype, rows, cols, rng)
+    x = rng.standard_normal((tokens, cols), dtype=np.float32)
+
+    def run(x_part: np.ndarray) -> np.ndarray:
+        y_ptr = dev.poisoned((len(x_part), rows))
+        gemm(weight, dev.upload(x_part), y_ptr, len(x_part), stream)
+        return dev.read(y_ptr, (len(x_part), rows), stream)
+
+    y = run(x)
+    assert not np.isnan(y).any()
+    assert rel_error(y, x.astype(np.float64) @ dense.T) <= GEMM_TOLERANCE
+    chunks = np.concatenate([run(x[:33]), run(x[33:97]), run(x[97:])])
+    np.testing.assert_array_equal(chunks, y, err_msg="prompt split into chunks changed results")
+    np.testing.assert_array_equal(run(x[[5]]), y[[5]], err_msg="M=1 differs from M=150")

@@ -1,0 +1,103 @@
+"""CPU-side checks of the CUDA kernels: they compile (skipped without nvcc), every kernel name the
+launchers can ask for exists, and the launchers' plans cover the shapes and reject bad ones."""
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from gpu_worker.backends.cuda.ops.embedding import plan_embedding
+from gpu_worker.backends.cuda.ops.gemm import TILE_M, TILE_N, plan_gemm
+from gpu_worker.backends.cuda.ops.matvec import BATCH_VARIANTS, MAX_SHARED_BYTES, plan_matvec
+from gpu_worker.backends.cuda.ops.quant_weight import DeviceWeight
+from gpu_worker.model.quant_types import SUPPORTED_TYPES, quant_spec
+
+REPO = Path(__file__).resolve().parents[1]
+NVCC = shutil.which("nvcc") or next(
+    (p for p in ("/usr/local/cuda/bin/nvcc",) if Path(p).is_file()), None)
+needs_nvcc = pytest.mark.skipif(NVCC is None, reason="nvcc not installed")
+# (rows, cols) of every weight matrix in Qwen2.5-0.5B, and the LM head.
+REAL_SHAPES = [(896, 896), (128, 896), (4864, 896), (896, 4864), (151936, 896)]
+
+
+def weights_of_real_shapes():
+    for qtype in SUPPORTED_TYPES:
+        for rows, cols in REAL_SHAPES:
+            if cols % quant_spec(qtype).block_elems == 0:
+                yield DeviceWeight(int(qtype), rows, cols, ptr=1 << 20)
+
+
+@pytest.fixture(scope="module")
+def quant_kernel_entries(tmp_path_factory) -> set[str]:
+    """Names of the __global__ entry points in matvec.cu, embedding.cu and gemm.cu (sm_90 PTX)."""
+    if NVCC is None:
+        pytest.skip("nvcc not installed")
+    out = tmp_path_factory.mktemp("ptx")
+    source = out / "quant_kernels.cu"
+    source.write_text("".join(f'#include "{REPO / "cuda" / n}"\n' for n in ("matvec.cu", "embedding.cu", "gemm.cu")))
+    ptx = out / "quant_kernels.ptx"
+    subprocess.run([NVCC, "--ptx", "-arch=sm_90", "-O3", "-std=c++17", "-o", str(ptx), str(source)], check=True)
+    return set(re.findall(r"\.entry\s+(\w+)\(", ptx.read_text()))
+
+
+@needs_nvcc
+def test_every_planned_kernel_exists(quant_kernel_entries):
+    planned = set()
+    for weight in weights_of_real_shapes():
+        planned |= {plan_matvec(weight, batch).kernel_name for batch in (1, 2, 3, 8, 64)}
+        planned.add(plan_embedding(weight, 4).kernel_name)
+        planned.add(plan_gemm(weight, 100).kernel_name)
+    assert len(planned) == len(SUPPORTED_TYPES) * (len(BATCH_VARIANTS) + 2)
+    assert planned <= quant_kernel_entries, sorted(planned - quant_kernel_entries)
+
+
+@needs_nvcc
+@pytest.mark.slow
+def test_make_kernels_builds_the_fatbin():
+    if not (REPO / "cuda" / "all_kernels.cu").is_file():
+        pytest.skip("cuda/all_kernels.cu (the fatbin's translation unit) not written yet")
+    result = subprocess.run(["make", "--no-print-directory", "-C", str(REPO), "kernels"],
+                            capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert (REPO / "cuda" / "build" / "qwen_kernels.fatbin").stat().st_size > 0
+
+
+def test_matvec_plan_covers_every_row_within_shared_memory():
+    for weight in weights_of_real_shapes():
+        for batch in (1, 5, 8, 9, 256):
+            plan = plan_matvec(weight, batch)
+            assert plan.grid[0] * plan.rows_per_cta >= weight.rows > (plan.grid[0] - 1) * plan.rows_per_cta
+            max_b = int(plan.kernel_name.rsplit("_b", 1)[1])
+            assert plan.grid[1] * max_b >= batch > (plan.grid[1] - 1) * max_b
+            assert plan.rows_per_cta * weight.row_bytes + 16 == plan.shared_bytes <= MAX_SHARED_BYTES
+            assert plan.block[0] <= 32 * plan.rows_per_cta    # no warp without a row
+
+
+def test_gemm_plan_covers_output_tiles():
+    for weight in weights_of_real_shapes():
+        plan = plan_gemm(weight, 513)
+        assert plan.grid[:2] == (-(-weight.rows // TILE_N), -(-513 // TILE_M))
+
+
+@pytest.mark.parametrize("bad", [
+    dict(qtype=10, rows=4, cols=256),     # Q2_K: not supported
+    dict(qtype=8, rows=4, cols=48),       # Q8_0 needs whole 32-value blocks
+    dict(qtype=12, rows=4, cols=896),     # Q4_K needs whole 256-value super-blocks
+    dict(qtype=0, rows=0, cols=64),
+    dict(qtype=0, rows=4, cols=12),       # not a multiple of 8
+])
+def test_device_weight_rejects_bad_shapes(bad):
+    with pytest.raises(ValueError):
+        DeviceWeight(ptr=1 << 20, **bad)
+
+
+def test_launchers_reject_bad_batches_and_oversized_rows():
+    q8 = DeviceWeight(8, 896, 896, ptr=1 << 20)
+    for plan in (lambda: plan_matvec(q8, 0), lambda: plan_gemm(q8, 0), lambda: plan_embedding(q8, 0)):
+        with pytest.raises(ValueError):
+            plan()
+    with pytest.raises(ValueError):   # one F32 row of 32768 values is 128 KiB: larger than a tile
+        plan_matvec(DeviceWeight(0, 16, 32768, ptr=1 << 20), 1)
