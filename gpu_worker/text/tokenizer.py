@@ -7,6 +7,7 @@ NFC), no BOS, and control + user-defined tokens are matched whole wherever they 
 """
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable, Mapping, Sequence
 from functools import lru_cache
 from typing import Any
@@ -148,9 +149,9 @@ class Tokenizer:
                    chat_template=metadata.get(_KEY_TEMPLATE))
 
     @classmethod
-    def from_gguf(cls, path: str) -> Tokenizer:
+    def from_gguf(cls, path: str | os.PathLike[str]) -> Tokenizer:
         """Build from a GGUF file's metadata (read through the project's loader)."""
-        return cls.from_metadata(_read_gguf_metadata(path))
+        return cls.from_metadata(_read_gguf_metadata(os.fspath(path)))
 
     @property
     def vocab_size(self) -> int:
@@ -200,3 +201,9 @@ class Tokenizer:
     def decode(self, ids: Iterable[int], skip_special: bool = False) -> str:
         """Ids -> text; invalid UTF-8 becomes U+FFFD (one per maximal invalid subpart)."""
         return self.decode_bytes(ids, skip_special).decode("utf-8", errors="replace")
+
+
+@lru_cache(maxsize=4)
+def load_tokenizer(path: str) -> Tokenizer:
+    """One shared Tokenizer per GGUF path (it is immutable; building one reads ~5 MB of metadata)."""
+    return Tokenizer.from_gguf(path)
