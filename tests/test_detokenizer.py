@@ -112,12 +112,18 @@ def _is_partial_utf8(piece: bytes) -> bool:
     return False
 
 
+@pytest.fixture(scope="module")
+def partial_pieces(qwen: Tokenizer) -> list[int]:
+    """The hard cases: ids whose bytes are not whole UTF-8 characters (~1.4k of them)."""
+    return [i for i in range(qwen.vocab_size) if _is_partial_utf8(qwen.token_bytes(i))]
+
+
 @pytest.mark.real_model
 @settings(max_examples=150, deadline=None)
 @given(data=st.data())
-def test_real_partial_pieces_stream_equals_decode(qwen: Tokenizer, data: st.DataObject) -> None:
-    # the hard cases: pieces of the vocabulary that are not whole UTF-8 characters (~1.4k of them)
-    partial = [i for i in range(qwen.vocab_size) if _is_partial_utf8(qwen.token_bytes(i))]
+def test_real_partial_pieces_stream_equals_decode(qwen: Tokenizer, partial_pieces: list[int],
+                                                  data: st.DataObject) -> None:
+    partial = partial_pieces
     assert len(partial) > 100
     ids = data.draw(st.lists(st.sampled_from(partial) | st.integers(0, qwen.vocab_size - 1),
                              min_size=1, max_size=30))
