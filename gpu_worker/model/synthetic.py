@@ -1,0 +1,241 @@
+"""Synthetic qwen2 GGUF files for tests and GPU benchmarks: tiny or real shapes, any supported type.
+
+Blocks are *valid*: random quant bytes with fp16 scale fields set so that weights come out roughly
+N(0, 0.02) (never NaN/inf). Metadata follows the real layout (`qwen2.*` keys, tokenizer keys copied
+from a real file, or a small byte-level vocabulary).
+
+    python -m gpu_worker.model.synthetic OUT.gguf --preset real --type Q4_K
+"""
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Mapping
+
+import numpy as np
+from gguf import GGMLQuantizationType as QType
+from gguf import GGUFValueType as VType
+from gguf import GGUFWriter
+
+from gpu_worker.model.gguf_config import expected_shapes
+from gpu_worker.model.config import ModelConfig
+from gpu_worker.model.quant_types import SUPPORTED_TYPES, quant_spec
+
+WEIGHT_STD = 0.02
+
+
+@dataclass(frozen=True)
+class SyntheticShape:
+    num_layers: int
+    hidden: int
+    heads: int
+    kv_heads: int
+    ffn: int
+    context: int
+
+    def __post_init__(self) -> None:
+        if min(self.num_layers, self.hidden, self.heads, self.kv_heads, self.ffn, self.context) <= 0:
+            raise ValueError(f"all sizes must be > 0: {self}")
+
+
+PRESETS = {
+    "tiny": SyntheticShape(num_layers=2, hidden=64, heads=4, kv_heads=2, ffn=128, context=2048),
+    "real": SyntheticShape(num_layers=24, hidden=896, heads=14, kv_heads=2, ffn=4864, context=32768),
+}
+
+# Per type: byte offsets of fp16 fields, and the scale that maps random quant bytes to ~N(0, std):
+# (d offset, d divisor, min offset or None, min as a multiple of d).
+_SCALE_FIELDS: dict[QType, tuple[int, float, int | None, float]] = {
+    QType.Q8_0: (0, 73.9, None, 0.0),
+    QType.Q4_0: (0, 4.6, None, 0.0),
+    QType.Q4_1: (0, 4.6, 2, -7.5),
+    QType.Q5_0: (0, 9.2, None, 0.0),
+    QType.Q5_1: (0, 9.2, 2, -15.5),
+    QType.Q4_K: (0, 31.5 * 4.6 * 1.8, 2, 7.5),  # y = d*sc*q - dmin*m; sc, m random 6-bit: the
+
+        # per-sub-block offsets add variance, hence the extra 1.8
+    QType.Q5_K: (0, 31.5 * 9.2 * 1.8, 2, 15.5),
+    QType.Q6_K: (208, 74.0 * 18.5, None, 0.0),  # y = d*sc*(q-32), sc random int8
+}
+
+
+def random_blocks(qtype: QType, num_blocks: int, rng: np.random.Generator,
+                  std: float = WEIGHT_STD) -> np.ndarray:
+    """Valid random blocks of `qtype` # [num_blocks, block_bytes] uint8, values ~N(0, std)-ish."""
+    spec = quant_spec(qtype)
+    if qtype in (QType.F32, QType.F16, QType.BF16):
+        values = rng.normal(0.0, std, num_blocks).astype(np.float32)
+        if qtype == QType.F16:
+            values = values.astype(np.float16)
+        elif qtype == QType.BF16:
+            values = (values.view(np.uint32) >> 16).astype(np.uint16)
+        return values.view(np.uint8).reshape(num_blocks, spec.block_bytes)
+    blocks = rng.integers(0, 256, (num_blocks, spec.block_bytes), dtype=np.uint8)
+    d_at, divisor, m_at, m_mult = _SCALE_FIELDS[qtype]
+    d = (std / divisor * rng.uniform(0.5, 1.5, num_blocks)).astype(np.float16)
+    blocks[:, d_at:d_at + 2] = d.reshape(-1, 1).view(np.uint8)
+    if m_at is not None:
+        blocks[:, m_at:m_at + 2] = (d.astype(np.float32) * m_mult).astype(np.float16).reshape(-1, 1).view(np.uint8)
+    return blocks
+
+
+def _tensor_type(name: str, shape: tuple[int, ...], weight_type: QType | Mapping[str, QType]) -> QType:
+    """The requested type, F32 for 1-D tensors, and a fallback (Q8_0, else F16) for rows that are
+    not whole blocks of the requested type (as llama.cpp's quantizer does)."""
+    if isinstance(weight_type, Mapping):
+        wanted = weight_type.get(name, QType.F32 if len(shape) == 1 else QType.Q8_0)
+    else:
+        wanted = QType.F32 if len(shape) == 1 else weight_type
+    if wanted not in SUPPORTED_TYPES:
+        raise ValueError(f"{name}: unsupported type {wanted!r}")
+    for candidate in (wanted, QType.Q8_0, QType.F16):
+        if shape[-1] % quant_spec(candidate).block_elems == 0:
+            return QType(candidate)
+    return QType.F32
+
+
+def _tensor_bytes(name: str, shape: tuple[int, ...], qtype: QType, rng: np.random.Generator) -> np.ndarray:
+    """Raw bytes # [rows, row_bytes] (or [row_bytes] for 1-D); norms ~1, everything else ~N(0, std)."""
+    if name.endswith("norm.weight"):
+        raw = _encode_float((1.0 + rng.normal(0.0, 0.05, shape)).astype(np.float32), qtype)
+    else:
+        num_elems = int(np.prod(shape))
+        raw = random_blocks(qtype, num_elems // quant_spec(qtype).block_elems, rng)
+    return raw.reshape(shape[0], -1) if len(shape) == 2 else raw.reshape(-1)
+
+
+def _encode_float(values: np.ndarray, qtype: QType) -> np.ndarray:
+    if qtype == QType.F32:
+        return values.astype(np.float32).view(np.uint8)
+    if qtype == QType.F16:
+        return values.astype(np.float16).view(np.uint8)
+    if qtype == QType.BF16:
+        return (values.astype(np.float32).view(np.uint32) >> 16).astype(np.uint16).view(np.uint8)
+    raise ValueError(f"norm weights must be a float type, got {qtype.name}")
+
+
+SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
+_MERGES = ("Ġ t", "h e", "i n", "e r", "a n", "o n", "Ġ a", "r e", "Ġt he", "Ġ s")
+CHATML_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + "
+    "'<|im_end|>' + '\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+
+def _byte_to_unicode() -> list[str]:
+    """GPT-2 byte-level alphabet: printable bytes map to themselves, the rest to U+0100 onwards."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            chars[b] = chr(b)
+        else:
+            chars[b] = chr(256 + extra)
+            extra += 1
+    return [chars[b] for b in range(256)]
+
+
+def byte_level_vocab() -> list[tuple[str, object, VType, VType | None]]:
+    """A small gpt2-style vocabulary: 256 bytes, a few merges, ChatML specials (eos = <|im_end|>)."""
+    tokens = _byte_to_unicode() + [m.replace(" ", "") for m in _MERGES] + list(SPECIAL_TOKENS)
+    token_types = [1] * (len(tokens) - len(SPECIAL_TOKENS)) + [3] * len(SPECIAL_TOKENS)   # 3 = control
+    first_special = len(tokens) - len(SPECIAL_TOKENS)
+    return [
+        ("tokenizer.ggml.model", "gpt2", VType.STRING, None),
+        ("tokenizer.ggml.pre", "qwen2", VType.STRING, None),
+        ("tokenizer.ggml.tokens", tokens, VType.ARRAY, VType.STRING),
+        ("tokenizer.ggml.token_type", token_types, VType.ARRAY, VType.INT32),
+        ("tokenizer.ggml.merges", list(_MERGES), VType.ARRAY, VType.STRING),
+        ("tokenizer.ggml.eos_token_id", first_special + 2, VType.UINT32, None),
+        ("tokenizer.ggml.padding_token_id", first_special, VType.UINT32, None),
+        ("tokenizer.ggml.bos_token_id", first_special, VType.UINT32, None),
+        ("tokenizer.ggml.add_bos_token", False, VType.BOOL, None),
+        ("tokenizer.chat_template", CHATML_TEMPLATE, VType.STRING, None),
+    ]
+
+
+def _tokenizer_keys(tokenizer_from: str | Path | None) -> list[tuple[str, object, VType, VType | None]]:
+    """(key, value, type, array item type) for every tokenizer.* key to write."""
+    if tokenizer_from is None:
+        return byte_level_vocab()
+    from gpu_worker.model.gguf_loader import load_gguf
+
+    with load_gguf(tokenizer_from) as source:
+        return [(key, value, VType(source.metadata_types[key][0]),
+                 None if source.metadata_types[key][1] is None else VType(source.metadata_types[key][1]))
+                for key, value in source.metadata.items() if key.startswith("tokenizer.")]
+
+
+def write_synthetic_gguf(path: str | Path, *, num_layers: int = 2, hidden: int = 64, heads: int = 4,
+                         kv_heads: int = 2, ffn: int = 128, vocab: int | None = None, context: int = 2048,
+                         weight_type: QType | Mapping[str, QType] = QType.Q8_0, seed: int = 0,
+                         tokenizer_from: str | Path | None = None, tied: bool = False,
+                         real_shapes: bool = False, rope_freq_base: float = 1e6,
+                         rms_eps: float = 1e-6) -> dict[str, QType]:
+    """Write a valid random qwen2 GGUF to `path`; returns the type written for each tensor.
+
+    `real_shapes=True` uses the Qwen2.5-0.5B dimensions (24 x 896, 14/2 heads, ffn 4864, ctx 32768).
+    `vocab` defaults to the token list's length (151936 with `tokenizer_from` the real model).
+    """
+    shape = PRESETS["real"] if real_shapes else SyntheticShape(num_layers, hidden, heads, kv_heads, ffn, context)
+    tokenizer = _tokenizer_keys(tokenizer_from)
+    tokens = next(value for key, value, *_ in tokenizer if key == "tokenizer.ggml.tokens")
+    if vocab is not None and vocab != len(tokens):
+        raise ValueError(f"vocab {vocab} != {len(tokens)} tokens in the tokenizer")
+    config = ModelConfig("qwen2", shape.num_layers, shape.hidden, shape.heads, shape.kv_heads, shape.ffn,
+                         len(tokens), shape.context, rms_eps, rope_freq_base, eos_token_id=0,
+                         tied_embeddings=tied)
+    writer = GGUFWriter(str(path), "qwen2")
+    _add_model_keys(writer, config)
+    for key, value, vtype, item_type in tokenizer:
+        writer.add_key_value(key, value, vtype, sub_type=item_type)
+    rng = np.random.default_rng(seed)
+    written: dict[str, QType] = {}
+    for name, tensor_shape in expected_shapes(config).items():
+        qtype = _tensor_type(name, tensor_shape, weight_type)
+        writer.add_tensor(name, _tensor_bytes(name, tensor_shape, qtype, rng), raw_dtype=qtype)
+        written[name] = qtype
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return written
+
+
+def _add_model_keys(writer: GGUFWriter, config: ModelConfig) -> None:
+    writer.add_name("synthetic qwen2")
+    writer.add_block_count(config.num_layers)
+    writer.add_context_length(config.context_length)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_head_count(config.num_heads)
+    writer.add_head_count_kv(config.num_kv_heads)
+    writer.add_rope_freq_base(config.rope_freq_base)
+    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Write a synthetic qwen2 GGUF with valid random weights.")
+    parser.add_argument("out", type=Path)
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
+    parser.add_argument("--type", default="Q8_0", choices=[t.name for t in SUPPORTED_TYPES],
+                        help="type of the 2-D weights (norms and biases stay F32)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--tokenizer-from", type=Path, default=None,
+                        help="copy tokenizer.* metadata from this GGUF (vocab then matches it)")
+    parser.add_argument("--tied", action="store_true", help="omit output.weight (tied embeddings)")
+    args = parser.parse_args(argv)
+    s = PRESETS[args.preset]
+    written = write_synthetic_gguf(args.out, num_layers=s.num_layers, hidden=s.hidden, heads=s.heads,
+                                   kv_heads=s.kv_heads, ffn=s.ffn, context=s.context,
+                                   weight_type=QType[args.type], seed=args.seed,
+                                   tokenizer_from=args.tokenizer_from, tied=args.tied)
+    counts: dict[str, int] = {}
+    for qtype in written.values():
+        counts[qtype.name] = counts.get(qtype.name, 0) + 1
+    print(f"wrote {args.out} ({args.out.stat().st_size} bytes): {len(written)} tensors {counts}")
+
+
+if __name__ == "__main__":
+    main()
