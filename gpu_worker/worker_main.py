@@ -24,7 +24,8 @@ WARMUP_KEY = 2**64 - 1
 def run_worker(model_path: str, backend: str = "auto", socket_dir: str = "/tmp/qwen-serve",
                kv_cache_gb: float = 0.25, block_size: int = 16, max_batch: int = 64,
                max_tokens_per_step: int = 256, num_kv_blocks: int | None = None,
-               heartbeat_interval_s: float = 0.1, parent_pid: int | None = None) -> int:
+               heartbeat_interval_s: float = 0.1, parent_pid: int | None = None,
+               request_ring_bytes: int = 1 << 20, event_ring_bytes: int = 4 << 20) -> int:
     """Serve until SHUTDOWN, SIGTERM/SIGINT, or (with parent_pid) the parent's exit. Returns 0."""
     from gpu_worker.backends.factory import create_backend
     from gpu_worker.model.gguf_loader import load_gguf
@@ -45,8 +46,8 @@ def run_worker(model_path: str, backend: str = "auto", socket_dir: str = "/tmp/q
     info = describe(model, be, model_path, num_kv_blocks, block_size)
     log.info("worker ready in %.1f s: %s on %s, %d KV blocks", time.monotonic() - t0,
              info["architecture"], info["device_name"], num_kv_blocks)
-    endpoint = WorkerEndpoint(engine, socket_dir, info, heartbeat_interval_s=heartbeat_interval_s,
-                              parent_pid=parent_pid)
+    endpoint = WorkerEndpoint(engine, socket_dir, info, request_ring_bytes, event_ring_bytes,
+                              heartbeat_interval_s, parent_pid)
 
     def request_stop(signum: int, _frame: object) -> None:
         endpoint.stop_requested = True
@@ -110,6 +111,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--max-tokens-per-step", type=int, default=256, help="token budget per step")
     p.add_argument("--heartbeat-interval", type=float, default=0.1, help="seconds")
     p.add_argument("--parent-pid", type=int, default=None, help="exit when this parent process is gone")
+    p.add_argument("--request-ring-bytes", type=int, default=1 << 20, help="front-end -> worker ring")
+    p.add_argument("--event-ring-bytes", type=int, default=4 << 20, help="worker -> front-end ring")
     p.add_argument("--log-level", default="INFO")
     return p.parse_args(argv)
 
@@ -120,7 +123,8 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s worker[%(process)d] %(levelname)s %(message)s")
     return run_worker(args.model, args.backend, args.socket_dir, args.kv_cache_gb, args.block_size,
                       args.max_batch, args.max_tokens_per_step, args.num_kv_blocks,
-                      args.heartbeat_interval, args.parent_pid)
+                      args.heartbeat_interval, args.parent_pid, args.request_ring_bytes,
+                      args.event_ring_bytes)
 
 
 if __name__ == "__main__":

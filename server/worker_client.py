@@ -120,6 +120,11 @@ class WorkerClient:
         return self._serving
 
     @property
+    def request_ring_full_count(self) -> int:
+        """Times a send waited for ring space on the current connection (back-pressure)."""
+        return self._conn.num_request_ring_full if self._conn else 0
+
+    @property
     def worker_pid(self) -> int | None:
         return self._conn.worker_pid if self._conn else None
 

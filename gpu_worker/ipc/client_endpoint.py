@@ -18,6 +18,7 @@ class ClientConnection:
         self.worker_pid: int = int(ready.get("pid", 0))
         self.segment_names = (str(ready["request_ring"]), str(ready["event_ring"]))
         self.requests = ShmRing.attach(self.segment_names[0])
+        self.num_request_ring_full = 0       # times a send had to wait for the worker
         try:
             self.events = ShmRing.attach(self.segment_names[1])
         except RingError:
@@ -47,6 +48,7 @@ class ClientConnection:
         """Write one request record and wake the worker; False when the ring is full (the worker
         will wake us after it has read, see `writer_waiting`)."""
         if not self.requests.try_write(msg_type, payload):
+            self.num_request_ring_full += 1
             self.requests.set_writer_waiting(True)
             if not self.requests.try_write(msg_type, payload):
                 return False

@@ -27,6 +27,9 @@ _KEY = struct.Struct("<Q")
 _TOKENS = struct.Struct("<II")                 # num_tokens, num_top (all entries together)
 _FINISHED = struct.Struct("<QIIqqqBxH")       # key, prompt, completion, queue, ttft, decode, reason, msg_len
 REASONS = ("eos", "length", "stop", "cancelled", "error")
+MAX_TOP_LOGPROBS = 20
+# Worst-case bytes one token adds to a TOKENS record (key, id, logprob, count, 20 alternatives).
+MAX_TOKEN_RECORD_BYTES = 8 + 4 + 8 + 1 + MAX_TOP_LOGPROBS * (4 + 8)
 
 
 def encode_submit(spec: RequestSpec) -> bytes:
@@ -117,7 +120,7 @@ def decode_tokens(payload: bytes) -> list[TokenOut]:
 
 
 def encode_finished(ev: FinishOut) -> bytes:
-    msg = ev.message.encode("utf-8")[:65535]
+    msg = ev.message.encode("utf-8")[:1024]      # keeps a record far below any ring size
     return _FINISHED.pack(ev.request_key, ev.prompt_tokens, ev.completion_tokens, ev.queue_ns,
                           ev.ttft_ns, ev.decode_ns, REASONS.index(ev.reason), len(msg)) + msg
 

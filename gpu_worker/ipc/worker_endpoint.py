@@ -40,7 +40,10 @@ class WorkerEndpoint:
         self._events: ShmRing | None = None
         self._outbound: deque[tuple[int, bytes]] = deque()
         self._num_connections = 0
+        self.num_event_ring_full = 0         # times publishing had to wait for the front-end
         self._listener = self._listen()
+        # A TOKENS record must fit the ring with room to spare: <= 1/4 of it at worst-case size.
+        self._tokens_per_record = max(1, (event_ring_bytes // 4) // messages.MAX_TOKEN_RECORD_BYTES)
 
     def _listen(self) -> socket.socket:
         path = channel.socket_path(self.socket_dir)
@@ -156,7 +159,8 @@ class WorkerEndpoint:
         if msg_type == messages.ABORT:
             return self.engine.abort(messages.decode_key(payload))
         if msg_type == messages.STATS_REQUEST:
-            stats = {"nonce": messages.decode_key(payload), **self.engine.stats()}
+            stats = {"nonce": messages.decode_key(payload), **self.engine.stats(),
+                     "event_ring_full": self.num_event_ring_full}
             self._outbound.append((messages.STATS, messages.encode_stats(stats)))
         elif msg_type == messages.SHUTDOWN:
             self.stop_requested = True
@@ -166,8 +170,9 @@ class WorkerEndpoint:
 
     def _publish(self, events: list[EngineEvent]) -> None:
         tokens = [e for e in events if isinstance(e, TokenOut)]
-        if tokens:
-            self._outbound.append((messages.TOKENS, messages.encode_tokens(tokens)))
+        for start in range(0, len(tokens), self._tokens_per_record):
+            chunk = tokens[start:start + self._tokens_per_record]
+            self._outbound.append((messages.TOKENS, messages.encode_tokens(chunk)))
         for e in events:
             if isinstance(e, FinishOut):
                 self._outbound.append((messages.FINISHED, messages.encode_finished(e)))
@@ -179,6 +184,7 @@ class WorkerEndpoint:
         while self._outbound:
             msg_type, payload = self._outbound[0]
             if not self._events.try_write(msg_type, payload):
+                self.num_event_ring_full += 1
                 self._events.set_writer_waiting(True)
                 if self._events.try_write(msg_type, payload):     # space freed meanwhile
                     self._events.set_writer_waiting(False)

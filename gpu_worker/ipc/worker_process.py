@@ -18,7 +18,8 @@ from gpu_worker.ipc.client_endpoint import ClientConnection
 WORKER_FLAGS = {"kv_cache_gb": "--kv-cache-gb", "num_kv_blocks": "--num-kv-blocks",
                 "block_size": "--block-size", "max_batch": "--max-batch",
                 "max_tokens_per_step": "--max-tokens-per-step",
-                "heartbeat_interval_s": "--heartbeat-interval", "log_level": "--log-level"}
+                "heartbeat_interval_s": "--heartbeat-interval", "log_level": "--log-level",
+                "request_ring_bytes": "--request-ring-bytes", "event_ring_bytes": "--event-ring-bytes"}
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 

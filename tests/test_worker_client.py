@@ -1,0 +1,140 @@
+"""WorkerClient with an owned worker process (tiny model, cpu backend): streams equal the
+in-process engine's output, 16 concurrent streams unchanged by batching, cancel/abort free KV,
+bad requests rejected, ring overflow handled by back-pressure across processes."""
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+
+from gpu_worker.backends.cpu.backend import CpuBackend
+from gpu_worker.engine.engine import Engine, TokenOut
+from gpu_worker.engine.sequence import RequestSpec
+from gpu_worker.model.gguf_loader import load_gguf
+from gpu_worker.model.synthetic import write_synthetic_gguf
+from gpu_worker.sampling.params import SamplingParams, StoppingParams
+from server.worker_client import (FinishedEvent, TokenEvent, WorkerClient, WorkerRequestError,
+                                  WorkerUnavailable)
+
+
+@pytest.fixture(scope="module")
+def model_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Tiny random qwen2 with a 269-token vocabulary (sampling 151936 ids costs ~14 ms a token)."""
+    path = tmp_path_factory.mktemp("wc") / "tiny-small-vocab.gguf"
+    write_synthetic_gguf(path, seed=0, tokenizer_from=None)
+    return path
+
+
+def params(i: int, top_logprobs: int | None = None) -> tuple[list[int], SamplingParams, StoppingParams]:
+    prompt = [(i * 13 + j * 7) % 250 + 1 for j in range(2 + (i * 5) % 23)]
+    top = i % 4 if top_logprobs is None else top_logprobs
+    sampling = SamplingParams(temperature=0.0 if i % 5 == 0 else 0.8, top_p=0.95, seed=i * 7919,
+                              logprobs=i % 2 == 1 or top > 0, top_logprobs=top)
+    return prompt, sampling, StoppingParams(max_tokens=8 + i % 9)
+
+
+def expected_alone(model_path: Path, indexes: list[int], top_logprobs: int | None = None
+                   ) -> dict[int, list[TokenOut]]:
+    """Each request run alone through an in-process engine on the same backend."""
+    model = load_gguf(model_path)
+    cfg = model.config
+    out = {}
+    for i in indexes:
+        backend = CpuBackend(model)
+        backend.allocate_kv_cache(64, 16)
+        engine = Engine(backend, 64, 16, 1, 512, cfg.context_length, (cfg.eos_token_id,), cfg.vocab_size)
+        prompt, sampling, stopping = params(i, top_logprobs)
+        engine.add_request(RequestSpec(1, tuple(prompt), sampling, stopping))
+        events = []
+        while engine.has_work:
+            events += engine.step()
+        out[i] = [e for e in events if isinstance(e, TokenOut)]
+    return out
+
+
+async def collect(client: WorkerClient, request_id: str, i: int, top_logprobs: int | None = None) -> list:
+    prompt, sampling, stopping = params(i, top_logprobs)
+    return [ev async for ev in client.generate(request_id, prompt, sampling, stopping)]
+
+
+def test_16_concurrent_streams_equal_each_request_alone(model_path: Path) -> None:
+    expected = expected_alone(model_path, list(range(16)))
+
+    async def main() -> list[list]:
+        client = WorkerClient(str(model_path), "cpu", num_kv_blocks=64, max_batch=16)
+        await client.start()
+        try:
+            assert client.is_serving and client.model_info["vocab_size"] == 269
+            assert client.model_info["kv_blocks_total"] == 64 and client.model_info["backend"] == "cpu"
+            return await asyncio.gather(*[collect(client, f"req-{i}", i) for i in range(16)])
+        finally:
+            await client.close()
+
+    results = asyncio.run(main())
+    for i, events in enumerate(results):
+        tokens = [e for e in events if isinstance(e, TokenEvent)]
+        assert [(t.token_id, t.logprobs) for t in tokens] == \
+            [(t.token_id, t.logprobs) for t in expected[i]], f"request {i} differs"
+        finished = events[-1]
+        assert isinstance(finished, FinishedEvent) and events.count(finished) == 1
+        assert finished.completion_tokens == len(tokens)
+        assert finished.prompt_tokens == len(params(i)[0])
+        assert finished.ttft_ns > 0 and finished.queue_ns >= 0
+
+
+def test_cancel_and_abort_free_kv_and_bad_requests_are_rejected(model_path: Path) -> None:
+    async def main() -> None:
+        client = WorkerClient(str(model_path), "cpu", num_kv_blocks=64, block_size=4)
+        await client.start()
+        try:
+            long = StoppingParams(max_tokens=1000, ignore_eos=True)
+            gen = client.generate("cancel-me", [1, 2, 3], SamplingParams(seed=1), long)
+            assert isinstance(await gen.__anext__(), TokenEvent)
+            other = client.generate("abort-me", [4, 5, 6], SamplingParams(seed=2), long)
+            await other.__anext__()
+            assert (await client.stats())["kv_blocks_used"] > 0
+            await gen.aclose()                                 # client went away
+            assert await client.abort("abort-me")
+            tail = [ev async for ev in other]
+            assert isinstance(tail[-1], FinishedEvent) and tail[-1].reason == "cancelled"
+            assert not await client.abort("abort-me") and not await client.abort("never-sent")
+            stats = await client.stats()                       # ABORT was sent before this request
+            assert (stats["kv_blocks_used"], stats["running"], stats["waiting"]) == (0, 0, 0)
+            assert stats["kv_blocks_free"] == 64
+            with pytest.raises(WorkerRequestError, match="outside the vocabulary"):
+                await anext(client.generate("bad", [1, 269], SamplingParams(), StoppingParams()))
+            with pytest.raises(ValueError):
+                await anext(client.generate("empty", [], SamplingParams(), StoppingParams()))
+            assert len(await collect(client, "still-fine", 3)) > 1
+        finally:
+            await client.close()
+        with pytest.raises(WorkerUnavailable):
+            await anext(client.generate("closed", [1], SamplingParams(), StoppingParams()))
+
+    asyncio.run(main())
+
+
+def test_tiny_rings_apply_back_pressure_without_loss(model_path: Path) -> None:
+    """4 KiB rings: 32 submits and per-step token records with 20 logprob alternatives do not fit
+    at once; everything still arrives, in order, equal to the normal run."""
+    expected = expected_alone(model_path, list(range(32)), top_logprobs=20)
+
+    async def main() -> tuple[list[list], int, int]:
+        client = WorkerClient(str(model_path), "cpu", num_kv_blocks=128, max_batch=32,
+                              request_ring_bytes=4096, event_ring_bytes=4096)
+        await client.start()
+        try:
+            streams = [collect(client, f"r{i}", i, top_logprobs=20) for i in range(32)]
+            results = await asyncio.gather(*streams)
+            return results, client.request_ring_full_count, (await client.stats())["event_ring_full"]
+        finally:
+            await client.close()
+
+    results, request_waits, event_waits = asyncio.run(main())
+    print(f"back-pressure waits: request ring {request_waits}, event ring {event_waits}")
+    assert request_waits > 0 and event_waits > 0
+    for i, events in enumerate(results):
+        assert [(e.token_id, e.logprobs) for e in events[:-1]] == \
+            [(t.token_id, t.logprobs) for t in expected[i]]
+        assert isinstance(events[-1], FinishedEvent)
