@@ -109,7 +109,15 @@ async def serve(config: ServeConfig) -> int:
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
-    await stop.wait()
+    startup = running.link.started
+    stop_wait = asyncio.ensure_future(stop.wait())
+    await asyncio.wait((stop_wait, startup), return_when=asyncio.FIRST_COMPLETED)
+    if not stop_wait.done() and startup.result() is not None:
+        log.error(f"exiting: the model worker could not start ({startup.result()})")
+        stop_wait.cancel()
+        await stop_server(running, 0)
+        return 1
+    await stop_wait
     log.info(f"shutting down: in-flight requests get up to {config.grace_period_s:g} s")
     await stop_server(running, config.grace_period_s)
     return 0

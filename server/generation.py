@@ -10,10 +10,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
-import grpc
-
 from gpu_worker.sampling.params import SamplingParams, StoppingParams
-from server.errors import RpcError
 from server.metrics import Metrics
 from server.requests import (
     DeltaEvent,
@@ -24,10 +21,10 @@ from server.requests import (
     TokenLogprob,
 )
 from server.text import OutputText, TextTools
+from server.worker_client import FinishedEvent as WorkerFinished
 
 _WORKER_REASONS = {"stop": FinishReason.STOP, "length": FinishReason.LENGTH, "eos": FinishReason.EOS,
-                   "cancelled": FinishReason.CANCELLED, "aborted": FinishReason.CANCELLED,
-                   "abort": FinishReason.CANCELLED}
+                   "cancelled": FinishReason.CANCELLED}
 
 
 @dataclass(frozen=True)
@@ -41,12 +38,10 @@ class GenerationJob:
     arrival_ns: int
 
 
-def worker_reason(reason: Any) -> FinishReason:
-    """The worker's finish reason (a str or an enum with a str `value`/`name`) as ours."""
-    for candidate in (reason, getattr(reason, "value", None), getattr(reason, "name", None)):
-        if isinstance(candidate, str) and candidate.lower() in _WORKER_REASONS:
-            return _WORKER_REASONS[candidate.lower()]
-    raise ValueError(f"unknown finish reason from the worker: {reason!r}")
+def worker_reason(reason: str) -> FinishReason:
+    if reason not in _WORKER_REASONS:
+        raise ValueError(f"unknown finish reason from the worker: {reason!r}")
+    return _WORKER_REASONS[reason]
 
 
 def _logprob_entry(tools: TextTools, token_id: int, logprobs: Any) -> TokenLogprob | None:
@@ -98,7 +93,7 @@ class Generation:
         stream = self.worker.generate(job.request_id, job.prompt_ids, job.sampling, job.stopping)
         async with contextlib.aclosing(stream):
             async for event in stream:
-                if _is_finish(event):
+                if isinstance(event, WorkerFinished):
                     async for tail in self._finish(event):
                         yield tail
                     return
@@ -114,15 +109,10 @@ class Generation:
                     return
         raise RuntimeError("the worker's event stream ended without a finished event")
 
-    async def _finish(self, event: Any) -> AsyncIterator[GenerationEvent]:
+    async def _finish(self, event: WorkerFinished) -> AsyncIterator[GenerationEvent]:
         text, matched = self.text.finish()
         if text:
             yield DeltaEvent(text, ())
-        if str(event.reason) == "error":
-            raise RpcError(grpc.StatusCode.INTERNAL, f"the worker failed this request: {event.message}")
         reason = FinishReason.STOP if matched is not None else worker_reason(event.reason)
         yield self._finished(reason, matched_stop=matched or "", timings=getattr(event, "timings", None))
 
-
-def _is_finish(event: Any) -> bool:
-    return getattr(event, "reason", None) is not None and not hasattr(event, "token_id")

@@ -21,7 +21,7 @@ from server.requests import ClientRequest, FinishedEvent, GenerationEvent
 from server.config import ServeConfig
 from server.worker_link import WorkerLink
 from server.validation import ModelLimits, RequestInvalid, validate_lengths, validate_request
-from server.worker_client import WorkerUnavailable
+from server.worker_client import WorkerRequestError, WorkerUnavailable
 
 log = get_logger("servicer")
 RETRY_PUSHBACK_KEY = "grpc-retry-pushback-ms"   # the standard gRPC retry hint (trailing metadata)
@@ -93,6 +93,8 @@ class QwenServeServicer:
                 yield event
         except WorkerUnavailable as error:
             raise RpcError(grpc.StatusCode.UNAVAILABLE, f"the model worker went away: {error}") from None
+        except WorkerRequestError as error:
+            raise RpcError(grpc.StatusCode.INVALID_ARGUMENT, f"the worker refused the request: {error}") from None
         finally:
             self.running.pop(job.request_id, None)
             self.gate.release()

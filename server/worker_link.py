@@ -49,6 +49,9 @@ class WorkerLink:
         self._tasks: list[asyncio.Task[None]] = []
         self._on_change: Callable[[bool], Awaitable[None]] | None = None
         self._restarts_seen = 0
+        # Resolved when the first start succeeds (None) or fails (the exception): `serve` exits on failure.
+        # Construct inside the running loop (start_server does).
+        self.started: asyncio.Future[BaseException | None] = asyncio.get_running_loop().create_future()
 
     @property
     def is_serving(self) -> bool:
@@ -125,7 +128,7 @@ def default_worker_factory(config: ServeConfig) -> Any:
     options: dict[str, Any] = {"max_batch": config.max_batch}
     if config.kv_cache_gb is not None:
         options["kv_cache_gb"] = config.kv_cache_gb
-    if config.attach_dir:
-        return WorkerClient(resolve_model_path(config) if config.model_path else "", backend=config.backend,
-                            socket_dir=config.attach_dir, attach=True, **options)
+    if config.attach_dir:   # the worker already has its model; the path is informational here
+        return WorkerClient(config.model_path or "", backend=config.backend, socket_dir=config.attach_dir,
+                            attach=True, **options)
     return WorkerClient(resolve_model_path(config), backend=config.backend, **options)
