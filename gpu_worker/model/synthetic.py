@@ -16,13 +16,14 @@ from typing import Mapping
 import numpy as np
 from gguf import GGMLQuantizationType as QType
 from gguf import GGUFValueType as VType
-from gguf import GGUFWriter
 
+from gpu_worker.model.convert import write_gguf
 from gpu_worker.model.gguf_config import expected_shapes
 from gpu_worker.model.config import ModelConfig
 from gpu_worker.model.quant_types import SUPPORTED_TYPES, quant_spec
 
 WEIGHT_STD = 0.02
+REAL_VOCAB = 151936
 
 
 @dataclass(frozen=True)
@@ -80,16 +81,20 @@ def random_blocks(qtype: QType, num_blocks: int, rng: np.random.Generator,
     return blocks
 
 
+# llama.cpp's fallbacks for rows that are not whole 256-element super-blocks (896 columns here).
+_K_FALLBACK = {QType.Q4_K: QType.Q5_0, QType.Q5_K: QType.Q5_1, QType.Q6_K: QType.Q8_0}
+
+
 def _tensor_type(name: str, shape: tuple[int, ...], weight_type: QType | Mapping[str, QType]) -> QType:
-    """The requested type, F32 for 1-D tensors, and a fallback (Q8_0, else F16) for rows that are
-    not whole blocks of the requested type (as llama.cpp's quantizer does)."""
+    """The requested type (F32 for 1-D tensors unless a mapping names them), falling back like
+    llama.cpp's quantizer (K-quant -> legacy quant -> F16 -> F32) when rows are not whole blocks."""
     if isinstance(weight_type, Mapping):
         wanted = weight_type.get(name, QType.F32 if len(shape) == 1 else QType.Q8_0)
     else:
         wanted = QType.F32 if len(shape) == 1 else weight_type
     if wanted not in SUPPORTED_TYPES:
         raise ValueError(f"{name}: unsupported type {wanted!r}")
-    for candidate in (wanted, QType.Q8_0, QType.F16):
+    for candidate in (wanted, _K_FALLBACK.get(QType(wanted), QType.Q8_0), QType.F16):
         if shape[-1] % quant_spec(candidate).block_elems == 0:
             return QType(candidate)
     return QType.F32
@@ -155,6 +160,21 @@ def byte_level_vocab() -> list[tuple[str, object, VType, VType | None]]:
     ]
 
 
+def _padded_vocab(tokenizer: list[tuple[str, object, VType, VType | None]],
+                  vocab: int) -> list[tuple[str, object, VType, VType | None]]:
+    """Extend the token list to `vocab` entries with unused filler tokens (type 5 = unused)."""
+    items = {key: (value, vtype, item) for key, value, vtype, item in tokenizer}
+    tokens = list(items["tokenizer.ggml.tokens"][0])
+    if vocab < len(tokens):
+        raise ValueError(f"vocab {vocab} is smaller than the tokenizer's {len(tokens)} tokens")
+    token_types = list(items["tokenizer.ggml.token_type"][0])
+    extra = vocab - len(tokens)
+    tokens += [f"<|filler_{i}|>" for i in range(extra)]
+    token_types += [5] * extra
+    padded = {"tokenizer.ggml.tokens": tokens, "tokenizer.ggml.token_type": token_types}
+    return [(key, padded.get(key, value), vtype, item) for key, value, vtype, item in tokenizer]
+
+
 def _tokenizer_keys(tokenizer_from: str | Path | None) -> list[tuple[str, object, VType, VType | None]]:
     """(key, value, type, array item type) for every tokenizer.* key to write."""
     if tokenizer_from is None:
@@ -176,43 +196,42 @@ def write_synthetic_gguf(path: str | Path, *, num_layers: int = 2, hidden: int =
     """Write a valid random qwen2 GGUF to `path`; returns the type written for each tensor.
 
     `real_shapes=True` uses the Qwen2.5-0.5B dimensions (24 x 896, 14/2 heads, ffn 4864, ctx 32768).
-    `vocab` defaults to the token list's length (151936 with `tokenizer_from` the real model).
+    `vocab` defaults to the token list's length (151936 with `tokenizer_from` the real model; also
+    151936 with `real_shapes`); a larger `vocab` pads the token list with unused filler tokens.
     """
     shape = PRESETS["real"] if real_shapes else SyntheticShape(num_layers, hidden, heads, kv_heads, ffn, context)
     tokenizer = _tokenizer_keys(tokenizer_from)
     tokens = next(value for key, value, *_ in tokenizer if key == "tokenizer.ggml.tokens")
+    if real_shapes and vocab is None:
+        vocab = REAL_VOCAB
     if vocab is not None and vocab != len(tokens):
-        raise ValueError(f"vocab {vocab} != {len(tokens)} tokens in the tokenizer")
+        tokenizer = _padded_vocab(tokenizer, vocab)
+        tokens = next(value for key, value, *_ in tokenizer if key == "tokenizer.ggml.tokens")
     config = ModelConfig("qwen2", shape.num_layers, shape.hidden, shape.heads, shape.kv_heads, shape.ffn,
                          len(tokens), shape.context, rms_eps, rope_freq_base, eos_token_id=0,
                          tied_embeddings=tied)
-    writer = GGUFWriter(str(path), "qwen2")
-    _add_model_keys(writer, config)
-    for key, value, vtype, item_type in tokenizer:
-        writer.add_key_value(key, value, vtype, sub_type=item_type)
+    plan = [(name, _tensor_type(name, tensor_shape, weight_type), tensor_shape)
+            for name, tensor_shape in expected_shapes(config).items()]
     rng = np.random.default_rng(seed)
-    written: dict[str, QType] = {}
-    for name, tensor_shape in expected_shapes(config).items():
-        qtype = _tensor_type(name, tensor_shape, weight_type)
-        writer.add_tensor(name, _tensor_bytes(name, tensor_shape, qtype, rng), raw_dtype=qtype)
-        written[name] = qtype
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    return written
+    by_name = {name: (qtype, tensor_shape) for name, qtype, tensor_shape in plan}
+    write_gguf(path, "qwen2", _model_keys(config) + tokenizer, plan,
+               lambda name: _tensor_bytes(name, by_name[name][1], by_name[name][0], rng))
+    return {name: qtype for name, qtype, _ in plan}
 
 
-def _add_model_keys(writer: GGUFWriter, config: ModelConfig) -> None:
-    writer.add_name("synthetic qwen2")
-    writer.add_block_count(config.num_layers)
-    writer.add_context_length(config.context_length)
-    writer.add_embedding_length(config.hidden_size)
-    writer.add_feed_forward_length(config.intermediate_size)
-    writer.add_head_count(config.num_heads)
-    writer.add_head_count_kv(config.num_kv_heads)
-    writer.add_rope_freq_base(config.rope_freq_base)
-    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+def _model_keys(config: ModelConfig) -> list[tuple[str, object, VType, VType | None]]:
+    arch = config.architecture
+    return [
+        ("general.name", "synthetic qwen2", VType.STRING, None),
+        (f"{arch}.block_count", config.num_layers, VType.UINT32, None),
+        (f"{arch}.context_length", config.context_length, VType.UINT32, None),
+        (f"{arch}.embedding_length", config.hidden_size, VType.UINT32, None),
+        (f"{arch}.feed_forward_length", config.intermediate_size, VType.UINT32, None),
+        (f"{arch}.attention.head_count", config.num_heads, VType.UINT32, None),
+        (f"{arch}.attention.head_count_kv", config.num_kv_heads, VType.UINT32, None),
+        (f"{arch}.rope.freq_base", config.rope_freq_base, VType.FLOAT32, None),
+        (f"{arch}.attention.layer_norm_rms_epsilon", config.rms_norm_eps, VType.FLOAT32, None),
+    ]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -225,12 +244,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tokenizer-from", type=Path, default=None,
                         help="copy tokenizer.* metadata from this GGUF (vocab then matches it)")
     parser.add_argument("--tied", action="store_true", help="omit output.weight (tied embeddings)")
+    parser.add_argument("--vocab", type=int, default=None,
+                        help="pad the vocabulary to this size (default: 151936 for --preset real)")
     args = parser.parse_args(argv)
     s = PRESETS[args.preset]
     written = write_synthetic_gguf(args.out, num_layers=s.num_layers, hidden=s.hidden, heads=s.heads,
                                    kv_heads=s.kv_heads, ffn=s.ffn, context=s.context,
                                    weight_type=QType[args.type], seed=args.seed,
-                                   tokenizer_from=args.tokenizer_from, tied=args.tied)
+                                   tokenizer_from=args.tokenizer_from, tied=args.tied,
+                                   vocab=args.vocab if args.vocab or args.preset != "real" else REAL_VOCAB)
     counts: dict[str, int] = {}
     for qtype in written.values():
         counts[qtype.name] = counts.get(qtype.name, 0) + 1
