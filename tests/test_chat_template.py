@@ -25,7 +25,8 @@ def test_tojson_keeps_text_verbatim_and_tools_reach_the_template() -> None:
     template = "{% for t in tools %}{{ t | tojson }}{% endfor %}|{{ messages[0] | tojson(indent=1) }}"
     tools = [{"name": "f", "description": "<b>\u00fc & 'q'"}]
     rendered = render_chat(template, [{"role": "user", "content": "\u4e2d"}], tools=tools)
-    assert rendered == '{"name": "f", "description": "<b>\u00fc & \'q\'"}|{\n "role": "user",\n "content": "\u4e2d"\n}'
+    assert rendered == ('{"name": "f", "description": "<b>\u00fc & \'q\'"}'
+                        '|{\n "role": "user",\n "content": "\u4e2d"\n}')
 
 
 def test_trim_blocks_lstrip_blocks_and_loop_controls() -> None:
@@ -66,7 +67,8 @@ def test_bad_or_unsafe_templates_raise_value_error() -> None:
         render_chat("{% for %}", [{"role": "user", "content": "x"}])
     # the sandbox refuses attribute access to python internals
     with pytest.raises(ValueError, match="failed to render"):
-        render_chat("{{ messages.__class__.__mro__[1].__subclasses__() }}", [{"role": "user", "content": "x"}])
+        render_chat("{{ messages.__class__.__mro__[1].__subclasses__() }}",
+                    [{"role": "user", "content": "x"}])
 
 
 # --- the model's own template --------------------------------------------------------------------
@@ -89,7 +91,8 @@ def test_system_and_user_render_in_the_qwen25_format(qwen: Tokenizer) -> None:
 @pytest.mark.real_model
 def test_default_system_prompt_when_none_is_given(qwen: Tokenizer) -> None:
     assert qwen.chat_template is not None
-    rendered = render_chat(qwen.chat_template, [{"role": "user", "content": "Hi"}], add_generation_prompt=False)
+    rendered = render_chat(qwen.chat_template, [{"role": "user", "content": "Hi"}],
+                           add_generation_prompt=False)
     assert rendered == ("<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful "
                         "assistant.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n")
 

@@ -42,7 +42,7 @@ def test_uniform_is_word0_top_24_bits_keyed_by_seed_and_step() -> None:
     seeds = np.arange(2000, dtype=np.uint64) * np.uint64(0x9E3779B97F4A7C15)
     steps = np.arange(2000, dtype=np.uint64) % np.uint64(37)
     batch = philox.uniform_batch(seeds, steps)
-    assert batch.tolist() == [philox.uniform(int(s), int(t)) for s, t in zip(seeds, steps)]
+    assert batch.tolist() == [philox.uniform(int(s), int(t)) for s, t in zip(seeds, steps, strict=True)]
     assert batch.min() >= 0.0 and batch.max() <= 1.0 - 2**-24
     assert np.all(batch * 2**24 == np.floor(batch * 2**24))   # exactly 24-bit values
     assert len(set(batch.tolist())) > 1990                     # no visible collisions
@@ -117,10 +117,10 @@ def reference_distribution(logits: np.ndarray, temperature: float = 1.0, top_k: 
             kept += 1
         order, weights = order[:kept], weights[:kept]
     if min_p > 0.0:
-        kept_pairs = [(i, w) for i, w in zip(order, weights) if w >= min_p]
+        kept_pairs = [(i, w) for i, w in zip(order, weights, strict=True) if w >= min_p]
         order, weights = [i for i, _ in kept_pairs], [w for _, w in kept_pairs]
     total = sum(weights)
-    return {i: w / total for i, w in zip(order, weights)}
+    return {i: w / total for i, w in zip(order, weights, strict=True)}
 
 
 def inverse_cdf(distribution: dict[int, float], u: float) -> int:
@@ -133,12 +133,12 @@ def inverse_cdf(distribution: dict[int, float], u: float) -> int:
 
 
 SETTINGS = [
-    dict(),
-    dict(temperature=0.6),
-    dict(top_k=5),
-    dict(top_p=0.8),
-    dict(min_p=0.1),
-    dict(temperature=1.4, top_k=12, top_p=0.9, min_p=0.02),
+    {},
+    {"temperature": 0.6},
+    {"top_k": 5},
+    {"top_p": 0.8},
+    {"min_p": 0.1},
+    {"temperature": 1.4, "top_k": 12, "top_p": 0.9, "min_p": 0.02},
 ]
 
 
@@ -188,7 +188,8 @@ def test_min_p_threshold_is_inclusive() -> None:
 def test_draw_takes_the_first_candidate_whose_running_sum_exceeds_u_total() -> None:
     candidates = np.array([7, 3, 9, 1])
     weights = np.array([1.0, 1.0, 1.0, 1.0])
-    assert [draw(candidates, weights, u) for u in (0.0, 0.2499, 0.25, 0.5, 0.75, 1 - 2**-24)] == [7, 7, 3, 9, 1, 1]
+    draws = [draw(candidates, weights, u) for u in (0.0, 0.2499, 0.25, 0.5, 0.75, 1 - 2**-24)]
+    assert draws == [7, 7, 3, 9, 1, 1]   # a running sum equal to u * total is not "exceeding" it
 
 
 def chi_square_critical(dof: int, z: float = 3.0902) -> float:
@@ -212,7 +213,7 @@ def test_draw_frequencies_match_the_truncated_distribution(logits: np.ndarray, s
     small = [i for i in expected if i not in big]
     observed_cells = [counts[i] for i in big] + ([counts[small].sum()] if small else [])
     expected_cells = [expected[i] for i in big] + ([sum(expected[i] for i in small)] if small else [])
-    statistic = sum((o - e) ** 2 / e for o, e in zip(observed_cells, expected_cells))
+    statistic = sum((o - e) ** 2 / e for o, e in zip(observed_cells, expected_cells, strict=True))
     if len(observed_cells) > 1:
         assert statistic < chi_square_critical(len(observed_cells) - 1), (statistic, settings)
 

@@ -57,7 +57,8 @@ def test_properties_and_special_flags(tiny: Tokenizer) -> None:
     assert tiny.vocab_size == 265
     assert tiny.eos_token_id == 263
     assert tiny.stop_token_ids == (261, 263)
-    assert [tiny.is_special(i) for i in (ord("a"), 259, 261, 262, 263, 264)] == [False] * 2 + [True] * 3 + [False]
+    flags = [tiny.is_special(i) for i in (ord("a"), 259, 261, 262, 263, 264)]
+    assert flags == [False, False, True, True, True, False]
     assert tiny.token_bytes(ord(" ")) == b" " and tiny.token_bytes(0xE2) == b"\xe2"
     assert tiny.token_bytes(260) == b" w" and tiny.token_bytes(263) == b"<|im_end|>"
     assert tiny.token_text(0xE2) == "\ufffd"

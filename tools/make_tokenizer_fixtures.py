@@ -118,7 +118,8 @@ def main() -> None:
 
     model = Path(args.model)
     reference = AutoTokenizer.from_pretrained(str(model.parent), gguf_file=model.name)
-    strings = [{"text": text, "ids": reference.encode(text, add_special_tokens=False)} for text in HARD_STRINGS]
+    strings = [{"text": text, "ids": reference.encode(text, add_special_tokens=False)}
+               for text in HARD_STRINGS]
     chats = []
     for messages, add_generation_prompt in CONVERSATIONS:
         rendered = reference.apply_chat_template(messages, tokenize=False,

@@ -39,7 +39,8 @@ _KEY_TEMPLATE = "tokenizer.chat_template"
 @lru_cache(maxsize=1)
 def byte_to_unicode() -> dict[int, str]:
     """GPT-2's reversible byte -> printable character map (printable Latin-1 map to themselves)."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
+                 *range(ord("®"), ord("ÿ") + 1)]
     mapping = {byte: chr(byte) for byte in printable}
     next_codepoint = 256
     for byte in range(256):
@@ -100,7 +101,7 @@ class Tokenizer:
         self._token_bytes = tuple(
             token.encode("utf-8") if kind in (TOKEN_TYPE_CONTROL, TOKEN_TYPE_USER_DEFINED)
             else bytes(unicode_to_byte[char] for char in spelling)
-            for token, spelling, kind in zip(tokens, spelled, self._token_types)
+            for token, spelling, kind in zip(tokens, spelled, self._token_types, strict=True)
         )
         self._backend = self._build_backend(tokens, spelled, merges, self._token_types)
         self._eos_token_id = int(eos_token_id)
@@ -120,14 +121,15 @@ class Tokenizer:
             if len(parts) != 2:
                 raise ValueError(f"{_KEY_MERGES}[{index}] is not two space-separated tokens: {merge!r}")
             merge_pairs.append((parts[0], parts[1]))
-        backend = BackendTokenizer(models.BPE(vocab=vocab, merges=merge_pairs, fuse_unk=False, byte_fallback=False))
+        backend = BackendTokenizer(
+            models.BPE(vocab=vocab, merges=merge_pairs, fuse_unk=False, byte_fallback=False))
         backend.pre_tokenizer = pre_tokenizers.Sequence([
             pre_tokenizers.Split(Regex(QWEN2_SPLIT_REGEX), behavior="isolated"),
             pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
         ])
         backend.decoder = decoders.ByteLevel()
         specials = [AddedToken(token, special=kind == TOKEN_TYPE_CONTROL, normalized=False)
-                    for token, kind in zip(tokens, token_types)
+                    for token, kind in zip(tokens, token_types, strict=True)
                     if kind in (TOKEN_TYPE_CONTROL, TOKEN_TYPE_USER_DEFINED)]
         backend.add_special_tokens([t for t in specials if t.special])
         backend.add_tokens([t for t in specials if not t.special])
