@@ -17,7 +17,7 @@ from pathlib import Path
 
 from gpu_worker.engine.engine import Engine, EngineEvent, FinishOut, TokenOut
 from gpu_worker.ipc import channel, messages
-from gpu_worker.ipc.ring import ShmRing
+from gpu_worker.ipc.ring import RingError, ShmRing
 
 log = logging.getLogger("qwen_serve.worker")
 
@@ -66,7 +66,12 @@ class WorkerEndpoint:
         """Run until SHUTDOWN or `stop_requested`; always removes socket and segments."""
         try:
             while not self.stop_requested:
-                self._iterate()
+                try:
+                    self._iterate()
+                except (OSError, RingError) as exc:      # a broken connection, not a broken worker
+                    log.warning("dropping the front-end connection: %r", exc)
+                    self._disconnect()
+                    self.stop_requested = self.stop_requested or self.parent_pid is not None
         finally:
             self._disconnect()
             self._listener.close()

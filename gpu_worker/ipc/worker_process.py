@@ -64,7 +64,7 @@ class WorkerProcess:
                 raise RuntimeError(f"worker exited with status {self.proc.returncode} while starting")
             try:
                 return await loop.run_in_executor(None, ClientConnection.connect, self.socket_dir, 10.0)
-            except (FileNotFoundError, ConnectionRefusedError, channel.HandshakeError):
+            except (OSError, channel.HandshakeError):       # not listening yet, busy, or refused
                 if loop.time() > deadline:
                     raise TimeoutError(f"worker in {self.socket_dir} not ready after {timeout_s} s") from None
                 await asyncio.sleep(0.05)
