@@ -99,6 +99,17 @@ def test_missing_key_is_named() -> None:
         Tokenizer.from_metadata(metadata)
 
 
+def test_from_gguf_reads_the_files_own_metadata(tiny_model_path: Path) -> None:
+    # the synthetic GGUF carries the real tokenizer keys when the real model is present, else its own
+    tokenizer = Tokenizer.from_gguf(tiny_model_path)
+    text = f"{IM_START}user\nhello world 12{IM_END}"
+    ids = tokenizer.encode(text)
+    assert tokenizer.decode(ids) == text
+    assert ids[0] == tokenizer.encode(IM_START)[0] and ids[-1] == tokenizer.eos_token_id
+    assert tokenizer.stop_token_ids[-1] == tokenizer.eos_token_id
+    assert tokenizer.chat_template and IM_START in tokenizer.chat_template
+
+
 # --- the real model's tokenizer ------------------------------------------------------------------
 
 @pytest.fixture(scope="module")

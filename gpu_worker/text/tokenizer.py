@@ -65,20 +65,11 @@ def _require(metadata: Mapping[str, Any], key: str) -> Any:
 
 
 def _read_gguf_metadata(path: str) -> Mapping[str, Any]:
-    """The file's metadata as plain python values, via `load_gguf` (falls back to `gguf.GGUFReader`
-    while the loader is not importable)."""
-    try:
-        from gpu_worker.model.gguf_loader import load_gguf
-    except ImportError:
-        from gguf import GGUFReader
+    """The file's metadata as plain python values (GGUFLoadError names the file and field)."""
+    from gpu_worker.model.gguf_loader import load_gguf
 
-        reader = GGUFReader(path)
-        return {key: field.contents() for key, field in reader.fields.items() if key.startswith("tokenizer.")}
-    model = load_gguf(path)
-    try:
+    with load_gguf(path) as model:
         return dict(model.metadata)
-    finally:
-        model.close()
 
 
 class Tokenizer:
