@@ -1,0 +1,231 @@
+"""Qwen2 forward in numpy float32: the readable oracle every other backend is checked against.
+
+Reads top to bottom like gpt-fast's model.py: weights (dequantized once to float32 at load), then
+the ops (linear, RMSNorm, NeoX RoPE, paged-KV attention with GQA, SwiGLU), then `forward`.
+
+Batch invariance (a sequence's logits are bitwise the same alone, batched with others, or prefilled
+in other chunk sizes) is designed in, not hoped for:
+- every weight matmul runs on fixed tiles of ROW_TILE rows (zero-padded), because BLAS picks
+  different kernels for different M (M=1 goes to gemv and rounds differently); within one tile
+  shape a row's result depends only on that row (tests/test_cpu_backend.py checks it);
+- attention runs per query token with the same shapes it would have in a one-token decode, and it
+  always reads K/V back from the fp16 cache, also for the chunk just written;
+- everything else is row-wise.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from gpu_worker.model.config import ModelConfig
+from gpu_worker.model.dequant import dequantize, dequantize_rows
+
+if TYPE_CHECKING:
+    from gpu_worker.backends.base import StepBatch
+    from gpu_worker.model.gguf_loader import GGUFModel, TensorInfo
+
+ROW_TILE = 16   # rows per BLAS call; 16 decode rows cost about as much as 1 on 2 cores (memory-bound)
+
+
+@dataclass(frozen=True, eq=False)
+class LayerWeights:
+    """One decoder layer, float32, rows = output features (y = x @ W.T)."""
+
+    attn_norm: np.ndarray       # [hidden]
+    qkv_weight: np.ndarray      # [(num_heads + 2 * num_kv_heads) * head_dim, hidden]: q, k, v stacked
+    qkv_bias: np.ndarray        # [(num_heads + 2 * num_kv_heads) * head_dim]
+    o_weight: np.ndarray        # [hidden, num_heads * head_dim]
+    ffn_norm: np.ndarray        # [hidden]
+    gate_up_weight: np.ndarray  # [2 * intermediate, hidden]: gate rows, then up rows
+    down_weight: np.ndarray     # [hidden, intermediate]
+
+
+@dataclass(frozen=True, eq=False)
+class Qwen2Weights:
+    config: ModelConfig
+    token_embd: TensorInfo          # stays quantized: rows are dequantized on lookup
+    layers: tuple[LayerWeights, ...]
+    output_norm: np.ndarray         # [hidden]
+    lm_head: np.ndarray             # [vocab, hidden]
+    inv_freq: np.ndarray            # [head_dim / 2] RoPE inverse frequencies, float32
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held in memory for the weights (float32 copies + the quantized embedding)."""
+        arrays = [self.output_norm, self.lm_head, self.inv_freq]
+        for layer in self.layers:
+            arrays += [getattr(layer, name) for name in LayerWeights.__dataclass_fields__]
+        return sum(a.nbytes for a in arrays) + self.token_embd.nbytes
+
+
+def load_weights(model: GGUFModel) -> Qwen2Weights:
+    """Dequantize every matrix of `model` to float32 once (about 2 GB for Qwen2.5-0.5B)."""
+    config = model.config
+    layers = tuple(_load_layer(model, i) for i in range(config.num_layers))
+    head_dim = config.head_dim
+    # Float32 like HF and llama.cpp compute it: base^(-2i/d)
+    inv_freq = (1.0 / config.rope_freq_base ** (np.arange(0, head_dim, 2) / head_dim)).astype(np.float32)
+    return Qwen2Weights(
+        config=config,
+        token_embd=model.tensors["token_embd.weight"],
+        layers=layers,
+        output_norm=_dense(model, "output_norm.weight"),
+        lm_head=np.ascontiguousarray(dequantize(model.lm_head), dtype=np.float32).reshape(model.lm_head.shape),
+        inv_freq=inv_freq,
+    )
+
+
+def _dense(model: GGUFModel, name: str) -> np.ndarray:
+    tensor = model.tensors[name]
+    return np.ascontiguousarray(dequantize(tensor), dtype=np.float32).reshape(tensor.shape)
+
+
+def _load_layer(model: GGUFModel, i: int) -> LayerWeights:
+    def get(part: str) -> np.ndarray:
+        return _dense(model, f"blk.{i}.{part}")
+
+    return LayerWeights(
+        attn_norm=get("attn_norm.weight"),
+        qkv_weight=np.concatenate([get("attn_q.weight"), get("attn_k.weight"), get("attn_v.weight")]),
+        qkv_bias=np.concatenate([get("attn_q.bias"), get("attn_k.bias"), get("attn_v.bias")]),
+        o_weight=get("attn_output.weight"),
+        ffn_norm=get("ffn_norm.weight"),
+        gate_up_weight=np.concatenate([get("ffn_gate.weight"), get("ffn_up.weight")]),
+        down_weight=get("ffn_down.weight"),
+    )
+
+
+class PagedKVCache:
+    """Per layer, K and V each # [num_blocks, block_size, num_kv_heads, head_dim] float16.
+
+    slot = block_id * block_size + offset (docs/ARCHITECTURE.md), the same layout as the cuda backend.
+    """
+
+    def __init__(self, config: ModelConfig, num_blocks: int, block_size: int) -> None:
+        if num_blocks <= 0 or block_size <= 0:
+            raise ValueError(f"num_blocks and block_size must be > 0, got {num_blocks}, {block_size}")
+        shape = (num_blocks, block_size, config.num_kv_heads, config.head_dim)
+        self.num_blocks, self.block_size = num_blocks, block_size
+        self.k = [np.zeros(shape, np.float16) for _ in range(config.num_layers)]
+        self.v = [np.zeros(shape, np.float16) for _ in range(config.num_layers)]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in self.k + self.v)
+
+    def write(self, layer: int, slots: np.ndarray, k: np.ndarray, v: np.ndarray) -> None:
+        """k, v: # [num_tokens, num_kv_heads, head_dim] stored (rounded to fp16) at `slots`."""
+        kv_shape = self.k[layer].shape[2:]
+        self.k[layer].reshape(-1, *kv_shape)[slots] = k
+        self.v[layer].reshape(-1, *kv_shape)[slots] = v
+
+    def read(self, layer: int, block_table: np.ndarray, length: int) -> tuple[np.ndarray, np.ndarray]:
+        """The first `length` positions of one sequence as float32 # [num_kv_heads, length, head_dim]."""
+        num_blocks = -(-length // self.block_size)
+        blocks = block_table[:num_blocks]
+        kv_shape = self.k[layer].shape[2:]
+        k = self.k[layer][blocks].reshape(-1, *kv_shape)[:length]
+        v = self.v[layer][blocks].reshape(-1, *kv_shape)[:length]
+        return (np.ascontiguousarray(k.transpose(1, 0, 2), dtype=np.float32),
+                np.ascontiguousarray(v.transpose(1, 0, 2), dtype=np.float32))
+
+
+def linear(x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None = None) -> np.ndarray:
+    """x # [n, in] @ weight.T # [out, in] (+ bias) -> # [n, out], in fixed ROW_TILE-row BLAS calls."""
+    n = x.shape[0]
+    num_padded = -(-n // ROW_TILE) * ROW_TILE
+    padded = np.zeros((num_padded, x.shape[1]), np.float32)
+    padded[:n] = x
+    out = np.empty((num_padded, weight.shape[0]), np.float32)
+    for start in range(0, num_padded, ROW_TILE):
+        np.matmul(padded[start:start + ROW_TILE], weight.T, out=out[start:start + ROW_TILE])
+    out = out[:n]
+    if bias is not None:
+        out += bias
+    return out
+
+
+def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
+    """x # [n, hidden]: x / sqrt(mean(x^2) + eps) * weight, row by row."""
+    mean_square = np.mean(x * x, axis=-1, keepdims=True)
+    return (x * (1.0 / np.sqrt(mean_square + np.float32(eps)))) * weight
+
+
+def rope_cos_sin(positions: np.ndarray, inv_freq: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """cos, sin # [n, 1, head_dim / 2] of angle = position * inv_freq, in float32 like HF."""
+    angles = positions.astype(np.float32)[:, None] * inv_freq[None, :]
+    return np.cos(angles)[:, None, :], np.sin(angles)[:, None, :]
+
+
+def apply_rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
+    """NeoX rotation of x # [n, heads, head_dim]: pairs are (i, i + head_dim/2)."""
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half], x[..., half:]
+    return np.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+
+
+def silu(x: np.ndarray) -> np.ndarray:
+    return x / (np.float32(1.0) + np.exp(-x))
+
+
+def attend_one_query(q: np.ndarray, k: np.ndarray, v: np.ndarray) -> np.ndarray:
+    """Causal attention of one token over its context, GQA.
+
+    q # [num_kv_heads, group, head_dim] (group = q heads per kv head); k, v # [num_kv_heads, L, head_dim]
+    where L = position + 1. Returns # [num_kv_heads, group, head_dim].
+    """
+    scale = np.float32(1.0 / np.sqrt(q.shape[-1]))
+    scores = np.matmul(q, k.transpose(0, 2, 1)) * scale        # [kv, group, L]
+    scores -= scores.max(axis=-1, keepdims=True)
+    probs = np.exp(scores)
+    probs /= probs.sum(axis=-1, keepdims=True)
+    return np.matmul(probs, v)                                  # [kv, group, head_dim]
+
+
+def attention_block(layer: LayerWeights, x: np.ndarray, layer_index: int, kv: PagedKVCache,
+                    batch: StepBatch, cos: np.ndarray, sin: np.ndarray, config: ModelConfig) -> np.ndarray:
+    """Self-attention of the normed hidden states x # [num_tokens, hidden] -> # [num_tokens, hidden]."""
+    n, d = x.shape[0], config.head_dim
+    num_q, num_kv = config.num_heads, config.num_kv_heads
+    qkv = linear(x, layer.qkv_weight, layer.qkv_bias)
+    q = apply_rope(qkv[:, :num_q * d].reshape(n, num_q, d), cos, sin)
+    k = apply_rope(qkv[:, num_q * d:(num_q + num_kv) * d].reshape(n, num_kv, d), cos, sin)
+    v = qkv[:, (num_q + num_kv) * d:].reshape(n, num_kv, d)
+    kv.write(layer_index, batch.slot_mapping, k, v)
+
+    group = num_q // num_kv
+    out = np.empty((n, num_kv, group, d), np.float32)
+    for seq in range(batch.num_seqs):
+        start, end = batch.query_start_loc[seq], batch.query_start_loc[seq + 1]
+        k_ctx, v_ctx = kv.read(layer_index, batch.block_tables[seq], int(batch.context_lens[seq]))
+        for t in range(start, end):
+            length = int(batch.positions[t]) + 1
+            q_t = np.ascontiguousarray(q[t].reshape(num_kv, group, d))
+            out[t] = attend_one_query(q_t, k_ctx[:, :length], v_ctx[:, :length])
+    return linear(out.reshape(n, num_q * d), layer.o_weight)
+
+
+def mlp(layer: LayerWeights, x: np.ndarray) -> np.ndarray:
+    """SwiGLU: down(silu(gate(x)) * up(x)); x # [n, hidden]."""
+    gate_up = linear(x, layer.gate_up_weight)                   # [n, 2 * intermediate]
+    half = gate_up.shape[1] // 2
+    return linear(silu(gate_up[:, :half]) * gate_up[:, half:], layer.down_weight)
+
+
+def forward(weights: Qwen2Weights, kv: PagedKVCache, batch: StepBatch,
+            logit_rows: np.ndarray) -> np.ndarray:
+    """Run all layers over `batch` (writing its KV) and return logits of the tokens at `logit_rows`.
+
+    logit_rows # [num_logits] indices into batch.input_ids -> logits # [num_logits, vocab] float32.
+    """
+    config = weights.config
+    x = dequantize_rows(weights.token_embd, batch.input_ids).astype(np.float32)   # [n, hidden]
+    cos, sin = rope_cos_sin(batch.positions, weights.inv_freq)
+    for i, layer in enumerate(weights.layers):
+        h = rms_norm(x, layer.attn_norm, config.rms_norm_eps)
+        x = x + attention_block(layer, h, i, kv, batch, cos, sin, config)
+        x = x + mlp(layer, rms_norm(x, layer.ffn_norm, config.rms_norm_eps))
+    final = rms_norm(x[np.asarray(logit_rows, dtype=np.intp)], weights.output_norm, config.rms_norm_eps)
+    return linear(final, weights.lm_head)
