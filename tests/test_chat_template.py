@@ -107,6 +107,14 @@ def test_matches_transformers_apply_chat_template(qwen: Tokenizer) -> None:
 
 
 @pytest.mark.real_model
+def test_encode_chat_is_render_then_encode(qwen: Tokenizer) -> None:
+    case = json.loads(FIXTURE.read_text())["chats"][0]
+    assert qwen.encode_chat(case["messages"], case["add_generation_prompt"]) == case["ids"]
+    with pytest.raises(ValueError, match="role 'robot'"):
+        qwen.encode_chat([{"role": "robot", "content": "beep"}])
+
+
+@pytest.mark.real_model
 def test_tools_are_listed_in_the_system_turn(qwen: Tokenizer) -> None:
     assert qwen.chat_template is not None
     tool = {"type": "function", "function": {"name": "get_weather", "parameters": {"city": "<str>"}}}

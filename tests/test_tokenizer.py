@@ -67,6 +67,15 @@ def test_properties_and_special_flags(tiny: Tokenizer) -> None:
         tiny.token_bytes(265)
 
 
+def test_encode_chat_needs_a_template() -> None:
+    # the tiny template renders the first message's content only
+    assert Tokenizer.from_metadata(tiny_metadata()).encode_chat([{"role": "user", "content": "hello"}]) \
+        == [259]
+    without = {k: v for k, v in tiny_metadata().items() if k != "tokenizer.chat_template"}
+    with pytest.raises(ValueError, match="no tokenizer.chat_template"):
+        Tokenizer.from_metadata(without).encode_chat([{"role": "user", "content": "hello"}])
+
+
 def test_decode_skip_special(tiny: Tokenizer) -> None:
     ids = tiny.encode(f"{IM_START}hello{TOOL_CALL}{IM_END}")
     assert tiny.decode(ids) == f"{IM_START}hello{TOOL_CALL}{IM_END}"

@@ -187,6 +187,16 @@ class Tokenizer:
             raise ValueError(f"text must be a str, got {type(text).__name__}")
         return list(self._backend.encode(text, add_special_tokens=False).ids)
 
+    def encode_chat(self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True,
+                    tools: Sequence[Mapping[str, Any]] | None = None) -> list[int]:
+        """Messages rendered with the file's own chat template, then encoded (ValueError for bad
+        roles/contents or a file without a template)."""
+        from gpu_worker.text.chat_template import render_chat
+
+        if self._chat_template is None:
+            raise ValueError(f"the model file has no {_KEY_TEMPLATE}; send a raw prompt instead")
+        return self.encode(render_chat(self._chat_template, messages, add_generation_prompt, tools))
+
     def decode_bytes(self, ids: Iterable[int], skip_special: bool = False) -> bytes:
         return b"".join(self.token_bytes(int(i)) for i in ids
                         if not (skip_special and self.is_special(int(i))))
