@@ -1,13 +1,14 @@
 // Tensor-core GEMM for prefill and large batches: y[m, n] = sum_k x[m, k] * W[n, k].
 //
 // x: [M, K] fp32, W: [N, K] any GGUF format, y: [M, N] fp32; K a multiple of 32.
-// A CTA (4 warps) owns a 64 x 64 tile of y. Per 32-wide K step it converts its x tile to fp16
-// and dequantizes its W tile (64 rows x 32 values = 256 units of 8) to fp16 in shared memory;
-// each warp then runs 2 x 2 wmma 16x16x16 fragments with fp32 accumulators.
+// A CTA (4 warps, 2 x 2) owns a TILE_M x 64 tile of y (TILE_M = 64, or 32 for the `_m32` kernels
+// that the launcher picks when 64-row tiles would leave SMs idle). Per 32-wide K step it converts
+// its x tile to fp16 and dequantizes its W tile (64 rows x 32 values = 256 units of 8) to fp16 in
+// shared memory; each warp then runs (TILE_M / 32) x 2 wmma 16x16x16 fragments, fp32 accumulators.
 //
 // Batch invariance: y[m, n] accumulates over K in one fixed order (K steps in sequence, each a
 // fixed sequence of two 16-deep mma), and no row of x influences another row's result, so a
-// token's output is the same for any M and any split of a prompt into chunks. (It is NOT
+// token's output is the same for any M, M tile, or split of a prompt into chunks. (It is NOT
 // bitwise equal to matvec.cu's fp32 result: fp16 operands.) Out-of-range x values (> 65504)
 // become inf in fp16, as in any fp16 GEMM.
 #include <mma.h>
@@ -15,7 +16,7 @@
 
 namespace gemm_detail {
 
-constexpr int kTileM = 64, kTileN = 64, kTileK = 32, kThreads = 128;
+constexpr int kTileN = 64, kTileK = 32, kThreads = 128;
 constexpr int kPadK = kTileK + 8;   // halves per smem row: 80 bytes, keeps wmma 32-byte alignment
 constexpr int kPadN = kTileN + 4;   // floats per smem row of the output tile
 
@@ -27,10 +28,11 @@ struct GemmArgs {
     int num_tokens;         // M
 };
 
-// x[m0 : m0 + 64, k0 : k0 + 32] -> fp16, zero rows past M. 512 float4s, 4 per thread.
+// x[m0 : m0 + TILE_M, k0 : k0 + 32] -> fp16, zero rows past M. TILE_M * 8 float4s.
+template <int TILE_M>
 __device__ __forceinline__ void load_x_tile(const GemmArgs& a, int m0, int k0, __half (*tile)[kPadK]) {
 #pragma unroll
-    for (int i = 0; i < 4; ++i) {
+    for (int i = 0; i < TILE_M * 8 / kThreads; ++i) {
         const int idx = threadIdx.x + kThreads * i, r = idx / 8, c = 4 * (idx % 8);
         float4 v = make_float4(0.f, 0.f, 0.f, 0.f);
         if (m0 + r < a.num_tokens)
@@ -54,48 +56,49 @@ __device__ __forceinline__ void load_w_tile(const GemmArgs& a, int n0, int k0, _
     }
 }
 
-template <int T>
+template <int T, int TILE_M>
 __device__ void gemm(const GemmArgs& a) {
     using namespace nvcuda;
-    __shared__ __align__(128) __half x_tile[kTileM][kPadK];
+    constexpr int kFragM = TILE_M / 32;   // 16-row fragments per warp in M
+    __shared__ __align__(128) __half x_tile[TILE_M][kPadK];
     __shared__ __align__(128) __half w_tile[kTileN][kPadK];
-    __shared__ __align__(128) float y_tile[kTileM][kPadN];
-    const int n0 = blockIdx.x * kTileN, m0 = blockIdx.y * kTileM;
-    const int warp = threadIdx.x / 32, warp_m = 32 * (warp / 2), warp_n = 32 * (warp % 2);
+    __shared__ __align__(128) float y_tile[TILE_M][kPadN];
+    const int n0 = blockIdx.x * kTileN, m0 = blockIdx.y * TILE_M;
+    const int warp = threadIdx.x / 32, warp_m = (TILE_M / 2) * (warp / 2), warp_n = 32 * (warp % 2);
 
-    wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[2][2];
+    wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[kFragM][2];
 #pragma unroll
-    for (int i = 0; i < 2; ++i)
+    for (int i = 0; i < kFragM; ++i)
 #pragma unroll
         for (int j = 0; j < 2; ++j) wmma::fill_fragment(acc[i][j], 0.0f);
 
     for (int k0 = 0; k0 < a.num_cols; k0 += kTileK) {
-        load_x_tile(a, m0, k0, x_tile);
+        load_x_tile<TILE_M>(a, m0, k0, x_tile);
         load_w_tile<T>(a, n0, k0, w_tile);
         __syncthreads();
 #pragma unroll
         for (int kk = 0; kk < kTileK; kk += 16) {
-            wmma::fragment<wmma::matrix_a, 16, 16, 16, __half, wmma::row_major> xf[2];
+            wmma::fragment<wmma::matrix_a, 16, 16, 16, __half, wmma::row_major> xf[kFragM];
             wmma::fragment<wmma::matrix_b, 16, 16, 16, __half, wmma::col_major> wf[2];
 #pragma unroll
-            for (int i = 0; i < 2; ++i) wmma::load_matrix_sync(xf[i], &x_tile[warp_m + 16 * i][kk], kPadK);
+            for (int i = 0; i < kFragM; ++i) wmma::load_matrix_sync(xf[i], &x_tile[warp_m + 16 * i][kk], kPadK);
 #pragma unroll
             for (int j = 0; j < 2; ++j) wmma::load_matrix_sync(wf[j], &w_tile[warp_n + 16 * j][kk], kPadK);
 #pragma unroll
-            for (int i = 0; i < 2; ++i)
+            for (int i = 0; i < kFragM; ++i)
 #pragma unroll
                 for (int j = 0; j < 2; ++j) wmma::mma_sync(acc[i][j], xf[i], wf[j], acc[i][j]);
         }
         __syncthreads();
     }
 #pragma unroll
-    for (int i = 0; i < 2; ++i)
+    for (int i = 0; i < kFragM; ++i)
 #pragma unroll
         for (int j = 0; j < 2; ++j)
             wmma::store_matrix_sync(&y_tile[warp_m + 16 * i][warp_n + 16 * j], acc[i][j], kPadN,
                                     wmma::mem_row_major);
     __syncthreads();
-    for (int idx = threadIdx.x; idx < kTileM * kTileN; idx += kThreads) {
+    for (int idx = threadIdx.x; idx < TILE_M * kTileN; idx += kThreads) {
         const int r = idx / kTileN, c = idx % kTileN;
         if (m0 + r < a.num_tokens && n0 + c < a.num_rows)
             a.y[static_cast<long long>(m0 + r) * a.num_rows + n0 + c] = y_tile[r][c];
@@ -104,14 +107,17 @@ __device__ void gemm(const GemmArgs& a) {
 
 }  // namespace gemm_detail
 
-// PyCUDA prepared-call format "PiiiPPi"; grid = (ceil(N / 64), ceil(M / 64)), block = 128.
-#define QFORMATS_GEMM_ENTRY(TYPE, NAME)                                                        \
-    extern "C" __global__ void __launch_bounds__(128) gemm_##NAME(                             \
+// PyCUDA prepared-call format "PiiiPPi"; grid = (ceil(N / 64), ceil(M / TILE_M)), block = 128.
+#define QFORMATS_GEMM_ENTRY(TYPE, NAME, SUFFIX, TILE_M)                                        \
+    extern "C" __global__ void __launch_bounds__(128) gemm_##NAME##SUFFIX(                     \
         const uint8_t* weight, int row_bytes, int num_rows, int num_cols, const float* x,      \
         float* y, int num_tokens) {                                                            \
         const gemm_detail::GemmArgs args{weight, row_bytes, num_rows, num_cols, x, y,          \
                                          num_tokens};                                          \
-        gemm_detail::gemm<TYPE>(args);                                                         \
+        gemm_detail::gemm<TYPE, TILE_M>(args);                                                 \
     }
+#define QFORMATS_GEMM_ENTRIES(TYPE, NAME)          \
+    QFORMATS_GEMM_ENTRY(TYPE, NAME, , 64)          \
+    QFORMATS_GEMM_ENTRY(TYPE, NAME, _m32, 32)
 
-QFORMATS_FOR_EACH_TYPE(QFORMATS_GEMM_ENTRY)
+QFORMATS_FOR_EACH_TYPE(QFORMATS_GEMM_ENTRIES)

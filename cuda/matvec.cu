@@ -15,6 +15,7 @@
 namespace matvec_detail {
 
 constexpr int kUnit = 8;
+constexpr int kRowsPerWarp = 4;
 
 // Kernel parameters, gathered once so device functions take one argument.
 struct MatvecArgs {
@@ -51,38 +52,58 @@ __device__ __forceinline__ float warp_sum(float v) {
     return v;
 }
 
+// Warp-level dot products of `num_rows` (<= kRowsPerWarp) consecutive staged rows with MAX_B x rows.
+// Each lane loads its x unit once per batch row and applies it to all the warp's rows, so x traffic
+// per weight byte falls with the rows per warp. acc[r][b] runs the same __fmaf_rn chain (units
+// lane, lane + 32, ... in order, then the butterfly) whatever num_rows, MAX_B or num_b.
 template <int T, int MAX_B>
-__device__ void row_dot(const uint8_t* row, const MatvecArgs& a, int batch0, int num_b, int n) {
+__device__ void warp_rows_dot(const uint8_t* rows, int num_rows, const MatvecArgs& a, int batch0,
+                              int num_b, int n0) {
     const int lane = threadIdx.x & 31;
-    float acc[MAX_B];
+    float acc[kRowsPerWarp][MAX_B];
 #pragma unroll
-    for (int b = 0; b < MAX_B; ++b) acc[b] = 0.0f;
+    for (int r = 0; r < kRowsPerWarp; ++r)
+#pragma unroll
+        for (int b = 0; b < MAX_B; ++b) acc[r][b] = 0.0f;
     const int num_units = a.num_cols / kUnit;
     for (int u = lane; u < num_units; u += 32) {
-        float w[kUnit];
-        qformats::dequant8<T>(row, u * kUnit, w);
+        float4 x[MAX_B][2];
 #pragma unroll
         for (int b = 0; b < MAX_B; ++b) {
-            if (b < num_b) {
-                const float4* xp = reinterpret_cast<const float4*>(
-                    a.x + static_cast<long long>(batch0 + b) * a.num_cols + u * kUnit);
-                const float4 x0 = __ldg(xp), x1 = __ldg(xp + 1);
-                float s = acc[b];
-                s = __fmaf_rn(w[0], x0.x, s); s = __fmaf_rn(w[1], x0.y, s);
-                s = __fmaf_rn(w[2], x0.z, s); s = __fmaf_rn(w[3], x0.w, s);
-                s = __fmaf_rn(w[4], x1.x, s); s = __fmaf_rn(w[5], x1.y, s);
-                s = __fmaf_rn(w[6], x1.z, s); s = __fmaf_rn(w[7], x1.w, s);
-                acc[b] = s;
+            const float4* xp = reinterpret_cast<const float4*>(
+                a.x + static_cast<long long>(batch0 + (b < num_b ? b : 0)) * a.num_cols + u * kUnit);
+            x[b][0] = __ldg(xp);
+            x[b][1] = __ldg(xp + 1);
+        }
+#pragma unroll
+        for (int r = 0; r < kRowsPerWarp; ++r) {
+            if (r >= num_rows) break;
+            float w[kUnit];
+            qformats::dequant8<T>(rows + r * a.row_bytes, u * kUnit, w);
+#pragma unroll
+            for (int b = 0; b < MAX_B; ++b) {
+                float s = acc[r][b];
+                s = __fmaf_rn(w[0], x[b][0].x, s); s = __fmaf_rn(w[1], x[b][0].y, s);
+                s = __fmaf_rn(w[2], x[b][0].z, s); s = __fmaf_rn(w[3], x[b][0].w, s);
+                s = __fmaf_rn(w[4], x[b][1].x, s); s = __fmaf_rn(w[5], x[b][1].y, s);
+                s = __fmaf_rn(w[6], x[b][1].z, s); s = __fmaf_rn(w[7], x[b][1].w, s);
+                acc[r][b] = s;
             }
         }
     }
 #pragma unroll
-    for (int b = 0; b < MAX_B; ++b) {
-        const float total = warp_sum(acc[b]);
-        if (lane == 0 && b < num_b) a.y[static_cast<long long>(batch0 + b) * a.num_rows + n] = total;
+    for (int r = 0; r < kRowsPerWarp; ++r) {
+#pragma unroll
+        for (int b = 0; b < MAX_B; ++b) {
+            const float total = warp_sum(acc[r][b]);
+            if (lane == 0 && r < num_rows && b < num_b)
+                a.y[static_cast<long long>(batch0 + b) * a.num_rows + n0 + r] = total;
+        }
     }
 }
 
+// Warp w of the CTA owns tile rows [w * rows_per_warp, +rows_per_warp); the launcher keeps
+// rows_per_warp <= kRowsPerWarp.
 template <int T, int MAX_B>
 __device__ void matvec(const MatvecArgs& a) {
     extern __shared__ __align__(16) uint8_t tile[];
@@ -93,10 +114,13 @@ __device__ void matvec(const MatvecArgs& a) {
 
     const int batch0 = blockIdx.y * MAX_B;
     const int num_b = min(MAX_B, a.batch - batch0);
-    const uint8_t* tile_rows = tile + (begin & 15);
     const int num_warps = blockDim.x / 32;
-    for (int r = threadIdx.x / 32; r < num_tile_rows; r += num_warps) {
-        row_dot<T, MAX_B>(tile_rows + r * a.row_bytes, a, batch0, num_b, row0 + r);
+    const int rows_per_warp = (a.rows_per_cta + num_warps - 1) / num_warps;
+    const int first = (threadIdx.x / 32) * rows_per_warp;
+    const int count = min(rows_per_warp, num_tile_rows - first);
+    if (count > 0) {
+        warp_rows_dot<T, MAX_B>(tile + (begin & 15) + first * a.row_bytes, count, a, batch0, num_b,
+                                row0 + first);
     }
 }
 

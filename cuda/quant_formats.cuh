@@ -55,12 +55,24 @@ __device__ __forceinline__ const uint8_t* block_of(const uint8_t* row, int v, in
     return row + (v / kValues) * BlockInfo<T>::kBytes;
 }
 
+// Bytes p[0..8) with four 2-byte loads (every quant field sits at an even offset of an even-sized
+// block, so 2-byte alignment always holds; half the load instructions of byte loads).
+__device__ __forceinline__ void load8_bytes(const uint8_t* p, int out[8]) {
+    const uint16_t* h = reinterpret_cast<const uint16_t*>(p);
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+        const uint32_t pair = h[j];
+        out[2 * j] = int(pair & 0xFFu);
+        out[2 * j + 1] = int(pair >> 8);
+    }
+}
+
 // 4-bit nibbles of a 32-value block: values 0..15 are low nibbles of qs[0..15], 16..31 high.
 __device__ __forceinline__ void nibbles8(const uint8_t* qs, int i, int out[8]) {
     const int shift = i < 16 ? 0 : 4;
-    const uint8_t* q = qs + (i & 15);
+    load8_bytes(qs + (i & 15), out);
 #pragma unroll
-    for (int j = 0; j < 8; ++j) out[j] = (q[j] >> shift) & 0xF;
+    for (int j = 0; j < 8; ++j) out[j] = (out[j] >> shift) & 0xF;
 }
 
 // Fifth bit of value i..i+7 from the 32-bit qh mask (bit i = value i).
@@ -129,9 +141,9 @@ template <> __device__ __forceinline__ void dequant8<kQ5_1>(const uint8_t* row, 
 template <> __device__ __forceinline__ void dequant8<kQ8_0>(const uint8_t* row, int v0, float out[8]) {
     int i; const uint8_t* b = block_of<kQ8_0>(row, v0, i);
     const float d = load_half(b);
-    const int8_t* q = reinterpret_cast<const int8_t*>(b + 2) + i;
+    int q[8]; load8_bytes(b + 2 + i, q);
 #pragma unroll
-    for (int j = 0; j < 8; ++j) out[j] = __fmul_rn(d, float(q[j]));
+    for (int j = 0; j < 8; ++j) out[j] = __fmul_rn(d, float(int(int8_t(q[j]))));
 }
 
 // 6-bit scale and min of sub-block s (0..7) from the 12 packed bytes of Q4_K / Q5_K.
@@ -153,7 +165,7 @@ template <> __device__ __forceinline__ void dequant8<kQ4_K>(const uint8_t* row, 
     int scale, min; scale_min_k4(b + 4, s, scale, min);
     const float d = __fmul_rn(load_half(b), float(scale));
     const float m = __fmul_rn(load_half(b + 2), float(min));
-    const uint8_t* q = b + 16 + 32 * (s / 2) + l;
+    int q[8]; load8_bytes(b + 16 + 32 * (s / 2) + l, q);
     const int shift = (s & 1) * 4;
 #pragma unroll
     for (int j = 0; j < 8; ++j) out[j] = __fmaf_rn(d, float((q[j] >> shift) & 0xF), -m);
@@ -167,8 +179,8 @@ template <> __device__ __forceinline__ void dequant8<kQ5_K>(const uint8_t* row, 
     int scale, min; scale_min_k4(b + 4, s, scale, min);
     const float d = __fmul_rn(load_half(b), float(scale));
     const float m = __fmul_rn(load_half(b + 2), float(min));
-    const uint8_t* qh = b + 16 + l;
-    const uint8_t* q = b + 48 + 32 * (s / 2) + l;
+    int qh[8]; load8_bytes(b + 16 + l, qh);
+    int q[8]; load8_bytes(b + 48 + 32 * (s / 2) + l, q);
     const int shift = (s & 1) * 4;
 #pragma unroll
     for (int j = 0; j < 8; ++j) {
@@ -184,8 +196,8 @@ template <> __device__ __forceinline__ void dequant8<kQ6_K>(const uint8_t* row, 
     int i; const uint8_t* b = block_of<kQ6_K>(row, v0, i);
     const int h = i / 128, g = (i % 128) / 32, l = i % 32;
     const float d = __fmul_rn(load_half(b + 208), float(reinterpret_cast<const int8_t*>(b + 192)[i / 16]));
-    const uint8_t* ql = b + 64 * h + 32 * (g & 1) + l;
-    const uint8_t* qh = b + 128 + 32 * h + l;
+    int ql[8]; load8_bytes(b + 64 * h + 32 * (g & 1) + l, ql);
+    int qh[8]; load8_bytes(b + 128 + 32 * h + l, qh);
     const int lo_shift = (g >= 2) ? 4 : 0, hi_shift = 2 * g;
 #pragma unroll
     for (int j = 0; j < 8; ++j) {

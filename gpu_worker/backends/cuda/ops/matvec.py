@@ -12,7 +12,8 @@ from typing import Any
 from gpu_worker.backends.cuda.ops.quant_weight import DeviceWeight, check_aligned_16
 
 BATCH_VARIANTS = (1, 2, 4, 8)       # MAX_B template instances: matvec_<type>_b<MAX_B>
-MAX_ROWS_PER_CTA = 16
+WARPS_PER_CTA = 4
+MAX_ROWS_PER_CTA = 16              # kRowsPerWarp (4) x WARPS_PER_CTA in matvec.cu
 TILE_BUDGET_BYTES = 32 * 1024      # shared memory per CTA for the staged weight rows
 MAX_SHARED_BYTES = 48 * 1024       # default dynamic shared-memory limit (no opt-in)
 TARGET_CTAS = 264                  # about 2 CTAs per SM on a 132-SM H100: small N gets small tiles
@@ -28,8 +29,16 @@ class MatvecLaunch:
     rows_per_cta: int
 
 
-def plan_matvec(weight: DeviceWeight, batch: int) -> MatvecLaunch:
-    """Grid, block and kernel for a batch of `batch` x rows; ValueError for shapes it cannot run."""
+def default_rows_per_cta(weight: DeviceWeight) -> int:
+    """Rows staged per CTA: up to 16 (4 per warp, sharing x loads), fewer when that would leave
+    SMs idle or overflow the tile budget. Any value gives bitwise the same results."""
+    spread_rows = -(-weight.rows // TARGET_CTAS)
+    return max(1, min(MAX_ROWS_PER_CTA, TILE_BUDGET_BYTES // weight.row_bytes, max(4, spread_rows)))
+
+
+def plan_matvec(weight: DeviceWeight, batch: int, rows_per_cta: int | None = None) -> MatvecLaunch:
+    """Grid, block and kernel for a batch of `batch` x rows; ValueError for shapes it cannot run.
+    `rows_per_cta` overrides the default tiling (for benchmarks and tests)."""
     if batch <= 0:
         raise ValueError(f"matvec batch must be positive, got {batch}")
     if -(-batch // BATCH_VARIANTS[-1]) > MAX_GRID_Y:
@@ -37,15 +46,19 @@ def plan_matvec(weight: DeviceWeight, batch: int) -> MatvecLaunch:
     row_bytes = weight.row_bytes
     if row_bytes + 16 > MAX_SHARED_BYTES:
         raise ValueError(f"matvec row of {row_bytes} bytes exceeds the {MAX_SHARED_BYTES}-byte tile limit")
-    spread_rows = -(-weight.rows // TARGET_CTAS)
-    rows_per_cta = max(1, min(MAX_ROWS_PER_CTA, TILE_BUDGET_BYTES // row_bytes, max(4, spread_rows)))
+    if rows_per_cta is None:
+        rows_per_cta = default_rows_per_cta(weight)
+    if not 1 <= rows_per_cta <= MAX_ROWS_PER_CTA:
+        raise ValueError(f"matvec rows_per_cta must be in [1, {MAX_ROWS_PER_CTA}], got {rows_per_cta}")
     max_b = next(b for b in BATCH_VARIANTS if b >= min(batch, BATCH_VARIANTS[-1]))
     # 16 extra bytes: the tile is copied from the 16-byte boundary below its first row.
     shared_bytes = rows_per_cta * row_bytes + 16
+    if shared_bytes > MAX_SHARED_BYTES:
+        raise ValueError(f"matvec tile of {rows_per_cta} rows x {row_bytes} bytes exceeds {MAX_SHARED_BYTES}")
     return MatvecLaunch(
         kernel_name=f"matvec_{weight.kernel_suffix}_b{max_b}",
         grid=(-(-weight.rows // rows_per_cta), -(-batch // max_b), 1),
-        block=(32 * min(4, rows_per_cta), 1, 1),
+        block=(32 * min(WARPS_PER_CTA, rows_per_cta), 1, 1),   # <= 4 rows per warp
         shared_bytes=shared_bytes,
         rows_per_cta=rows_per_cta,
     )
@@ -65,10 +78,11 @@ class MatvecOp:
             self._functions[name] = function
         return self._functions[name]
 
-    def __call__(self, weight: DeviceWeight, x_ptr: int, y_ptr: int, batch: int, stream: Any) -> None:
+    def __call__(self, weight: DeviceWeight, x_ptr: int, y_ptr: int, batch: int, stream: Any,
+                 rows_per_cta: int | None = None) -> None:
         """x_ptr: [batch, weight.cols] fp32, y_ptr: [batch, weight.rows] fp32 (device addresses)."""
         check_aligned_16("matvec x", x_ptr)
-        plan = plan_matvec(weight, batch)
+        plan = plan_matvec(weight, batch, rows_per_cta)
         self._function(plan.kernel_name).prepared_async_call(
             plan.grid, plan.block, stream,
             int(weight.ptr), weight.row_bytes, weight.rows, weight.cols, plan.rows_per_cta,

@@ -1,0 +1,177 @@
+"""The `cuda` backend: weights (file formats) and the paged fp16 KV cache on one GPU, the project's
+own prebuilt kernels through PyCUDA, decode steps replayed from CUDA graphs, sampling on the GPU.
+
+Batch invariance: every kernel reduces in an order fixed per row (see forward.py and cuda/), so a
+sequence's logits and tokens do not depend on the batch or on how its prompt was chunked.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+
+from gpu_worker.backends.base import Backend, StepBatch, StepOutput, TokenLogprobs
+from gpu_worker.backends.cuda.device import CudaBackendError, CudaDevice, CudaOutOfMemoryError, DeviceTensor
+from gpu_worker.backends.cuda.forward import Qwen2Forward
+from gpu_worker.backends.cuda.graphs import DEFAULT_BUCKETS, DecodeGraphs, graphs_available
+from gpu_worker.backends.cuda.ops.attention_prefill import prefill_tiles
+from gpu_worker.backends.cuda.sampler import GpuSampler, pack_sampling
+from gpu_worker.backends.cuda.step_inputs import StepInputs, check_step_batch
+from gpu_worker.backends.cuda.weights import upload_weights
+
+
+class CudaBackend(Backend):
+    name = "cuda"
+
+    def __init__(self, model, *, device_index: int = 0, max_num_tokens: int = 2048, max_num_seqs: int = 256,
+                 max_model_len: int | None = None, use_graphs: bool = True, fatbin_path: str | None = None,
+                 progress: Callable[[int, int], None] | None = None, device: CudaDevice | None = None) -> None:
+        if max_num_tokens < max_num_seqs or max_num_seqs <= 0:
+            raise ValueError(f"need 0 < max_num_seqs ({max_num_seqs}) <= max_num_tokens ({max_num_tokens})")
+        self.config = model.config
+        self.max_num_tokens, self.max_num_seqs = max_num_tokens, max_num_seqs
+        self.max_model_len = min(max_model_len or self.config.context_length, self.config.context_length)
+        # A shared device (tests) lends its context; the backend still counts its own memory.
+        self.device = device.child() if device is not None else CudaDevice(device_index, fatbin_path)
+        self.device_name = self.device.name
+        try:
+            self.weights = upload_weights(self.device, model, progress)
+        except Exception:
+            self.device.close()
+            raise
+        self.weight_bytes = self.weights.nbytes
+        self.use_graphs = use_graphs and graphs_available()
+        self.forward: Qwen2Forward | None = None
+        self.graphs: DecodeGraphs | None = None
+        self.kv_bytes = 0
+
+    @property
+    def memory_bytes(self) -> dict[str, int]:
+        """Device bytes per purpose: weights, kv, activations, logits, sampling."""
+        return dict(self.device.memory.bytes_by_purpose)
+
+    def kv_bytes_per_block(self, block_size: int) -> int:
+        if block_size <= 0:
+            raise ValueError(f"block_size must be > 0, got {block_size}")
+        return block_size * self.config.kv_bytes_per_token
+
+    def num_kv_blocks_for_budget(self, block_size: int, kv_cache_gb: float | None = None,
+                                 vram_fraction: float = 0.9, reserve_bytes: int = 1 << 30) -> int:
+        """Blocks that fit in `kv_cache_gb` GiB, or in vram_fraction of the free VRAM minus a reserve
+        for activations and logits (call before allocate_kv_cache)."""
+        if kv_cache_gb is not None:
+            if kv_cache_gb <= 0:
+                raise ValueError(f"kv_cache_gb must be > 0, got {kv_cache_gb}")
+            budget = int(kv_cache_gb * (1 << 30))
+        else:
+            if not 0 < vram_fraction <= 1:
+                raise ValueError(f"vram_fraction must be in (0, 1], got {vram_fraction}")
+            budget = int(self.device.memory.free_bytes() * vram_fraction) - reserve_bytes
+        blocks = budget // self.kv_bytes_per_block(block_size)
+        if blocks <= 0:
+            raise CudaOutOfMemoryError("the KV cache", self.kv_bytes_per_block(block_size),
+                                       self.device.memory.free_bytes())
+        return int(blocks)
+
+    def allocate_kv_cache(self, num_blocks: int, block_size: int) -> None:
+        """KV per layer [num_blocks * block_size, num_kv_heads, head_dim] fp16, K and V; then the
+        step buffers and the decode graphs (which bake in every pointer)."""
+        if self.forward is not None:
+            raise CudaBackendError("allocate_kv_cache may be called once per CudaBackend")
+        if num_blocks <= 0:
+            raise ValueError(f"num_blocks must be > 0, got {num_blocks}")
+        cfg, mem = self.config, self.device.memory
+        num_slots = num_blocks * block_size
+        total = num_blocks * self.kv_bytes_per_block(block_size)
+        base = mem.allocate("kv", total)
+        layer_bytes = num_slots * cfg.num_kv_heads * cfg.head_dim * 2
+        kv = []
+        for i in range(cfg.num_layers):
+            def cache(which: int) -> DeviceTensor:
+                return DeviceTensor(base + (2 * i + which) * layer_bytes,
+                                    (num_slots, cfg.num_kv_heads, cfg.head_dim), np.dtype(np.float16))
+            kv.append((cache(0), cache(1)))
+        self.kv_bytes, self.num_blocks, self.block_size = total, num_blocks, block_size
+        max_blocks_per_seq = -(-self.max_model_len // block_size)
+        self.forward = Qwen2Forward(self.device, cfg, self.weights, self.max_num_tokens, self.max_num_seqs,
+                                    max_blocks_per_seq, self.max_model_len)
+        self.forward.set_kv_cache(kv, block_size)
+        self.inputs = StepInputs(self.device, self.forward.meta, self.max_num_tokens, self.max_num_seqs,
+                                 max_blocks_per_seq)
+        self.sampler = GpuSampler(self.device, self.forward.acts.logits, self.max_num_seqs)
+        if self.use_graphs:
+            self._capture_decode_graphs()
+
+    def _capture_decode_graphs(self) -> None:
+        buckets = tuple(b for b in DEFAULT_BUCKETS if b <= self.max_num_seqs)
+        self.graphs = DecodeGraphs(self.device.stream, buckets)
+        for bucket in reversed(buckets):
+            self.inputs.upload_padding(bucket)   # valid inputs for a warm-up run of this shape
+            self.forward.run(bucket, bucket, 0, bucket, all_rows=True)
+            self.device.synchronize()
+            self.graphs.capture(bucket, lambda b: self.forward.run(b, b, 0, b, all_rows=True))
+        self.device.synchronize()
+
+    def step(self, batch: StepBatch) -> StepOutput:
+        if self.forward is None:
+            raise CudaBackendError("allocate_kv_cache() must be called before the first step")
+        check_step_batch(batch, self.config.vocab_size, self.num_blocks, self.block_size,
+                         self.max_num_tokens, self.max_num_seqs, self.max_model_len,
+                         self.inputs.max_blocks_per_seq)
+        is_decode = batch.num_tokens == batch.num_seqs
+        bucket = self.graphs.bucket_for(batch.num_seqs) if (self.graphs and is_decode) else None
+        if bucket is not None:
+            self.inputs.upload(batch, pad_to=bucket, tiles=None, logit_rows=None)
+            self.graphs.replay(bucket)
+            rows = list(range(batch.num_seqs))
+        else:
+            rows = self._eager_step(batch, is_decode)
+        sampled = [i for i, req in enumerate(batch.sample) if req is not None]
+        packed = pack_sampling([rows[i] for i in sampled], [batch.sample[i] for i in sampled],
+                               self.config.vocab_size)
+        tokens, logprobs = self.sampler.sample(packed)
+        token_ids = np.full(batch.num_seqs, -1, np.int32)
+        per_seq: list[TokenLogprobs | None] = [None] * batch.num_seqs
+        for j, seq in enumerate(sampled):
+            token_ids[seq], per_seq[seq] = tokens[j], logprobs[j]
+        return StepOutput(token_ids=token_ids, logprobs=tuple(per_seq))
+
+    def _eager_step(self, batch: StepBatch, is_decode: bool, logit_rows: np.ndarray | None = None) -> list[int]:
+        """Runs without a graph; returns each sequence's logits row (valid where sampled)."""
+        tiles = None if is_decode else prefill_tiles(batch.query_start_loc)
+        if logit_rows is None:
+            logit_rows = np.asarray(batch.query_start_loc[1:]) - 1   # last token of each sequence
+        logit_rows = np.asarray(logit_rows, np.int32)
+        if not (0 < len(logit_rows) <= self.max_num_seqs) or logit_rows.min() < 0 \
+                or logit_rows.max() >= batch.num_tokens:
+            raise ValueError(f"logit_rows must be 1..{self.max_num_seqs} token indices of the batch")
+        self.inputs.upload(batch, pad_to=None, tiles=tiles, logit_rows=logit_rows)
+        num_tiles = 0 if tiles is None else len(tiles[0])
+        self.forward.run(batch.num_tokens, batch.num_seqs, num_tiles, len(logit_rows), all_rows=False)
+        return list(range(batch.num_seqs))
+
+    def logits(self, batch: StepBatch, logit_rows: np.ndarray | None = None) -> np.ndarray:
+        """Diagnostics and tests: an eager forward (writing KV); logits # [len(logit_rows), vocab] f32
+        of the given token indices (default: the last token of each sequence)."""
+        if self.forward is None:
+            raise CudaBackendError("allocate_kv_cache() must be called before the first step")
+        check_step_batch(batch, self.config.vocab_size, self.num_blocks, self.block_size,
+                         self.max_num_tokens, self.max_num_seqs, self.max_model_len,
+                         self.inputs.max_blocks_per_seq)
+        self._eager_step(batch, batch.num_tokens == batch.num_seqs, logit_rows)
+        num_rows = batch.num_seqs if logit_rows is None else len(logit_rows)
+        return self.last_logits(num_rows)
+
+    def last_logits(self, num_rows: int) -> np.ndarray:
+        """The logits buffer's first rows after the last step # [num_rows, vocab] f32 (row i =
+        sequence i for a step that ran through step())."""
+        out = np.empty((num_rows, self.config.vocab_size), np.float32)
+        self.device.cuda.memcpy_dtoh_async(out, self.forward.acts.logits.ptr, self.device.stream)
+        self.device.synchronize()
+        return out
+
+    def close(self) -> None:
+        if self.graphs is not None:
+            self.graphs.close()
+            self.graphs = None
+        self.device.close()

@@ -1,0 +1,147 @@
+"""The Qwen2 forward on the device, over static buffers (so a decode step can be captured in a
+CUDA graph and replayed): embedding -> 24 x (norm, q/k/v, rope+KV write, attention, o, norm,
+gate/up, SwiGLU, down) -> final norm of the sampled rows -> LM head.
+
+Every mat-vec goes through cuda/matvec.cu whatever the number of tokens: its fp32 result for a
+row never depends on the batch, so a prompt gives the same KV and logits alone, batched or chunked
+(the fp16 tensor-core GEMM is faster for prefill but rounds differently; see docs/gpu_results).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from gpu_worker.backends.cuda.device import DeviceTensor
+from gpu_worker.backends.cuda.ops.attention_decode import launch_attention_decode
+from gpu_worker.backends.cuda.ops.attention_prefill import launch_attention_prefill
+from gpu_worker.backends.cuda.ops.embedding import EmbeddingOp
+from gpu_worker.backends.cuda.ops.matvec import MatvecOp
+from gpu_worker.backends.cuda.ops.rms_norm import launch_rms_norm
+from gpu_worker.backends.cuda.ops.rope_kv import RopeTables, launch_rope_kv, rope_tables_host
+from gpu_worker.backends.cuda.ops.swiglu import launch_swiglu
+from gpu_worker.backends.cuda.weights import ModelWeights
+
+META_FIELDS = ("input_ids", "positions", "slot_mapping", "token_seq", "tile_first", "tile_count")
+
+
+@dataclass(frozen=True)
+class StepMeta:
+    """Per-step int32 inputs on the device, all inside one buffer (one upload per step)."""
+
+    input_ids: DeviceTensor     # [max_tokens]
+    positions: DeviceTensor     # [max_tokens]
+    slot_mapping: DeviceTensor  # [max_tokens]; -1 = no KV write (graph padding)
+    token_seq: DeviceTensor     # [max_tokens] sequence index of each token
+    tile_first: DeviceTensor    # [max_tokens] prefill query tiles
+    tile_count: DeviceTensor    # [max_tokens]
+    logit_rows: DeviceTensor    # [max_seqs] token index of each logits row
+    block_tables: DeviceTensor  # [max_seqs, max_blocks_per_seq]
+    base: DeviceTensor          # the whole buffer, flat int32
+
+
+class Activations:
+    """fp32 scratch for up to `max_tokens` tokens and `max_seqs` logits rows ("activations")."""
+
+    def __init__(self, memory, config, max_tokens: int, max_seqs: int) -> None:
+        h, q_width = config.hidden_size, config.num_heads * config.head_dim
+        kv_width = config.num_kv_heads * config.head_dim
+        f32 = np.float32
+        self.residual = memory.tensor("activations", (max_tokens, h), f32)
+        self.delta = memory.tensor("activations", (max_tokens, h), f32)
+        self.normed = memory.tensor("activations", (max_tokens, h), f32)
+        self.q = memory.tensor("activations", (max_tokens, q_width), f32)
+        self.k = memory.tensor("activations", (max_tokens, kv_width), f32)
+        self.v = memory.tensor("activations", (max_tokens, kv_width), f32)
+        self.attn = memory.tensor("activations", (max_tokens, q_width), f32)
+        self.gate = memory.tensor("activations", (max_tokens, config.intermediate_size), f32)
+        self.up = memory.tensor("activations", (max_tokens, config.intermediate_size), f32)
+        self.final = memory.tensor("activations", (max_seqs, h), f32)
+        self.logits = memory.tensor("logits", (max_seqs, config.vocab_size), f32)
+
+
+def allocate_meta(memory, max_tokens: int, max_seqs: int, max_blocks_per_seq: int) -> StepMeta:
+    sizes = [max_tokens] * len(META_FIELDS) + [max_seqs, max_seqs * max_blocks_per_seq]
+    base = memory.tensor("activations", (sum(sizes),), np.int32)
+    views, offset = [], 0
+    for size in sizes:
+        views.append(DeviceTensor(base.ptr + 4 * offset, (size,), np.dtype(np.int32)))
+        offset += size
+    *token_views, logit_rows, tables = views
+    return StepMeta(*token_views, logit_rows=logit_rows,
+                    block_tables=tables.view(max_seqs, max_blocks_per_seq), base=base)
+
+
+class Qwen2Forward:
+    """Launch sequence of one step over static buffers; `run` only enqueues work on the stream."""
+
+    def __init__(self, device, config, weights: ModelWeights, max_tokens: int, max_seqs: int,
+                 max_blocks_per_seq: int, max_positions: int) -> None:
+        self.device, self.config, self.weights = device, config, weights
+        self.max_tokens, self.max_seqs = max_tokens, max_seqs
+        self.acts = Activations(device.memory, config, max_tokens, max_seqs)
+        self.meta = allocate_meta(device.memory, max_tokens, max_seqs, max_blocks_per_seq)
+        cos, sin = rope_tables_host(max_positions, config.head_dim, config.rope_freq_base)
+        self.rope = RopeTables(device.memory.tensor("activations", cos.shape, np.float32),
+                               device.memory.tensor("activations", sin.shape, np.float32))
+        device.cuda.memcpy_htod(self.rope.cos.ptr, cos)
+        device.cuda.memcpy_htod(self.rope.sin.ptr, sin)
+        self.max_positions = max_positions
+        self.matvec = MatvecOp(device.module)
+        self.embedding = EmbeddingOp(device.module)
+        self.kv: list[tuple[DeviceTensor, DeviceTensor]] = []
+        self.block_size = 0
+
+    def set_kv_cache(self, kv: list[tuple[DeviceTensor, DeviceTensor]], block_size: int) -> None:
+        """Per layer (k_cache, v_cache), each [num_blocks * block_size, num_kv_heads, head_dim] f16."""
+        self.kv, self.block_size = kv, block_size
+
+    def _linear(self, weight, x: DeviceTensor, y: DeviceTensor) -> None:
+        self.matvec(weight, x.ptr, y.ptr, x.shape[0], self.device.stream)
+
+    def run(self, num_tokens: int, num_seqs: int, num_tiles: int, num_logits: int, all_rows: bool) -> None:
+        """Enqueues the forward of `num_tokens` tokens of `num_seqs` sequences.
+
+        num_tiles > 0 selects the prefill attention kernel (tiles in meta.tile_*), 0 the decode one.
+        Logits rows: meta.logit_rows[:num_logits], or every token when all_rows (decode graphs)."""
+        a, m, cfg, dev = self.acts, self.meta, self.config, self.device
+        t = num_tokens
+        self.embedding(self.weights.token_embd, m.input_ids.ptr, a.residual.ptr, t, dev.stream)
+        residual, delta, normed = a.residual.rows(0, t), a.delta.rows(0, t), a.normed.rows(0, t)
+        for i, layer in enumerate(self.weights.layers):
+            launch_rms_norm(dev, residual, layer.attn_norm, normed, cfg.rms_norm_eps,
+                            delta=delta if i else None, write_residual=True)
+            self._attention(i, layer, normed, t, num_seqs, num_tiles)
+            launch_rms_norm(dev, residual, layer.ffn_norm, normed, cfg.rms_norm_eps, delta=delta,
+                            write_residual=True)
+            gate, up = a.gate.rows(0, t), a.up.rows(0, t)
+            self._linear(layer.gate, normed, gate)
+            self._linear(layer.up, normed, up)
+            launch_swiglu(dev, gate, up, gate)
+            self._linear(layer.down, gate, delta)
+        final = a.final.rows(0, num_logits)
+        launch_rms_norm(dev, residual, self.weights.output_norm, final, cfg.rms_norm_eps, delta=delta,
+                        row_ids=None if all_rows else m.logit_rows.view(num_logits))
+        self._linear(self.weights.lm_head, final, a.logits.rows(0, num_logits))
+
+    def _attention(self, i: int, layer, normed: DeviceTensor, t: int, num_seqs: int, num_tiles: int) -> None:
+        a, m, cfg, dev = self.acts, self.meta, self.config, self.device
+        hd = cfg.head_dim
+        q = a.q.rows(0, t).view(t, cfg.num_heads, hd)
+        k = a.k.rows(0, t).view(t, cfg.num_kv_heads, hd)
+        v = a.v.rows(0, t).view(t, cfg.num_kv_heads, hd)
+        self._linear(layer.q, normed, a.q.rows(0, t))
+        self._linear(layer.k, normed, a.k.rows(0, t))
+        self._linear(layer.v, normed, a.v.rows(0, t))
+        k_cache, v_cache = self.kv[i]
+        positions, token_seq = m.positions.view(t), m.token_seq.view(t)
+        launch_rope_kv(dev, q, k, v, (layer.bias_q, layer.bias_k, layer.bias_v), positions,
+                       m.slot_mapping.view(t), self.rope, k_cache, v_cache)
+        out = a.attn.rows(0, t).view(t, cfg.num_heads, hd)
+        tables = m.block_tables
+        if num_tiles:
+            launch_attention_prefill(dev, q, out, k_cache, v_cache, tables, token_seq, positions,
+                                     self.block_size, m.tile_first.view(num_tiles), m.tile_count.view(num_tiles))
+        else:
+            launch_attention_decode(dev, q, out, k_cache, v_cache, tables, token_seq, positions, self.block_size)
+        self._linear(layer.o, a.attn.rows(0, t), a.delta.rows(0, t))

@@ -1,0 +1,49 @@
+"""What the two attention launchers share: the AttentionParams record and its checks."""
+from __future__ import annotations
+
+import numpy as np
+
+from gpu_worker.backends.cuda.device import DeviceTensor
+from gpu_worker.backends.cuda.ops.launch import check_tensor, record
+
+HEAD_DIM = 64          # the kernels are built for head_dim 64 (Qwen2.5-0.5B)
+MAX_GROUP = 8          # q heads per kv head: one warp each, block <= 256 threads
+_POINTERS = ("q", "out", "k_cache", "v_cache", "block_tables", "token_seq", "positions",
+             "tile_first_token", "tile_num_tokens")
+PARAMS_FIELDS = [(name, "u8") for name in _POINTERS] + [
+    ("max_blocks_per_seq", "i8"), ("num_heads", "i8"), ("num_kv_heads", "i8"), ("block_size", "i8"),
+    ("scale", "f4"), ("pad_", "f4")]
+
+
+def attention_params(q: DeviceTensor, out: DeviceTensor, k_cache: DeviceTensor, v_cache: DeviceTensor,
+                     block_tables: DeviceTensor, token_seq: DeviceTensor, positions: DeviceTensor,
+                     block_size: int, tiles: tuple[DeviceTensor, DeviceTensor] | None = None) -> np.void:
+    """Checks shapes and packs the kernel record.
+
+    q, out: [T, num_heads, 64] f32; caches: [num_slots, num_kv_heads, 64] f16;
+    block_tables: [num_seqs, max_blocks_per_seq] int32; token_seq, positions: [T] int32.
+    """
+    num_tokens, num_heads, head_dim = q.shape
+    num_kv_heads = k_cache.shape[1]
+    if head_dim != HEAD_DIM:
+        raise ValueError(f"attention kernels are built for head_dim {HEAD_DIM}, got {head_dim}")
+    if num_heads % num_kv_heads or num_heads // num_kv_heads > MAX_GROUP:
+        raise ValueError(f"num_heads {num_heads} must be a multiple of num_kv_heads {num_kv_heads}, "
+                         f"at most {MAX_GROUP} per kv head")
+    check_tensor("q", q, (num_tokens, num_heads, HEAD_DIM), np.float32)
+    check_tensor("out", out, (num_tokens, num_heads, HEAD_DIM), np.float32)
+    check_tensor("k_cache", k_cache, (None, num_kv_heads, HEAD_DIM), np.float16)
+    check_tensor("v_cache", v_cache, k_cache.shape, np.float16)
+    check_tensor("block_tables", block_tables, (None, None), np.int32)
+    check_tensor("token_seq", token_seq, (num_tokens,), np.int32)
+    check_tensor("positions", positions, (num_tokens,), np.int32)
+    if block_size <= 0 or k_cache.shape[0] % block_size:
+        raise ValueError(f"block_size {block_size} must divide the {k_cache.shape[0]} cache slots")
+    values: dict[str, object] = {
+        "q": q.ptr, "out": out.ptr, "k_cache": k_cache.ptr, "v_cache": v_cache.ptr,
+        "block_tables": block_tables.ptr, "token_seq": token_seq.ptr, "positions": positions.ptr,
+        "max_blocks_per_seq": block_tables.shape[1], "num_heads": num_heads,
+        "num_kv_heads": num_kv_heads, "block_size": block_size, "scale": 1.0 / np.sqrt(head_dim)}
+    if tiles is not None:
+        values["tile_first_token"], values["tile_num_tokens"] = tiles[0].ptr, tiles[1].ptr
+    return record(PARAMS_FIELDS, values)

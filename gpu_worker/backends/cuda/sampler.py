@@ -1,0 +1,153 @@
+"""GPU sampling for one step: pack the SampleRequests, run the sampling kernels, read tokens back.
+
+The numpy specification is gpu_worker/sampling/sampler.py; the kernels reproduce it (steps 1-3
+bit-exact, the draw up to float64 summation order).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from gpu_worker.backends.base import SampleRequest, TokenLogprobs
+from gpu_worker.backends.cuda.device import DeviceTensor
+from gpu_worker.backends.cuda.ops import sampling as sampling_ops
+from gpu_worker.backends.cuda.ops.sampling import MAX_TOP_LOGPROBS, SAMPLE_ARGS_DTYPE
+
+
+@dataclass(frozen=True)
+class PackedSampling:
+    args: np.ndarray           # [num_sampled] SAMPLE_ARGS_DTYPE
+    bias_ids: np.ndarray       # [num_bias] int32, per record in request order
+    bias_values: np.ndarray    # [num_bias] float32
+    seen_ids: np.ndarray       # [num_seen] int32, distinct per record
+    output_ids: np.ndarray     # [num_out] int32, distinct per record
+    output_counts: np.ndarray  # [num_out] int32
+    needs_penalties: bool
+    needs_logprobs: bool
+
+
+def _check_ids(name: str, ids: np.ndarray, vocab: int) -> np.ndarray:
+    ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+    if ids.size and (ids.min() < 0 or ids.max() >= vocab):
+        raise ValueError(f"{name} has ids outside the vocabulary [0, {vocab})")
+    return ids
+
+
+def pack_sampling(rows: list[int], requests: list[SampleRequest], vocab: int) -> PackedSampling:
+    """One record per request; `rows[i]` is request i's row in the logits buffer."""
+    args = np.zeros(len(requests), SAMPLE_ARGS_DTYPE)
+    bias_ids, bias_values, seen, out_ids, out_counts = [], [], [], [], []
+    offsets = {"bias": 0, "seen": 0, "output": 0}
+    for i, (row, req) in enumerate(zip(rows, requests)):
+        p = args[i]
+        params = req.params
+        p["seed"], p["step"], p["row"] = params.seed, req.step, row
+        p["top_k"], p["top_p"], p["min_p"] = params.top_k, params.top_p, params.min_p
+        p["temperature"] = params.temperature
+        p["repetition_penalty"] = params.repetition_penalty
+        p["frequency_penalty"], p["presence_penalty"] = params.frequency_penalty, params.presence_penalty
+        p["num_top_logprobs"] = min(params.top_logprobs, MAX_TOP_LOGPROBS)
+        p["want_logprobs"] = int(params.logprobs or params.top_logprobs > 0)
+        ids = _check_ids("logit_bias", np.array([b[0] for b in params.logit_bias], np.int64), vocab)
+        bias_ids.append(ids)
+        bias_values.append(np.array([b[1] for b in params.logit_bias], np.float32))
+        p["bias_offset"], p["bias_count"] = offsets["bias"], len(ids)
+        offsets["bias"] += len(ids)
+        distinct_seen = (np.unique(_check_ids("seen_token_ids", req.seen_token_ids, vocab))
+                         if params.repetition_penalty != 1.0 else np.zeros(0, np.int64))
+        seen.append(distinct_seen)
+        p["seen_offset"], p["seen_count"] = offsets["seen"], len(distinct_seen)
+        offsets["seen"] += len(distinct_seen)
+        if params.frequency_penalty != 0.0 or params.presence_penalty != 0.0:
+            ids, counts = np.unique(_check_ids("output_token_ids", req.output_token_ids, vocab), return_counts=True)
+        else:
+            ids, counts = np.zeros(0, np.int64), np.zeros(0, np.int64)
+        out_ids.append(ids)
+        out_counts.append(counts)
+        p["output_offset"], p["output_count"] = offsets["output"], len(ids)
+        offsets["output"] += len(ids)
+    def flat(parts: list[np.ndarray], dtype) -> np.ndarray:
+        return np.concatenate(parts).astype(dtype) if parts else np.zeros(0, dtype)
+    return PackedSampling(
+        args=args, bias_ids=flat(bias_ids, np.int32), bias_values=flat(bias_values, np.float32),
+        seen_ids=flat(seen, np.int32), output_ids=flat(out_ids, np.int32),
+        output_counts=flat(out_counts, np.int32),
+        needs_penalties=bool(offsets["bias"] or offsets["seen"] or offsets["output"]),
+        needs_logprobs=bool(args["want_logprobs"].any()) if len(args) else False)
+
+
+class GpuSampler:
+    """Device buffers for sampling up to `max_sampled` rows of a logits buffer [rows, vocab]."""
+
+    def __init__(self, device, logits: DeviceTensor, max_sampled: int) -> None:
+        mem = device.memory
+        self.device, self.logits = device, logits
+        self.args = mem.tensor("sampling", (max_sampled,), SAMPLE_ARGS_DTYPE)
+        self.tokens = mem.tensor("sampling", (max_sampled,), np.int32)
+        self.logprob = mem.tensor("sampling", (max_sampled,), np.float32)
+        self.top_ids = mem.tensor("sampling", (max_sampled, MAX_TOP_LOGPROBS), np.int32)
+        self.top_logprobs = mem.tensor("sampling", (max_sampled, MAX_TOP_LOGPROBS), np.float32)
+        self.raw_logits = mem.tensor("sampling", logits.shape, np.float32)  # pre-penalty copy
+        self._aux_capacity = 0
+        self._aux: dict[str, DeviceTensor] = {}
+
+    def _aux_tensor(self, name: str, host: np.ndarray) -> DeviceTensor:
+        """Uploads a flat array into a growable buffer (grows by doubling; counted as 'sampling')."""
+        need = max(len(host), 1)
+        if need > self._aux_capacity:
+            self._aux_capacity = max(need, 2 * self._aux_capacity, 4096)
+            self._aux = {key: self.device.memory.tensor("sampling", (self._aux_capacity,), dt)
+                         for key, dt in (("bias_ids", np.int32), ("bias_values", np.float32),
+                                         ("seen_ids", np.int32), ("output_ids", np.int32),
+                                         ("output_counts", np.int32))}
+        tensor = self._aux[name].view(len(host))
+        if len(host):
+            self.device.cuda.memcpy_htod_async(tensor.ptr, np.ascontiguousarray(host), self.device.stream)
+        return tensor
+
+    def sample(self, packed: PackedSampling) -> tuple[np.ndarray, tuple[TokenLogprobs | None, ...]]:
+        """Runs on the stream; returns tokens [num_sampled] int32 and per-record logprobs."""
+        n = len(packed.args)
+        cuda, stream = self.device.cuda, self.device.stream
+        if n == 0:
+            return np.zeros(0, np.int32), ()
+        args = self.args.view(n)
+        cuda.memcpy_htod_async(args.ptr, packed.args, stream)
+        if packed.needs_logprobs:
+            cuda.memcpy_dtod_async(self.raw_logits.ptr, self.logits.ptr, self.logits.nbytes, stream)
+        if packed.needs_penalties:
+            sampling_ops.launch_penalties(
+                self.device, self.logits, args, self._aux_tensor("bias_ids", packed.bias_ids),
+                self._aux_tensor("bias_values", packed.bias_values), self._aux_tensor("seen_ids", packed.seen_ids),
+                self._aux_tensor("output_ids", packed.output_ids),
+                self._aux_tensor("output_counts", packed.output_counts))
+        tokens = self.tokens.view(n)
+        sampling_ops.launch_draw(self.device, self.logits, args, tokens)
+        host_tokens = np.empty(n, np.int32)
+        cuda.memcpy_dtoh_async(host_tokens, tokens.ptr, stream)
+        if not packed.needs_logprobs:
+            self.device.synchronize()
+            return host_tokens, (None,) * n
+        return host_tokens, self._logprobs(packed, args, tokens, host_tokens)
+
+    def _logprobs(self, packed: PackedSampling, args: DeviceTensor, tokens: DeviceTensor,
+                  host_tokens: np.ndarray) -> tuple[TokenLogprobs | None, ...]:
+        n = len(packed.args)
+        logprob, top_ids, top_lp = self.logprob.view(n), self.top_ids.view(n, MAX_TOP_LOGPROBS), \
+            self.top_logprobs.view(n, MAX_TOP_LOGPROBS)
+        sampling_ops.launch_logprobs(self.device, self.raw_logits, args, tokens, logprob, top_ids, top_lp)
+        host = [np.empty(n, np.float32), np.empty((n, MAX_TOP_LOGPROBS), np.int32),
+                np.empty((n, MAX_TOP_LOGPROBS), np.float32)]
+        for array, tensor in zip(host, (logprob, top_ids, top_lp)):
+            self.device.cuda.memcpy_dtoh_async(array, tensor.ptr, self.device.stream)
+        self.device.synchronize()
+        results: list[TokenLogprobs | None] = []
+        for i, record in enumerate(packed.args):
+            if not record["want_logprobs"]:
+                results.append(None)
+                continue
+            k = int(record["num_top_logprobs"])
+            top = tuple((int(host[1][i, j]), float(host[2][i, j])) for j in range(k))
+            results.append(TokenLogprobs(token_id=int(host_tokens[i]), logprob=float(host[0][i]), top=top))
+        return tuple(results)

@@ -1,0 +1,95 @@
+"""Per-step host -> device inputs: checks a StepBatch, fills a pinned mirror of the forward's
+int32 meta buffer and uploads it (one copy for the token arrays, one for the block tables)."""
+from __future__ import annotations
+
+import numpy as np
+
+from gpu_worker.backends.base import StepBatch
+from gpu_worker.backends.cuda.forward import META_FIELDS, StepMeta
+
+
+def check_step_batch(batch: StepBatch, vocab_size: int, num_blocks: int, block_size: int, max_tokens: int,
+                     max_seqs: int, max_model_len: int, max_blocks_per_seq: int) -> None:
+    """ValueError naming the field for a batch the kernels would misread."""
+    n, num_seqs = batch.num_tokens, batch.num_seqs
+    if not (0 < n <= max_tokens) or not (0 < num_seqs <= max_seqs):
+        raise ValueError(f"step of {n} tokens / {num_seqs} seqs exceeds [1, {max_tokens}] / [1, {max_seqs}]")
+    for name in ("positions", "slot_mapping"):
+        if len(getattr(batch, name)) != n:
+            raise ValueError(f"{name} has {len(getattr(batch, name))} entries, input_ids has {n}")
+    starts = np.asarray(batch.query_start_loc)
+    if len(starts) != num_seqs + 1 or starts[0] != 0 or starts[-1] != n or np.any(np.diff(starts) <= 0):
+        raise ValueError(f"query_start_loc must rise strictly from 0 to {n} over {num_seqs + 1} entries")
+    if len(batch.sample) != num_seqs or batch.block_tables.shape[0] != num_seqs:
+        raise ValueError("sample and block_tables need one entry per sequence")
+    if batch.input_ids.min() < 0 or batch.input_ids.max() >= vocab_size:
+        raise ValueError(f"input_ids must be in [0, {vocab_size})")
+    if batch.positions.min() < 0 or batch.positions.max() >= max_model_len:
+        raise ValueError(f"positions must be in [0, {max_model_len})")
+    if batch.slot_mapping.min() < 0 or batch.slot_mapping.max() >= num_blocks * block_size:
+        raise ValueError(f"slot_mapping must be in [0, {num_blocks * block_size})")
+    for seq in range(num_seqs):
+        context = int(batch.context_lens[seq])
+        if int(batch.positions[starts[seq + 1] - 1]) + 1 != context:
+            raise ValueError(f"sequence {seq}: context_lens {context} != last position + 1")
+        used = -(-context // block_size)
+        table = batch.block_tables[seq, :used]
+        if used > max_blocks_per_seq or len(table) < used or table.min() < 0 or table.max() >= num_blocks:
+            raise ValueError(f"sequence {seq}: block table does not cover {context} tokens")
+
+
+class StepInputs:
+    """Pinned host mirror of StepMeta; `upload` enqueues the copies on the device stream."""
+
+    def __init__(self, device, meta: StepMeta, max_tokens: int, max_seqs: int, max_blocks_per_seq: int) -> None:
+        self.device, self.meta = device, meta
+        self.max_tokens, self.max_seqs, self.max_blocks_per_seq = max_tokens, max_seqs, max_blocks_per_seq
+        self.host = device.cuda.pagelocked_zeros(meta.base.shape, np.int32)
+        sections = [max_tokens] * len(META_FIELDS) + [max_seqs]
+        bounds = np.cumsum([0] + sections)
+        self.views = {name: self.host[bounds[i]:bounds[i + 1]]
+                      for i, name in enumerate((*META_FIELDS, "logit_rows"))}
+        self.token_bytes = int(bounds[-1]) * 4
+        self.tables = self.host[bounds[-1]:].reshape(max_seqs, max_blocks_per_seq)
+
+    def upload(self, batch: StepBatch, pad_to: int | None, tiles: tuple[np.ndarray, np.ndarray] | None,
+               logit_rows: np.ndarray | None) -> None:
+        """pad_to: decode-graph bucket (rows past the batch get harmless inputs, no KV write)."""
+        n, num_seqs = batch.num_tokens, batch.num_seqs
+        v = self.views
+        v["input_ids"][:n] = batch.input_ids
+        v["positions"][:n] = batch.positions
+        v["slot_mapping"][:n] = batch.slot_mapping
+        v["token_seq"][:n] = np.repeat(np.arange(num_seqs, dtype=np.int32), np.diff(batch.query_start_loc))
+        rows = num_seqs
+        if pad_to is not None:
+            self._pad(n, pad_to)
+            rows = pad_to
+        if tiles is not None:
+            v["tile_first"][:len(tiles[0])], v["tile_count"][:len(tiles[1])] = tiles
+        if logit_rows is not None:
+            v["logit_rows"][:len(logit_rows)] = logit_rows
+        width = min(batch.block_tables.shape[1], self.max_blocks_per_seq)
+        self.tables[:num_seqs, :width] = batch.block_tables[:, :width]
+        self.tables[:num_seqs, width:] = 0
+        np.maximum(self.tables[:num_seqs], 0, out=self.tables[:num_seqs])  # -1 padding -> block 0 (unread)
+        self._copy(rows)
+
+    def _pad(self, n: int, pad_to: int) -> None:
+        v = self.views
+        v["input_ids"][n:pad_to] = 0
+        v["positions"][n:pad_to] = 0
+        v["slot_mapping"][n:pad_to] = -1
+        v["token_seq"][n:pad_to] = np.arange(n, pad_to, dtype=np.int32)
+        self.tables[n:pad_to] = 0
+
+    def upload_padding(self, bucket: int) -> None:
+        """Inputs of an all-padding decode step of `bucket` rows (graph warm-up and capture)."""
+        self._pad(0, bucket)
+        self._copy(bucket)
+
+    def _copy(self, table_rows: int) -> None:
+        cuda, stream = self.device.cuda, self.device.stream
+        cuda.memcpy_htod_async(self.meta.base.ptr, self.host[:self.token_bytes // 4], stream)
+        tables_bytes = table_rows * self.max_blocks_per_seq * 4
+        cuda.memcpy_htod_async(self.meta.block_tables.ptr, self.tables.reshape(-1)[:tables_bytes // 4], stream)

@@ -1,0 +1,125 @@
+"""The whole CUDA backend on a synthetic model of the real shapes and the real file's tensor types
+(Q5_0 / Q8_0 / Q4_K / Q6_K / F32): logits against the numpy reference (CpuBackend), decode graphs
+against eager steps bitwise, and batch invariance of sampled tokens (alone, in 8, in 64, chunked)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from gguf import GGMLQuantizationType as QType
+
+from gpu_worker.backends.cpu.backend import CpuBackend
+from gpu_worker.backends.cpu.sequence_runner import SequenceChunk, blocks_for, build_step
+from gpu_worker.model.gguf_loader import load_gguf
+from gpu_worker.model.synthetic import write_synthetic_gguf
+from gpu_worker.sampling.params import SamplingParams
+
+from batch_runner import run_batch
+
+pytestmark = pytest.mark.gpu
+BLOCK = 16
+LOGITS_REL_TOLERANCE = 1e-3  # fp32 mat-vecs in another summation order than BLAS, over 24 layers
+
+
+def real_like_types(num_layers: int = 24) -> dict[str, QType]:
+    """The tensor types of qwen2.5-coder-0.5b-instruct-q4_k_m.gguf."""
+    types = {"token_embd.weight": QType.Q5_0, "output.weight": QType.Q8_0}
+    for i in range(num_layers):
+        for part in ("attn_q", "attn_k", "attn_output", "ffn_gate", "ffn_up"):
+            types[f"blk.{i}.{part}.weight"] = QType.Q5_0
+        types[f"blk.{i}.attn_v.weight"] = QType.Q8_0 if i % 2 else QType.Q5_0
+        types[f"blk.{i}.ffn_down.weight"] = QType.Q6_K if i % 2 else QType.Q4_K
+    return types
+
+
+@pytest.fixture(scope="module")
+def synthetic_model(tmp_path_factory):
+    path = tmp_path_factory.mktemp("synthetic") / "real-shapes.gguf"
+    write_synthetic_gguf(path, real_shapes=True, weight_type=real_like_types(), seed=7)
+    model = load_gguf(path)
+    yield model
+    model.close()
+
+
+@pytest.fixture(scope="module")
+def backend(cuda_device, synthetic_model):
+    from gpu_worker.backends.cuda.backend import CudaBackend
+
+    b = CudaBackend(synthetic_model, max_num_tokens=4096, max_num_seqs=64, max_model_len=1024,
+                    device=cuda_device)
+    b.allocate_kv_cache(num_blocks=4096, block_size=BLOCK)
+    yield b
+    b.close()
+
+
+def rel_error(out, expected) -> float:
+    expected = np.asarray(expected, np.float64)
+    return float(np.linalg.norm(np.asarray(out, np.float64) - expected) / np.linalg.norm(expected))
+
+
+def test_weight_bytes_are_the_file_tensor_bytes(backend, synthetic_model):
+    file_bytes = sum(t.nbytes for t in synthetic_model.tensors.values())
+    assert file_bytes <= backend.weight_bytes <= file_bytes + 256 * len(synthetic_model.tensors)
+    assert backend.memory_bytes["kv"] == 4096 * BLOCK * synthetic_model.config.kv_bytes_per_token
+
+
+def test_logits_match_the_numpy_reference(backend, synthetic_model):
+    cpu = CpuBackend(synthetic_model)
+    cpu.allocate_kv_cache(num_blocks=64, block_size=BLOCK)
+    rng = np.random.default_rng()
+    prompts = [rng.integers(0, 151936, n).tolist() for n in (9, 40, 64)]
+    tables = [blocks_for(8 * i, 70, BLOCK) for i in range(3)]
+    prefill = build_step([SequenceChunk(tuple(p), 0, t) for p, t in zip(prompts, tables)], BLOCK)
+    gpu_logits, cpu_logits = backend.logits(prefill), cpu.logits(prefill, prefill.query_start_loc[1:] - 1)
+    errors = [rel_error(gpu_logits, cpu_logits)]
+    agree = [bool(np.array_equal(gpu_logits.argmax(-1), cpu_logits.argmax(-1)))]
+    tokens = gpu_logits.argmax(-1)
+    for step in range(3):  # decode steps through step() (CUDA graph) vs the reference
+        decode = build_step([SequenceChunk((int(tok),), len(p) + step, t)
+                             for tok, p, t in zip(tokens, prompts, tables)], BLOCK)
+        backend.step(decode)
+        gpu_logits, cpu_logits = backend.last_logits(3), cpu.logits(decode, np.arange(3))
+        errors.append(rel_error(gpu_logits, cpu_logits))
+        agree.append(bool(np.array_equal(gpu_logits.argmax(-1), cpu_logits.argmax(-1))))
+        tokens = gpu_logits.argmax(-1)
+    print(f"logits rel error vs numpy reference per step: {['%.2e' % e for e in errors]}; top-1 {agree}")
+    assert not np.isnan(gpu_logits).any()
+    assert max(errors) < LOGITS_REL_TOLERANCE
+    assert all(agree)
+
+
+def test_decode_graph_replay_equals_eager_step(backend):
+    rng = np.random.default_rng()
+    prompts = [rng.integers(0, 151936, n).tolist() for n in (5, 12, 30)]
+    tables = [blocks_for(100 + 4 * i, 40, BLOCK) for i in range(3)]
+    backend.logits(build_step([SequenceChunk(tuple(p), 0, t) for p, t in zip(prompts, tables)], BLOCK))
+    decode = build_step([SequenceChunk((11 + i,), len(p), t) for i, (p, t) in enumerate(zip(prompts, tables))],
+                        BLOCK)
+    eager = backend.logits(decode)
+    backend.step(decode)  # replays the bucket-4 graph (3 rows + 1 padding row), rewriting the same KV
+    assert backend.graphs is not None and backend.graphs.bucket_for(3) == 4
+    assert np.array_equal(backend.last_logits(3), eager)
+
+
+def test_tokens_are_batch_invariant(backend):
+    rng = np.random.default_rng()
+    target = rng.integers(0, 151936, 37).tolist()
+    params = SamplingParams(temperature=0.7, seed=1234, top_p=0.95)
+    new = 12
+    alone = run_batch(backend, [target], [params], new)[0]
+
+    def others(count):
+        prompts = [rng.integers(0, 151936, int(n)).tolist() for n in rng.integers(3, 60, count)]
+        ps = [SamplingParams(temperature=float(rng.choice([0.0, 0.7, 1.2])), seed=int(s), top_k=int(k))
+              for s, k in zip(rng.integers(0, 2**32, count), rng.choice([0, 20], count))]
+        return prompts, ps
+
+    for count in (7, 63):
+        prompts, ps = others(count)
+        position = int(rng.integers(0, count + 1))
+        prompts.insert(position, target)
+        ps.insert(position, params)
+        batched = run_batch(backend, prompts, ps, new)
+        assert batched[position] == alone, f"differs in a batch of {count + 1}"
+    for chunk in (5, 16):
+        assert run_batch(backend, [target], [params], new, prefill_chunk=chunk)[0] == alone, f"chunk {chunk}"
+    print(f"batch invariance: {new} tokens identical alone / in 8 / in 64 / chunked 5 and 16: {alone}")

@@ -1,0 +1,56 @@
+#!/bin/bash
+# The whole GPU check in one command, on the GPU machine, from the repository root:
+#   source .gpu-kit/setup.sh && bash tools/gpu_suite.sh [MODEL=/tmp/model.gguf]
+# Builds the kernels, writes a synthetic model of the real shapes and tensor types, runs every GPU
+# test (plus the real-model tests when MODEL is given or the default model is cached), runs a short
+# benchmark and prints a summary table last. Logs go to $OUT (or /tmp/gpu_suite).
+set -u -o pipefail
+for arg in "$@"; do case "$arg" in MODEL=*) MODEL="${arg#MODEL=}" ;; esac; done
+MODEL="${MODEL:-}"
+OUT="${OUT:-/tmp/gpu_suite}"
+mkdir -p "$OUT"
+PY="${PY:-python3}"
+export PYTHONUNBUFFERED=1
+cd "$(dirname "$0")/.."
+
+step() { echo; echo "=== $* ($(date -u +%H:%M:%S))"; }
+declare -A RESULT
+
+step "card"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/card.txt"
+CARD="$(head -1 "$OUT/card.txt")"
+
+step "build kernels"
+start=$(date +%s)
+if make kernels 2>&1 | tee "$OUT/build.log"; then RESULT[build]="ok ($(( $(date +%s) - start )) s)"
+else RESULT[build]="FAILED"; fi
+
+if [ -n "$MODEL" ]; then   # the real-model tests find the model through the cache dir
+  export QWEN_SERVE_CACHE_DIR="$OUT/model_cache"
+  mkdir -p "$QWEN_SERVE_CACHE_DIR"
+  ln -sf "$(realpath "$MODEL")" "$QWEN_SERVE_CACHE_DIR/qwen2.5-coder-0.5b-instruct-q4_k_m.gguf"
+fi
+
+step "GPU tests"
+$PY -m pytest tests/gpu -m gpu -v -s -p no:cacheprovider --junitxml="$OUT/gpu_tests.xml" 2>&1 | tee "$OUT/gpu_tests.log"
+RESULT[tests]="$(grep -E '^=+ .*(passed|failed|error).* =+$' "$OUT/gpu_tests.log" | tail -1 | tr -d '=')"
+
+step "benchmark (synthetic model, real shapes, Q4_K weights)"
+BENCH_MODEL="${MODEL:-$OUT/synthetic_q4k.gguf}"
+if [ -z "$MODEL" ]; then
+  $PY -m gpu_worker.model.synthetic "$BENCH_MODEL" --preset real --type Q4_K 2>&1 | tail -1
+fi
+$PY tests/gpu/bench_cuda_backend.py "$BENCH_MODEL" --json "$OUT/bench.json" 2>&1 | tee "$OUT/bench.log"
+rm -f "$OUT/synthetic_q4k.gguf"
+
+step "summary"
+echo "| item | result |"
+echo "|---|---|"
+echo "| card | $CARD |"
+echo "| commit | $(git rev-parse --short HEAD 2>/dev/null || echo unknown) |"
+echo "| model | ${MODEL:-synthetic (real shapes)} |"
+echo "| kernels build | ${RESULT[build]} |"
+echo "| GPU tests | ${RESULT[tests]} |"
+grep -E '^(FAILED|ERROR) ' "$OUT/gpu_tests.log" | head -20 | sed 's/^/| failure | /; s/$/ |/'
+grep -E '^(logits rel error|batch invariance|prompt [0-9]|weights on the GPU)' "$OUT/gpu_tests.log" | sed 's/^/| note | /; s/$/ |/'
+grep -E '^\| (load|weight bytes|decode|prefill)' "$OUT/bench.log"
