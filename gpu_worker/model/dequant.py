@@ -18,6 +18,7 @@ from gpu_worker.model.quant_types import quant_spec
 CHUNK_ELEMS = 1 << 18          # elements per work item (1 MiB of float32 output)
 _NUM_THREADS = max(1, min(4, os.cpu_count() or 1))
 _pool: ThreadPoolExecutor | None = None
+_pool_pid = -1
 
 
 def _f16(blocks: np.ndarray, start: int) -> np.ndarray:
@@ -139,15 +140,16 @@ def dequantize_blocks(qtype: QType, raw: np.ndarray) -> np.ndarray:
 
 def _run_chunked(fn: Callable[[np.ndarray, np.ndarray], None], blocks: np.ndarray,
                  out: np.ndarray, block_elems: int) -> None:
-    global _pool
+    global _pool, _pool_pid
     step = max(1, CHUNK_ELEMS // block_elems)
     starts = range(0, blocks.shape[0], step)
     if len(starts) <= 1 or _NUM_THREADS == 1:
         for a in starts:
             fn(blocks[a:a + step], out[a:a + step])
         return
-    if _pool is None:
+    if _pool is None or _pool_pid != os.getpid():     # a forked child must not reuse the parent's pool
         _pool = ThreadPoolExecutor(_NUM_THREADS, thread_name_prefix="dequant")
+        _pool_pid = os.getpid()
     for future in [_pool.submit(fn, blocks[a:a + step], out[a:a + step]) for a in starts]:
         future.result()
 
