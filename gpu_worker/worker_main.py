@@ -10,6 +10,7 @@ import os
 import signal
 import sys
 import time
+from typing import Any
 
 from gpu_worker.engine.engine import Engine, FinishOut
 from gpu_worker.engine.sequence import RequestSpec
@@ -72,7 +73,7 @@ def warm_up(engine: Engine) -> None:
         raise RuntimeError("warm-up left KV blocks allocated")
 
 
-def describe(model: object, be: object, model_path: str, num_kv_blocks: int, block_size: int) -> dict:
+def describe(model: object, be: object, model_path: str, num_kv_blocks: int, block_size: int) -> dict[str, Any]:
     """Model info for GetModelInfo (JSON-safe)."""
     config = model.config  # type: ignore[attr-defined]
     return {

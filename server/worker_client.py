@@ -28,13 +28,14 @@ import logging
 from collections import deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from typing import Any
 
 from gpu_worker.backends.base import TokenLogprobs
 from gpu_worker.engine.sequence import RequestSpec
 from gpu_worker.ipc import messages
 from gpu_worker.ipc.client_endpoint import ClientConnection
-from gpu_worker.sampling.params import SamplingParams, StoppingParams
 from gpu_worker.ipc.worker_process import WorkerProcess
+from gpu_worker.sampling.params import SamplingParams, StoppingParams
 
 log = logging.getLogger("qwen_serve.worker_client")
 
@@ -67,7 +68,7 @@ class FinishedEvent:
 class _Stream:
     request_id: str
     key: int
-    queue: asyncio.Queue          # TokenEvent | FinishedEvent | BaseException
+    queue: asyncio.Queue[TokenEvent | FinishedEvent | BaseException]
     finished: bool = False
 
 
@@ -79,19 +80,19 @@ class WorkerClient:
         self.heartbeat_timeout_s = heartbeat_timeout_s
         self.start_timeout_s = start_timeout_s
         self.restart_enabled = restart
-        self.model_info: dict = {}
+        self.model_info: dict[str, Any] = {}
         self.restart_count = 0
         self._conn: ClientConnection | None = None
         self._streams: dict[int, _Stream] = {}
         self._keys: dict[str, int] = {}
         self._key_counter = itertools.count(1)
         self._outbound: deque[tuple[int, bytes]] = deque()
-        self._stats_waiters: dict[int, asyncio.Future] = {}
+        self._stats_waiters: dict[int, asyncio.Future[dict[str, Any]]] = {}
         self._callbacks: list[Callable[[bool], None]] = []
         self._serving = False
         self._closing = False
-        self._recover_task: asyncio.Task | None = None
-        self._watchdog_task: asyncio.Task | None = None
+        self._recover_task: asyncio.Task[None] | None = None
+        self._watchdog_task: asyncio.Task[None] | None = None
 
     # --- lifecycle -----------------------------------------------------------------------------
     async def start(self) -> None:
@@ -171,7 +172,7 @@ class WorkerClient:
         self._send(messages.ABORT, messages.encode_key(key))
         return True
 
-    async def stats(self, timeout_s: float = 10.0) -> dict:
+    async def stats(self, timeout_s: float = 10.0) -> dict[str, Any]:
         if not self._serving:
             raise WorkerUnavailable("worker is not serving")
         nonce = next(self._key_counter)

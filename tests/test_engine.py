@@ -2,8 +2,6 @@
 changes nothing, aborts free KV within one step, finish reasons, rejected requests."""
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 
 from gpu_worker.backends.cpu.backend import CpuBackend

@@ -75,7 +75,7 @@ def test_kill9_mid_stream_then_ten_restarts_leak_nothing(model_path: Path) -> No
             for i in range(10):
                 pid = client.worker_pid
                 os.kill(pid, signal.SIGKILL)
-                await wait_until(lambda: client.is_serving and client.worker_pid != pid, 60)
+                await wait_until(lambda old=pid: client.is_serving and client.worker_pid != old, 60)
                 assert await succeeds(client, f"after-restart-{i}")
                 assert len(segments(client)) == 2          # only the live worker's two rings
             print(f"restarts survived: {client.restart_count}")

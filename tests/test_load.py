@@ -17,7 +17,7 @@ from gpu_worker.engine.sequence import RequestSpec
 from gpu_worker.model.gguf_loader import load_gguf
 from gpu_worker.model.synthetic import write_synthetic_gguf
 from gpu_worker.sampling.params import SamplingParams, StoppingParams
-from server.worker_client import FinishedEvent, TokenEvent, WorkerClient
+from server.worker_client import FinishedEvent, WorkerClient
 
 NUM_STREAMS = 320
 
@@ -82,7 +82,7 @@ async def one_stream(client: WorkerClient, i: int) -> tuple[str, list[int]]:
         return await consume(), tokens
     try:
         return await asyncio.wait_for(consume(), 0.05 + 3 * param), tokens
-    except asyncio.TimeoutError:
+    except TimeoutError:
         return "deadline", tokens
 
 

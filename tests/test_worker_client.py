@@ -14,8 +14,13 @@ from gpu_worker.engine.sequence import RequestSpec
 from gpu_worker.model.gguf_loader import load_gguf
 from gpu_worker.model.synthetic import write_synthetic_gguf
 from gpu_worker.sampling.params import SamplingParams, StoppingParams
-from server.worker_client import (FinishedEvent, TokenEvent, WorkerClient, WorkerRequestError,
-                                  WorkerUnavailable)
+from server.worker_client import (
+    FinishedEvent,
+    TokenEvent,
+    WorkerClient,
+    WorkerRequestError,
+    WorkerUnavailable,
+)
 
 
 @pytest.fixture(scope="module")

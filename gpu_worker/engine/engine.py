@@ -103,7 +103,7 @@ class Engine:
         batch = build_step_batch(plan.chunks, self.block_manager.block_size)
         try:
             output = self.backend.step(batch)
-        except Exception as exc:  # a failed step must not take the worker down: fail its requests
+        except Exception as exc:  # noqa: BLE001 -- a failed step must not take the worker down: fail its requests
             for chunk in plan.chunks:
                 self.scheduler.finish(chunk.seq, "error", f"backend step failed: {exc!r}")
                 events.append(self._finish_event(chunk.seq))

@@ -15,6 +15,7 @@ import socket
 import stat
 import time
 from pathlib import Path
+from typing import Any
 
 PROTOCOL = "qwen-serve-ipc"
 PROTOCOL_VERSION = 1
@@ -27,7 +28,7 @@ class HandshakeError(RuntimeError):
     pass
 
 
-def prepare_socket_dir(path: str | os.PathLike) -> Path:
+def prepare_socket_dir(path: str | os.PathLike[str]) -> Path:
     """Create the dir 0700 if needed; refuse one that others can enter or that is not ours."""
     p = Path(path)
     p.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -39,21 +40,21 @@ def prepare_socket_dir(path: str | os.PathLike) -> Path:
     return p
 
 
-def socket_path(socket_dir: str | os.PathLike) -> Path:
+def socket_path(socket_dir: str | os.PathLike[str]) -> Path:
     return Path(socket_dir) / SOCKET_NAME
 
 
-def segment_prefix(socket_dir: str | os.PathLike) -> str:
+def segment_prefix(socket_dir: str | os.PathLike[str]) -> str:
     """Names of one socket dir's segments share this prefix (lets tests and admins find them)."""
     digest = hashlib.sha256(str(Path(socket_dir).resolve()).encode()).hexdigest()[:12]
     return f"qwen-serve-{digest}"
 
 
-def send_line(sock: socket.socket, obj: dict) -> None:
+def send_line(sock: socket.socket, obj: dict[str, Any]) -> None:
     sock.sendall(json.dumps(obj).encode() + b"\n")
 
 
-def recv_line(sock: socket.socket, timeout_s: float) -> dict:
+def recv_line(sock: socket.socket, timeout_s: float) -> dict[str, Any]:
     """Read one JSON line byte by byte (so no wake-up byte after it is swallowed)."""
     deadline = time.monotonic() + timeout_s
     buf = bytearray()
@@ -77,11 +78,11 @@ def recv_line(sock: socket.socket, timeout_s: float) -> dict:
     return obj
 
 
-def hello() -> dict:
+def hello() -> dict[str, Any]:
     return {"protocol": PROTOCOL, "version": PROTOCOL_VERSION, "pid": os.getpid()}
 
 
-def check_hello(obj: dict) -> None:
+def check_hello(obj: dict[str, Any]) -> None:
     if obj.get("protocol") != PROTOCOL or obj.get("version") != PROTOCOL_VERSION:
         raise HandshakeError(f"peer speaks {obj.get('protocol')!r} v{obj.get('version')}, "
                              f"expected {PROTOCOL!r} v{PROTOCOL_VERSION}")

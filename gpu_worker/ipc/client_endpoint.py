@@ -6,15 +6,16 @@ from __future__ import annotations
 
 import socket
 from pathlib import Path
+from typing import Any
 
 from gpu_worker.ipc import channel
 from gpu_worker.ipc.ring import RingError, ShmRing, unlink_segment
 
 
 class ClientConnection:
-    def __init__(self, sock: socket.socket, ready: dict) -> None:
+    def __init__(self, sock: socket.socket, ready: dict[str, Any]) -> None:
         self.sock = sock
-        self.model_info: dict = ready.get("model_info", {})
+        self.model_info: dict[str, Any] = ready.get("model_info", {})
         self.worker_pid: int = int(ready.get("pid", 0))
         self.segment_names = (str(ready["request_ring"]), str(ready["event_ring"]))
         self.requests = ShmRing.attach(self.segment_names[0])

@@ -9,6 +9,7 @@ import json
 import math
 import struct
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -131,15 +132,16 @@ def decode_finished(payload: bytes) -> FinishOut:
     return FinishOut(key, REASONS[reason], prompt, completion, queue, ttft, decode, msg)
 
 
-def encode_stats(stats: dict) -> bytes:
+def encode_stats(stats: dict[str, Any]) -> bytes:
     return json.dumps(stats).encode()
 
 
-def decode_stats(payload: bytes) -> dict:
-    return json.loads(payload)
+def decode_stats(payload: bytes) -> dict[str, Any]:
+    stats: dict[str, Any] = json.loads(payload)
+    return stats
 
 
 @dataclass(frozen=True)
 class StatsReply:
     nonce: int     # 0 for the periodic heartbeat stats
-    stats: dict
+    stats: dict[str, Any]

@@ -14,6 +14,7 @@ import socket
 import time
 from collections import deque
 from pathlib import Path
+from typing import Any
 
 from gpu_worker.engine.engine import Engine, EngineEvent, FinishOut, TokenOut
 from gpu_worker.ipc import channel, messages
@@ -23,7 +24,7 @@ log = logging.getLogger("qwen_serve.worker")
 
 
 class WorkerEndpoint:
-    def __init__(self, engine: Engine, socket_dir: str | os.PathLike, model_info: dict,
+    def __init__(self, engine: Engine, socket_dir: str | os.PathLike[str], model_info: dict[str, Any],
                  request_ring_bytes: int = 1 << 20, event_ring_bytes: int = 4 << 20,
                  heartbeat_interval_s: float = 0.1, parent_pid: int | None = None) -> None:
         self.engine = engine
@@ -201,7 +202,7 @@ class WorkerEndpoint:
             channel.send_wake(self._conn)
 
 
-def wait_for_socket(socket_dir: str | os.PathLike, timeout_s: float) -> Path:
+def wait_for_socket(socket_dir: str | os.PathLike[str], timeout_s: float) -> Path:
     """Block until a worker socket exists in socket_dir (for scripts starting a worker)."""
     path = channel.socket_path(socket_dir)
     deadline = time.monotonic() + timeout_s

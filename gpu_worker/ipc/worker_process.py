@@ -25,7 +25,7 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 
 class WorkerProcess:
     def __init__(self, model_path: str, backend: str, socket_dir: str | None, attach: bool,
-                 worker_opts: dict) -> None:
+                 worker_opts: dict[str, object]) -> None:
         unknown = set(worker_opts) - set(WORKER_FLAGS)
         if unknown:
             raise TypeError(f"unknown worker options {sorted(unknown)}; known: {sorted(WORKER_FLAGS)}")
@@ -38,7 +38,7 @@ class WorkerProcess:
         self.socket_dir = Path(tempfile.mkdtemp(prefix="qwen-serve-")) if socket_dir is None \
             else channel.prepare_socket_dir(socket_dir)
         self.worker_opts = {k: v for k, v in worker_opts.items() if v is not None}
-        self.proc: subprocess.Popen | None = None
+        self.proc: subprocess.Popen[bytes] | None = None
 
     def command(self) -> list[str]:
         cmd = [sys.executable, "-m", "gpu_worker.worker_main", "--model", str(self.model_path),
@@ -79,7 +79,7 @@ class WorkerProcess:
             proc.send_signal(signal.SIGKILL)
         try:
             await asyncio.wait_for(loop.run_in_executor(None, proc.wait), grace_s)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             proc.kill()
             await loop.run_in_executor(None, proc.wait)
 
