@@ -253,3 +253,29 @@ def test_error_pickles_and_names_file_and_field(tmp_path: Path) -> None:
     error = E.ShapeMismatch(tmp_path / "m.gguf", "blk.0.attn_q.weight", "bad")
     copy = pickle.loads(pickle.dumps(error))
     assert type(copy) is E.ShapeMismatch and str(copy) == str(error) == f"{tmp_path}/m.gguf: blk.0.attn_q.weight: bad"
+
+
+def test_duplicates_bad_utf8_and_bad_alignment(small_model: Path, tmp_path: Path) -> None:
+    path, _ = _copy_tiny(small_model, tmp_path)
+    _rename_key(path, "tokenizer.ggml.bos_token_id", "tokenizer.ggml.eos_token_id")
+    _expect(path, E.InvalidValue, "tokenizer.ggml.eos_token_id")
+
+    path, data = _copy_tiny(small_model, tmp_path)
+    at = header_layout(bytes(data)).tensors["blk.0.attn_q.bias"].name_len_at + 8
+    data[at:at + len("blk.0.attn_k.bias")] = b"blk.0.attn_k.bias"
+    path.write_bytes(bytes(data))
+    _expect(path, E.InvalidValue, "blk.0.attn_k.bias")
+
+    path, data = _copy_tiny(small_model, tmp_path)
+    at = header_layout(bytes(data)).kvs["general.name"].value_at + 8
+    data[at] = 0xFF                                                  # never valid in UTF-8
+    path.write_bytes(bytes(data))
+    _expect(path, E.InvalidValue, "general.name")
+
+    path, data = _copy_tiny(small_model, tmp_path)
+    kv = header_layout(bytes(data)).kvs["qwen2.block_count"]          # uint32 value, 17-char key
+    data[kv.key_len_at + 8:kv.key_len_at + 8 + 17] = b"general.alignment"
+    struct.pack_into("<I", data, kv.value_at, 3)
+    path.write_bytes(bytes(data))
+    error = _expect(path, E.InvalidValue, "general.alignment")
+    assert "power of two" in str(error)
