@@ -47,6 +47,11 @@ class CpuBackend(Backend):
         return forward(self.weights, self.kv, batch, logit_rows)
 
     def step(self, batch: StepBatch) -> StepOutput:
+        return self.step_with_logits(batch)[0]
+
+    def step_with_logits(self, batch: StepBatch) -> tuple[StepOutput, np.ndarray]:
+        """step(), also returning the raw logits of the sampled sequences, in sequence order
+        # [num_sampled, vocab] (tests and tools compare them bitwise)."""
         sampled = [i for i, req in enumerate(batch.sample) if req is not None]
         last_rows = batch.query_start_loc[1:] - 1                          # [num_seqs]
         logits = self.logits(batch, last_rows[sampled])                    # [len(sampled), vocab]
@@ -56,7 +61,7 @@ class CpuBackend(Backend):
             request = batch.sample[seq]
             if request is not None:      # always true (`sampled`); narrows the type
                 token_ids[seq], logprobs[seq] = sample(logits[row], request)
-        return StepOutput(token_ids=token_ids, logprobs=tuple(logprobs))
+        return StepOutput(token_ids=token_ids, logprobs=tuple(logprobs)), logits
 
     def close(self) -> None:
         self.kv = None
