@@ -20,6 +20,7 @@ from batch_runner import run_batch  # noqa: E402
 from gpu_worker.backends.base import SampleRequest  # noqa: E402
 from gpu_worker.backends.cpu.sequence_runner import SequenceChunk, blocks_for, build_step  # noqa: E402
 from gpu_worker.backends.cuda.backend import CudaBackend  # noqa: E402
+from gpu_worker.backends.cuda.sampler import pack_sampling  # noqa: E402
 from gpu_worker.model.gguf_loader import load_gguf  # noqa: E402
 from gpu_worker.sampling.params import SamplingParams  # noqa: E402
 
@@ -45,6 +46,29 @@ def time_decode(backend, batch: int, prompt_len: int = 32, new_tokens: int = 64)
 
 def _request(step: int) -> SampleRequest:
     return SampleRequest(GREEDY, step, np.zeros(0, np.int32), np.zeros(0, np.int32))
+
+
+def time_step_parts(backend, batch: int, repeats: int = 20) -> dict[str, float]:
+    """Median ms of the decode graph replay alone and of the sampler alone (greedy / top_p draw),
+    right after a time_decode run of this batch size (buffers hold valid inputs)."""
+    bucket = backend.graphs.bucket_for(batch)
+    parts: dict[str, float] = {}
+
+    def median_ms(fn) -> float:
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            fn()
+            backend.device.synchronize()
+            times.append(time.perf_counter() - start)
+        return 1e3 * float(np.median(times))
+
+    parts["graph_forward_ms"] = median_ms(lambda: backend.graphs.replay(bucket))
+    for name, params in (("sample_greedy_ms", GREEDY), ("sample_top_p_ms", SamplingParams(temperature=0.8, top_p=0.9))):
+        req = SampleRequest(params, 1, np.zeros(0, np.int32), np.zeros(0, np.int32))
+        packed = pack_sampling(list(range(batch)), [req] * batch, backend.config.vocab_size)
+        parts[name] = median_ms(lambda: backend.sampler.sample(packed))
+    return parts
 
 
 def time_prefill(backend, num_tokens: int, repeats: int = 5) -> float:
@@ -76,8 +100,10 @@ def main() -> None:
     results = {"card": backend.device_name, "model": str(args.model), "load_s": load_s,
                "load_plus_kv_and_graphs_s": ready_s, "weight_bytes": backend.weight_bytes,
                "memory_bytes": backend.memory_bytes, "decode_tok_s": {}, "prefill_ms": {}}
+    results["step_parts"] = {}
     for batch in batches:
         results["decode_tok_s"][batch] = time_decode(backend, batch)
+        results["step_parts"][batch] = time_step_parts(backend, batch)
     for n in (32, 512, 2048):
         results["prefill_ms"][n] = 1e3 * time_prefill(backend, n)
     backend.close()
@@ -85,7 +111,8 @@ def main() -> None:
     print(f"| load (weights upload) | {load_s:.2f} s (+KV + graphs: {ready_s:.2f} s) |")
     print(f"| weight bytes | {backend.weight_bytes:,} |")
     for batch, tps in results["decode_tok_s"].items():
-        print(f"| decode batch {batch} | {tps:,.0f} tok/s |")
+        parts = ", ".join(f"{k} {v:.3f}" for k, v in results["step_parts"][batch].items())
+        print(f"| decode batch {batch} | {tps:,.0f} tok/s (per step: {parts}) |")
     for n, ms in results["prefill_ms"].items():
         print(f"| prefill {n} tokens | {ms:.1f} ms ({n / ms * 1e3:,.0f} tok/s) |")
     if args.json:

@@ -6,6 +6,7 @@ so Python launch cost stays out; weights rotate over a 1 GiB pool so L2 (50 MB) 
 """
 from __future__ import annotations
 
+import itertools
 import json
 import sys
 import tempfile
@@ -17,11 +18,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import test_quant_kernels as kit  # noqa: E402  (module loader shared with the tests)
 from gguf import GGMLQuantizationType as QType  # noqa: E402
 
-from gpu_worker.backends.cuda.ops.gemm import GemmOp  # noqa: E402
-from gpu_worker.backends.cuda.ops.matvec import MatvecOp  # noqa: E402
+from gpu_worker.backends.cuda.ops.gemm import GemmOp, plan_gemm  # noqa: E402
+from gpu_worker.backends.cuda.ops.matvec import MAX_SHARED_BYTES, MatvecOp, plan_matvec  # noqa: E402
 from gpu_worker.backends.cuda.ops.quant_weight import DeviceWeight  # noqa: E402
 
 POOL_BYTES = 1 << 30
+ROWS_PER_CTA_VARIANTS = (None, 4, 16)   # None: the launcher's default (marked * in the table)
 # (name, rows, cols, type) of the default Q4_K_M file, plus its F16 conversion's big ones.
 MATVEC_SHAPES = [
     ("attn_q/o", 896, 896, QType.Q5_0), ("attn_k", 128, 896, QType.Q5_0), ("attn_v", 128, 896, QType.Q8_0),
@@ -32,6 +34,9 @@ MATVEC_SHAPES = [
 ]
 GEMM_SHAPES = [("attn_q/o", 896, 896, QType.Q5_0), ("ffn_gate/up", 4864, 896, QType.Q5_0),
                ("ffn_down", 896, 4864, QType.Q6_K)]
+# GEMM at decode batch sizes (default tile), to compare with matvec when choosing the decode kernel.
+GEMM_DECODE_SHAPES = [("ffn_gate/up", 4864, 896, QType.Q5_0), ("lm_head", 151936, 896, QType.Q8_0)]
+GEMM_DECODE_TOKENS = (1, 8, 64, 256)
 
 
 class Timer:
@@ -87,26 +92,42 @@ def bench_matvec(drv, module, stream, pool: int, timer: Timer) -> list[dict]:
         stride = -(-nbytes // 256) * 256
         copies = max(2, min(64, POOL_BYTES // stride))
         weights = [DeviceWeight(int(qtype), rows, cols, pool + i * stride) for i in range(copies)]
-        for batch in (1, 8):
+        for batch, rows_per_cta in itertools.product((1, 8), ROWS_PER_CTA_VARIANTS):
+            if rows_per_cta and rows_per_cta * weights[0].row_bytes + 16 > MAX_SHARED_BYTES:
+                continue
             x = dev.upload(rng.standard_normal((batch, cols), dtype=np.float32))
             y = dev.poisoned((batch, rows))
-            us = timer.per_launch_us(lambda i: matvec(weights[i % copies], x, y, batch, stream), 4 * copies)
+            plan = plan_matvec(weights[0], batch, rows_per_cta)
+            us = timer.per_launch_us(
+                lambda i: matvec(weights[i % copies], x, y, batch, stream, rows_per_cta), 4 * copies)
             moved = nbytes + 4 * batch * (rows + cols)
             results.append(dict(kernel="matvec", shape=name, rows=rows, cols=cols, type=qtype.name,
-                                batch=batch, us=us, weight_bytes=nbytes, gbs=moved / (us * 1e-6) / 1e9))
+                                batch=batch, variant=f"r{plan.rows_per_cta}" + ("*" if rows_per_cta is None else ""),
+                                us=us, weight_bytes=nbytes, gbs=moved / (us * 1e-6) / 1e9))
     return results
 
 
 def bench_gemm(drv, module, stream, pool: int, timer: Timer, tokens: int = 512) -> list[dict]:
     gemm, dev, rng = GemmOp(module), kit.Device(drv), np.random.default_rng(1)
     results = []
-    for name, rows, cols, qtype in GEMM_SHAPES:
+    for (name, rows, cols, qtype), tile_m in itertools.product(GEMM_SHAPES, (None, 64, 32)):
         weight = DeviceWeight(int(qtype), rows, cols, pool)
         x = dev.upload(rng.standard_normal((tokens, cols), dtype=np.float32))
         y = dev.poisoned((tokens, rows))
-        us = timer.per_launch_us(lambda i: gemm(weight, x, y, tokens, stream), 20)
+        plan = plan_gemm(weight, tokens, tile_m)
+        us = timer.per_launch_us(lambda i: gemm(weight, x, y, tokens, stream, tile_m), 20)
         results.append(dict(kernel="gemm", shape=name, rows=rows, cols=cols, type=qtype.name, batch=tokens,
+                            variant=f"m{plan.tile_m}" + ("*" if tile_m is None else ""),
                             us=us, tflops=2 * tokens * rows * cols / (us * 1e-6) / 1e12))
+    for (name, rows, cols, qtype), tokens in itertools.product(GEMM_DECODE_SHAPES, GEMM_DECODE_TOKENS):
+        weight = DeviceWeight(int(qtype), rows, cols, pool)
+        x = dev.upload(rng.standard_normal((tokens, cols), dtype=np.float32))
+        y = dev.poisoned((tokens, rows))
+        plan = plan_gemm(weight, tokens)
+        us = timer.per_launch_us(lambda i: gemm(weight, x, y, tokens, stream), 10)
+        results.append(dict(kernel="gemm", shape=name, rows=rows, cols=cols, type=qtype.name, batch=tokens,
+                            variant=f"m{plan.tile_m}*", us=us, gbs=weight.nbytes / (us * 1e-6) / 1e9,
+                            tflops=2 * tokens * rows * cols / (us * 1e-6) / 1e12))
     return results
 
 
@@ -133,12 +154,12 @@ def main() -> None:
 def print_table(report: dict) -> None:
     print(f"\ncard: {report['card']}  graph timing: {report['graph_timing']}  "
           f"dtod copy: {report['copy_gbs']:.0f} GB/s (read+write)")
-    print(f"{'kernel':7} {'shape':12} {'rows x cols':>13} {'type':5} {'B/M':>4} {'us':>9} {'GB/s':>7} "
+    print(f"{'kernel':7} {'shape':12} {'rows x cols':>13} {'type':5} {'B/M':>4} {'tile':5} {'us':>9} {'GB/s':>7} "
           f"{'%copy':>6} {'TFLOP/s':>8}")
     for r in report["results"]:
         gbs = r.get("gbs")
         pct = f"{100 * gbs / report['copy_gbs']:.0f}" if gbs else ""
-        print(f"{r['kernel']:7} {r['shape']:12} {r['rows']:>6}x{r['cols']:<6} {r['type']:5} {r['batch']:>4} "
+        print(f"{r['kernel']:7} {r['shape']:12} {r['rows']:>6}x{r['cols']:<6} {r['type']:5} {r['batch']:>4} {r['variant']:5} "
               f"{r['us']:9.2f} {gbs or 0:7.0f} {pct:>6} {r.get('tflops', 0):8.1f}")
 
 

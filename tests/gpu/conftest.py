@@ -32,7 +32,11 @@ def cuda_device():
     from gpu_worker.backends.cuda.device import CudaDevice
 
     device = CudaDevice(0)
+    # Not left current: other GPU tests (pycuda.autoinit) own their own context; ours is pushed
+    # by the fixtures that use it (DeviceArrays, backends) and popped after.
+    device.cuda.Context.pop()
     yield device
+    device.context.push()
     device.close()
 
 
@@ -66,7 +70,8 @@ class DeviceArrays:
 
 @pytest.fixture
 def gpu(cuda_device):
-    arrays = DeviceArrays(cuda_device)
-    yield arrays
-    arrays.close()
+    with cuda_device.activate():
+        arrays = DeviceArrays(cuda_device)
+        yield arrays
+        arrays.close()
 

@@ -44,11 +44,12 @@ def synthetic_model(tmp_path_factory):
 def backend(cuda_device, synthetic_model):
     from gpu_worker.backends.cuda.backend import CudaBackend
 
-    b = CudaBackend(synthetic_model, max_num_tokens=4096, max_num_seqs=64, max_model_len=1024,
-                    device=cuda_device)
-    b.allocate_kv_cache(num_blocks=4096, block_size=BLOCK)
-    yield b
-    b.close()
+    with cuda_device.activate():
+        b = CudaBackend(synthetic_model, max_num_tokens=4096, max_num_seqs=64, max_model_len=1024,
+                        device=cuda_device)
+        b.allocate_kv_cache(num_blocks=4096, block_size=BLOCK)
+        yield b
+        b.close()
 
 
 def rel_error(out, expected) -> float:

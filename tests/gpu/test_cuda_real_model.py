@@ -24,13 +24,14 @@ BLOCK, POSITIONS, GREEDY_TOKENS, NUM_PROMPTS = 16, 64, 32, 5
 def models(cuda_device, real_model_path):
     from gpu_worker.backends.cuda.backend import CudaBackend
 
-    model = load_gguf(real_model_path)
-    gpu = CudaBackend(model, max_num_tokens=1024, max_num_seqs=64, max_model_len=512, device=cuda_device)
-    gpu.allocate_kv_cache(num_blocks=1024, block_size=BLOCK)
-    cpu = CpuBackend(model)
-    cpu.allocate_kv_cache(num_blocks=64, block_size=BLOCK)
-    yield model, gpu, cpu
-    gpu.close()
+    with cuda_device.activate():
+        model = load_gguf(real_model_path)
+        gpu = CudaBackend(model, max_num_tokens=1024, max_num_seqs=64, max_model_len=512, device=cuda_device)
+        gpu.allocate_kv_cache(num_blocks=1024, block_size=BLOCK)
+        cpu = CpuBackend(model)
+        cpu.allocate_kv_cache(num_blocks=64, block_size=BLOCK)
+        yield model, gpu, cpu
+        gpu.close()
 
 
 def test_weight_bytes_match_the_file(models):

@@ -16,7 +16,7 @@ from gguf.quants import dequantize
 
 from gpu_worker.backends.cuda.ops.embedding import EmbeddingOp
 from gpu_worker.backends.cuda.ops.gemm import GemmOp
-from gpu_worker.backends.cuda.ops.matvec import MatvecOp
+from gpu_worker.backends.cuda.ops.matvec import MAX_ROWS_PER_CTA, MAX_SHARED_BYTES, MatvecOp
 from gpu_worker.backends.cuda.ops.quant_weight import DeviceWeight
 from gpu_worker.model.quant_types import SUPPORTED_TYPES, quant_spec
 
@@ -139,11 +139,13 @@ def test_matvec_matches_reference_and_is_batch_invariant(gpu, qtype):
         y11 = dev.read(y_ptr, (11, rows), stream)
         assert not np.isnan(y11).any(), "an output element was not written"
         assert rel_error(y11, x.astype(np.float64) @ dense.T) <= MATVEC_TOLERANCE
-        for order in ([3], [5, 2, 7], [7, 6, 5, 4, 3, 2, 1, 0], [0, 1]):   # b1, b4, b8, b2 kernels
+        # b1, b4, b8, b2 kernels, each with a different tiling (rows per CTA / per warp)
+        largest = min(MAX_ROWS_PER_CTA, (MAX_SHARED_BYTES - 16) // weight.row_bytes)
+        for order, rows_per_cta in (([3], 1), ([5, 2, 7], 5), ([7, 6, 5, 4, 3, 2, 1, 0], largest), ([0, 1], None)):
             y_ptr = dev.poisoned((len(order), rows))
-            matvec(weight, dev.upload(x[order]), y_ptr, len(order), stream)
+            matvec(weight, dev.upload(x[order]), y_ptr, len(order), stream, rows_per_cta=rows_per_cta)
             y = dev.read(y_ptr, (len(order), rows), stream)
-            np.testing.assert_array_equal(y, y11[order], err_msg=f"batch variance for {order}")
+            np.testing.assert_array_equal(y, y11[order], err_msg=f"variance for {order}, {rows_per_cta}")
 
 
 @pytest.mark.parametrize("qtype", ALL_TYPES, ids=lambda t: t.name)
@@ -173,14 +175,15 @@ def test_gemm_matches_reference_and_is_chunk_invariant(gpu, qtype):
     weight, dense = upload_weight(dev, qtype, rows, cols, rng)
     x = rng.standard_normal((tokens, cols), dtype=np.float32)
 
-    def run(x_part: np.ndarray) -> np.ndarray:
+    def run(x_part: np.ndarray, tile_m: int | None = None) -> np.ndarray:
         y_ptr = dev.poisoned((len(x_part), rows))
-        gemm(weight, dev.upload(x_part), y_ptr, len(x_part), stream)
+        gemm(weight, dev.upload(x_part), y_ptr, len(x_part), stream, tile_m=tile_m)
         return dev.read(y_ptr, (len(x_part), rows), stream)
 
-    y = run(x)
+    y = run(x, tile_m=64)
     assert not np.isnan(y).any()
     assert rel_error(y, x.astype(np.float64) @ dense.T) <= GEMM_TOLERANCE
-    chunks = np.concatenate([run(x[:33]), run(x[33:97]), run(x[97:])])
+    chunks = np.concatenate([run(x[:33]), run(x[33:97], tile_m=64), run(x[97:], tile_m=32)])
     np.testing.assert_array_equal(chunks, y, err_msg="prompt split into chunks changed results")
     np.testing.assert_array_equal(run(x[[5]]), y[[5]], err_msg="M=1 differs from M=150")
+    np.testing.assert_array_equal(run(x, tile_m=32), y, err_msg="M tile 32 differs from 64")

@@ -7,8 +7,10 @@ the free VRAM with a message naming both numbers.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -145,6 +147,16 @@ class CudaDevice:
             except self.cuda.LogicError as exc:
                 raise CudaBackendError(f"kernel {name} is not in the fatbin: rebuild with `make kernels`") from exc
         return self._kernels[name]
+
+    @contextlib.contextmanager
+    def activate(self) -> Iterator[CudaDevice]:
+        """Makes this device's context current for the block (for processes with other contexts,
+        e.g. test sessions that also use pycuda.autoinit)."""
+        self.context.push()
+        try:
+            yield self
+        finally:
+            self.cuda.Context.pop()
 
     def synchronize(self) -> None:
         """Waits for the stream; a device fault raised by an earlier launch surfaces here."""

@@ -16,7 +16,8 @@ WARPS_PER_CTA = 4
 MAX_ROWS_PER_CTA = 16              # kRowsPerWarp (4) x WARPS_PER_CTA in matvec.cu
 TILE_BUDGET_BYTES = 32 * 1024      # shared memory per CTA for the staged weight rows
 MAX_SHARED_BYTES = 48 * 1024       # default dynamic shared-memory limit (no opt-in)
-TARGET_CTAS = 264                  # about 2 CTAs per SM on a 132-SM H100: small N gets small tiles
+MIN_CTAS_BATCH_1 = 600
+MIN_CTAS_BATCHED = 112
 MAX_GRID_Y = 65535
 
 
@@ -29,11 +30,16 @@ class MatvecLaunch:
     rows_per_cta: int
 
 
-def default_rows_per_cta(weight: DeviceWeight) -> int:
-    """Rows staged per CTA: up to 16 (4 per warp, sharing x loads), fewer when that would leave
-    SMs idle or overflow the tile budget. Any value gives bitwise the same results."""
-    spread_rows = -(-weight.rows // TARGET_CTAS)
-    return max(1, min(MAX_ROWS_PER_CTA, TILE_BUDGET_BYTES // weight.row_bytes, max(4, spread_rows)))
+def default_rows_per_cta(weight: DeviceWeight, batch: int) -> int:
+    """Rows staged per CTA (any value gives bitwise the same results). Larger tiles share each x
+    load over more rows (up to 4 per warp), smaller ones put more CTAs in flight; measured on an
+    H200 (docs/gpu_results/quant_kernels.md): batch 1 wants >= ~600 CTAs, batch > 1 >= ~112."""
+    min_ctas = MIN_CTAS_BATCH_1 if batch == 1 else MIN_CTAS_BATCHED
+    fitting = max(1, min(MAX_ROWS_PER_CTA, TILE_BUDGET_BYTES // weight.row_bytes))
+    for rows_per_cta in (16, 8, 4):
+        if rows_per_cta <= fitting and -(-weight.rows // rows_per_cta) >= min_ctas:
+            return rows_per_cta
+    return min(4, fitting)
 
 
 def plan_matvec(weight: DeviceWeight, batch: int, rows_per_cta: int | None = None) -> MatvecLaunch:
@@ -47,7 +53,7 @@ def plan_matvec(weight: DeviceWeight, batch: int, rows_per_cta: int | None = Non
     if row_bytes + 16 > MAX_SHARED_BYTES:
         raise ValueError(f"matvec row of {row_bytes} bytes exceeds the {MAX_SHARED_BYTES}-byte tile limit")
     if rows_per_cta is None:
-        rows_per_cta = default_rows_per_cta(weight)
+        rows_per_cta = default_rows_per_cta(weight, batch)
     if not 1 <= rows_per_cta <= MAX_ROWS_PER_CTA:
         raise ValueError(f"matvec rows_per_cta must be in [1, {MAX_ROWS_PER_CTA}], got {rows_per_cta}")
     max_b = next(b for b in BATCH_VARIANTS if b >= min(batch, BATCH_VARIANTS[-1]))
