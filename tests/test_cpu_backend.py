@@ -190,3 +190,18 @@ def test_step_before_allocate_raises(tiny_model_path: Path, tiny_backend: CpuBac
     fresh = CpuBackend(load_gguf(tiny_model_path), weights=tiny_backend.weights)
     with pytest.raises(RuntimeError):
         fresh.step(build_step([SequenceChunk((1, 2), 0, (0,), None)], BLOCK_SIZE))
+
+
+def test_factory_builds_cpu_and_rejects_unknown_kinds(tiny_model_path: Path) -> None:
+    from gpu_worker.backends.factory import create_backend, cuda_unavailable_reason
+
+    model = load_gguf(tiny_model_path)
+    assert isinstance(create_backend("cpu", model), CpuBackend)
+    with pytest.raises(ValueError, match="backend must be one of"):
+        create_backend("tpu", model)
+    reason = cuda_unavailable_reason()
+    if reason is not None:       # CI and laptops: auto must fall back to the cpu backend
+        print(f"cuda unavailable: {reason}")
+        assert isinstance(create_backend("auto", model), CpuBackend)
+        with pytest.raises((ImportError, RuntimeError)):
+            create_backend("cuda", model)
