@@ -1,0 +1,73 @@
+"""CPU-side checks of the CUDA backend's host code (runs in CI without a GPU): struct records that
+mirror the kernels' C structs, prefill query tiles, RoPE tables equal to the reference's, sampling
+packing and step-batch validation."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from gpu_worker.backends.base import SampleRequest
+from gpu_worker.backends.cpu.sequence_runner import SequenceChunk, blocks_for, build_step
+from gpu_worker.backends.cuda.ops.attention_common import PARAMS_FIELDS as ATTENTION_FIELDS
+from gpu_worker.backends.cuda.ops.attention_prefill import QUERIES_PER_TILE, prefill_tiles
+from gpu_worker.backends.cuda.ops.rope_kv import PARAMS_FIELDS as ROPE_FIELDS, rope_tables_host
+from gpu_worker.backends.cuda.ops.sampling import SAMPLE_ARGS_DTYPE
+from gpu_worker.backends.cuda.sampler import pack_sampling
+from gpu_worker.backends.cuda.step_inputs import check_step_batch
+from gpu_worker.model import qwen2_reference as ref
+from gpu_worker.sampling.params import SamplingParams
+
+
+def test_struct_records_have_the_c_layouts():
+    # AttentionParams: 9 pointers + 4 int64 + 2 floats; RopeKvParams: 12 pointers + 3 int64.
+    assert np.dtype(ATTENTION_FIELDS, align=True).itemsize == 9 * 8 + 4 * 8 + 8
+    assert np.dtype(ROPE_FIELDS, align=True).itemsize == 15 * 8
+    assert SAMPLE_ARGS_DTYPE.itemsize == 88
+    assert SAMPLE_ARGS_DTYPE.fields["top_p"][1] == 24 and SAMPLE_ARGS_DTYPE.fields["temperature"][1] == 40
+
+
+def test_prefill_tiles_cover_every_token_once_without_crossing_sequences():
+    starts = np.array([0, 1, 40, 57, 89])
+    first, count = prefill_tiles(starts)
+    covered = np.concatenate([np.arange(f, f + c) for f, c in zip(first, count)])
+    assert np.array_equal(covered, np.arange(89))
+    assert count.max() <= QUERIES_PER_TILE
+    seq_of = np.searchsorted(starts, covered, side="right") - 1
+    for f, c in zip(first, count):
+        assert len(set(seq_of[f:f + c])) == 1
+
+
+def test_rope_tables_equal_the_reference_angles():
+    cos, sin = rope_tables_host(4096, 64, 1e6)
+    inv_freq = (1.0 / 1e6 ** (np.arange(0, 64, 2) / 64)).astype(np.float32)
+    positions = np.array([0, 1, 17, 4095])
+    ref_cos, ref_sin = ref.rope_cos_sin(positions, inv_freq)
+    assert np.array_equal(cos[positions], ref_cos[:, 0]) and np.array_equal(sin[positions], ref_sin[:, 0])
+
+
+def test_pack_sampling_flattens_distinct_ids_and_keeps_bias_order():
+    params = SamplingParams(temperature=0.5, repetition_penalty=1.2, frequency_penalty=0.5,
+                            logit_bias=((9, 1.0), (3, -2.0), (9, 0.5)), top_logprobs=2)
+    req = SampleRequest(params, 3, np.array([4, 4, 7, 9], np.int32), np.array([7, 7, 9], np.int32))
+    plain = SampleRequest(SamplingParams(), 0, np.array([1], np.int32), np.zeros(0, np.int32))
+    packed = pack_sampling([5, 2], [req, plain], vocab=16)
+    assert list(packed.bias_ids) == [9, 3, 9] and list(packed.bias_values) == [1.0, -2.0, 0.5]
+    assert list(packed.seen_ids) == [4, 7, 9]            # distinct; plain has no repetition penalty
+    assert list(packed.output_ids) == [7, 9] and list(packed.output_counts) == [2, 1]
+    assert list(packed.args["row"]) == [5, 2] and packed.needs_penalties and packed.needs_logprobs
+    assert packed.args[1]["bias_offset"] == 3 and packed.args[1]["bias_count"] == 0
+    with pytest.raises(ValueError, match="vocabulary"):
+        pack_sampling([0], [SampleRequest(SamplingParams(logit_bias=((99, 1.0),)), 0, np.zeros(0, np.int32),
+                                          np.zeros(0, np.int32))], vocab=16)
+
+
+def test_check_step_batch_names_the_bad_field():
+    good = build_step([SequenceChunk((1, 2, 3), 0, blocks_for(0, 3, 16))], 16)
+    check_step_batch(good, 100, 8, 16, 64, 4, 256, 16)
+    with pytest.raises(ValueError, match="input_ids"):
+        check_step_batch(build_step([SequenceChunk((1, 200), 0, (0,))], 16), 100, 8, 16, 64, 4, 256, 16)
+    with pytest.raises(ValueError, match="positions"):
+        check_step_batch(build_step([SequenceChunk((1,), 300, tuple(range(8)) * 3)], 16), 100, 8, 16, 64, 4,
+                         256, 32)
+    with pytest.raises(ValueError, match="exceeds"):
+        check_step_batch(good, 100, 8, 16, 2, 4, 256, 16)
