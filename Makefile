@@ -69,3 +69,14 @@ bench-cpu: setup
 
 clean:
 	rm -rf $(VENV) qwen_serve cuda/build
+
+# Other-language clients (issue 6): Debian toolchains + C++/Java/Go stubs, and the Node client's packages
+# from its package-lock.json. Skips (with a message) what cannot be installed.
+.PHONY: stubs-all node-deps
+stubs-all:
+	$(MAKE) -C clients deps
+	$(MAKE) -C clients stubs
+
+node-deps:
+	@if command -v npm >/dev/null; then cd clients/node && npm ci --no-audit --no-fund; \
+	else echo "npm not found: skipping the Node client's packages"; fi
