@@ -67,6 +67,8 @@ RUN groupadd --gid 10001 qwen \
 COPY --from=build /opt/venv /opt/venv
 COPY --from=build /app /app
 # Fetches the default model on first start unless QWEN_SERVE_MODEL names a file, then runs qwen-serve.
+# `serve` reads its QWEN_SERVE_* variables itself; for `worker` they become flags here (a flag given on
+# the command line wins).
 COPY --chmod=755 <<'EOF' /usr/local/bin/qwen-serve-entrypoint
 #!/bin/sh
 set -e
@@ -75,7 +77,13 @@ if [ -z "${QWEN_SERVE_MODEL:-}" ] && [ "${1:-serve}" != "fetch-model" ]; then
   export QWEN_SERVE_MODEL
 fi
 if [ "${1:-}" = "worker" ]; then
-  case " $* " in *" --model "*) ;; *) set -- "$@" --model "$QWEN_SERVE_MODEL" ;; esac
+  for pair in MODEL:--model BACKEND:--backend KV_CACHE_GB:--kv-cache-gb NUM_KV_BLOCKS:--num-kv-blocks \
+              BLOCK_SIZE:--block-size MAX_BATCH:--max-batch MAX_TOKENS_PER_STEP:--max-tokens-per-step \
+              LOG_LEVEL:--log-level; do
+    value="$(printenv "QWEN_SERVE_${pair%%:*}" || true)"
+    case " $* " in *" ${pair#*:} "*) continue ;; esac
+    if [ -n "$value" ]; then set -- "$@" "${pair#*:}" "$value"; fi
+  done
 fi
 exec qwen-serve "$@"
 EOF
