@@ -73,7 +73,8 @@ COPY --chmod=755 <<'EOF' /usr/local/bin/qwen-serve-entrypoint
 #!/bin/sh
 set -e
 if [ -z "${QWEN_SERVE_MODEL:-}" ] && [ "${1:-serve}" != "fetch-model" ]; then
-  QWEN_SERVE_MODEL="$(qwen-serve fetch-model | tail -n 1)"
+  qwen-serve fetch-model >&2   # progress to the container log; a no-op once the file is verified
+  QWEN_SERVE_MODEL="$(python3 -c 'from gpu_worker.model.fetch import default_model_path as p; print(p())')"
   export QWEN_SERVE_MODEL
 fi
 if [ "${1:-}" = "worker" ]; then

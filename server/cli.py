@@ -138,6 +138,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or (argv[0] not in SUBCOMMANDS and argv[0] not in ("-h", "--help")):
         argv = ["serve", *argv]   # serve is the default subcommand
+    if argv[0] == "worker":   # argparse's REMAINDER rejects a leading "--flag": hand the rest over as is
+        return _run_worker(argparse.Namespace(worker_args=argv[1:]))
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

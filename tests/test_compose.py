@@ -177,3 +177,52 @@ def test_dockerignore_keeps_what_the_dockerfile_copies():
         assert (REPO / source).exists(), f"Dockerfile copies {source}, which does not exist"
         ignored = [pattern for pattern in patterns if fnmatch.fnmatch(source, pattern.removeprefix("**/"))]
         assert not ignored, f".dockerignore pattern {ignored} drops {source}, which the Dockerfile copies"
+
+
+# -- the image's entrypoint script (extracted from the Dockerfile, run here with the real qwen-serve) ----------
+def entrypoint_script(tmp_path: Path) -> Path:
+    match = re.search(r"<<'EOF' /usr/local/bin/qwen-serve-entrypoint\n(.*?)\nEOF\n", DOCKERFILE.read_text(), re.S)
+    assert match, "entrypoint heredoc not found in the Dockerfile"
+    script = tmp_path / "qwen-serve-entrypoint"
+    script.write_text(match[1] + "\n")
+    return script
+
+
+def entrypoint_env(**settings: str) -> dict[str, str]:
+    venv_bin = str(Path(__import__("sys").executable).parent)
+    base = {k: v for k, v in __import__("os").environ.items() if not k.startswith("QWEN_SERVE_")}
+    return {**base, "PATH": f"{venv_bin}:{base.get('PATH', '/usr/bin:/bin')}", "PYTHONPATH": str(REPO),
+            **settings}
+
+
+def test_entrypoint_turns_env_into_worker_flags(tmp_path, tiny_model_path):
+    socket_dir = tmp_path / "sock"
+    env = entrypoint_env(QWEN_SERVE_MODEL=str(tiny_model_path), QWEN_SERVE_MAX_BATCH="8",
+                         QWEN_SERVE_BACKEND="cuda", QWEN_SERVE_BLOCK_SIZE="", QWEN_SERVE_KV_CACHE_GB="0.01")
+    process = subprocess.Popen(["sh", str(entrypoint_script(tmp_path)), "worker", "--socket-dir", str(socket_dir),
+                                "--backend", "cpu"], env=env, cwd=tmp_path, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = __import__("time").monotonic() + 90
+        while not (socket_dir / "worker.sock").exists():   # bound once loaded and warmed up: the healthcheck
+            assert process.poll() is None, process.stdout.read()
+            assert __import__("time").monotonic() < deadline, "worker did not become ready"
+            __import__("time").sleep(0.1)
+        argv = Path(f"/proc/{process.pid}/cmdline").read_bytes().decode().split("\0")   # after exec
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+    args = argv[argv.index("worker"):]
+    assert args[args.index("--model") + 1] == str(tiny_model_path)
+    assert args[args.index("--max-batch") + 1] == "8"
+    assert args[args.index("--kv-cache-gb") + 1] == "0.01"
+    assert args.count("--backend") == 1 and args[args.index("--backend") + 1] == "cpu"   # the flag wins
+    assert "--block-size" not in args   # empty variable = not set
+
+
+def test_entrypoint_passes_bad_settings_to_the_worker_parser(tmp_path, tiny_model_path):
+    env = entrypoint_env(QWEN_SERVE_MODEL=str(tiny_model_path), QWEN_SERVE_MAX_BATCH="lots")
+    result = subprocess.run(["sh", str(entrypoint_script(tmp_path)), "worker", "--socket-dir", str(tmp_path)],
+                            env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode != 0
+    assert "argument --max-batch: invalid int value: 'lots'" in result.stderr
