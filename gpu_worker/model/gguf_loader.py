@@ -2,7 +2,9 @@
 
 The header is parsed here with a bounds check before every read, so a malformed file ends in a
 `GGUFLoadError` naming the file and field -- never a raw traceback, a hang, or an allocation
-larger than the file. (gguf's GGUFReader trusts the header's counts and builds one numpy view per
+larger than the file (every count is checked against the bytes left before anything is built;
+metadata lists of Python objects cost at most a small multiple of the bytes they are read from,
+which tests/test_gguf_fuzz.py bounds with tracemalloc). (gguf's GGUFReader trusts the header's counts and builds one numpy view per
 vocabulary string, ~7 s for this model; this parser takes ~0.3 s. tests/test_gguf_loader.py checks
 it against GGUFReader field by field.) Tensor data stay in the OS page cache: each
 `TensorInfo.data` is a read-only uint8 view of the file's mmap.
