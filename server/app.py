@@ -63,7 +63,7 @@ async def set_health(health_servicer: health.aio.HealthServicer, serving: bool) 
 async def start_server(config: ServeConfig, worker_factory: Callable[..., Any] | None = None) -> RunningServer:
     """Open the port, start (or attach to) the worker in the background; returns at once."""
     metrics = Metrics()
-    metrics.start(config.metrics_port)
+    metrics.start(config.metrics_port, host=config.host)   # same interface as gRPC (0.0.0.0 in compose)
     interceptors: list[grpc.aio.ServerInterceptor] = [RequestIdInterceptor()]
     if config.auth_token:
         interceptors.append(BearerAuthInterceptor(config.auth_token, exempt_health=config.auth_exempt_health))
