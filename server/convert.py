@@ -130,7 +130,15 @@ _MODEL_INFO_FIELDS = ("model", "architecture", "context_length", "vocab_size", "
                       "waiting_requests")
 
 
+# The worker's names (model_info and stats) for ModelInfo fields named differently.
+_WORKER_NAMES = {"kv_cache_bytes": "kv_bytes", "running_requests": "running", "waiting_requests": "waiting"}
+
+
 def model_info_to_proto(info: Mapping[str, Any]) -> pb.ModelInfo:
     """`info`: the worker's model_info merged with live stats; missing keys stay at their zero value."""
-    fields = {name: info[name] for name in _MODEL_INFO_FIELDS if info.get(name) is not None}
+    fields = {}
+    for name in _MODEL_INFO_FIELDS:
+        value = info.get(name, info.get(_WORKER_NAMES.get(name, name)))
+        if value is not None:
+            fields[name] = value
     return pb.ModelInfo(quant_types=dict(info.get("quant_types") or {}), **fields)

@@ -184,6 +184,7 @@ class QwenServeServicer:
         except WorkerUnavailable as error:
             await context.abort(grpc.StatusCode.UNAVAILABLE, f"the model worker went away: {error}")
         info["model"] = model.name
+        info["hidden_size"] = model.hidden_size
         return convert.model_info_to_proto(info)
 
     async def Abort(self, request: Any, context: grpc.aio.ServicerContext) -> pb.AbortResponse:

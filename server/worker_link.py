@@ -11,6 +11,7 @@ from typing import Any
 
 import grpc
 
+from gpu_worker.model.gguf_loader import load_gguf
 from gpu_worker.text.tokenizer import Tokenizer
 from server.config import ServeConfig
 from server.errors import RpcError
@@ -26,17 +27,21 @@ STATS_INTERVAL_S = 1.0
 class ServingModel:
     """Facts of the served model the servicer needs on every request."""
 
-    def __init__(self, name: str, limits: ModelLimits, tools: TextTools) -> None:
-        self.name, self.limits, self.tools = name, limits, tools
+    def __init__(self, name: str, limits: ModelLimits, tools: TextTools, hidden_size: int) -> None:
+        self.name, self.limits, self.tools, self.hidden_size = name, limits, tools, hidden_size
 
 
 def _load_model_facts(model_info: dict[str, Any]) -> ServingModel:
-    tokenizer = Tokenizer.from_gguf(str(model_info["model_path"]))
+    """Tokenizer and config from the file the worker serves (metadata only: the file is mmapped)."""
+    path = str(model_info["model_path"])
+    tokenizer = Tokenizer.from_gguf(path)
+    with load_gguf(path) as model:
+        config = model.config
     # Ids the tokenizer cannot spell cannot be detokenized: bound inputs by both vocabularies.
     vocab = min(int(model_info["vocab_size"]), tokenizer.vocab_size)
     limits = ModelLimits(vocab_size=vocab, context_length=int(model_info["context_length"]))
     tools = TextTools(tokenizer, tokenizer.chat_template, tuple(tokenizer.stop_token_ids))
-    return ServingModel(Path(str(model_info["model_path"])).name, limits, tools)
+    return ServingModel(Path(path).name, limits, tools, config.hidden_size)
 
 
 class WorkerLink:
@@ -76,12 +81,18 @@ class WorkerLink:
             await self._state_changed(self.worker.is_serving)
             self._restarts_seen = self.worker.restart_count
             self._tasks.append(asyncio.create_task(self._poll_stats()))
-        except Exception:
+        except Exception as error:
             log.exception("the model worker failed to start")
-            raise
+            if not self.started.done():
+                self.started.set_result(error)
+            return
+        if not self.started.done():
+            self.started.set_result(None)
 
     def _on_worker_state(self, serving: bool) -> None:
         """The worker client's callback (plain function): health follows in a task on this loop."""
+        if self._model is None:
+            return   # first start: _start_worker reports SERVING once the model facts are loaded
         restarts = int(getattr(self.worker, "restart_count", 0))
         for _ in range(restarts - self._restarts_seen):
             self.metrics.worker_restarted()
