@@ -12,6 +12,7 @@ import sys
 import time
 from typing import Any
 
+from gpu_worker.backends.base import Backend
 from gpu_worker.engine.engine import Engine, FinishOut
 from gpu_worker.engine.sequence import RequestSpec
 from gpu_worker.ipc.worker_endpoint import WorkerEndpoint
@@ -33,16 +34,12 @@ def run_worker(model_path: str, backend: str = "auto", socket_dir: str = "/tmp/q
 
     t0 = time.monotonic()
     model = load_gguf(model_path)
-    config = model.config
     be = create_backend(backend, model)
     if num_kv_blocks is None:
         num_kv_blocks = int(kv_cache_gb * 2**30) // be.kv_bytes_per_block(block_size)
     if num_kv_blocks < 1:
         raise ValueError(f"KV budget {kv_cache_gb} GiB holds no block of {block_size} tokens")
-    be.allocate_kv_cache(num_kv_blocks, block_size)
-    engine = Engine(be, num_kv_blocks, block_size, max_batch, max_tokens_per_step,
-                    context_length=config.context_length, eos_token_ids=(config.eos_token_id,),
-                    vocab_size=config.vocab_size)
+    engine = create_engine(model, be, num_kv_blocks, block_size, max_batch, max_tokens_per_step)
     warm_up(engine)
     info = describe(model, be, model_path, num_kv_blocks, block_size)
     log.info("worker ready in %.1f s: %s on %s, %d KV blocks", time.monotonic() - t0,
@@ -60,6 +57,17 @@ def run_worker(model_path: str, backend: str = "auto", socket_dir: str = "/tmp/q
     return 0
 
 
+def create_engine(model: Any, backend: Backend, num_kv_blocks: int, block_size: int = 16,
+                  max_batch: int = 64, max_tokens_per_step: int = 256) -> Engine:
+    """Allocate the backend's KV cache and build the engine the worker runs (tests use it too,
+    so that in-process runs match the worker's exactly)."""
+    config = model.config
+    backend.allocate_kv_cache(num_kv_blocks, block_size)
+    return Engine(backend, num_kv_blocks, block_size, max_batch, max_tokens_per_step,
+                  context_length=config.context_length, eos_token_ids=default_eos_ids(model),
+                  vocab_size=config.vocab_size)
+
+
 def warm_up(engine: Engine) -> None:
     """One greedy 1-token request through the whole path; KV must be fully free afterwards."""
     spec = RequestSpec(WARMUP_KEY, (0,), SamplingParams(temperature=0.0), StoppingParams(max_tokens=1))
@@ -73,6 +81,14 @@ def warm_up(engine: Engine) -> None:
         raise RuntimeError("warm-up left KV blocks allocated")
 
 
+def default_eos_ids(model: Any) -> tuple[int, ...]:
+    """EOS from metadata plus <|endoftext|> when the vocabulary has it (Qwen2.5: 151645, 151643);
+    used when a request names no eos_token_ids of its own."""
+    tokens = model.metadata.get("tokenizer.ggml.tokens") or []
+    endoftext = [i for i, t in enumerate(tokens) if t == "<|endoftext|>"]
+    return tuple(sorted({int(model.config.eos_token_id), *endoftext}))
+
+
 def describe(model: object, be: object, model_path: str, num_kv_blocks: int, block_size: int) -> dict[str, Any]:
     """Model info for GetModelInfo (JSON-safe)."""
     config = model.config  # type: ignore[attr-defined]
@@ -84,6 +100,7 @@ def describe(model: object, be: object, model_path: str, num_kv_blocks: int, blo
         "vocab_size": config.vocab_size,
         "num_layers": config.num_layers,
         "eos_token_id": config.eos_token_id,
+        "eos_token_ids": list(default_eos_ids(model)),
         "tokenizer_kind": str(model.metadata.get("tokenizer.ggml.model", "unknown")),  # type: ignore[attr-defined]
         "weight_bytes": int(be.weight_bytes),  # type: ignore[attr-defined]
         "kv_bytes": int(be.kv_bytes_per_block(block_size)) * num_kv_blocks,  # type: ignore[attr-defined]

@@ -15,8 +15,9 @@ API (used by server.servicer; everything runs on one asyncio loop):
     await client.stats() -> dict             # kv_blocks_total/used/free, running, waiting, steps, ...
     client.is_serving; client.on_state_change(callback(serving: bool)); client.restart_count
     await client.close()
-Supervision: socket EOF (exit, crash, kill -9) or a heartbeat stalled for `heartbeat_timeout_s`
-fails the in-flight requests, removes the dead worker's /dev/shm segments and restarts an owned
+Supervision: socket EOF (exit, crash, kill -9), a heartbeat stalled for `heartbeat_timeout_s`
+(frozen process) or an engine loop stalled for `step_timeout_s` (a step that never returns) fails
+the in-flight requests, removes the dead worker's /dev/shm segments and restarts an owned
 worker (SIGKILL first, in case it hangs); an attached client reconnects when the worker is back.
 EOS / stop-id tokens that end a request are not emitted as TokenEvents.
 """
@@ -74,10 +75,11 @@ class _Stream:
 
 class WorkerClient:
     def __init__(self, model_path: str, backend: str = "auto", socket_dir: str | None = None,
-                 attach: bool = False, heartbeat_timeout_s: float = 30.0, start_timeout_s: float = 600.0,
-                 restart: bool = True, **worker_opts: object) -> None:
+                 attach: bool = False, heartbeat_timeout_s: float = 5.0, step_timeout_s: float = 300.0,
+                 start_timeout_s: float = 600.0, restart: bool = True, **worker_opts: object) -> None:
         self.process = WorkerProcess(model_path, backend, socket_dir, attach, worker_opts)
         self.heartbeat_timeout_s = heartbeat_timeout_s
+        self.step_timeout_s = step_timeout_s
         self.start_timeout_s = start_timeout_s
         self.restart_enabled = restart
         self.model_info: dict[str, Any] = {}
@@ -271,17 +273,24 @@ class WorkerClient:
                 await asyncio.sleep(1.0)
 
     async def _watchdog(self) -> None:
-        """Heartbeat check: the worker bumps a counter in the event ring header every loop turn."""
-        last_beat, last_change = -1, asyncio.get_running_loop().time()
-        period = min(1.0, self.heartbeat_timeout_s / 4)
+        """Two counters in the event ring header: the worker's heartbeat thread (frozen process,
+        e.g. SIGSTOP or a GIL deadlock) and its main loop (a step that never returns)."""
+        loop = asyncio.get_running_loop()
+        conn, seen = None, (-1, -1)
+        changed_at = [loop.time(), loop.time()]
+        period = min(0.25, self.heartbeat_timeout_s / 4)
         while not self._closing:
             await asyncio.sleep(period)
-            now = asyncio.get_running_loop().time()
-            if self._conn is None:
-                last_beat, last_change = -1, now
+            now = loop.time()
+            if self._conn is None or self._conn is not conn:
+                conn, seen, changed_at = self._conn, (-1, -1), [now, now]
                 continue
-            beat = self._conn.heartbeat()
-            if beat != last_beat:
-                last_beat, last_change = beat, now
-            elif now - last_change > self.heartbeat_timeout_s:
-                self._worker_lost(f"no heartbeat for {now - last_change:.1f} s")
+            current = (conn.heartbeat(), conn.progress())
+            for i in (0, 1):
+                if current[i] != seen[i]:
+                    changed_at[i] = now
+            seen = current
+            if now - changed_at[0] > self.heartbeat_timeout_s:
+                self._worker_lost(f"no heartbeat for {now - changed_at[0]:.1f} s")
+            elif now - changed_at[1] > self.step_timeout_s:
+                self._worker_lost(f"engine loop stuck for {now - changed_at[1]:.1f} s")

@@ -10,6 +10,7 @@ from gpu_worker.engine.sequence import RequestSpec
 from gpu_worker.model.gguf_loader import load_gguf
 from gpu_worker.model.synthetic import write_synthetic_gguf
 from gpu_worker.sampling.params import SamplingParams, StoppingParams
+from gpu_worker.worker_main import create_engine
 
 
 @pytest.fixture(scope="module")
@@ -25,11 +26,7 @@ def small_vocab_model(tmp_path_factory: pytest.TempPathFactory):
 
 def make_engine(model, num_blocks: int = 128, block_size: int = 4, max_batch: int = 32,
                 max_tokens_per_step: int = 24) -> Engine:
-    backend = CpuBackend(model)
-    backend.allocate_kv_cache(num_blocks, block_size)
-    cfg = model.config
-    return Engine(backend, num_blocks, block_size, max_batch, max_tokens_per_step,
-                  cfg.context_length, (cfg.eos_token_id,), cfg.vocab_size)
+    return create_engine(model, CpuBackend(model), num_blocks, block_size, max_batch, max_tokens_per_step)
 
 
 def spec(key: int, prompt_len: int, seed: int, max_tokens: int = 12, **stopping) -> RequestSpec:

@@ -12,11 +12,12 @@ from pathlib import Path
 import pytest
 
 from gpu_worker.backends.cpu.backend import CpuBackend
-from gpu_worker.engine.engine import Engine, TokenOut
+from gpu_worker.engine.engine import TokenOut
 from gpu_worker.engine.sequence import RequestSpec
 from gpu_worker.model.gguf_loader import load_gguf
 from gpu_worker.model.synthetic import write_synthetic_gguf
 from gpu_worker.sampling.params import SamplingParams, StoppingParams
+from gpu_worker.worker_main import create_engine
 from server.worker_client import FinishedEvent, WorkerClient
 
 NUM_STREAMS = 320
@@ -42,10 +43,7 @@ def request(i: int) -> tuple[list[int], SamplingParams, StoppingParams, str, flo
 
 def alone_outputs(model_path: Path) -> dict[int, list[int]]:
     model = load_gguf(model_path)
-    cfg = model.config
-    backend = CpuBackend(model)
-    backend.allocate_kv_cache(32, 8)
-    engine = Engine(backend, 32, 8, 1, 64, cfg.context_length, (cfg.eos_token_id,), cfg.vocab_size)
+    engine = create_engine(model, CpuBackend(model), 32, 8, max_batch=1, max_tokens_per_step=64)
     out = {}
     for i in range(NUM_STREAMS):
         prompt, sampling, stopping, _, _ = request(i)

@@ -9,11 +9,12 @@ from pathlib import Path
 import pytest
 
 from gpu_worker.backends.cpu.backend import CpuBackend
-from gpu_worker.engine.engine import Engine, TokenOut
+from gpu_worker.engine.engine import TokenOut
 from gpu_worker.engine.sequence import RequestSpec
 from gpu_worker.model.gguf_loader import load_gguf
 from gpu_worker.model.synthetic import write_synthetic_gguf
 from gpu_worker.sampling.params import SamplingParams, StoppingParams
+from gpu_worker.worker_main import create_engine
 from server.worker_client import (
     FinishedEvent,
     TokenEvent,
@@ -43,12 +44,9 @@ def expected_alone(model_path: Path, indexes: list[int], top_logprobs: int | Non
                    ) -> dict[int, list[TokenOut]]:
     """Each request run alone through an in-process engine on the same backend."""
     model = load_gguf(model_path)
-    cfg = model.config
     out = {}
     for i in indexes:
-        backend = CpuBackend(model)
-        backend.allocate_kv_cache(64, 16)
-        engine = Engine(backend, 64, 16, 1, 512, cfg.context_length, (cfg.eos_token_id,), cfg.vocab_size)
+        engine = create_engine(model, CpuBackend(model), 64, 16, max_batch=1, max_tokens_per_step=512)
         prompt, sampling, stopping = params(i, top_logprobs)
         engine.add_request(RequestSpec(1, tuple(prompt), sampling, stopping))
         events = []

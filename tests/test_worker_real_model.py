@@ -8,11 +8,12 @@ from pathlib import Path
 import pytest
 
 from gpu_worker.backends.cpu.backend import CpuBackend
-from gpu_worker.engine.engine import Engine, TokenOut
+from gpu_worker.engine.engine import TokenOut
 from gpu_worker.engine.sequence import RequestSpec
 from gpu_worker.model.gguf_loader import load_gguf
 from gpu_worker.sampling.params import SamplingParams, StoppingParams
 from gpu_worker.text.tokenizer import Tokenizer
+from gpu_worker.worker_main import create_engine
 from server.worker_client import FinishedEvent, TokenEvent, WorkerClient
 
 pytestmark = [pytest.mark.real_model, pytest.mark.slow]
@@ -27,10 +28,8 @@ def requests(tokenizer: Tokenizer) -> list[tuple[list[int], SamplingParams, Stop
 
 def alone(model_path: Path, reqs) -> list[list[int]]:
     model = load_gguf(model_path)
-    cfg = model.config
     backend = CpuBackend(model)
-    backend.allocate_kv_cache(16, 16)
-    engine = Engine(backend, 16, 16, 1, 256, cfg.context_length, (cfg.eos_token_id,), cfg.vocab_size)
+    engine = create_engine(model, backend, 16, 16, max_batch=1, max_tokens_per_step=256)
     outputs = []
     for key, (prompt, sampling, stopping) in enumerate(reqs):
         engine.add_request(RequestSpec(key, tuple(prompt), sampling, stopping))
@@ -49,7 +48,7 @@ def test_real_model_through_the_worker_equals_in_process(real_model_path: Path) 
     expected = alone(real_model_path, reqs)
 
     async def main():
-        client = WorkerClient(str(real_model_path), "cpu", num_kv_blocks=32, heartbeat_timeout_s=120)
+        client = WorkerClient(str(real_model_path), "cpu", num_kv_blocks=32)
         await client.start()
         try:
             async def one(i: int) -> list:
@@ -61,6 +60,7 @@ def test_real_model_through_the_worker_equals_in_process(real_model_path: Path) 
     info, results = asyncio.run(main())
     assert info["architecture"] == "qwen2" and info["context_length"] == 32768
     assert info["vocab_size"] == 151936 and info["tokenizer_kind"] == "gpt2"
+    assert info["eos_token_ids"] == [151643, 151645]
     assert info["quant_types"] == {"F32": 121, "Q4_K": 12, "Q5_0": 133, "Q6_K": 12, "Q8_0": 13}
     assert info["kv_bytes"] == 32 * 16 * 12288 and info["weight_bytes"] > 0
     for i, events in enumerate(results):

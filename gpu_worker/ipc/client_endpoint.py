@@ -72,6 +72,9 @@ class ClientConnection:
     def heartbeat(self) -> int:
         return self.events.heartbeat()
 
+    def progress(self) -> int:
+        return self.events.progress()
+
     def close(self, unlink: bool) -> None:
         """Close socket and mappings; `unlink` removes the segments (the worker is dead)."""
         self.sock.close()

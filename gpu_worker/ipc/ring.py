@@ -2,7 +2,7 @@
 
 Layout (little endian):
   header [HEADER_BYTES]: magic "QWSRING1" | version u32 | pad u32 | then u64 slots:
-      capacity, write_pos, read_pos, writer_waiting, heartbeat, next_seq, closed
+      capacity, write_pos, read_pos, writer_waiting, heartbeat, next_seq, closed, progress
   data   [capacity]: records, each = u32 payload_len | u16 msg_type | u16 pad | u64 seq | payload,
       padded to 8 bytes. Positions are monotonic byte counters; a record may wrap around the
       end of the data area (copied in two parts).
@@ -26,7 +26,7 @@ VERSION = 1
 HEADER_BYTES = 128
 RECORD_HEADER = struct.Struct("<IHHQ")      # payload_len, msg_type, pad, seq
 # u64 slot indexes in the header (slot 0 holds magic, slot 1 version + pad)
-_CAPACITY, _WRITE, _READ, _WAITING, _HEARTBEAT, _NEXT_SEQ, _CLOSED = range(2, 9)
+_CAPACITY, _WRITE, _READ, _WAITING, _HEARTBEAT, _NEXT_SEQ, _CLOSED, _PROGRESS = range(2, 10)
 
 
 class RingError(RuntimeError):
@@ -115,7 +115,12 @@ class ShmRing:
         self._slots[_WAITING] = 1 if waiting else 0
 
     def beat(self) -> None:
+        """Liveness: bumped by the producer's heartbeat thread (stops when the process freezes)."""
         self._slots[_HEARTBEAT] += np.uint64(1)
+
+    def advance(self) -> None:
+        """Progress: bumped by the producer's main loop once per turn (stops when a step hangs)."""
+        self._slots[_PROGRESS] += np.uint64(1)
 
     def mark_closed(self) -> None:
         self._slots[_CLOSED] = 1
@@ -142,6 +147,9 @@ class ShmRing:
 
     def heartbeat(self) -> int:
         return int(self._slots[_HEARTBEAT])
+
+    def progress(self) -> int:
+        return int(self._slots[_PROGRESS])
 
     def is_closed(self) -> bool:
         return bool(self._slots[_CLOSED])

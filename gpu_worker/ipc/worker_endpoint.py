@@ -1,5 +1,6 @@
 """The worker's end of the IPC: accept one front-end, pump its requests into the engine, publish
-engine events, beat the heartbeat. Single-threaded: requests are applied between engine steps.
+engine events. Requests are applied between engine steps on the main thread; a small heartbeat
+thread bumps a liveness counter in the event ring header, and the main loop a progress counter.
 
 A new connection gets freshly created rings (the previous ones are unlinked), so a restarted or
 re-attached front-end never sees stale records. While the event ring is full the engine does not
@@ -11,6 +12,7 @@ import logging
 import os
 import select
 import socket
+import threading
 import time
 from collections import deque
 from pathlib import Path
@@ -43,6 +45,9 @@ class WorkerEndpoint:
         self._num_connections = 0
         self.num_event_ring_full = 0         # times publishing had to wait for the front-end
         self._listener = self._listen()
+        # The heartbeat thread touches the event ring; the lock keeps it off a ring being unmapped.
+        self._ring_lock = threading.Lock()
+        self._heartbeat_stop = threading.Event()
         # A TOKENS record must fit the ring with room to spare: <= 1/4 of it at worst-case size.
         self._tokens_per_record = max(1, (event_ring_bytes // 4) // messages.MAX_TOKEN_RECORD_BYTES)
 
@@ -65,6 +70,8 @@ class WorkerEndpoint:
 
     def serve_forever(self) -> None:
         """Run until SHUTDOWN or `stop_requested`; always removes socket and segments."""
+        beater = threading.Thread(target=self._beat_forever, name="heartbeat", daemon=True)
+        beater.start()
         try:
             while not self.stop_requested:
                 try:
@@ -74,9 +81,17 @@ class WorkerEndpoint:
                     self._disconnect()
                     self.stop_requested = self.stop_requested or self.parent_pid is not None
         finally:
+            self._heartbeat_stop.set()
+            beater.join()
             self._disconnect()
             self._listener.close()
             channel.socket_path(self.socket_dir).unlink(missing_ok=True)
+
+    def _beat_forever(self) -> None:
+        while not self._heartbeat_stop.wait(self.heartbeat_interval_s):
+            with self._ring_lock:
+                if self._events is not None:
+                    self._events.beat()
 
     def _iterate(self) -> None:
         if self.parent_pid is not None and os.getppid() != self.parent_pid:
@@ -95,7 +110,7 @@ class WorkerEndpoint:
         self._handle_requests()
         self._flush_outbound()
         assert self._events is not None
-        self._events.beat()
+        self._events.advance()
         if self.engine.has_work and not self._outbound and not self.stop_requested:
             self._publish(self.engine.step())
             self._flush_outbound()
@@ -114,8 +129,10 @@ class WorkerEndpoint:
             return
         self._num_connections += 1
         base = f"{channel.segment_prefix(self.socket_dir)}-{os.getpid()}-{self._num_connections}"
-        self._requests = ShmRing.create(f"{base}-req", self.request_ring_bytes)
-        self._events = ShmRing.create(f"{base}-evt", self.event_ring_bytes)
+        requests = ShmRing.create(f"{base}-req", self.request_ring_bytes)
+        events = ShmRing.create(f"{base}-evt", self.event_ring_bytes)
+        with self._ring_lock:
+            self._requests, self._events = requests, events
         reply = {**channel.hello(), "ok": True, "request_ring": self._requests.name,
                  "event_ring": self._events.name, "model_info": self.model_info}
         channel.send_line(conn, reply)
@@ -135,12 +152,13 @@ class WorkerEndpoint:
         """Drop the front-end: its requests are aborted (KV freed) and its rings removed."""
         self.engine.abort_all()
         self._outbound.clear()
-        for ring in (self._requests, self._events):
+        with self._ring_lock:
+            rings, self._requests, self._events = (self._requests, self._events), None, None
+        for ring in rings:
             if ring is not None:
                 ring.mark_closed()
                 ring.close()
                 ring.unlink()
-        self._requests = self._events = None
         if self._conn is not None:
             self._conn.close()
             self._conn = None
