@@ -2,12 +2,12 @@
 //
 // x: [M, K] fp32, W: [N, K] any GGUF format, y: [M, N] fp32; K a multiple of 32.
 // A CTA (4 warps, 2 x 2) owns a TILE_M x 64 tile of y (TILE_M = 64, or 32 for the `_m32` kernels
-// that the launcher picks when 64-row tiles would leave SMs idle). Per 32-wide K step it converts
-// its x tile to fp16 and dequantizes its W tile (64 rows x 32 values = 256 units of 8) to fp16 in
+// that the launcher picks when 64-row tiles would leave SMs idle). Per 128-wide K step it converts
+// its x tile to fp16 and dequantizes its W tile (64 rows x 128 values = 1024 units of 8) to fp16 in
 // shared memory; each warp then runs (TILE_M / 32) x 2 wmma 16x16x16 fragments, fp32 accumulators.
 //
-// Batch invariance: y[m, n] accumulates over K in one fixed order (K steps in sequence, each a
-// fixed sequence of two 16-deep mma), and no row of x influences another row's result, so a
+// Batch invariance: y[m, n] accumulates over K in one fixed order (16-deep mma in increasing k,
+// whatever the step width), and no row of x influences another row's result, so a
 // token's output is the same for any M, M tile, or split of a prompt into chunks. (It is NOT
 // bitwise equal to matvec.cu's fp32 result: fp16 operands.) Out-of-range x values (> 65504)
 // become inf in fp16, as in any fp16 GEMM.
@@ -16,8 +16,10 @@
 
 namespace gemm_detail {
 
-constexpr int kTileN = 64, kTileK = 32, kThreads = 128;
-constexpr int kPadK = kTileK + 8;   // halves per smem row: 80 bytes, keeps wmma 32-byte alignment
+// 128-wide K steps: few barriers and many independent loads in flight per step (the kernel is
+// bound by load latency at prefill sizes). The mma order over K is the same for any step width.
+constexpr int kTileN = 64, kTileK = 128, kThreads = 128;
+constexpr int kPadK = kTileK + 8;   // halves per smem row: 272 bytes, keeps wmma 32-byte alignment
 constexpr int kPadN = kTileN + 4;   // floats per smem row of the output tile
 
 struct GemmArgs {
@@ -28,28 +30,30 @@ struct GemmArgs {
     int num_tokens;         // M
 };
 
-// x[m0 : m0 + TILE_M, k0 : k0 + 32] -> fp16, zero rows past M. TILE_M * 8 float4s.
+// x[m0 : m0 + TILE_M, k0 : k0 + 128] -> fp16, zeros past M and K. TILE_M * 32 float4s.
 template <int TILE_M>
 __device__ __forceinline__ void load_x_tile(const GemmArgs& a, int m0, int k0, __half (*tile)[kPadK]) {
+    constexpr int kVecsPerRow = kTileK / 4;
 #pragma unroll
-    for (int i = 0; i < TILE_M * 8 / kThreads; ++i) {
-        const int idx = threadIdx.x + kThreads * i, r = idx / 8, c = 4 * (idx % 8);
+    for (int i = 0; i < TILE_M * kVecsPerRow / kThreads; ++i) {
+        const int idx = threadIdx.x + kThreads * i, r = idx / kVecsPerRow, c = 4 * (idx % kVecsPerRow);
         float4 v = make_float4(0.f, 0.f, 0.f, 0.f);
-        if (m0 + r < a.num_tokens)
+        if (m0 + r < a.num_tokens && k0 + c < a.num_cols)
             v = __ldg(reinterpret_cast<const float4*>(a.x + static_cast<long long>(m0 + r) * a.num_cols + k0 + c));
         tile[r][c + 0] = __float2half_rn(v.x); tile[r][c + 1] = __float2half_rn(v.y);
         tile[r][c + 2] = __float2half_rn(v.z); tile[r][c + 3] = __float2half_rn(v.w);
     }
 }
 
-// W[n0 : n0 + 64, k0 : k0 + 32] dequantized -> fp16, zero rows past N. 2 units of 8 per thread.
+// W[n0 : n0 + 64, k0 : k0 + 128] dequantized -> fp16, zeros past N and K. 8 units of 8 per thread.
 template <int T>
 __device__ __forceinline__ void load_w_tile(const GemmArgs& a, int n0, int k0, __half (*tile)[kPadK]) {
+    constexpr int kUnitsPerRow = kTileK / 8;
 #pragma unroll
-    for (int i = 0; i < 2; ++i) {
-        const int unit = threadIdx.x + kThreads * i, r = unit / 4, c = 8 * (unit % 4);
+    for (int i = 0; i < kTileN * kUnitsPerRow / kThreads; ++i) {
+        const int unit = threadIdx.x + kThreads * i, r = unit / kUnitsPerRow, c = 8 * (unit % kUnitsPerRow);
         float w[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
-        if (n0 + r < a.num_rows)
+        if (n0 + r < a.num_rows && k0 + c < a.num_cols)
             qformats::dequant8<T>(a.weight + static_cast<long long>(n0 + r) * a.row_bytes, k0 + c, w);
 #pragma unroll
         for (int j = 0; j < 8; ++j) tile[r][c + j] = __float2half_rn(w[j]);
@@ -60,9 +64,12 @@ template <int T, int TILE_M>
 __device__ void gemm(const GemmArgs& a) {
     using namespace nvcuda;
     constexpr int kFragM = TILE_M / 32;   // 16-row fragments per warp in M
-    __shared__ __align__(128) __half x_tile[TILE_M][kPadK];
-    __shared__ __align__(128) __half w_tile[kTileN][kPadK];
-    __shared__ __align__(128) float y_tile[TILE_M][kPadN];
+    // The output tile reuses the operand tiles' shared memory (52 KB together would exceed 48 KB).
+    constexpr int kOperandBytes = (TILE_M + kTileN) * kPadK * 2, kOutputBytes = TILE_M * kPadN * 4;
+    __shared__ __align__(128) uint8_t smem[kOperandBytes > kOutputBytes ? kOperandBytes : kOutputBytes];
+    auto x_tile = reinterpret_cast<__half (*)[kPadK]>(smem);
+    auto w_tile = reinterpret_cast<__half (*)[kPadK]>(smem + TILE_M * kPadK * 2);
+    auto y_tile = reinterpret_cast<float (*)[kPadN]>(smem);
     const int n0 = blockIdx.x * kTileN, m0 = blockIdx.y * TILE_M;
     const int warp = threadIdx.x / 32, warp_m = (TILE_M / 2) * (warp / 2), warp_n = 32 * (warp % 2);
 

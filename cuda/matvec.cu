@@ -9,7 +9,7 @@
 //
 // Batch invariance: a row's result depends only on (K, type). The per-lane order over units and
 // the xor-butterfly over lanes are fixed; each batch row b runs the same explicit __fmaf_rn
-// chain whatever B, MAX_B or b, and the grid's batch chunks (blockIdx.y) only pick which x rows.
+// chain whatever B, MAX_B, b, the tiling or the split of the batch chunks over grid.y.
 #include "quant_formats.cuh"
 
 namespace matvec_detail {
@@ -26,7 +26,7 @@ struct MatvecArgs {
     int rows_per_cta;
     const float* x;          // [B, K]
     float* y;                // [B, N]
-    int batch;               // B in all; this CTA takes batch rows [blockIdx.y * MAX_B, +MAX_B)
+    int batch;               // B in all; CTA y takes chunks of MAX_B rows strided by gridDim.y
 };
 
 // Copies bytes [begin, end) of the weight into smem (which holds them from offset begin % 16).
@@ -112,15 +112,16 @@ __device__ void matvec(const MatvecArgs& a) {
     const long long begin = static_cast<long long>(row0) * a.row_bytes;
     stage_tile(a.weight, begin, begin + static_cast<long long>(num_tile_rows) * a.row_bytes, tile);
 
-    const int batch0 = blockIdx.y * MAX_B;
-    const int num_b = min(MAX_B, a.batch - batch0);
     const int num_warps = blockDim.x / 32;
     const int rows_per_warp = (a.rows_per_cta + num_warps - 1) / num_warps;
     const int first = (threadIdx.x / 32) * rows_per_warp;
     const int count = min(rows_per_warp, num_tile_rows - first);
-    if (count > 0) {
-        warp_rows_dot<T, MAX_B>(tile + (begin & 15) + first * a.row_bytes, count, a, batch0, num_b,
-                                row0 + first);
+    if (count <= 0) return;
+    // The staged tile serves every batch chunk of this CTA: the weight leaves DRAM once per
+    // grid.y slice however large B is.
+    for (int batch0 = blockIdx.y * MAX_B; batch0 < a.batch; batch0 += gridDim.y * MAX_B) {
+        warp_rows_dot<T, MAX_B>(tile + (begin & 15) + first * a.row_bytes, count, a, batch0,
+                                min(MAX_B, a.batch - batch0), row0 + first);
     }
 }
 

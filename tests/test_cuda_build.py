@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from gpu_worker.backends.cuda.ops.embedding import plan_embedding
-from gpu_worker.backends.cuda.ops.gemm import TILE_M, TILE_N, plan_gemm
+from gpu_worker.backends.cuda.ops.gemm import TILE_M_CHOICES, TILE_N, plan_gemm
 from gpu_worker.backends.cuda.ops.matvec import BATCH_VARIANTS, MAX_SHARED_BYTES, plan_matvec
 from gpu_worker.backends.cuda.ops.quant_weight import DeviceWeight
 from gpu_worker.model.quant_types import SUPPORTED_TYPES, quant_spec
@@ -49,8 +49,8 @@ def test_every_planned_kernel_exists(quant_kernel_entries):
     for weight in weights_of_real_shapes():
         planned |= {plan_matvec(weight, batch).kernel_name for batch in (1, 2, 3, 8, 64)}
         planned.add(plan_embedding(weight, 4).kernel_name)
-        planned.add(plan_gemm(weight, 100).kernel_name)
-    assert len(planned) == len(SUPPORTED_TYPES) * (len(BATCH_VARIANTS) + 2)
+        planned |= {plan_gemm(weight, 100, tile_m).kernel_name for tile_m in TILE_M_CHOICES}
+    assert len(planned) == len(SUPPORTED_TYPES) * (len(BATCH_VARIANTS) + 1 + len(TILE_M_CHOICES))
     assert planned <= quant_kernel_entries, sorted(planned - quant_kernel_entries)
 
 
@@ -71,15 +71,18 @@ def test_matvec_plan_covers_every_row_within_shared_memory():
             plan = plan_matvec(weight, batch)
             assert plan.grid[0] * plan.rows_per_cta >= weight.rows > (plan.grid[0] - 1) * plan.rows_per_cta
             max_b = int(plan.kernel_name.rsplit("_b", 1)[1])
-            assert plan.grid[1] * max_b >= batch > (plan.grid[1] - 1) * max_b
+            assert 1 <= plan.grid[1] <= -(-batch // max_b)    # every chunk has a CTA slice
             assert plan.rows_per_cta * weight.row_bytes + 16 == plan.shared_bytes <= MAX_SHARED_BYTES
             assert plan.block[0] <= 32 * plan.rows_per_cta    # no warp without a row
+            warps = plan.block[0] // 32
+            assert -(-plan.rows_per_cta // warps) <= 4        # kRowsPerWarp in matvec.cu
 
 
 def test_gemm_plan_covers_output_tiles():
     for weight in weights_of_real_shapes():
-        plan = plan_gemm(weight, 513)
-        assert plan.grid[:2] == (-(-weight.rows // TILE_N), -(-513 // TILE_M))
+        for tokens in (1, 64, 513, 4096):
+            plan = plan_gemm(weight, tokens)
+            assert plan.grid[:2] == (-(-weight.rows // TILE_N), -(-tokens // plan.tile_m))
 
 
 @pytest.mark.parametrize("bad", [

@@ -1,8 +1,8 @@
 """Launcher for cuda/matvec.cu: y[B, N] = x[B, K] @ W[N, K].T for decode-sized B, fp32 out.
 
-The only place that checks matvec shapes and picks grid/block. Any B is accepted: the kernel
-variant covers up to 8 batch rows per CTA and larger batches are split over grid.y, which
-re-reads the weight (from L2 mostly) per 8 rows; the result of a row never depends on B.
+The only place that checks matvec shapes and picks grid/block. Any B is accepted: a CTA stages
+its weight rows once and loops over batch chunks of up to 8 rows; grid.y splits the chunks only
+as far as needed to fill the GPU. The result of a row never depends on B or on the launch shape.
 """
 from __future__ import annotations
 
@@ -18,7 +18,8 @@ TILE_BUDGET_BYTES = 32 * 1024      # shared memory per CTA for the staged weight
 MAX_SHARED_BYTES = 48 * 1024       # default dynamic shared-memory limit (no opt-in)
 MIN_CTAS_BATCH_1 = 600
 MIN_CTAS_BATCHED = 112
-MAX_GRID_Y = 65535
+CTAS_TO_FILL = 528                 # 4 per SM on a 132-SM H100
+MAX_BATCH = 1 << 16
 
 
 @dataclass(frozen=True)
@@ -47,8 +48,8 @@ def plan_matvec(weight: DeviceWeight, batch: int, rows_per_cta: int | None = Non
     `rows_per_cta` overrides the default tiling (for benchmarks and tests)."""
     if batch <= 0:
         raise ValueError(f"matvec batch must be positive, got {batch}")
-    if -(-batch // BATCH_VARIANTS[-1]) > MAX_GRID_Y:
-        raise ValueError(f"matvec batch {batch} exceeds {BATCH_VARIANTS[-1] * MAX_GRID_Y}")
+    if batch > MAX_BATCH:
+        raise ValueError(f"matvec batch {batch} exceeds {MAX_BATCH}")
     row_bytes = weight.row_bytes
     if row_bytes + 16 > MAX_SHARED_BYTES:
         raise ValueError(f"matvec row of {row_bytes} bytes exceeds the {MAX_SHARED_BYTES}-byte tile limit")
@@ -61,9 +62,13 @@ def plan_matvec(weight: DeviceWeight, batch: int, rows_per_cta: int | None = Non
     shared_bytes = rows_per_cta * row_bytes + 16
     if shared_bytes > MAX_SHARED_BYTES:
         raise ValueError(f"matvec tile of {rows_per_cta} rows x {row_bytes} bytes exceeds {MAX_SHARED_BYTES}")
+    num_row_tiles = -(-weight.rows // rows_per_cta)
+    num_chunks = -(-batch // max_b)
+    # Split batch chunks over grid.y only to reach CTAS_TO_FILL: each slice re-reads the weight.
+    grid_y = max(1, min(num_chunks, -(-CTAS_TO_FILL // num_row_tiles)))
     return MatvecLaunch(
         kernel_name=f"matvec_{weight.kernel_suffix}_b{max_b}",
-        grid=(-(-weight.rows // rows_per_cta), -(-batch // max_b), 1),
+        grid=(num_row_tiles, grid_y, 1),
         block=(32 * min(WARPS_PER_CTA, rows_per_cta), 1, 1),   # <= 4 rows per warp
         shared_bytes=shared_bytes,
         rows_per_cta=rows_per_cta,
