@@ -1,8 +1,8 @@
 """A real `qwen-serve serve` process for tests of clients in other languages (not a test module).
 
-    with LiveServer(model_path) as server:      # cpu backend, worker child process, ports picked free
-        server.target        # "127.0.0.1:PORT" for gRPC
-        server.metrics_url   # "http://127.0.0.1:PORT/metrics"
+with LiveServer(model_path) as server:      # cpu backend, worker child process, ports picked free
+    server.target        # "127.0.0.1:PORT" for gRPC
+    server.metrics_url   # "http://127.0.0.1:PORT/metrics"
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 REPO = Path(__file__).resolve().parents[1]
+DOCKERFILE = REPO / "Dockerfile"
 LISTENING = re.compile(r"listening on (\S+):(\d+)")
 
 
@@ -56,9 +57,28 @@ class LiveServer:
     def __enter__(self) -> LiveServer:
         env = {k: v for k, v in os.environ.items() if not k.startswith("QWEN_SERVE_")}
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "server.cli", "serve", "--backend", "cpu", "--model", str(self.model_path),
-             "--host", "127.0.0.1", "--port", "0", "--metrics-port", str(self.metrics_port), *self.extra_args],
-            cwd=REPO, env=env, stdout=self.log_file, stderr=subprocess.STDOUT, start_new_session=True,
+            [
+                sys.executable,
+                "-m",
+                "server.cli",
+                "serve",
+                "--backend",
+                "cpu",
+                "--model",
+                str(self.model_path),
+                "--host",
+                "127.0.0.1",
+                "--port",
+                "0",
+                "--metrics-port",
+                str(self.metrics_port),
+                *self.extra_args,
+            ],
+            cwd=REPO,
+            env=env,
+            stdout=self.log_file,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
         try:
             self.port = self._read_port()
@@ -100,10 +120,30 @@ class LiveServer:
         self.log_file.close()
         if self.process is None or self.process.poll() is not None:
             return
-        os.killpg(self.process.pid, signal.SIGTERM)   # its own session: the worker child goes too
+        os.killpg(self.process.pid, signal.SIGTERM)  # its own session: the worker child goes too
         try:
             self.process.wait(timeout=20)
         except subprocess.TimeoutExpired:
             os.killpg(self.process.pid, signal.SIGKILL)
             self.process.wait(timeout=10)
         Path(self.log_file.name).unlink(missing_ok=True)
+
+
+def entrypoint_script(dest_dir: Path) -> Path:
+    """The Dockerfile's `qwen-serve-entrypoint` heredoc, written to dest_dir."""
+    match = re.search(
+        r"<<'EOF' /usr/local/bin/qwen-serve-entrypoint\n(.*?)\nEOF\n", DOCKERFILE.read_text(), re.S
+    )
+    if match is None:
+        raise ValueError("entrypoint heredoc not found in the Dockerfile")
+    script = Path(dest_dir) / "qwen-serve-entrypoint"
+    script.write_text(match[1] + "\n")
+    return script
+
+
+def entrypoint_env(**settings: str) -> dict[str, str]:
+    """This environment without QWEN_SERVE_* (the host's must not leak in), the venv first on PATH (as
+    /opt/venv/bin is in the image), plus `settings`."""
+    base = {k: v for k, v in os.environ.items() if not k.startswith("QWEN_SERVE_")}
+    path = f"{Path(sys.executable).parent}:{base.get('PATH', '/usr/bin:/bin')}"
+    return {**base, "PATH": path, "PYTHONPATH": str(REPO), **settings}

