@@ -34,7 +34,9 @@ def run_worker(model_path: str, backend: str = "auto", socket_dir: str = "/tmp/q
 
     t0 = time.monotonic()
     model = load_gguf(model_path)
-    be = create_backend(backend, model)
+    # The cuda backend sizes its static step buffers (and CUDA graphs) from these; cpu ignores them.
+    be = create_backend(backend, model, max_num_tokens=max(max_tokens_per_step, max_batch),
+                        max_num_seqs=max_batch)
     if num_kv_blocks is None:
         num_kv_blocks = int(kv_cache_gb * 2**30) // be.kv_bytes_per_block(block_size)
     if num_kv_blocks < 1:

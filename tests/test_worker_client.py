@@ -4,6 +4,9 @@ bad requests rejected, ring overflow handled by back-pressure across processes."
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
+import time
 from pathlib import Path
 
 import pytest
@@ -119,8 +122,9 @@ def test_cancel_and_abort_free_kv_and_bad_requests_are_rejected(model_path: Path
 
 
 def test_tiny_rings_apply_back_pressure_without_loss(model_path: Path) -> None:
-    """4 KiB rings: 32 submits and per-step token records with 20 logprob alternatives do not fit
-    at once; everything still arrives, in order, equal to the normal run."""
+    """4 KiB rings: 32 submits to a frozen worker, and per-step token records with 20 logprob
+    alternatives to a front-end that does not read for 0.5 s, do not fit; both sides wait for space
+    and everything still arrives, in order, equal to each request run alone."""
     expected = expected_alone(model_path, list(range(32)), top_logprobs=20)
 
     async def main() -> tuple[list[list], int, int]:
@@ -128,9 +132,14 @@ def test_tiny_rings_apply_back_pressure_without_loss(model_path: Path) -> None:
                               request_ring_bytes=4096, event_ring_bytes=4096)
         await client.start()
         try:
-            streams = [collect(client, f"r{i}", i, top_logprobs=20) for i in range(32)]
-            results = await asyncio.gather(*streams)
-            return results, client.request_ring_full_count, (await client.stats())["event_ring_full"]
+            os.kill(client.worker_pid, signal.SIGSTOP)        # worker frozen: the request ring fills
+            tasks = [asyncio.create_task(collect(client, f"r{i}", i, top_logprobs=20)) for i in range(32)]
+            await asyncio.sleep(0.2)
+            request_waits = client.request_ring_full_count
+            os.kill(client.worker_pid, signal.SIGCONT)
+            time.sleep(0.5)  # noqa: ASYNC251 -- deliberately blocks the loop: the event ring fills
+            results = await asyncio.gather(*tasks)
+            return results, request_waits, (await client.stats())["event_ring_full"]
         finally:
             await client.close()
 
