@@ -24,6 +24,7 @@ NODE_DIR = REPO / "clients" / "node"
 CLI = NODE_DIR / "bin" / "qwen-node-client.js"
 PROMPT = "The capital of France is"
 MAX_TOKENS = 12
+TOKEN = "node-test-token"  # the server requires it: the clients must send it as bearer metadata
 
 pb2 = pytest.importorskip("qwen_serve.v1.generate_pb2", reason="Python stubs missing: run `make stubs`")
 pb2_grpc = pytest.importorskip(
@@ -49,17 +50,23 @@ def node_modules() -> Path:
 
 @pytest.fixture(scope="module")
 def server(tiny_model_path, node_modules):
-    with LiveServer(tiny_model_path) as live:
+    with LiveServer(tiny_model_path, extra_args=("--auth-token", TOKEN)) as live:
         yield live
 
 
-def run_node(*args: str, target: str, timeout: float = 120) -> subprocess.CompletedProcess:
+def run_node(
+    *args: str, target: str, token: str | None = TOKEN, timeout: float = 120
+) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("QWEN_CLIENT_")}
+    if token is not None:
+        env["QWEN_CLIENT_TOKEN"] = token
     return subprocess.run(
         ["node", str(CLI), *args, "--target", target],
         capture_output=True,
         text=True,
         timeout=timeout,
         cwd=NODE_DIR,
+        env=env,
     )
 
 
@@ -73,7 +80,9 @@ def python_complete(target: str, **overrides) -> pb2.CompleteResponse:
         **overrides,
     )
     with grpc.insecure_channel(target) as channel:
-        return pb2_grpc.QwenServeStub(channel).Complete(request, timeout=60)
+        return pb2_grpc.QwenServeStub(channel).Complete(
+            request, timeout=60, metadata=[("authorization", f"Bearer {TOKEN}")]
+        )
 
 
 def test_node_test_suite_passes_against_the_live_server(server):
@@ -83,7 +92,7 @@ def test_node_test_suite_passes_against_the_live_server(server):
         capture_output=True,
         text=True,
         timeout=180,
-        env={**os.environ, "QWEN_SERVE_TARGET": server.target},
+        env={**os.environ, "QWEN_CLIENT_TARGET": server.target, "QWEN_CLIENT_TOKEN": TOKEN},
     )
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
     counts = dict(re.findall(r"^# (pass|fail|skipped) (\d+)$", result.stdout, flags=re.MULTILINE))
@@ -142,6 +151,24 @@ def test_node_cli_reports_grpc_status_on_invalid_request(server):
     result = run_node("generate", PROMPT, "--temperature", "5", target=server.target)
     assert result.returncode == 1
     assert "INVALID_ARGUMENT" in result.stderr and "temperature" in result.stderr
+
+
+def test_node_cli_without_the_token_is_unauthenticated(server):
+    result = run_node("generate", PROMPT, "--max-tokens", "2", target=server.target, token=None)
+    assert result.returncode == 1
+    assert "UNAUTHENTICATED" in result.stderr
+    wrong = run_node("info", target=server.target, token="wrong-token")
+    assert wrong.returncode == 1 and "UNAUTHENTICATED" in wrong.stderr
+
+
+def test_node_cli_info_and_tokenize(server):
+    info = run_node("info", target=server.target)
+    assert info.returncode == 0, info.stderr
+    model_info = json.loads(info.stdout)
+    assert model_info["architecture"] == "qwen2" and model_info["backend"] == "cpu"
+    tokens = run_node("tokenize", "Hello world", target=server.target)
+    assert tokens.returncode == 0, tokens.stderr
+    assert len(json.loads(tokens.stdout)) >= 2
 
 
 def test_node_cli_reports_unavailable_server():

@@ -33,11 +33,11 @@ async function streamGeneration(client, request, values) {
 
 async function run(parsed) {
   const { command, values } = parsed;
-  const target = values.target || process.env.QWEN_SERVE_TARGET || '127.0.0.1:50051';
+  const target = values.target || process.env.QWEN_CLIENT_TARGET || '127.0.0.1:50051';
   const client = new QwenClient(target, {
     tls: Boolean(values.tls || values.ca),
     rootCertPath: values.ca,
-    authToken: values['auth-token'] || process.env.QWEN_SERVE_AUTH_TOKEN,
+    authToken: values.token || process.env.QWEN_CLIENT_TOKEN,
   });
   try {
     if (command === 'info') {

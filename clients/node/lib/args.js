@@ -13,7 +13,7 @@ commands:
   info                   print the model info as JSON
 
 options:
-  --target HOST:PORT     server address (default $QWEN_SERVE_TARGET or 127.0.0.1:50051)
+  --target HOST:PORT     server address (default $QWEN_CLIENT_TARGET or 127.0.0.1:50051)
   --system TEXT          system message for chat
   --max-tokens N         most tokens to generate
   --temperature T        0 = greedy; range [0, 2]
@@ -26,7 +26,7 @@ options:
   --json                 one JSON object per stream event instead of text
   --timeout SECONDS      gRPC deadline
   --tls  --ca FILE       TLS, optionally with a root certificate
-  --auth-token TOKEN     bearer token (default $QWEN_SERVE_AUTH_TOKEN)
+  --token TOKEN          bearer token (default $QWEN_CLIENT_TOKEN)
   -h, --help`;
 
 const OPTIONS = {
@@ -48,7 +48,7 @@ const OPTIONS = {
   timeout: { type: 'string' },
   tls: { type: 'boolean' },
   ca: { type: 'string' },
-  'auth-token': { type: 'string' },
+  token: { type: 'string' },
   help: { type: 'boolean', short: 'h' },
 };
 

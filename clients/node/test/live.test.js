@@ -1,13 +1,15 @@
 'use strict';
-// Against a running qwen-serve (QWEN_SERVE_TARGET=host:port; skipped without it): the stream has the
+// Against a running qwen-serve (QWEN_CLIENT_TARGET=host:port, QWEN_CLIENT_TOKEN if it wants one; skipped
+// without a target): the stream has the
 // documented shape and its text equals the unary Complete of the same greedy request.
 
 const test = require('node:test');
 const assert = require('node:assert/strict');
 const { QwenClient } = require('../lib/client');
 
-const target = process.env.QWEN_SERVE_TARGET;
-const skip = target ? false : 'QWEN_SERVE_TARGET not set';
+const target = process.env.QWEN_CLIENT_TARGET;
+const options = { authToken: process.env.QWEN_CLIENT_TOKEN };
+const skip = target ? false : 'QWEN_CLIENT_TARGET not set';
 const REQUEST = {
   prompt: 'The capital of France is',
   sampling: { temperature: 0 },
@@ -15,7 +17,7 @@ const REQUEST = {
 };
 
 test('Generate streams started, tokens, finished; text equals Complete', { skip }, async () => {
-  const client = new QwenClient(target);
+  const client = new QwenClient(target, options);
   try {
     await client.waitForReady(10);
     const events = [];
@@ -40,7 +42,7 @@ test('Generate streams started, tokens, finished; text equals Complete', { skip 
 });
 
 test('an invalid request fails with INVALID_ARGUMENT naming the field', { skip }, async () => {
-  const client = new QwenClient(target);
+  const client = new QwenClient(target, options);
   try {
     const bad = { ...REQUEST, sampling: { temperature: 5 } };
     await assert.rejects(client.complete(bad), (error) => error.code === 3 && /temperature/.test(error.details));
