@@ -1,86 +1,15 @@
 // GPU sampler implementing gpu_worker/sampling/sampler.py (see its docstring for the spec).
-// Candidate order = ascending candidate_key (value desc, id asc). Truncations keep a prefix of that
-// order, so each is a "cut" key; cuts are found by bisection over the 64-bit key space, each probe
-// one pass over the vocabulary with a fixed-order float64 block sum (no sort, no atomics), so a
-// row's token never depends on the other rows of the batch.
-#include "sampling_common.cuh"
+// Candidate order = ascending candidate_key (value desc, id asc); truncations keep a prefix of it.
+// Per step: penalties (in place) -> segment maxima -> segment float64 masses + bin counts (both
+// QS_SEGMENTS blocks per row) -> draw (one block per row: the sorted head, sampling_head.cuh, or
+// the bisection fallback, sampling_bisect.cuh). Every sum has a fixed order and every value a
+// fixed segment, so a row's token never depends on the other rows of the batch.
+#include "sampling_bisect.cuh"
+#include "sampling_head.cuh"
 
 #define QS_SAMPLE_THREADS 512
 
-namespace qs {
 
-struct SampleRow {
-    const float* x;    // [vocab] processed logits
-    int vocab;
-    float temperature; // 1 = no scaling
-    float x_max;       // max scaled value
-    double* scratch;   // shared, >= 32
-};
-
-__device__ __forceinline__ float scaled_value(const SampleRow& r, int i) {
-    return r.temperature == 1.0f ? r.x[i] : __fdiv_rn(r.x[i], r.temperature);
-}
-
-// Sum of weights exp(x - x_max) over candidates with key < bound (or <= bound when inclusive).
-// With count_only the sum counts candidates instead.
-__device__ double prefix_mass(const SampleRow& r, unsigned long long bound, bool inclusive, bool count_only) {
-    double sum = 0.0;
-    for (int i = threadIdx.x; i < r.vocab; i += blockDim.x) {
-        const float v = scaled_value(r, i);
-        const unsigned long long key = candidate_key(v, i);
-        if (key < bound || (inclusive && key == bound))
-            sum += count_only ? 1.0 : exp((double)v - (double)r.x_max);
-    }
-    return block_sum_f64(sum, r.scratch);
-}
-
-// Smallest key c in [lo, hi] with prefix_mass(c, inclusive) > target (>= when or_equal); hi when
-// none. Probe results are block-uniform, so the loop is too.
-__device__ unsigned long long bisect_first_above(const SampleRow& r, unsigned long long lo, unsigned long long hi,
-                                                 double target, bool inclusive, bool count_only, bool or_equal) {
-    while (lo < hi) {
-        const unsigned long long mid = lo + (hi - lo) / 2;
-        const double mass = prefix_mass(r, mid, inclusive, count_only);
-        const bool above = or_equal ? mass >= target : mass > target;
-        if (above) hi = mid; else lo = mid + 1;
-    }
-    return lo;
-}
-
-__device__ unsigned long long extreme_key(const SampleRow& r, bool want_max, double w_floor,
-                                          unsigned long long* scratch) {
-    unsigned long long best = ~0ull;
-    for (int i = threadIdx.x; i < r.vocab; i += blockDim.x) {
-        const float v = scaled_value(r, i);
-        if (w_floor > 0.0 && exp((double)v - (double)r.x_max) < w_floor) continue;
-        const unsigned long long key = candidate_key(v, i);
-        best = min(best, want_max ? ~key : key);
-    }
-    best = block_min_u64(best, scratch);
-    return want_max ? ~best : best;
-}
-
-// Steps 5-7 of the spec for one row; returns the token id.
-__device__ int sample_row(const SampleRow& r, const SampleArgs& a, unsigned long long* key_scratch) {
-    const unsigned long long first = extreme_key(r, false, 0.0, key_scratch);
-    unsigned long long cut = extreme_key(r, true, 0.0, key_scratch);
-    if (a.top_k > 0 && a.top_k < r.vocab)  // the k-th candidate: first key with k candidates <= it
-        cut = bisect_first_above(r, first, cut, (double)a.top_k, true, true, true);
-    if (a.top_p < 1.0) {
-        // Candidate i is dropped once the mass strictly before it reaches target. The smallest key
-        // c with mass(< c) >= target is (last kept key) + 1; target > 0 so c > first.
-        const double target = a.top_p * prefix_mass(r, cut, true, false);
-        const unsigned long long c = bisect_first_above(r, first, cut, target, false, false, true);
-        if (prefix_mass(r, c, false, false) >= target) cut = c - 1;
-    }
-    if (a.min_p > 0.0) cut = min(cut, extreme_key(r, true, a.min_p, key_scratch));
-    const double total = prefix_mass(r, cut, true, false);
-    const double target = (double)philox_uniform(a.seed, a.step) * total;
-    const unsigned long long chosen = bisect_first_above(r, first, cut, target, true, false, false);
-    return (int)(chosen & 0xffffffffull);
-}
-
-}  // namespace qs
 
 // Steps 1-3 (bias, repetition, frequency/presence), in place, bit-exact IEEE float32.
 // grid = (num_sampled), block = (256)
@@ -111,22 +40,97 @@ sampling_penalties_f32(float* logits, int vocab, const SampleArgs* args, const i
     }
 }
 
-// Steps 4-7: greedy argmax (lowest id at ties) or the truncated draw. grid = (num_sampled)
-extern "C" __global__ void __launch_bounds__(QS_SAMPLE_THREADS)
-sampling_draw_f32(const float* logits, int vocab, const SampleArgs* args, int* out_tokens) {
-    __shared__ double scratch[32];
+namespace qs {
+
+__device__ __forceinline__ SampleRow row_of(const float* logits, int vocab, const SampleArgs& a, double* scratch) {
+    return SampleRow{logits + (size_t)a.row * vocab, vocab, a.temperature == 0.0f ? 1.0f : a.temperature,
+                     0.0f, scratch};
+}
+
+__device__ __forceinline__ void segment_range(int vocab, int segment, int* begin, int* end) {
+    const int length = (vocab + QS_SEGMENTS - 1) / QS_SEGMENTS;
+    *begin = min(vocab, segment * length);
+    *end = min(vocab, *begin + length);
+}
+
+__device__ __forceinline__ unsigned long long best_key(const unsigned long long* seg_best) {
+    unsigned long long best = ~0ull;
+    for (int j = 0; j < QS_SEGMENTS; ++j) best = min(best, seg_best[j]);
+    return best;
+}
+
+}  // namespace qs
+
+// Best candidate key (max scaled value, lowest id) of each vocabulary segment.
+// grid = (num_sampled, QS_SEGMENTS), block = (256); seg_best: [num_sampled, QS_SEGMENTS]
+extern "C" __global__ void __launch_bounds__(256)
+sampling_segment_best_f32(const float* logits, int vocab, const SampleArgs* args, unsigned long long* seg_best) {
     __shared__ unsigned long long key_scratch[32];
     const SampleArgs a = args[blockIdx.x];
-    qs::SampleRow r{logits + (size_t)a.row * vocab, vocab, 1.0f, 0.0f, scratch};
+    const qs::SampleRow r = qs::row_of(logits, vocab, a, nullptr);
+    int begin, end;
+    qs::segment_range(vocab, blockIdx.y, &begin, &end);
+    unsigned long long best = ~0ull;
+    for (int i = begin + threadIdx.x; i < end; i += blockDim.x) best = min(best, qs::candidate_key(qs::scaled_value(r, i), i));
+    best = qs::block_min_u64(best, key_scratch);
+    if (threadIdx.x == 0) seg_best[blockIdx.x * QS_SEGMENTS + blockIdx.y] = best;
+}
+
+// Per segment: float64 mass sum exp(x - x_max) and counts per histogram bin (not for greedy rows).
+// grid = (num_sampled, QS_SEGMENTS), block = (256); seg_mass: [num_sampled, QS_SEGMENTS] f64;
+// seg_hist: [num_sampled, QS_SEGMENTS, QS_HIST_BINS] int32
+extern "C" __global__ void __launch_bounds__(256)
+sampling_segment_stats_f32(const float* logits, int vocab, const SampleArgs* args,
+                           const unsigned long long* seg_best, double* seg_mass, int* seg_hist) {
+    __shared__ double scratch[32];
+    __shared__ int bins[QS_HIST_BINS];
+    const SampleArgs a = args[blockIdx.x];
+    if (a.temperature == 0.0f) return;
+    qs::SampleRow r = qs::row_of(logits, vocab, a, scratch);
+    r.x_max = qs::key_value(qs::best_key(seg_best + blockIdx.x * QS_SEGMENTS));
+    for (int b = threadIdx.x; b < QS_HIST_BINS; b += blockDim.x) bins[b] = 0;
+    __syncthreads();
+    int begin, end;
+    qs::segment_range(vocab, blockIdx.y, &begin, &end);
+    double mass = 0.0;
+    for (int i = begin + threadIdx.x; i < end; i += blockDim.x) {
+        const float v = qs::scaled_value(r, i);
+        mass += exp((double)v - (double)r.x_max);
+        const int bin = qs::hist_bin(r.x_max, v);
+        if (bin < QS_HIST_BINS) atomicAdd(&bins[bin], 1);  // integer counts: order-free
+    }
+    mass = qs::block_sum_f64(mass, scratch);
+    const size_t segment = (size_t)blockIdx.x * QS_SEGMENTS + blockIdx.y;
+    if (threadIdx.x == 0) seg_mass[segment] = mass;
+    __syncthreads();
+    for (int b = threadIdx.x; b < QS_HIST_BINS; b += blockDim.x) seg_hist[segment * QS_HIST_BINS + b] = bins[b];
+}
+
+// Steps 4-7: greedy argmax (lowest id at ties) or the truncated draw. grid = (num_sampled),
+// block = (QS_SAMPLE_THREADS)
+extern "C" __global__ void __launch_bounds__(QS_SAMPLE_THREADS)
+sampling_draw_f32(const float* logits, int vocab, const SampleArgs* args, const unsigned long long* seg_best,
+                  const double* seg_mass, const int* seg_hist, int* out_tokens) {
+    __shared__ double scratch[32];
+    __shared__ unsigned long long key_scratch[32];
+    __shared__ qs::HeadScratch head;
+    const SampleArgs a = args[blockIdx.x];
+    const unsigned long long best = qs::best_key(seg_best + blockIdx.x * QS_SEGMENTS);
     if (a.temperature == 0.0f) {
-        const unsigned long long best = qs::extreme_key(r, false, 0.0, key_scratch);
-        if (threadIdx.x == 0) out_tokens[blockIdx.x] = (int)(best & 0xffffffffull);
+        if (threadIdx.x == 0) out_tokens[blockIdx.x] = qs::key_id(best);
         return;
     }
-    r.temperature = a.temperature;
-    const unsigned long long best = qs::extreme_key(r, false, 0.0, key_scratch);
-    r.x_max = qs::scaled_value(r, (int)(best & 0xffffffffull));
-    const int token = qs::sample_row(r, a, key_scratch);
+    qs::SampleRow r = qs::row_of(logits, vocab, a, scratch);
+    r.x_max = qs::key_value(best);
+    qs::choose_head(seg_hist + (size_t)blockIdx.x * QS_SEGMENTS * QS_HIST_BINS, head);
+    const bool have_head = qs::build_head(r, head);
+    if (threadIdx.x == 0) {
+        double total_all = 0.0;
+        for (int j = 0; j < QS_SEGMENTS; ++j) total_all += seg_mass[blockIdx.x * QS_SEGMENTS + j];
+        head.token = have_head ? qs::decide_on_head(a, head, vocab, total_all) : QS_FALLBACK;
+    }
+    __syncthreads();
+    const int token = head.token == QS_FALLBACK ? qs::sample_row(r, a, key_scratch) : head.token;
     if (threadIdx.x == 0) out_tokens[blockIdx.x] = token;
 }
 

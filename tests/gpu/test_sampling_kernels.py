@@ -84,3 +84,22 @@ def test_gpu_draws_follow_the_distribution_rule_over_many_seeds(gpu):
 def test_sample_args_record_matches_the_kernel_struct():
     assert sampling_ops.SAMPLE_ARGS_DTYPE.itemsize == 88
     assert sampling_ops.SAMPLE_ARGS_DTYPE.fields["temperature"][1] == 40
+
+
+def test_ties_flat_rows_and_wide_heads_match_the_spec(gpu):
+    """Rows that defeat the sorted-head fast path (all values tied: the bisection fallback) and
+    rows with many exact ties (order by lower id), under every truncation."""
+    rng = np.random.default_rng()
+    flat = np.full(VOCAB, 0.25, np.float32)
+    coarse = np.round(rng.standard_normal(VOCAB) * 2, 1).astype(np.float32)  # heavy ties
+    rows, requests = [], []
+    for row in (flat, coarse):
+        for params in (SamplingParams(temperature=1.0, seed=5), SamplingParams(temperature=0.9, top_k=3000, seed=6),
+                       SamplingParams(temperature=1.0, top_p=0.5, seed=7), SamplingParams(temperature=1.3, min_p=0.05, seed=8),
+                       SamplingParams(temperature=0.0)):
+            rows.append(row)
+            requests.append(SampleRequest(params, step=11, seen_token_ids=np.zeros(0, np.int32),
+                                          output_token_ids=np.zeros(0, np.int32)))
+    logits = np.stack(rows)
+    tokens, _, _ = run_gpu_sampler(gpu, logits, requests)
+    assert list(tokens) == [sample(logits[i], req)[0] for i, req in enumerate(requests)]

@@ -12,7 +12,8 @@ import numpy as np
 from gpu_worker.backends.base import SampleRequest, TokenLogprobs
 from gpu_worker.backends.cuda.device import DeviceTensor
 from gpu_worker.backends.cuda.ops import sampling as sampling_ops
-from gpu_worker.backends.cuda.ops.sampling import MAX_TOP_LOGPROBS, SAMPLE_ARGS_DTYPE
+from gpu_worker.backends.cuda.ops.sampling import (HIST_BINS, MAX_TOP_LOGPROBS, NUM_SEGMENTS,
+                                                    SAMPLE_ARGS_DTYPE)
 
 
 @dataclass(frozen=True)
@@ -89,6 +90,9 @@ class GpuSampler:
         self.top_ids = mem.tensor("sampling", (max_sampled, MAX_TOP_LOGPROBS), np.int32)
         self.top_logprobs = mem.tensor("sampling", (max_sampled, MAX_TOP_LOGPROBS), np.float32)
         self.raw_logits = mem.tensor("sampling", logits.shape, np.float32)  # pre-penalty copy
+        self.seg_best = mem.tensor("sampling", (max_sampled, NUM_SEGMENTS), np.uint64)
+        self.seg_mass = mem.tensor("sampling", (max_sampled, NUM_SEGMENTS), np.float64)
+        self.seg_hist = mem.tensor("sampling", (max_sampled, NUM_SEGMENTS, HIST_BINS), np.int32)
         self._aux_capacity = 0
         self._aux: dict[str, DeviceTensor] = {}
 
@@ -123,7 +127,9 @@ class GpuSampler:
                 self._aux_tensor("output_ids", packed.output_ids),
                 self._aux_tensor("output_counts", packed.output_counts))
         tokens = self.tokens.view(n)
-        sampling_ops.launch_draw(self.device, self.logits, args, tokens)
+        sampling_ops.launch_draw(self.device, self.logits, args, self.seg_best.view(n, NUM_SEGMENTS),
+                                 self.seg_mass.view(n, NUM_SEGMENTS), self.seg_hist.view(n, NUM_SEGMENTS, HIST_BINS),
+                                 tokens)
         host_tokens = np.empty(n, np.int32)
         cuda.memcpy_dtoh_async(host_tokens, tokens.ptr, stream)
         if not packed.needs_logprobs:

@@ -12,6 +12,9 @@ from gpu_worker.backends.cuda.ops.launch import check_tensor, launch, ptr
 
 DRAW_THREADS = 512      # QS_SAMPLE_THREADS
 PENALTY_THREADS = 256
+SEGMENT_THREADS = 256
+NUM_SEGMENTS = 32       # QS_SEGMENTS
+HIST_BINS = 256         # QS_HIST_BINS
 MAX_TOP_LOGPROBS = 20
 
 SAMPLE_ARGS_DTYPE = np.dtype([
@@ -49,12 +52,24 @@ def launch_penalties(device, logits: DeviceTensor, args: DeviceTensor, bias_ids:
            ptr(output_ids), ptr(output_counts))
 
 
-def launch_draw(device, logits: DeviceTensor, args: DeviceTensor, out_tokens: DeviceTensor) -> None:
-    """Spec steps 4-7: one token per record into out_tokens [num_sampled] int32."""
+def launch_draw(device, logits: DeviceTensor, args: DeviceTensor, seg_best: DeviceTensor, seg_mass: DeviceTensor,
+                seg_hist: DeviceTensor, out_tokens: DeviceTensor) -> None:
+    """Spec steps 4-7: one token per record into out_tokens [num_sampled] int32.
+
+    Scratch: seg_best [num_sampled, NUM_SEGMENTS] uint64, seg_mass [num_sampled, NUM_SEGMENTS] f64,
+    seg_hist [num_sampled, NUM_SEGMENTS, HIST_BINS] int32 (written by the segment kernels here)."""
     num_sampled, vocab = _check_args(logits, args)
+    check_tensor("seg_best", seg_best, (num_sampled, NUM_SEGMENTS), np.uint64)
+    check_tensor("seg_mass", seg_mass, (num_sampled, NUM_SEGMENTS), np.float64)
+    check_tensor("seg_hist", seg_hist, (num_sampled, NUM_SEGMENTS, HIST_BINS), np.int32)
     check_tensor("out_tokens", out_tokens, (num_sampled,), np.int32)
-    launch(device.kernel("sampling_draw_f32"), (num_sampled,), (DRAW_THREADS,), device.stream,
-           ptr(logits), np.int32(vocab), ptr(args), ptr(out_tokens))
+    stream, grid = device.stream, (num_sampled, NUM_SEGMENTS)
+    launch(device.kernel("sampling_segment_best_f32"), grid, (SEGMENT_THREADS,), stream,
+           ptr(logits), np.int32(vocab), ptr(args), ptr(seg_best))
+    launch(device.kernel("sampling_segment_stats_f32"), grid, (SEGMENT_THREADS,), stream,
+           ptr(logits), np.int32(vocab), ptr(args), ptr(seg_best), ptr(seg_mass), ptr(seg_hist))
+    launch(device.kernel("sampling_draw_f32"), (num_sampled,), (DRAW_THREADS,), stream,
+           ptr(logits), np.int32(vocab), ptr(args), ptr(seg_best), ptr(seg_mass), ptr(seg_hist), ptr(out_tokens))
 
 
 def launch_logprobs(device, raw_logits: DeviceTensor, args: DeviceTensor, tokens: DeviceTensor,
