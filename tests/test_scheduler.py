@@ -17,7 +17,7 @@ def advance(out: SchedulerOutput, new_token: int = 7) -> None:
     for chunk in out.chunks:
         chunk.seq.num_computed_tokens += chunk.num_tokens
         if chunk.samples:
-            chunk.seq.token_ids.append(new_token)
+            chunk.seq.append_token(new_token)
 
 
 def test_chunked_prefill_respects_the_token_budget() -> None:
@@ -114,3 +114,14 @@ def test_finish_frees_blocks_wherever_the_sequence_is() -> None:
     sched.finish(running, "cancelled")
     sched.finish(running, "cancelled")                         # idempotent
     assert not sched.has_work and bm.num_free_blocks == 8
+
+
+def test_sequence_views_stay_valid_while_the_buffer_grows() -> None:
+    seq = make_seq(1, 3)
+    first_view = seq.token_ids
+    for t in range(100):
+        seq.append_token(1000 + t)
+    assert first_view.tolist() == [1, 2, 3]
+    assert seq.token_ids.tolist() == [1, 2, 3] + list(range(1000, 1100))
+    assert seq.output_token_ids.tolist() == list(range(1000, 1100)) and seq.num_output_tokens == 100
+    assert not seq.token_ids.flags.writeable

@@ -123,7 +123,7 @@ class Engine:
             token_id = int(output.token_ids[i])
             if token_id < 0:
                 raise RuntimeError(f"backend sampled nothing for request {seq.key} that asked for a token")
-            seq.token_ids.append(token_id)
+            seq.append_token(token_id)
             self.num_generated_tokens += 1
             if seq.first_token_ns is None:
                 seq.first_token_ns = now
@@ -171,8 +171,7 @@ def build_step_batch(chunks: list[ScheduledChunk], block_size: int) -> StepBatch
     lens = np.array([c.num_tokens for c in chunks], dtype=np.int32)
     query_start_loc = np.zeros(len(chunks) + 1, dtype=np.int32)
     np.cumsum(lens, out=query_start_loc[1:])
-    input_ids = np.concatenate([np.asarray(c.seq.token_ids[c.start:c.start + c.num_tokens], dtype=np.int32)
-                                for c in chunks])
+    input_ids = np.concatenate([c.seq.token_ids[c.start:c.start + c.num_tokens] for c in chunks])
     positions = np.concatenate([np.arange(c.start, c.start + c.num_tokens, dtype=np.int32) for c in chunks])
     max_blocks = max(len(c.seq.block_table) for c in chunks)
     block_tables = np.full((len(chunks), max_blocks), -1, dtype=np.int32)   # [num_seqs, max_blocks]
@@ -191,5 +190,4 @@ def build_step_batch(chunks: list[ScheduledChunk], block_size: int) -> StepBatch
 def _sample_request(chunk: ScheduledChunk) -> SampleRequest:
     seq = chunk.seq
     return SampleRequest(params=seq.spec.sampling, step=seq.num_output_tokens,
-                         seen_token_ids=np.asarray(seq.token_ids, dtype=np.int32),
-                         output_token_ids=np.asarray(seq.output_token_ids, dtype=np.int32))
+                         seen_token_ids=seq.token_ids, output_token_ids=seq.output_token_ids)

@@ -5,6 +5,8 @@ import enum
 import time
 from dataclasses import dataclass
 
+import numpy as np
+
 from gpu_worker.sampling.params import SamplingParams, StoppingParams
 
 
@@ -47,8 +49,12 @@ class Sequence:
     def __init__(self, spec: RequestSpec, arrival_ns: int | None = None) -> None:
         self.spec = spec
         self.key = spec.request_key
-        self.token_ids: list[int] = list(spec.prompt_token_ids)
         self.num_prompt_tokens = len(spec.prompt_token_ids)
+        # Prompt + generated ids in a growable buffer, so each step hands the sampler views instead
+        # of converting a Python list (that cost grows with length x batch). # [capacity] int32
+        self._ids = np.empty(max(16, 2 * self.num_prompt_tokens), dtype=np.int32)
+        self._ids[:self.num_prompt_tokens] = spec.prompt_token_ids
+        self._num_tokens = self.num_prompt_tokens
         self.num_computed_tokens = 0
         self.block_table: list[int] = []
         self.status = SequenceStatus.WAITING
@@ -61,16 +67,32 @@ class Sequence:
         self.finished_ns: int | None = None
 
     @property
+    def token_ids(self) -> np.ndarray:
+        """Prompt + generated ids, a read-only view # [num_tokens] int32. Entries never change
+        once written (appends go past the view; growth copies to a new buffer)."""
+        view = self._ids[:self._num_tokens]
+        view.flags.writeable = False
+        return view
+
+    @property
+    def output_token_ids(self) -> np.ndarray:
+        return self.token_ids[self.num_prompt_tokens:]
+
+    def append_token(self, token_id: int) -> None:
+        if self._num_tokens == len(self._ids):
+            grown = np.empty(2 * len(self._ids), dtype=np.int32)
+            grown[:self._num_tokens] = self._ids[:self._num_tokens]
+            self._ids = grown
+        self._ids[self._num_tokens] = token_id
+        self._num_tokens += 1
+
+    @property
     def num_tokens(self) -> int:
-        return len(self.token_ids)
+        return self._num_tokens
 
     @property
     def num_output_tokens(self) -> int:
-        return len(self.token_ids) - self.num_prompt_tokens
-
-    @property
-    def output_token_ids(self) -> list[int]:
-        return self.token_ids[self.num_prompt_tokens:]
+        return self._num_tokens - self.num_prompt_tokens
 
     @property
     def num_uncomputed_tokens(self) -> int:
