@@ -41,6 +41,10 @@ if [ -z "$MODEL" ]; then
   $PY -m gpu_worker.model.synthetic "$BENCH_MODEL" --preset real --type Q4_K 2>&1 | tail -1
 fi
 $PY tests/gpu/bench_cuda_backend.py "$BENCH_MODEL" --json "$OUT/bench.json" 2>&1 | tee "$OUT/bench.log"
+step "per-kernel profile of a decode step (batch 1 and 64, context 256)"
+for b in 1 64; do
+  $PY tests/gpu/profile_decode_step.py "$BENCH_MODEL" --batch $b --context 256 2>&1 | tee -a "$OUT/profile.log"
+done
 rm -f "$OUT/synthetic_q4k.gguf"
 
 step "summary"

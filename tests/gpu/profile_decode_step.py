@@ -1,0 +1,84 @@
+"""Per-kernel GPU time of one decode step (events around 100 back-to-back launches of each op),
+to find where the decode graph's time goes. A diagnostic, not a test.
+
+    python3 tests/gpu/profile_decode_step.py MODEL.gguf [--batch 1] [--context 256]"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from batch_runner import run_batch  # noqa: E402
+from gpu_worker.backends.cuda.backend import CudaBackend  # noqa: E402
+from gpu_worker.backends.cuda.ops.attention_decode import launch_attention_decode  # noqa: E402
+from gpu_worker.backends.cuda.ops.rms_norm import launch_rms_norm  # noqa: E402
+from gpu_worker.backends.cuda.ops.rope_kv import launch_rope_kv  # noqa: E402
+from gpu_worker.backends.cuda.ops.swiglu import launch_swiglu  # noqa: E402
+from gpu_worker.model.gguf_loader import load_gguf  # noqa: E402
+from gpu_worker.model.quant_types import type_name  # noqa: E402
+from gpu_worker.sampling.params import SamplingParams  # noqa: E402
+
+
+def time_us(device, fn, repeats: int = 100) -> float:
+    cuda = device.cuda
+    fn()
+    start, end = cuda.Event(), cuda.Event()
+    start.record(device.stream)
+    for _ in range(repeats):
+        fn()
+    end.record(device.stream)
+    end.synchronize()
+    return 1e3 * end.time_since(start) / repeats
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("model", type=Path)
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--context", type=int, default=256)
+    args = parser.parse_args()
+    b = CudaBackend(load_gguf(args.model), max_num_tokens=1024, max_num_seqs=64, max_model_len=2048)
+    b.allocate_kv_cache(2048, 16)
+    rng = np.random.default_rng(0)
+    prompts = [rng.integers(0, b.config.vocab_size, args.context).tolist() for _ in range(args.batch)]
+    run_batch(b, prompts, [SamplingParams(temperature=0.0)] * args.batch, 2)  # leaves valid decode inputs
+    f, d, a, m, cfg, n = b.forward, b.device, b.forward.acts, b.forward.meta, b.config, args.batch
+    layer, (k_cache, v_cache) = f.weights.layers[0], f.kv[0]
+    hd = cfg.head_dim
+    q3 = a.q.rows(0, n).view(n, cfg.num_heads, hd)
+    kv3 = (a.k.rows(0, n).view(n, cfg.num_kv_heads, hd), a.v.rows(0, n).view(n, cfg.num_kv_heads, hd))
+    rows = []
+    for name, weight, x, y in (("q", layer.q, a.normed, a.q), ("k", layer.k, a.normed, a.k), ("v", layer.v, a.normed, a.v),
+                               ("o", layer.o, a.attn, a.delta), ("gate", layer.gate, a.normed, a.gate),
+                               ("up", layer.up, a.normed, a.up), ("down", layer.down, a.gate, a.delta),
+                               ("lm_head", f.weights.lm_head, a.final, a.logits)):
+        us = time_us(d, lambda w=weight, x=x, y=y: f._linear(w, x.rows(0, n), y.rows(0, n)))
+        gbs = weight.nbytes / us / 1e3
+        rows.append((f"matvec {name} {type_name(weight.qtype)} [{weight.rows}x{weight.cols}]", us, f"{gbs:,.0f} GB/s"))
+    res, normed = a.residual.rows(0, n), a.normed.rows(0, n)
+    rows.append(("rms_norm", time_us(d, lambda: launch_rms_norm(d, res, layer.ffn_norm, normed, 1e-6,
+                                                                 delta=a.delta.rows(0, n), write_residual=False)), ""))
+    rows.append(("rope_kv", time_us(d, lambda: launch_rope_kv(d, q3, *kv3, (layer.bias_q, layer.bias_k, layer.bias_v),
+                                                              m.positions.view(n), m.slot_mapping.view(n), f.rope,
+                                                              k_cache, v_cache)), ""))
+    rows.append((f"attention_decode ctx {args.context}", time_us(d, lambda: launch_attention_decode(
+        d, q3, a.attn.rows(0, n).view(n, cfg.num_heads, hd), k_cache, v_cache, m.block_tables, m.token_seq.view(n),
+        m.positions.view(n), f.block_size)), ""))
+    rows.append(("swiglu", time_us(d, lambda: launch_swiglu(d, a.gate.rows(0, n), a.up.rows(0, n), a.gate.rows(0, n))), ""))
+    bucket = b.graphs.bucket_for(n)
+    rows.append((f"whole decode graph (bucket {bucket})", time_us(d, lambda: b.graphs.replay(bucket), 20), ""))
+    per_layer = sum(us for name, us, _ in rows[:7]) + 2 * rows[8][1] + sum(r[1] for r in rows[9:12])
+    print(f"\n| op (batch {n}) | us per launch | bandwidth |\n|---|---|---|")
+    for name, us, extra in rows:
+        print(f"| {name} | {us:.1f} | {extra} |")
+    print(f"| sum of one layer's launches x {cfg.num_layers} + lm_head | {per_layer * cfg.num_layers + rows[7][1]:.0f} | |")
+    b.close()
+
+
+if __name__ == "__main__":
+    main()
