@@ -13,6 +13,7 @@ API (used by server.servicer; everything runs on one asyncio loop):
         Closing the generator early (client cancel) aborts the request in the worker.
     await client.abort(request_id) -> bool   # False when not in flight; its stream ends "cancelled"
     await client.stats() -> dict             # kv_blocks_total/used/free, running, waiting, steps, ...
+    client.latest_stats: dict                # the same, pushed by the worker once a second
     client.is_serving; client.on_state_change(callback(serving: bool)); client.restart_count
     await client.close()
 Supervision: socket EOF (exit, crash, kill -9), a heartbeat stalled for `heartbeat_timeout_s`
@@ -83,6 +84,7 @@ class WorkerClient:
         self.start_timeout_s = start_timeout_s
         self.restart_enabled = restart
         self.model_info: dict[str, Any] = {}
+        self.latest_stats: dict[str, Any] = {}     # the worker's unsolicited stats, once a second
         self.restart_count = 0
         self._conn: ClientConnection | None = None
         self._streams: dict[int, _Stream] = {}
@@ -228,7 +230,10 @@ class WorkerClient:
                                                       fin.queue_ns, fin.ttft_ns, fin.decode_ns))
         elif msg_type == messages.STATS:
             stats = messages.decode_stats(payload)
-            future = self._stats_waiters.get(int(stats.pop("nonce", 0)))
+            nonce = int(stats.pop("nonce", 0))
+            if nonce == 0:
+                self.latest_stats = stats
+            future = self._stats_waiters.get(nonce)
             if future is not None and not future.done():
                 future.set_result(stats)
 

@@ -113,6 +113,9 @@ def test_cancel_and_abort_free_kv_and_bad_requests_are_rejected(model_path: Path
             with pytest.raises(ValueError):
                 await anext(client.generate("empty", [], SamplingParams(), StoppingParams()))
             assert len(await collect(client, "still-fine", 3)) > 1
+            client.latest_stats = {}
+            await asyncio.sleep(1.2)                           # the worker pushes stats once a second
+            assert client.latest_stats["kv_blocks_total"] == 64
         finally:
             await client.close()
         with pytest.raises(WorkerUnavailable):

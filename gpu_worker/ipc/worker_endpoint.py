@@ -44,6 +44,8 @@ class WorkerEndpoint:
         self._outbound: deque[tuple[int, bytes]] = deque()
         self._num_connections = 0
         self.num_event_ring_full = 0         # times publishing had to wait for the front-end
+        self.stats_interval_s = 1.0
+        self._last_stats_at = 0.0
         self._listener = self._listen()
         # The heartbeat thread touches the event ring; the lock keeps it off a ring being unmapped.
         self._ring_lock = threading.Lock()
@@ -111,6 +113,7 @@ class WorkerEndpoint:
         self._flush_outbound()
         assert self._events is not None
         self._events.advance()
+        self._publish_periodic_stats()
         if self.engine.has_work and not self._outbound and not self.stop_requested:
             self._publish(self.engine.step())
             self._flush_outbound()
@@ -118,6 +121,16 @@ class WorkerEndpoint:
             ready = select.select([self._conn, self._listener], [], [], self.heartbeat_interval_s)[0]
             if self._listener in ready:
                 self._reject_extra_client()
+
+    def _publish_periodic_stats(self) -> None:
+        """Unsolicited stats (nonce 0) once per stats interval, for metrics without polling."""
+        now = time.monotonic()
+        if now - self._last_stats_at >= self.stats_interval_s:
+            self._last_stats_at = now
+            self._outbound.append((messages.STATS, messages.encode_stats(self._stats(0))))
+
+    def _stats(self, nonce: int) -> dict[str, Any]:
+        return {"nonce": nonce, **self.engine.stats(), "event_ring_full": self.num_event_ring_full}
 
     def _accept(self) -> None:
         conn, _ = self._listener.accept()
@@ -183,9 +196,7 @@ class WorkerEndpoint:
         if msg_type == messages.ABORT:
             return self.engine.abort(messages.decode_key(payload))
         if msg_type == messages.STATS_REQUEST:
-            stats = {"nonce": messages.decode_key(payload), **self.engine.stats(),
-                     "event_ring_full": self.num_event_ring_full}
-            self._outbound.append((messages.STATS, messages.encode_stats(stats)))
+            self._outbound.append((messages.STATS, messages.encode_stats(self._stats(messages.decode_key(payload)))))
         elif msg_type == messages.SHUTDOWN:
             self.stop_requested = True
         else:
