@@ -64,10 +64,19 @@ def time_step_parts(backend, batch: int, repeats: int = 20) -> dict[str, float]:
         return 1e3 * float(np.median(times))
 
     parts["graph_forward_ms"] = median_ms(lambda: backend.graphs.replay(bucket))
-    for name, params in (("sample_greedy_ms", GREEDY), ("sample_top_p_ms", SamplingParams(temperature=0.8, top_p=0.9))):
-        req = SampleRequest(params, 1, np.zeros(0, np.int32), np.zeros(0, np.int32))
-        packed = pack_sampling(list(range(batch)), [req] * batch, backend.config.vocab_size)
-        parts[name] = median_ms(lambda: backend.sampler.sample(packed))
+    samplings = (("greedy", GREEDY), ("top_p", SamplingParams(temperature=0.8, top_p=0.9)),
+                 ("t1", SamplingParams(temperature=1.0)))
+    for logits_kind in ("model", "peaked"):
+        if logits_kind == "peaked":  # LLM-like rows: a few hundred strong candidates over a noise floor
+            rng = np.random.default_rng(0)
+            rows = (rng.standard_normal((batch, backend.config.vocab_size)) * 2).astype(np.float32)
+            for row in rows:
+                row[rng.integers(0, len(row), 300)] += rng.uniform(6, 14, 300).astype(np.float32)
+            backend.device.cuda.memcpy_htod(backend.forward.acts.logits.ptr, rows)
+        for name, params in samplings:
+            req = SampleRequest(params, 1, np.zeros(0, np.int32), np.zeros(0, np.int32))
+            packed = pack_sampling(list(range(batch)), [req] * batch, backend.config.vocab_size)
+            parts[f"sample_{name}_{logits_kind}_ms"] = median_ms(lambda: backend.sampler.sample(packed))
     return parts
 
 

@@ -15,6 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from batch_runner import run_batch  # noqa: E402
 from gpu_worker.backends.cuda.backend import CudaBackend  # noqa: E402
+from gpu_worker.backends.cuda.graphs import DecodeGraphs  # noqa: E402
 from gpu_worker.backends.cuda.ops.attention_decode import launch_attention_decode  # noqa: E402
 from gpu_worker.backends.cuda.ops.rms_norm import launch_rms_norm  # noqa: E402
 from gpu_worker.backends.cuda.ops.rope_kv import launch_rope_kv  # noqa: E402
@@ -24,16 +25,22 @@ from gpu_worker.model.quant_types import type_name  # noqa: E402
 from gpu_worker.sampling.params import SamplingParams  # noqa: E402
 
 
-def time_us(device, fn, repeats: int = 100) -> float:
+def time_us(device, fn, repeats: int = 50) -> float:
+    """GPU microseconds per call of fn: `repeats` calls captured in one CUDA graph (so host launch
+    cost is out), replayed 5 times between events."""
     cuda = device.cuda
     fn()
+    graphs = DecodeGraphs(device.stream, (repeats,))
+    graphs.capture(repeats, lambda n: [fn() for _ in range(n)])
+    graphs.replay(repeats)
     start, end = cuda.Event(), cuda.Event()
     start.record(device.stream)
-    for _ in range(repeats):
-        fn()
+    for _ in range(5):
+        graphs.replay(repeats)
     end.record(device.stream)
     end.synchronize()
-    return 1e3 * end.time_since(start) / repeats
+    graphs.close()
+    return 1e3 * end.time_since(start) / (5 * repeats)
 
 
 def main() -> None:
@@ -42,8 +49,16 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--context", type=int, default=256)
     args = parser.parse_args()
-    b = CudaBackend(load_gguf(args.model), max_num_tokens=1024, max_num_seqs=64, max_model_len=2048)
-    b.allocate_kv_cache(2048, 16)
+    b = CudaBackend(load_gguf(args.model), max_num_tokens=max(1024, args.batch * args.context), max_num_seqs=64,
+                    max_model_len=2048)
+    b.allocate_kv_cache(4096, 16)
+    try:
+        profile(b, args)
+    finally:
+        b.close()
+
+
+def profile(b, args) -> None:
     rng = np.random.default_rng(0)
     prompts = [rng.integers(0, b.config.vocab_size, args.context).tolist() for _ in range(args.batch)]
     run_batch(b, prompts, [SamplingParams(temperature=0.0)] * args.batch, 2)  # leaves valid decode inputs
@@ -71,13 +86,18 @@ def main() -> None:
         m.positions.view(n), f.block_size)), ""))
     rows.append(("swiglu", time_us(d, lambda: launch_swiglu(d, a.gate.rows(0, n), a.up.rows(0, n), a.gate.rows(0, n))), ""))
     bucket = b.graphs.bucket_for(n)
-    rows.append((f"whole decode graph (bucket {bucket})", time_us(d, lambda: b.graphs.replay(bucket), 20), ""))
+    start, end = d.cuda.Event(), d.cuda.Event()
+    start.record(d.stream)
+    for _ in range(20):
+        b.graphs.replay(bucket)
+    end.record(d.stream)
+    end.synchronize()
+    rows.append((f"whole decode graph (bucket {bucket})", 1e3 * end.time_since(start) / 20, ""))
     per_layer = sum(us for name, us, _ in rows[:7]) + 2 * rows[8][1] + sum(r[1] for r in rows[9:12])
     print(f"\n| op (batch {n}) | us per launch | bandwidth |\n|---|---|---|")
     for name, us, extra in rows:
         print(f"| {name} | {us:.1f} | {extra} |")
     print(f"| sum of one layer's launches x {cfg.num_layers} + lm_head | {per_layer * cfg.num_layers + rows[7][1]:.0f} | |")
-    b.close()
 
 
 if __name__ == "__main__":
