@@ -116,7 +116,7 @@ class WorkerClient:
                 task.cancel()
         if self._conn is not None and self.process.owned:
             self._conn.try_send(messages.SHUTDOWN, b"")
-        await self.process.stop()
+        await self.process.stop(kill=self._conn is None)     # no connection: SHUTDOWN cannot reach it
         self._drop_connection(WorkerUnavailable("worker client closed"))
         self.process.cleanup()
 
