@@ -114,9 +114,11 @@ class WorkerClient:
         for task in (self._watchdog_task, self._recover_task):
             if task is not None:
                 task.cancel()
-        if self._conn is not None and self.process.owned:
-            self._conn.try_send(messages.SHUTDOWN, b"")
-        await self.process.stop(kill=self._conn is None)     # no connection: SHUTDOWN cannot reach it
+        # SHUTDOWN lets the worker free its segments and exit 0; where it cannot be sent (no
+        # connection, full ring) the owned worker is killed instead of waiting out the grace period.
+        shutdown_sent = (self.process.owned and self._conn is not None
+                         and self._conn.try_send(messages.SHUTDOWN, b""))
+        await self.process.stop(kill=not shutdown_sent)
         self._drop_connection(WorkerUnavailable("worker client closed"))
         self.process.cleanup()
 
@@ -239,7 +241,10 @@ class WorkerClient:
 
     # --- supervision ---------------------------------------------------------------------------
     def _worker_lost(self, reason: str) -> None:
-        if self._conn is None or self._closing:
+        if self._conn is None:
+            return
+        if self._closing:       # expected EOF; stop watching the socket (EOF stays readable)
+            asyncio.get_running_loop().remove_reader(self._conn.sock.fileno())
             return
         log.error("worker lost: %s", reason)
         self._drop_connection(WorkerUnavailable(f"worker unavailable: {reason}"))
@@ -254,7 +259,7 @@ class WorkerClient:
             conn.close(unlink=True)
         for stream in self._streams.values():
             stream.finished = True
-            stream.queue.put_nowait(error)
+            stream.queue.put_nowait(type(error)(*error.args))   # one exception object per stream
         self._streams.clear()
         self._keys.clear()
         self._outbound.clear()

@@ -118,6 +118,7 @@ def test_cancel_and_abort_free_kv_and_bad_requests_are_rejected(model_path: Path
             assert client.latest_stats["kv_blocks_total"] == 64
         finally:
             await client.close()
+        assert client.process.proc is not None and client.process.proc.returncode == 0   # clean SHUTDOWN
         with pytest.raises(WorkerUnavailable):
             await anext(client.generate("closed", [1], SamplingParams(), StoppingParams()))
 
