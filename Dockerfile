@@ -78,6 +78,8 @@ if [ -z "${QWEN_SERVE_MODEL:-}" ] && [ "${1:-serve}" != "fetch-model" ]; then
   export QWEN_SERVE_MODEL
 fi
 if [ "${1:-}" = "worker" ]; then
+  # The healthcheck wants a socket newer than this start: one left by a crashed run does not count.
+  touch "${TMPDIR:-/tmp}/qwen-serve-worker.started"
   for pair in MODEL:--model BACKEND:--backend KV_CACHE_GB:--kv-cache-gb NUM_KV_BLOCKS:--num-kv-blocks \
               BLOCK_SIZE:--block-size MAX_BATCH:--max-batch MAX_TOKENS_PER_STEP:--max-tokens-per-step \
               LOG_LEVEL:--log-level; do

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import socket
 import subprocess
 import time
 from pathlib import Path
@@ -174,70 +175,98 @@ def wait_until(condition, timeout_s: float, what: str, process: subprocess.Popen
         time.sleep(0.2)
 
 
+class ComposePair:
+    """The cpu profile's worker and server, run here from their resolved compose specs."""
+
+    def __init__(self, tmp_path: Path, model_path: Path):
+        self.services = resolved("cpu")["services"]
+        self.socket_dir, self.grpc_port = tmp_path / "run", free_port()
+        model = {"QWEN_SERVE_MODEL": str(model_path)}
+        self.worker_cmd, self.worker_env = localized(
+            self.services["worker-cpu"],
+            self.socket_dir,
+            {**model, "QWEN_SERVE_KV_CACHE_GB": "0.02", "TMPDIR": str(tmp_path)},
+        )
+        self.server_cmd, self.server_env = localized(
+            self.services["server-cpu"],
+            self.socket_dir,
+            {
+                **model,
+                "QWEN_SERVE_HOST": "127.0.0.1",
+                "QWEN_SERVE_PORT": str(self.grpc_port),
+                "QWEN_SERVE_METRICS_PORT": str(free_port()),
+            },
+        )
+        self.entrypoint = str(entrypoint_script(tmp_path))
+        self.processes: list[subprocess.Popen] = []
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.grpc_port}"
+
+    def start(self, command: list[str], env: dict[str, str]) -> subprocess.Popen:
+        process = subprocess.Popen(
+            ["sh", self.entrypoint, *command],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        self.processes.append(process)
+        return process
+
+    def worker_healthy(self) -> bool:
+        return healthcheck(self.services["worker-cpu"], self.worker_env, {SOCKET_DIR: str(self.socket_dir)})
+
+    def server_healthy(self) -> bool:
+        replacements = {"127.0.0.1:50051": self.target}
+        return healthcheck(self.services["server-cpu"], self.server_env, replacements)
+
+    def stop_all(self) -> None:
+        for process in reversed(self.processes):
+            if process.poll() is None:
+                process.terminate()
+                process.wait(timeout=30)
+
+
 def test_cpu_profile_wiring_serves_as_two_processes(tmp_path, tiny_model_path):
     from gpu_worker.ipc import channel
 
-    services = resolved("cpu")["services"]
-    socket_dir, grpc_port = tmp_path / "run", free_port()
-    model = {"QWEN_SERVE_MODEL": str(tiny_model_path)}
-    worker_cmd, worker_env = localized(
-        services["worker-cpu"], socket_dir, {**model, "QWEN_SERVE_KV_CACHE_GB": "0.02"}
-    )
-    server_cmd, server_env = localized(
-        services["server-cpu"],
-        socket_dir,
-        {
-            **model,
-            "QWEN_SERVE_HOST": "127.0.0.1",
-            "QWEN_SERVE_PORT": str(grpc_port),
-            "QWEN_SERVE_METRICS_PORT": str(free_port()),
-        },
-    )
-    entrypoint = str(entrypoint_script(tmp_path))
-    assert not healthcheck(services["worker-cpu"], worker_env, {SOCKET_DIR: str(socket_dir)})
-    processes = []
+    pair = ComposePair(tmp_path, tiny_model_path)
+    assert not pair.worker_healthy() and not pair.server_healthy()
+    # The worker healthcheck counts a socket bound after the entrypoint's start marker only: one left on
+    # the volume by a crashed run, older than the restarted container's marker, does not count.
+    start_marker = tmp_path / "qwen-serve-worker.started"
+    pair.socket_dir.mkdir(mode=0o700)
+    start_marker.touch()
+    time.sleep(0.01)
+    with socket.socket(socket.AF_UNIX) as crashed_run:
+        crashed_run.bind(str(pair.socket_dir / "worker.sock"))
+    assert pair.worker_healthy()
+    time.sleep(0.01)
+    start_marker.touch()
+    assert not pair.worker_healthy()
     try:
-        worker = subprocess.Popen(
-            ["sh", entrypoint, *worker_cmd],
-            env=worker_env,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            start_new_session=True,
-        )
-        processes.append(worker)
-        wait_until(
-            lambda: healthcheck(services["worker-cpu"], worker_env, {SOCKET_DIR: str(socket_dir)}),
-            90,
-            "worker healthcheck",
-            worker,
-        )
-        assert not healthcheck(
-            services["server-cpu"], server_env, {"127.0.0.1:50051": f"127.0.0.1:{grpc_port}"}
-        )
-        server = subprocess.Popen(
-            ["sh", entrypoint, *server_cmd],
-            env=server_env,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            start_new_session=True,
-        )
-        processes.append(server)
-        wait_until(
-            lambda: healthcheck(
-                services["server-cpu"], server_env, {"127.0.0.1:50051": f"127.0.0.1:{grpc_port}"}
-            ),
-            90,
-            "server gRPC healthcheck",
-            server,
-        )
-        text = complete_greedy(f"127.0.0.1:{grpc_port}")
-        segments = list(Path("/dev/shm").glob(channel.segment_prefix(socket_dir) + "*"))
+        worker = pair.start(pair.worker_cmd, pair.worker_env)
+        wait_until(pair.worker_healthy, 90, "worker healthcheck", worker)
+        server = pair.start(pair.server_cmd, pair.server_env)
+        wait_until(pair.server_healthy, 90, "server gRPC healthcheck", server)
+        first = complete_greedy(pair.target)
+        segments = list(Path("/dev/shm").glob(channel.segment_prefix(pair.socket_dir) + "*"))
+
+        # A crashed worker: the server turns unhealthy; `restart: unless-stopped` starts the same command
+        # again, and the server re-attaches through the socket volume and turns healthy.
+        worker.kill()
+        worker.wait(timeout=10)
+        wait_until(lambda: not pair.server_healthy(), 30, "server unhealthy without its worker", server)
+        restarted = pair.start(pair.worker_cmd, pair.worker_env)
+        wait_until(pair.server_healthy, 90, "server healthy after the worker restart", restarted)
+        second = complete_greedy(pair.target)
     finally:
-        for process in reversed(processes):
-            process.terminate()
-            process.wait(timeout=30)
-    assert text.finished.usage.completion_tokens == 4
+        pair.stop_all()
+    assert first.finished.usage.completion_tokens == 4
     assert len(segments) >= 2, "request and event rings live in /dev/shm, shared by both processes"
+    assert list(second.token_ids) == list(first.token_ids)
 
 
 def complete_greedy(target: str):

@@ -77,6 +77,7 @@ def test_entrypoint_turns_env_into_worker_flags(tmp_path, tiny_model_path):
         QWEN_SERVE_BACKEND="cuda",
         QWEN_SERVE_BLOCK_SIZE="",
         QWEN_SERVE_KV_CACHE_GB="0.01",
+        TMPDIR=str(tmp_path),
     )
     process = subprocess.Popen(
         [
@@ -101,6 +102,7 @@ def test_entrypoint_turns_env_into_worker_flags(tmp_path, tiny_model_path):
             assert time.monotonic() < deadline, "worker did not become ready"
             time.sleep(0.1)
         argv = Path(f"/proc/{process.pid}/cmdline").read_bytes().decode().split("\0")  # after exec
+        socket_mtime_ns = (socket_dir / "worker.sock").stat().st_mtime_ns
     finally:
         process.terminate()
         process.wait(timeout=30)
@@ -110,10 +112,14 @@ def test_entrypoint_turns_env_into_worker_flags(tmp_path, tiny_model_path):
     assert args[args.index("--kv-cache-gb") + 1] == "0.01"
     assert args.count("--backend") == 1 and args[args.index("--backend") + 1] == "cpu"  # the flag wins
     assert "--block-size" not in args  # empty variable = not set
+    start_marker = tmp_path / "qwen-serve-worker.started"  # what the compose healthcheck compares with
+    assert start_marker.stat().st_mtime_ns < socket_mtime_ns
 
 
 def test_entrypoint_passes_bad_settings_to_the_worker_parser(tmp_path, tiny_model_path):
-    env = entrypoint_env(QWEN_SERVE_MODEL=str(tiny_model_path), QWEN_SERVE_MAX_BATCH="lots")
+    env = entrypoint_env(
+        QWEN_SERVE_MODEL=str(tiny_model_path), QWEN_SERVE_MAX_BATCH="lots", TMPDIR=str(tmp_path)
+    )
     result = subprocess.run(
         ["sh", str(entrypoint_script(tmp_path)), "worker", "--socket-dir", str(tmp_path)],
         env=env,
