@@ -1,5 +1,5 @@
-"""Stubs for C++, Go and Java generated from proto/ and compiled (`make -C clients ...`); the C++ and Go
-example clients then stream from a live server and must print exactly what the Python stubs get.
+"""Stubs for C++, Go and Java generated from proto/ and compiled (`make -C clients ...`); the C++, Go and
+Java example clients then stream from a live server and must print exactly what the Python stubs get.
 
 Toolchains come from Debian (`make -C clients deps`, run by `make stubs-all`); a language whose
 compiler or protoc plugin is absent is skipped with the missing tool named.
@@ -53,15 +53,28 @@ def build(language: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def cpp_client() -> Path:
+def cpp_client() -> list[str]:
     build("cpp")
-    return BUILD / "cpp" / "qwen_cpp_client"
+    return [str(BUILD / "cpp" / "qwen_cpp_client")]
 
 
 @pytest.fixture(scope="module")
-def go_client() -> Path:
+def go_client() -> list[str]:
     build("go")
-    return BUILD / "go" / "qwen-go-client"
+    return [str(BUILD / "go" / "qwen-go-client")]
+
+
+@pytest.fixture(scope="module")
+def java_client() -> list[str]:
+    build("java")
+    if shutil.which("java") is None:
+        pytest.skip("no java runtime")
+    classpath = subprocess.run(
+        ["make", "-s", "-C", str(CLIENTS), "java-classpath"], capture_output=True, text=True, check=True
+    ).stdout.strip()
+    if "netty-transport" not in classpath:
+        pytest.skip("grpc-netty's netty jars missing (libnetty-java): run `make -C clients deps`")
+    return ["java", "-cp", classpath, "dev.qwenserve.example.QwenJavaClient"]
 
 
 @pytest.fixture(scope="module")
@@ -86,7 +99,7 @@ def test_cpp_stubs_compile_and_link(cpp_client):
     generated = BUILD / "cpp" / "qwen_serve" / "v1"
     assert (generated / "generate.pb.h").is_file() and (generated / "generate.grpc.pb.h").is_file()
     assert "class QwenServe" in (generated / "generate.grpc.pb.h").read_text()
-    assert cpp_client.is_file()
+    assert Path(cpp_client[0]).is_file()
 
 
 def test_java_stubs_compile():
@@ -98,14 +111,14 @@ def test_java_stubs_compile():
 
 
 def test_go_stubs_build(go_client):
-    assert go_client.is_file()
+    assert Path(go_client[0]).is_file()
 
 
-@pytest.mark.parametrize("client_fixture", ["cpp_client", "go_client"])
+@pytest.mark.parametrize("client_fixture", ["cpp_client", "go_client", "java_client"])
 def test_compiled_client_streams_what_python_gets(client_fixture, server, request):
     client = request.getfixturevalue(client_fixture)
     result = subprocess.run(
-        [str(client), server.target, PROMPT, str(MAX_TOKENS)], capture_output=True, text=True, timeout=120
+        [*client, server.target, PROMPT, str(MAX_TOKENS)], capture_output=True, text=True, timeout=120
     )
     assert result.returncode == 0, result.stderr
     expected = python_greedy(server.target)
@@ -115,7 +128,7 @@ def test_compiled_client_streams_what_python_gets(client_fixture, server, reques
 
 def test_cpp_client_reports_an_unreachable_server(cpp_client):
     result = subprocess.run(
-        [str(cpp_client), "127.0.0.1:1", PROMPT, "4"], capture_output=True, text=True, timeout=60
+        [*cpp_client, "127.0.0.1:1", PROMPT, "4"], capture_output=True, text=True, timeout=60
     )
     assert result.returncode == 1 and "error: 14" in result.stderr  # 14 = UNAVAILABLE
 

@@ -40,7 +40,8 @@ public final class QwenJavaClient {
           System.out.flush();
         } else if (response.hasFinished()) {
           System.out.println();
-          System.err.println("[" + response.getFinished().getReason() + "]");
+          System.err.println("[" + response.getFinished().getReason() + ": "
+              + response.getFinished().getUsage().getCompletionTokens() + " generated tokens]");
         }
       }
     } finally {
