@@ -129,3 +129,15 @@ def test_entrypoint_passes_bad_settings_to_the_worker_parser(tmp_path, tiny_mode
     )
     assert result.returncode != 0
     assert "argument --max-batch: invalid int value: 'lots'" in result.stderr
+
+
+def test_dockerfile_preinstalls_exactly_the_project_dependencies():
+    import tomllib
+
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    wanted = {*project["dependencies"], *project["optional-dependencies"]["cuda"]}
+    build_stage = DOCKERFILE.read_text().split(" AS runtime", 1)[0]
+    preinstall = re.search(r"/opt/venv/bin/pip install ('.*?)\n\S", build_stage, flags=re.DOTALL)
+    assert preinstall, "dependency pre-install step not found"
+    listed = set(re.findall(r"'([^']+)'", preinstall[1]))
+    assert listed == wanted, f"Dockerfile pre-install differs from pyproject: {listed ^ wanted}"
