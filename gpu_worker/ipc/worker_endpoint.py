@@ -110,10 +110,10 @@ class WorkerEndpoint:
             self.stop_requested = self.parent_pid is not None
             return
         self._handle_requests()
-        self._flush_outbound()
         assert self._events is not None
         self._events.advance()
         self._publish_periodic_stats()
+        self._flush_outbound()      # anything still queued means the ring is full: do not step
         if self.engine.has_work and not self._outbound and not self.stop_requested:
             self._publish(self.engine.step())
             self._flush_outbound()
