@@ -182,7 +182,9 @@ def test_node_cli_reports_unavailable_server():
 
 
 def test_metrics_scrape_shows_tokens_and_ttft_after_generation(server):
-    run_node("generate", PROMPT, "--max-tokens", "4", "--temperature", "0", target=server.target)
+    run_node(
+        "generate", PROMPT, "--max-tokens", "4", "--temperature", "0", "--ignore-eos", target=server.target
+    )
     with urllib.request.urlopen(server.metrics_url, timeout=5) as response:
         families = {f.name: f for f in text_string_to_metric_families(response.read().decode())}
 
@@ -195,3 +197,5 @@ def test_metrics_scrape_shows_tokens_and_ttft_after_generation(server):
     assert value(ttft, ttft + "_count") >= 1
     assert value(ttft, ttft + "_bucket", le="+Inf") == value(ttft, ttft + "_count")
     assert value("qwen_serve:requests", "qwen_serve:requests_total", outcome="length") >= 1
+    itl = "qwen_serve:inter_token_latency_seconds"
+    assert value(itl, itl + "_count") >= 3  # 4 tokens, 3 gaps (at least)
