@@ -17,9 +17,9 @@ from gpu_worker.model.qwen2_reference import PagedKVCache, Qwen2Weights, forward
 
 FIXTURE = Path(__file__).parent / "fixtures" / "hf_reference_q4_k_m.npz"
 BLOCK_SIZE = 16
-# Bounds with headroom over what was measured (see the printed numbers; report in the module docstring
-# of tools/make_hf_reference.py): the residual comes from fp16 KV here vs fp32 KV in HF.
-MAX_REL_DIFF = 0.01          # max |our - HF| over HF's top-20 logits, relative to HF's logit range
+# Measured 2026-11-28: max |d|/range 1.3e-3 over 619 positions, top-1 619/619. The residual comes
+# mostly from the fp16 KV cache here (HF keeps float32 KV); the bound leaves ~4x headroom.
+MAX_REL_DIFF = 5e-3          # max |our - HF| over HF's top-20 logits, relative to HF's logit range
 MARGIN_FOR_TOP1 = 0.05
 
 pytestmark = pytest.mark.real_model

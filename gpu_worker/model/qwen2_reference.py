@@ -14,6 +14,9 @@ in other chunk sizes) is designed in, not hoped for:
 """
 from __future__ import annotations
 
+import logging
+import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -27,6 +30,8 @@ if TYPE_CHECKING:
     from gpu_worker.model.gguf_loader import GGUFModel, TensorInfo
 
 ROW_TILE = 16   # rows per BLAS call; 16 decode rows cost about as much as 1 on 2 cores (memory-bound)
+MAX_MATMUL_THREADS = 4
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, eq=False)
@@ -133,18 +138,66 @@ class PagedKVCache:
 
 
 def linear(x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None = None) -> np.ndarray:
-    """x # [n, in] @ weight.T # [out, in] (+ bias) -> # [n, out], in fixed ROW_TILE-row BLAS calls."""
+    """x # [n, in] @ weight.T # [out, in] (+ bias) -> # [n, out], in fixed ROW_TILE-row BLAS calls.
+
+    The output features are split into fixed column ranges, one per matmul thread (single-threaded
+    BLAS each): OpenBLAS's own threads spin while they wait, which made decode 3-6x slower whenever
+    other processes shared the 2 cores; these threads block instead. The ranges depend only on the
+    weight's shape, so a row's result still depends on nothing but that row.
+    """
     n = x.shape[0]
     num_padded = -(-n // ROW_TILE) * ROW_TILE
     padded = np.zeros((num_padded, x.shape[1]), np.float32)
     padded[:n] = x
     out = np.empty((num_padded, weight.shape[0]), np.float32)
-    for start in range(0, num_padded, ROW_TILE):
-        np.matmul(padded[start:start + ROW_TILE], weight.T, out=out[start:start + ROW_TILE])
+
+    def run_columns(lo: int, hi: int) -> None:
+        for start in range(0, num_padded, ROW_TILE):
+            np.matmul(padded[start:start + ROW_TILE], weight[lo:hi].T, out=out[start:start + ROW_TILE, lo:hi])
+
+    pool = _matmul_pool()
+    for future in [pool.submit(run_columns, lo, hi) for lo, hi in column_ranges(weight.shape[0])]:
+        future.result()
     out = out[:n]
     if bias is not None:
         out += bias
     return out
+
+
+def num_matmul_threads() -> int:
+    return max(1, min(MAX_MATMUL_THREADS, len(os.sched_getaffinity(0))))
+
+
+def column_ranges(num_out: int) -> list[tuple[int, int]]:
+    """[lo, hi) output-feature ranges, one per matmul thread, boundaries on multiples of 16."""
+    parts = min(num_matmul_threads(), max(1, num_out // 64))
+    bounds = [min(num_out, -(-num_out * i // parts // 16) * 16) for i in range(parts)] + [num_out]
+    return [(lo, hi) for lo, hi in zip(bounds, bounds[1:]) if hi > lo]
+
+
+_pool: ThreadPoolExecutor | None = None
+
+
+def _forget_pool_after_fork() -> None:
+    global _pool
+    _pool = None   # a forked child has none of the parent's threads: make a new pool on first use
+
+
+os.register_at_fork(after_in_child=_forget_pool_after_fork)
+
+
+def _matmul_pool() -> ThreadPoolExecutor:
+    """The process's matmul threads, created on first use; BLAS is limited to 1 thread then."""
+    global _pool
+    if _pool is None:
+        try:
+            from threadpoolctl import threadpool_limits
+
+            threadpool_limits(limits=1, user_api="blas")
+        except ImportError:   # still correct, only slower on busy machines
+            log.warning("threadpoolctl is missing: BLAS keeps its own threads (slower under load)")
+        _pool = ThreadPoolExecutor(num_matmul_threads(), thread_name_prefix="matmul")
+    return _pool
 
 
 def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
