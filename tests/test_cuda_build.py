@@ -11,7 +11,9 @@ import pytest
 
 from gpu_worker.backends.cuda.ops.embedding import plan_embedding
 from gpu_worker.backends.cuda.ops.gemm import TILE_M_CHOICES, TILE_N, plan_gemm
-from gpu_worker.backends.cuda.ops.matvec import BATCH_VARIANTS, MAX_SHARED_BYTES, plan_matvec
+from gpu_worker.backends.cuda.ops.matvec import (
+    BATCH_VARIANTS, KERNEL_PREFIXES, MAX_SHARED_BYTES, MatvecFusion, plan_matvec,
+)
 from gpu_worker.backends.cuda.ops.quant_weight import DeviceWeight
 from gpu_worker.model.quant_types import SUPPORTED_TYPES, quant_spec
 
@@ -47,10 +49,12 @@ def quant_kernel_entries(tmp_path_factory) -> set[str]:
 def test_every_planned_kernel_exists(quant_kernel_entries):
     planned = set()
     for weight in weights_of_real_shapes():
-        planned |= {plan_matvec(weight, batch).kernel_name for batch in (1, 2, 3, 8, 64)}
+        planned |= {plan_matvec(weight, batch, None, epilogue).kernel_name
+                    for batch in (1, 2, 3, 8, 64) for epilogue in KERNEL_PREFIXES}
         planned.add(plan_embedding(weight, 4).kernel_name)
         planned |= {plan_gemm(weight, 100, tile_m).kernel_name for tile_m in TILE_M_CHOICES}
-    assert len(planned) == len(SUPPORTED_TYPES) * (len(BATCH_VARIANTS) + 1 + len(TILE_M_CHOICES))
+    per_type = len(KERNEL_PREFIXES) * len(BATCH_VARIANTS) + 1 + len(TILE_M_CHOICES)
+    assert len(planned) == len(SUPPORTED_TYPES) * per_type
     assert planned <= quant_kernel_entries, sorted(planned - quant_kernel_entries)
 
 
@@ -76,6 +80,25 @@ def test_matvec_plan_covers_every_row_within_shared_memory():
             assert plan.block[0] <= 32 * plan.rows_per_cta    # no warp without a row
             warps = plan.block[0] // 32
             assert -(-plan.rows_per_cta // warps) <= 4        # kRowsPerWarp in matvec.cu
+
+
+def test_swiglu_plans_give_each_warp_whole_gate_up_pairs():
+    for weight in weights_of_real_shapes():
+        for batch in (1, 8, 64):
+            plan = plan_matvec(weight, batch, None, "swiglu")
+            rows_per_warp = -(-plan.rows_per_cta // (plan.block[0] // 32))
+            assert rows_per_warp in (2, 4) and plan.rows_per_cta % 2 == 0
+    odd = DeviceWeight(8, 895, 896, ptr=1 << 20)
+    with pytest.raises(ValueError):
+        plan_matvec(odd, 1, None, "swiglu")
+    with pytest.raises(ValueError):   # 10 rows over 4 warps would split a pair
+        plan_matvec(DeviceWeight(8, 896, 896, ptr=1 << 20), 1, 10, "swiglu")
+
+
+def test_matvec_fusion_validates():
+    for bad in (dict(epilogue="gelu"), dict(norm_eps=0.0), dict(norm_weight_ptr=(1 << 20) + 4)):
+        with pytest.raises(ValueError):
+            MatvecFusion(**bad)
 
 
 def test_gemm_plan_covers_output_tiles():

@@ -19,7 +19,9 @@ import test_quant_kernels as kit  # noqa: E402  (module loader shared with the t
 from gguf import GGMLQuantizationType as QType  # noqa: E402
 
 from gpu_worker.backends.cuda.ops.gemm import GemmOp, plan_gemm  # noqa: E402
-from gpu_worker.backends.cuda.ops.matvec import MAX_SHARED_BYTES, MatvecOp, plan_matvec  # noqa: E402
+from gpu_worker.backends.cuda.ops.matvec import (  # noqa: E402
+    MAX_SHARED_BYTES, MatvecFusion, MatvecOp, plan_matvec,
+)
 from gpu_worker.backends.cuda.ops.quant_weight import DeviceWeight  # noqa: E402
 
 POOL_BYTES = 1 << 30
@@ -110,6 +112,30 @@ def bench_matvec(drv, module, stream, pool: int, timer: Timer) -> list[dict]:
     return results
 
 
+FUSED_SHAPES = [("gate+up swiglu", 9728, 896, QType.Q5_0, "swiglu"), ("o accumulate", 896, 896, QType.Q5_0, "accumulate"),
+                ("down accumulate", 896, 4864, QType.Q6_K, "accumulate")]
+
+
+def bench_fused(drv, module, stream, pool: int, timer: Timer) -> list[dict]:
+    """Fused launches (RMSNorm prologue on the gate/up one) at batch 1, default tiling."""
+    matvec, dev, rng = MatvecOp(module), kit.Device(drv), np.random.default_rng(2)
+    results = []
+    for name, rows, cols, qtype, epilogue in FUSED_SHAPES:
+        weight = DeviceWeight(int(qtype), rows, cols, pool)
+        copies = max(2, min(64, POOL_BYTES // (-(-weight.nbytes // 256) * 256)))
+        stride = -(-weight.nbytes // 256) * 256
+        weights = [DeviceWeight(int(qtype), rows, cols, pool + i * stride) for i in range(copies)]
+        gain = dev.upload(np.ones(cols, np.float32)) if epilogue == "swiglu" else 0
+        fusion = MatvecFusion(epilogue, norm_weight_ptr=gain)
+        x = dev.upload(rng.standard_normal((1, cols), dtype=np.float32))
+        y = dev.upload(np.zeros((1, rows), np.float32))
+        us = timer.per_launch_us(lambda i: matvec(weights[i % copies], x, y, 1, stream, None, fusion), 4 * copies)
+        results.append(dict(kernel="fused", shape=name, rows=rows, cols=cols, type=qtype.name, batch=1,
+                            variant="*", us=us, weight_bytes=weight.nbytes,
+                            gbs=weight.nbytes / (us * 1e-6) / 1e9))
+    return results
+
+
 def bench_gemm(drv, module, stream, pool: int, timer: Timer, tokens: int = 512) -> list[dict]:
     gemm, dev, rng = GemmOp(module), kit.Device(drv), np.random.default_rng(1)
     results = []
@@ -147,7 +173,8 @@ def main() -> None:
         drv.memcpy_htod(pool + offset, chunk)
     timer = Timer(drv, stream)
     copy_gbs = copy_bandwidth_gbs(drv, pool, timer)
-    rows = bench_matvec(drv, module, stream, pool, timer) + bench_gemm(drv, module, stream, pool, timer)
+    rows = (bench_matvec(drv, module, stream, pool, timer) + bench_fused(drv, module, stream, pool, timer)
+            + bench_gemm(drv, module, stream, pool, timer))
     report = dict(card=card, graph_timing=timer.cu is not None, copy_gbs=copy_gbs, results=rows)
     if len(sys.argv) > 1:
         Path(sys.argv[1]).write_text(json.dumps(report, indent=1))

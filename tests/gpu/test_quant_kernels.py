@@ -16,7 +16,7 @@ from gguf.quants import dequantize
 
 from gpu_worker.backends.cuda.ops.embedding import EmbeddingOp
 from gpu_worker.backends.cuda.ops.gemm import GemmOp
-from gpu_worker.backends.cuda.ops.matvec import MAX_ROWS_PER_CTA, MAX_SHARED_BYTES, MatvecOp
+from gpu_worker.backends.cuda.ops.matvec import MAX_ROWS_PER_CTA, MAX_SHARED_BYTES, MatvecFusion, MatvecOp
 from gpu_worker.backends.cuda.ops.quant_weight import DeviceWeight
 from gpu_worker.model.quant_types import SUPPORTED_TYPES, quant_spec
 
@@ -151,6 +151,41 @@ def test_matvec_matches_reference_and_is_batch_invariant(gpu, qtype):
             matvec(weight, dev.upload(x[order]), y_ptr, len(order), stream, rows_per_cta=rows_per_cta)
             y = dev.read(y_ptr, (len(order), rows), stream)
             np.testing.assert_array_equal(y, y11[order], err_msg=f"variance for {order}, {rows_per_cta}")
+
+
+FUSION_TYPES = [QType.F16, QType.Q5_0, QType.Q8_0, QType.Q4_K, QType.Q6_K]
+
+
+@pytest.mark.parametrize("qtype", FUSION_TYPES, ids=lambda t: t.name)
+def test_matvec_fusions_match_reference_and_are_batch_invariant(gpu, qtype):
+    """RMSNorm prologue with each epilogue (store, residual accumulate, SwiGLU on interleaved rows)."""
+    drv, module, stream = gpu
+    dev, rng, matvec = Device(drv), np.random.default_rng(300 + int(qtype)), MatvecOp(module)
+    rows, cols, batch, eps = 260, 512, 11, 1e-6
+    weight, dense = upload_weight(dev, qtype, rows, cols, rng)
+    x = (3.0 * rng.standard_normal((batch, cols))).astype(np.float32)
+    gain = rng.uniform(0.5, 1.5, cols).astype(np.float32)
+    x64 = x.astype(np.float64)
+    normed = x64 / np.sqrt(np.mean(x64 ** 2, axis=1, keepdims=True) + eps) * gain
+    product = normed @ dense.T
+    gate, up = product[:, 0::2], product[:, 1::2]
+    residual = rng.standard_normal((batch, rows), dtype=np.float32)
+    with np.errstate(over="ignore"):   # exp(-gate) may overflow to inf: silu -> -0, as on the GPU
+        silu = gate / (1 + np.exp(-gate))
+    expected = {"store": product, "accumulate": residual + product, "swiglu": silu * up}
+    for epilogue, ref in expected.items():
+        fusion = MatvecFusion(epilogue, norm_weight_ptr=dev.upload(gain), norm_eps=eps)
+        out_rows = rows // 2 if epilogue == "swiglu" else rows
+        start = residual if epilogue == "accumulate" else np.full((batch, out_rows), np.nan, np.float32)
+        outs = []
+        for order in (list(range(batch)), [4], [9, 4, 1]):      # b8 (two chunks), b1, b4
+            y_ptr = dev.upload(start[order])
+            matvec(weight, dev.upload(x[order]), y_ptr, len(order), stream, fusion=fusion)
+            outs.append(dev.read(y_ptr, (len(order), out_rows), stream))
+        assert not np.isnan(outs[0]).any()
+        assert rel_error(outs[0], ref) <= MATVEC_TOLERANCE, epilogue
+        np.testing.assert_array_equal(outs[1], outs[0][[4]], err_msg=f"{epilogue}: B=1 differs")
+        np.testing.assert_array_equal(outs[2], outs[0][[9, 4, 1]], err_msg=f"{epilogue}: B=3 differs")
 
 
 @pytest.mark.parametrize("qtype", ALL_TYPES, ids=lambda t: t.name)
