@@ -7,9 +7,9 @@ Layout (little endian):
       padded to 8 bytes. Positions are monotonic byte counters; a record may wrap around the
       end of the data area (copied in two parts).
 Only the producer writes write_pos/next_seq/heartbeat, only the consumer read_pos; a position
-is published (one aligned 8-byte store) after the bytes it covers, which x86-64 and ARM64
-Python processes observe in order for this use (the store goes through a numpy view, not a
-cached Python object). A full ring refuses the write (`try_write` -> False): the producer sets
+is published (one aligned 8-byte store through a numpy view) after the bytes it covers; x86-64
+keeps stores in order (TSO), so the consumer never sees a position before its bytes. Weakly
+ordered CPUs (ARM64) would need explicit fences here: not supported yet. A full ring refuses the write (`try_write` -> False): the producer sets
 `writer_waiting` and waits for the consumer's wake-up — back-pressure, never loss.
 """
 from __future__ import annotations
