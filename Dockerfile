@@ -23,16 +23,15 @@ RUN apt-get update \
     && apt-get install -y --no-install-recommends python3 python3-venv python3-dev build-essential make \
     && rm -rf /var/lib/apt/lists/*
 WORKDIR /app
-# Dependencies first (pyproject's list + the cuda extra; a test keeps them in sync), so that a source
+# Dependencies first (pyproject's list + the cuda extra, read from pyproject itself), so that a source
 # change does not rebuild PyCUDA.
 # README.md* : the glob keeps the build working before a README exists (pyproject names it).
 COPY pyproject.toml Makefile README.md* ./
 COPY clients/python/pyproject.toml clients/python/pyproject.toml
-RUN python3 -m venv /opt/venv \
+RUN python3 -c 'import tomllib; p = tomllib.load(open("pyproject.toml", "rb"))["project"]; print("\n".join(p["dependencies"] + p["optional-dependencies"]["cuda"]))' > /tmp/requirements.txt \
+    && python3 -m venv /opt/venv \
     && /opt/venv/bin/pip install --upgrade pip \
-    && /opt/venv/bin/pip install 'pycuda>=2024.1' 'numpy>=1.26' 'gguf>=0.10' 'tokenizers>=0.19' 'jinja2>=3.1' \
-       'grpcio>=1.62' 'grpcio-tools>=1.62' 'grpcio-health-checking>=1.62' 'grpcio-reflection>=1.62' \
-       'protobuf>=4.25' 'prometheus-client>=0.20'
+    && /opt/venv/bin/pip install -r /tmp/requirements.txt
 COPY proto proto
 COPY cuda cuda
 COPY gpu_worker gpu_worker
