@@ -10,7 +10,9 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
+import time
 import urllib.request
 from pathlib import Path
 
@@ -199,3 +201,38 @@ def test_metrics_scrape_shows_tokens_and_ttft_after_generation(server):
     assert value("qwen_serve:requests", "qwen_serve:requests_total", outcome="length") >= 1
     itl = "qwen_serve:inter_token_latency_seconds"
     assert value(itl, itl + "_count") >= 3  # 4 tokens, 3 gaps (at least)
+
+
+def test_ctrl_c_in_the_node_cli_cancels_the_request_on_the_server(server):
+    env = {**os.environ, "QWEN_CLIENT_TOKEN": TOKEN}
+    command = ["node", str(CLI), "generate", PROMPT, "--max-tokens", "2000", "--ignore-eos", "--json"]
+    process = subprocess.Popen(
+        [*command, "--target", server.target],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    try:
+        while '"token"' not in process.stdout.readline():  # streaming has begun
+            assert process.poll() is None, process.stderr.read()
+        process.send_signal(signal.SIGINT)
+        _, stderr = process.communicate(timeout=15)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 1 and "CANCELLED" in stderr
+
+    deadline = time.monotonic() + 5  # the worker drops the request within a step and frees its KV blocks
+    while True:
+        info = json.loads(run_node("info", target=server.target).stdout)
+        if info.get("running_requests", 0) == 0 and info["kv_blocks_free"] == info["kv_blocks_total"]:
+            break
+        assert time.monotonic() < deadline, f"request still running after cancel: {info}"
+        time.sleep(0.2)
+    with urllib.request.urlopen(server.metrics_url, timeout=5) as response:
+        samples = [s for f in text_string_to_metric_families(response.read().decode()) for s in f.samples]
+    cancelled = [
+        s.value for s in samples if s.labels == {"outcome": "cancelled"} and s.name.endswith("_total")
+    ]
+    assert cancelled and cancelled[0] >= 1
