@@ -38,6 +38,16 @@ def random_requests(rng, count: int) -> list[SampleRequest]:
     return requests
 
 
+@pytest.fixture(params=["head", "bisect"])
+def sampler_kind(request, monkeypatch):
+    """Both draw kernels: the segment + sorted-head one (default) and the bisection-only one."""
+    if request.param == "bisect":
+        monkeypatch.setenv(sampling_ops.SAMPLER_ENV, "bisect")
+    else:
+        monkeypatch.delenv(sampling_ops.SAMPLER_ENV, raising=False)
+    return request.param
+
+
 def run_gpu_sampler(gpu, logits: np.ndarray, requests):
     logits_d = gpu.upload(logits)
     sampler = GpuSampler(gpu.device, logits_d, len(requests))
@@ -46,7 +56,7 @@ def run_gpu_sampler(gpu, logits: np.ndarray, requests):
     return tokens, logprobs, gpu.download(logits_d)
 
 
-def test_gpu_sampler_matches_numpy_spec(gpu):
+def test_gpu_sampler_matches_numpy_spec(gpu, sampler_kind):
     rng = np.random.default_rng()
     requests = random_requests(rng, 48)
     logits = (rng.standard_normal((48, VOCAB)) * 3).astype(np.float32)
@@ -66,7 +76,7 @@ def test_gpu_sampler_matches_numpy_spec(gpu):
     assert tokens[0] == 7
 
 
-def test_gpu_draws_follow_the_distribution_rule_over_many_seeds(gpu):
+def test_gpu_draws_follow_the_distribution_rule_over_many_seeds(gpu, sampler_kind):
     """Many seeds of one peaked distribution: every draw equals the spec's (exercises the whole
     cumulative range, not only the top candidate)."""
     rng = np.random.default_rng()
@@ -86,7 +96,7 @@ def test_sample_args_record_matches_the_kernel_struct():
     assert sampling_ops.SAMPLE_ARGS_DTYPE.fields["temperature"][1] == 40
 
 
-def test_ties_flat_rows_and_wide_heads_match_the_spec(gpu):
+def test_ties_flat_rows_and_wide_heads_match_the_spec(gpu, sampler_kind):
     """Rows that defeat the sorted-head fast path (all values tied: the bisection fallback) and
     rows with many exact ties (order by lower id), under every truncation."""
     rng = np.random.default_rng()

@@ -5,11 +5,14 @@ The specification is gpu_worker/sampling/sampler.py; `SAMPLE_ARGS_DTYPE` mirrors
 """
 from __future__ import annotations
 
+import os
+
 import numpy as np
 
 from gpu_worker.backends.cuda.device import DeviceTensor
 from gpu_worker.backends.cuda.ops.launch import check_tensor, launch, ptr
 
+SAMPLER_ENV = "QWEN_SERVE_GPU_SAMPLER"   # "bisect": the first, bisection-only draw kernel
 DRAW_THREADS = 512      # QS_SAMPLE_THREADS
 PENALTY_THREADS = 256
 SEGMENT_THREADS = 256
@@ -64,6 +67,10 @@ def launch_draw(device, logits: DeviceTensor, args: DeviceTensor, seg_best: Devi
     check_tensor("seg_hist", seg_hist, (num_sampled, NUM_SEGMENTS, HIST_BINS), np.int32)
     check_tensor("out_tokens", out_tokens, (num_sampled,), np.int32)
     stream, grid = device.stream, (num_sampled, NUM_SEGMENTS)
+    if os.environ.get(SAMPLER_ENV) == "bisect":  # the first, slower sampler (see sampling.cu)
+        launch(device.kernel("sampling_draw_bisect_f32"), (num_sampled,), (DRAW_THREADS,), stream,
+               ptr(logits), np.int32(vocab), ptr(args), ptr(out_tokens))
+        return
     launch(device.kernel("sampling_segment_best_f32"), grid, (SEGMENT_THREADS,), stream,
            ptr(logits), np.int32(vocab), ptr(args), ptr(seg_best))
     launch(device.kernel("sampling_segment_stats_f32"), grid, (SEGMENT_THREADS,), stream,
