@@ -16,6 +16,7 @@ from gpu_worker.model.gguf_loader import load_gguf
 from gpu_worker.model.qwen2_reference import PagedKVCache, Qwen2Weights, forward, load_weights
 
 FIXTURE = Path(__file__).parent / "fixtures" / "hf_reference_q4_k_m.npz"
+TOOL = Path(__file__).parents[1] / "tools" / "make_hf_reference.py"   # made the fixture
 BLOCK_SIZE = 16
 # Measured 2026-11-28: max |d|/range 1.3e-3 over 619 positions, top-1 619/619. The residual comes
 # mostly from the fp16 KV cache here (HF keeps float32 KV); the bound leaves ~4x headroom.
@@ -74,3 +75,23 @@ def test_prefill_equals_token_by_token_decode(weights: Qwen2Weights) -> None:
         for position, token in enumerate(token_ids)])
     print(f"prefill vs decode: max |d| {np.abs(prefill - decoded).max():.3e}")
     assert np.array_equal(prefill, decoded)
+
+
+def test_project_chat_template_and_tokenizer_give_hf_prompt_ids(real_model_path: Path) -> None:
+    """The fixture's prompts were tokenized by HF; ours must give the same ids for the same chats."""
+    import importlib.util
+
+    from gpu_worker.text.chat_template import render_chat
+    from gpu_worker.text.tokenizer import Tokenizer
+
+    spec = importlib.util.spec_from_file_location("make_hf_reference", TOOL)
+    assert spec is not None and spec.loader is not None
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    tokenizer = Tokenizer.from_gguf(real_model_path)
+    ref = np.load(FIXTURE)
+    for p, messages in enumerate(tool.PROMPTS):
+        chat = [{"role": role, "content": content} for role, content in messages]
+        ours = tokenizer.encode(render_chat(tokenizer.chat_template or "", chat))
+        expected = ref[f"p{p}_token_ids"][:int(ref[f"p{p}_prompt_len"])].tolist()
+        assert ours == expected, f"prompt {p}"
