@@ -94,6 +94,27 @@ __device__ __forceinline__ float4 scaled(float4 v, float s, float4 g) {
                        __fmul_rn(__fmul_rn(v.z, s), g.z), __fmul_rn(__fmul_rn(v.w, s), g.w));
 }
 
+// x[batch0 + b, 8u : 8u + 8] for every b (rows past num_b repeat row batch0: loaded, never
+// stored), RMS-normalized when the kernel has a norm weight.
+template <int MAX_B>
+__device__ __forceinline__ void load_x_unit(const MatvecArgs& a, int batch0, int num_b, int u,
+                                            const float scale[MAX_B], float4 x[MAX_B][2]) {
+#pragma unroll
+    for (int b = 0; b < MAX_B; ++b) {
+        const float4* xp = x_unit(a, batch0 + (b < num_b ? b : 0), u);
+        x[b][0] = __ldg(xp);
+        x[b][1] = __ldg(xp + 1);
+    }
+    if (a.norm_weight == nullptr) return;
+    const float4* gp = reinterpret_cast<const float4*>(a.norm_weight + u * kUnit);
+    const float4 g0 = __ldg(gp), g1 = __ldg(gp + 1);
+#pragma unroll
+    for (int b = 0; b < MAX_B; ++b) {
+        x[b][0] = scaled(x[b][0], scale[b], g0);
+        x[b][1] = scaled(x[b][1], scale[b], g1);
+    }
+}
+
 template <int EPI>
 __device__ __forceinline__ void write_rows(const MatvecArgs& a, long long b, int n, float total,
                                            float next_total) {
@@ -124,21 +145,7 @@ __device__ void warp_rows_dot(const uint8_t* rows, int num_rows, const MatvecArg
         for (int b = 0; b < MAX_B; ++b) acc[r][b] = 0.0f;
     for (int u = lane; u < a.num_cols / kUnit; u += 32) {
         float4 x[MAX_B][2];
-#pragma unroll
-        for (int b = 0; b < MAX_B; ++b) {
-            const float4* xp = x_unit(a, batch0 + (b < num_b ? b : 0), u);
-            x[b][0] = __ldg(xp);
-            x[b][1] = __ldg(xp + 1);
-        }
-        if (a.norm_weight != nullptr) {
-            const float4* gp = reinterpret_cast<const float4*>(a.norm_weight + u * kUnit);
-            const float4 g0 = __ldg(gp), g1 = __ldg(gp + 1);
-#pragma unroll
-            for (int b = 0; b < MAX_B; ++b) {
-                x[b][0] = scaled(x[b][0], scale[b], g0);
-                x[b][1] = scaled(x[b][1], scale[b], g1);
-            }
-        }
+        load_x_unit<MAX_B>(a, batch0, num_b, u, scale, x);
 #pragma unroll
         for (int r = 0; r < kRowsPerWarp; ++r) {
             if (r >= num_rows) break;
