@@ -49,6 +49,7 @@ if [ -z "$MODEL" ]; then
   $PY -m gpu_worker.model.synthetic "$BENCH_MODEL" --preset real --type Q4_K 2>&1 | tail -1
 fi
 $PY tests/gpu/bench_cuda_backend.py "$BENCH_MODEL" --json "$OUT/bench.json" 2>&1 | tee "$OUT/bench.log"
+$PY tests/gpu/bench_cuda_backend.py "$BENCH_MODEL" --fused --json "$OUT/bench_fused.json" 2>&1 | tee -a "$OUT/bench.log"
 step "per-kernel profile of a decode step (batch 1 and 64, context 256)"
 for b in 1 64; do
   $PY tests/gpu/profile_decode_step.py "$BENCH_MODEL" --batch $b --context 256 2>&1 | tee -a "$OUT/profile.log"
@@ -65,4 +66,5 @@ echo "| kernels build | ${RESULT[build]} |"
 echo "| GPU tests | ${RESULT[tests]} |"
 grep -E '^(FAILED|ERROR) ' "$OUT/gpu_tests.log" | head -20 | sed 's/^/| failure | /; s/$/ |/'
 grep -E '^(logits rel error|batch invariance|prompt [0-9]|weights on the GPU)' "$OUT/gpu_tests.log" | sed 's/^/| note | /; s/$/ |/'
-grep -E '^\| (load|weight bytes|decode|prefill)' "$OUT/bench.log"
+grep -E '^\| (card|load|weight bytes|decode|prefill)' "$OUT/bench.log"
+grep -E '^\| ' "$OUT/profile.log" 2>/dev/null | grep -vE '^\|---' | head -40

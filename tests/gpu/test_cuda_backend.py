@@ -40,13 +40,16 @@ def synthetic_model(tmp_path_factory):
     model.close()
 
 
-@pytest.fixture(scope="module")
-def backend(cuda_device, synthetic_model):
+@pytest.fixture(scope="module", params=[False, True], ids=["unfused", "fused"])
+def backend(request, cuda_device, synthetic_model):
+    """Both forwards: 12 launches per layer, and the fused one (norm in the mat-vec prologue,
+    accumulate / SwiGLU epilogues)."""
     from gpu_worker.backends.cuda.backend import CudaBackend
 
     with cuda_device.activate():
         b = CudaBackend(synthetic_model, max_num_tokens=4096, max_num_seqs=64, max_model_len=1024,
-                        device=cuda_device)
+                        device=cuda_device, fused=request.param)
+        assert b.fused == request.param
         b.allocate_kv_cache(num_blocks=4096, block_size=BLOCK)
         yield b
         b.close()

@@ -6,6 +6,7 @@ sequence's logits and tokens do not depend on the batch or on how its prompt was
 """
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 
 import numpy as np
@@ -17,7 +18,9 @@ from gpu_worker.backends.cuda.graphs import DEFAULT_BUCKETS, DecodeGraphs, graph
 from gpu_worker.backends.cuda.ops.attention_prefill import prefill_tiles
 from gpu_worker.backends.cuda.sampler import GpuSampler, pack_sampling
 from gpu_worker.backends.cuda.step_inputs import StepInputs, check_step_batch
-from gpu_worker.backends.cuda.weights import upload_weights
+from gpu_worker.backends.cuda.weights import can_interleave_gate_up, upload_weights
+
+FUSED_ENV = "QWEN_SERVE_CUDA_FUSED"
 
 
 class CudaBackend(Backend):
@@ -25,7 +28,8 @@ class CudaBackend(Backend):
 
     def __init__(self, model, *, device_index: int = 0, max_num_tokens: int = 2048, max_num_seqs: int = 256,
                  max_model_len: int | None = None, use_graphs: bool = True, fatbin_path: str | None = None,
-                 progress: Callable[[int, int], None] | None = None, device: CudaDevice | None = None) -> None:
+                 progress: Callable[[int, int], None] | None = None, device: CudaDevice | None = None,
+                 fused: bool | None = None) -> None:
         if max_num_tokens < max_num_seqs or max_num_seqs <= 0:
             raise ValueError(f"need 0 < max_num_seqs ({max_num_seqs}) <= max_num_tokens ({max_num_tokens})")
         self.config = model.config
@@ -34,8 +38,12 @@ class CudaBackend(Backend):
         # A shared device (tests) lends its context; the backend still counts its own memory.
         self.device = device.child() if device is not None else CudaDevice(device_index, fatbin_path)
         self.device_name = self.device.name
+        # The fused forward (fewer launches) is opt-in until verified on the GPU: fused=True or
+        # QWEN_SERVE_CUDA_FUSED=1; it needs gate and up of one type per layer.
+        want_fused = os.environ.get(FUSED_ENV, "0") == "1" if fused is None else fused
+        self.fused = bool(want_fused and can_interleave_gate_up(model))
         try:
-            self.weights = upload_weights(self.device, model, progress)
+            self.weights = upload_weights(self.device, model, progress, interleave_gate_up=self.fused)
         except Exception:
             self.device.close()
             raise
@@ -94,7 +102,7 @@ class CudaBackend(Backend):
         self.kv_bytes, self.num_blocks, self.block_size = total, num_blocks, block_size
         max_blocks_per_seq = -(-self.max_model_len // block_size)
         self.forward = Qwen2Forward(self.device, cfg, self.weights, self.max_num_tokens, self.max_num_seqs,
-                                    max_blocks_per_seq, self.max_model_len)
+                                    max_blocks_per_seq, self.max_model_len, fused=self.fused)
         self.forward.set_kv_cache(kv, block_size)
         self.inputs = StepInputs(self.device, self.forward.meta, self.max_num_tokens, self.max_num_seqs,
                                  max_blocks_per_seq)

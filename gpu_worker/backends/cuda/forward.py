@@ -16,7 +16,7 @@ from gpu_worker.backends.cuda.device import DeviceTensor
 from gpu_worker.backends.cuda.ops.attention_decode import launch_attention_decode
 from gpu_worker.backends.cuda.ops.attention_prefill import launch_attention_prefill
 from gpu_worker.backends.cuda.ops.embedding import EmbeddingOp
-from gpu_worker.backends.cuda.ops.matvec import MatvecOp
+from gpu_worker.backends.cuda.ops.matvec import NO_FUSION, MatvecFusion, MatvecOp
 from gpu_worker.backends.cuda.ops.rms_norm import launch_rms_norm
 from gpu_worker.backends.cuda.ops.rope_kv import RopeTables, launch_rope_kv, rope_tables_host
 from gpu_worker.backends.cuda.ops.swiglu import launch_swiglu
@@ -76,8 +76,13 @@ class Qwen2Forward:
     """Launch sequence of one step over static buffers; `run` only enqueues work on the stream."""
 
     def __init__(self, device, config, weights: ModelWeights, max_tokens: int, max_seqs: int,
-                 max_blocks_per_seq: int, max_positions: int) -> None:
+                 max_blocks_per_seq: int, max_positions: int, fused: bool = False) -> None:
         self.device, self.config, self.weights = device, config, weights
+        # fused: RMSNorm inside the q/k/v and gate/up mat-vecs, o/down accumulate into the residual,
+        # SwiGLU in the gate/up epilogue (needs weights.layers[i].gate_up): 8 launches per layer, not 12.
+        self.fused = fused
+        if fused and any(layer.gate_up is None for layer in weights.layers):
+            raise ValueError("the fused forward needs interleaved gate/up weights")
         self.max_tokens, self.max_seqs = max_tokens, max_seqs
         self.acts = Activations(device.memory, config, max_tokens, max_seqs)
         self.meta = allocate_meta(device.memory, max_tokens, max_seqs, max_blocks_per_seq)
@@ -96,8 +101,8 @@ class Qwen2Forward:
         """Per layer (k_cache, v_cache), each [num_blocks * block_size, num_kv_heads, head_dim] f16."""
         self.kv, self.block_size = kv, block_size
 
-    def _linear(self, weight, x: DeviceTensor, y: DeviceTensor) -> None:
-        self.matvec(weight, x.ptr, y.ptr, x.shape[0], self.device.stream)
+    def _linear(self, weight, x: DeviceTensor, y: DeviceTensor, fusion: MatvecFusion = NO_FUSION) -> None:
+        self.matvec(weight, x.ptr, y.ptr, x.shape[0], self.device.stream, fusion=fusion)
 
     def run(self, num_tokens: int, num_seqs: int, num_tiles: int, num_logits: int, all_rows: bool) -> None:
         """Enqueues the forward of `num_tokens` tokens of `num_seqs` sequences.
@@ -107,32 +112,57 @@ class Qwen2Forward:
         a, m, cfg, dev = self.acts, self.meta, self.config, self.device
         t = num_tokens
         self.embedding(self.weights.token_embd, m.input_ids.ptr, a.residual.ptr, t, dev.stream)
-        residual, delta, normed = a.residual.rows(0, t), a.delta.rows(0, t), a.normed.rows(0, t)
+        residual, delta = a.residual.rows(0, t), a.delta.rows(0, t)
         for i, layer in enumerate(self.weights.layers):
-            launch_rms_norm(dev, residual, layer.attn_norm, normed, cfg.rms_norm_eps,
-                            delta=delta if i else None, write_residual=True)
-            self._attention(i, layer, normed, t, num_seqs, num_tiles)
-            launch_rms_norm(dev, residual, layer.ffn_norm, normed, cfg.rms_norm_eps, delta=delta,
-                            write_residual=True)
-            gate, up = a.gate.rows(0, t), a.up.rows(0, t)
-            self._linear(layer.gate, normed, gate)
-            self._linear(layer.up, normed, up)
-            launch_swiglu(dev, gate, up, gate)
-            self._linear(layer.down, gate, delta)
+            if self.fused:
+                self._layer_fused(i, layer, t, num_seqs, num_tiles)
+            else:
+                self._layer(i, layer, t, num_seqs, num_tiles)
         final = a.final.rows(0, num_logits)
-        launch_rms_norm(dev, residual, self.weights.output_norm, final, cfg.rms_norm_eps, delta=delta,
+        launch_rms_norm(dev, residual, self.weights.output_norm, final, cfg.rms_norm_eps,
+                        delta=None if self.fused else delta,
                         row_ids=None if all_rows else m.logit_rows.view(num_logits))
         self._linear(self.weights.lm_head, final, a.logits.rows(0, num_logits))
 
-    def _attention(self, i: int, layer, normed: DeviceTensor, t: int, num_seqs: int, num_tiles: int) -> None:
+    def _layer(self, i: int, layer, t: int, num_seqs: int, num_tiles: int) -> None:
+        """residual += attn(norm(residual)) + mlp(norm(...)), the residual add fused into the norms."""
+        a, cfg, dev = self.acts, self.config, self.device
+        residual, delta, normed = a.residual.rows(0, t), a.delta.rows(0, t), a.normed.rows(0, t)
+        launch_rms_norm(dev, residual, layer.attn_norm, normed, cfg.rms_norm_eps,
+                        delta=delta if i else None, write_residual=True)
+        self._qkv(layer, normed, t, NO_FUSION)
+        self._attention(i, layer, t, num_tiles)
+        self._linear(layer.o, a.attn.rows(0, t), delta)
+        launch_rms_norm(dev, residual, layer.ffn_norm, normed, cfg.rms_norm_eps, delta=delta, write_residual=True)
+        gate, up = a.gate.rows(0, t), a.up.rows(0, t)
+        self._linear(layer.gate, normed, gate)
+        self._linear(layer.up, normed, up)
+        launch_swiglu(dev, gate, up, gate)
+        self._linear(layer.down, gate, delta)
+
+    def _layer_fused(self, i: int, layer, t: int, num_seqs: int, num_tiles: int) -> None:
+        a, cfg = self.acts, self.config
+        residual, gate = a.residual.rows(0, t), a.gate.rows(0, t)
+        self._qkv(layer, residual, t, MatvecFusion(norm_weight_ptr=layer.attn_norm.ptr, norm_eps=cfg.rms_norm_eps))
+        self._attention(i, layer, t, num_tiles)
+        self._linear(layer.o, a.attn.rows(0, t), residual, MatvecFusion(epilogue="accumulate"))
+        self._linear(layer.gate_up, residual, gate,
+                     MatvecFusion(epilogue="swiglu", norm_weight_ptr=layer.ffn_norm.ptr, norm_eps=cfg.rms_norm_eps))
+        self._linear(layer.down, gate, residual, MatvecFusion(epilogue="accumulate"))
+
+    def _qkv(self, layer, x: DeviceTensor, t: int, fusion: MatvecFusion) -> None:
+        a = self.acts
+        self._linear(layer.q, x, a.q.rows(0, t), fusion)
+        self._linear(layer.k, x, a.k.rows(0, t), fusion)
+        self._linear(layer.v, x, a.v.rows(0, t), fusion)
+
+    def _attention(self, i: int, layer, t: int, num_tiles: int) -> None:
+        """RoPE + KV write of this chunk, then attention of q over each sequence's KV -> acts.attn."""
         a, m, cfg, dev = self.acts, self.meta, self.config, self.device
         hd = cfg.head_dim
         q = a.q.rows(0, t).view(t, cfg.num_heads, hd)
         k = a.k.rows(0, t).view(t, cfg.num_kv_heads, hd)
         v = a.v.rows(0, t).view(t, cfg.num_kv_heads, hd)
-        self._linear(layer.q, normed, a.q.rows(0, t))
-        self._linear(layer.k, normed, a.k.rows(0, t))
-        self._linear(layer.v, normed, a.v.rows(0, t))
         k_cache, v_cache = self.kv[i]
         positions, token_seq = m.positions.view(t), m.token_seq.view(t)
         launch_rope_kv(dev, q, k, v, (layer.bias_q, layer.bias_k, layer.bias_v), positions,
@@ -144,4 +174,3 @@ class Qwen2Forward:
                                      self.block_size, m.tile_first.view(num_tiles), m.tile_count.view(num_tiles))
         else:
             launch_attention_decode(dev, q, out, k_cache, v_cache, tables, token_seq, positions, self.block_size)
-        self._linear(layer.o, a.attn.rows(0, t), a.delta.rows(0, t))

@@ -29,9 +29,10 @@ class LayerWeights:
     k: DeviceWeight
     v: DeviceWeight
     o: DeviceWeight           # [hidden, num_heads * head_dim]
-    gate: DeviceWeight        # [intermediate, hidden]
-    up: DeviceWeight
+    gate: DeviceWeight | None  # [intermediate, hidden]; None when gate_up holds them
+    up: DeviceWeight | None
     down: DeviceWeight        # [hidden, intermediate]
+    gate_up: DeviceWeight | None = None  # [2 * intermediate, hidden] rows gate_0, up_0, gate_1, ...
 
 
 @dataclass(frozen=True)
@@ -50,19 +51,40 @@ def _host_bytes(tensor) -> np.ndarray:
     return tensor.data
 
 
-def _needed_tensors(model) -> list[str]:
+def can_interleave_gate_up(model) -> bool:
+    """The fused SwiGLU mat-vec needs gate and up of one type in every layer."""
+    return all(model.tensors[f"blk.{i}.ffn_gate.weight"].qtype == model.tensors[f"blk.{i}.ffn_up.weight"].qtype
+               for i in range(model.config.num_layers))
+
+
+def _interleaved_gate_up(model, i: int) -> np.ndarray:
+    """Rows gate_0, up_0, gate_1, up_1, ... (raw bytes) # [2 * intermediate * row_bytes] uint8."""
+    gate = model.tensors[f"blk.{i}.ffn_gate.weight"].rows_view()
+    up = model.tensors[f"blk.{i}.ffn_up.weight"].rows_view()
+    rows = np.empty((2 * gate.shape[0], gate.shape[1]), np.uint8)
+    rows[0::2], rows[1::2] = gate, up
+    return rows.reshape(-1)
+
+
+def _needed_tensors(model, interleave: bool) -> list[str]:
     names = ["token_embd.weight", "output_norm.weight"]
     if not model.config.tied_embeddings:
         names.append("output.weight")
+    matrices = [m for m in _MATRICES if not (interleave and m in ("ffn_gate", "ffn_up"))]
     for i in range(model.config.num_layers):
-        names += [f"blk.{i}.{m}.weight" for m in _MATRICES] + [f"blk.{i}.{v}" for v in _VECTORS]
+        names += [f"blk.{i}.{m}.weight" for m in matrices] + [f"blk.{i}.{v}" for v in _VECTORS]
+        if interleave:
+            names.append(f"blk.{i}.ffn_gate_up")
     return names
 
 
-def upload_weights(device, model, progress: Callable[[int, int], None] | None = None) -> ModelWeights:
-    """Uploads every tensor the forward needs; progress(done_bytes, total_bytes) after each chunk."""
-    names = _needed_tensors(model)
-    host = {name: _host_bytes(model.tensors[name]) for name in names}
+def upload_weights(device, model, progress: Callable[[int, int], None] | None = None,
+                   interleave_gate_up: bool = False) -> ModelWeights:
+    """Uploads every tensor the forward needs; progress(done_bytes, total_bytes) after each chunk.
+    interleave_gate_up stores each layer's gate and up as one row-interleaved matrix instead."""
+    names = _needed_tensors(model, interleave_gate_up)
+    host = {name: (_interleaved_gate_up(model, int(name.split(".")[1])) if name.endswith("ffn_gate_up")
+                   else _host_bytes(model.tensors[name])) for name in names}
     offsets, total = {}, 0
     for name in names:
         offsets[name] = total
@@ -81,9 +103,18 @@ def upload_weights(device, model, progress: Callable[[int, int], None] | None = 
 
 
 def _views(model, base: int, offsets: dict[str, int], total: int) -> ModelWeights:
-    def matrix(name: str) -> DeviceWeight:
+    def matrix(name: str) -> DeviceWeight | None:
+        if name not in offsets:
+            return None
         t = model.tensors[name]
         return DeviceWeight(qtype=int(t.qtype), rows=t.shape[0], cols=t.shape[1], ptr=base + offsets[name])
+
+    def gate_up(i: int) -> DeviceWeight | None:
+        name = f"blk.{i}.ffn_gate_up"
+        if name not in offsets:
+            return None
+        t = model.tensors[f"blk.{i}.ffn_gate.weight"]
+        return DeviceWeight(qtype=int(t.qtype), rows=2 * t.shape[0], cols=t.shape[1], ptr=base + offsets[name])
 
     def vector(name: str) -> DeviceTensor:
         return DeviceTensor(base + offsets[name], (model.tensors[name].shape[0],), np.dtype(np.float32))
@@ -96,7 +127,7 @@ def _views(model, base: int, offsets: dict[str, int], total: int) -> ModelWeight
             bias_k=vector(p + "attn_k.bias"), bias_v=vector(p + "attn_v.bias"),
             ffn_norm=vector(p + "ffn_norm.weight"), q=matrix(p + "attn_q.weight"), k=matrix(p + "attn_k.weight"),
             v=matrix(p + "attn_v.weight"), o=matrix(p + "attn_output.weight"), gate=matrix(p + "ffn_gate.weight"),
-            up=matrix(p + "ffn_up.weight"), down=matrix(p + "ffn_down.weight")))
+            up=matrix(p + "ffn_up.weight"), down=matrix(p + "ffn_down.weight"), gate_up=gate_up(i)))
     embd = matrix("token_embd.weight")
     lm_head = embd if model.config.tied_embeddings else matrix("output.weight")
     return ModelWeights(token_embd=embd, layers=tuple(layers), output_norm=vector("output_norm.weight"),
