@@ -51,7 +51,7 @@ kernels:
 
 $(FATBIN): $(CUDA_SOURCES) $(CUDA_HEADERS)
 	@mkdir -p cuda/build
-	$(NVCC) --fatbin -O3 -std=c++17 $(CUDA_ARCHS) -o $@ cuda/all_kernels.cu
+	$(NVCC) --fatbin -O3 -std=c++17 --threads 0 $(CUDA_ARCHS) -o $@ cuda/all_kernels.cu
 
 # PyCUDA has no wheel on PyPI: where a GPU is present, build it from source (needs nvcc + network).
 cuda-extra: $(VENV)/.installed
