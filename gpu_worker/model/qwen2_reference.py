@@ -70,26 +70,25 @@ def load_weights(model: GGUFModel) -> Qwen2Weights:
     config = model.config
     layers = tuple(_load_layer(model, i) for i in range(config.num_layers))
     head_dim = config.head_dim
-    # Float32 like HF and llama.cpp compute it: base^(-2i/d)
+    # base^(-2i/d) in float64, stored as float32 (HF computes it in float32: < 1 ulp apart)
     inv_freq = (1.0 / config.rope_freq_base ** (np.arange(0, head_dim, 2) / head_dim)).astype(np.float32)
     return Qwen2Weights(
         config=config,
         token_embd=model.tensors["token_embd.weight"],
         layers=layers,
-        output_norm=_dense(model, "output_norm.weight"),
-        lm_head=np.ascontiguousarray(dequantize(model.lm_head), dtype=np.float32).reshape(model.lm_head.shape),
+        output_norm=_float32(model.tensors["output_norm.weight"]),
+        lm_head=_float32(model.lm_head),    # output.weight, or token_embd.weight when tied
         inv_freq=inv_freq,
     )
 
 
-def _dense(model: GGUFModel, name: str) -> np.ndarray:
-    tensor = model.tensors[name]
+def _float32(tensor: TensorInfo) -> np.ndarray:
     return np.ascontiguousarray(dequantize(tensor), dtype=np.float32).reshape(tensor.shape)
 
 
 def _load_layer(model: GGUFModel, i: int) -> LayerWeights:
     def get(part: str) -> np.ndarray:
-        return _dense(model, f"blk.{i}.{part}")
+        return _float32(model.tensors[f"blk.{i}.{part}"])
 
     return LayerWeights(
         attn_norm=get("attn_norm.weight"),
