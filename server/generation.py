@@ -22,6 +22,7 @@ from server.requests import (
 )
 from server.text import OutputText, TextTools
 from server.worker_client import FinishedEvent as WorkerFinished
+from server.worker_client import TokenEvent as WorkerToken
 
 _WORKER_REASONS = {"stop": FinishReason.STOP, "length": FinishReason.LENGTH, "eos": FinishReason.EOS,
                    "cancelled": FinishReason.CANCELLED}
@@ -65,7 +66,6 @@ class Generation:
         self.first_token_ns = 0
         self.last_token_ns = 0
         self.finished = False
-        self.aborted_by_client = False   # set by the Abort RPC
 
     def _observe_token(self) -> None:
         now = time.monotonic_ns()
@@ -77,12 +77,12 @@ class Generation:
         self.last_token_ns = now
         self.completion_tokens += 1
 
-    def _finished(self, reason: FinishReason, matched_stop: str = "", timings: Any = None) -> FinishedEvent:
+    def _finished(self, reason: FinishReason, matched_stop: str = "", queue_ns: int = 0) -> FinishedEvent:
         self.finished = True
         front_ttft = self.first_token_ns - self.job.arrival_ns if self.completion_tokens else 0
         return FinishedEvent(
             reason=reason, prompt_tokens=len(self.job.prompt_ids), completion_tokens=self.completion_tokens,
-            queue_ns=int(getattr(timings, "queue_ns", 0) or 0),
+            queue_ns=queue_ns,
             time_to_first_token_ns=max(0, front_ttft),
             decode_ns=max(0, self.last_token_ns - self.first_token_ns),
             matched_stop=matched_stop)
@@ -91,28 +91,33 @@ class Generation:
         job = self.job
         yield StartedEvent(job.request_id, job.model, len(job.prompt_ids), job.sampling.seed)
         stream = self.worker.generate(job.request_id, job.prompt_ids, job.sampling, job.stopping)
+        matched: str | None = None
         async with contextlib.aclosing(stream):
             async for event in stream:
                 if isinstance(event, WorkerFinished):
-                    async for tail in self._finish(event):
+                    for tail in self._finish(event):
                         yield tail
                     return
-                self._observe_token()
-                token_id = int(event.token_id)
-                text, matched = self.text.push(token_id)
-                entry = _logprob_entry(self.tools, token_id, getattr(event, "logprobs", None))
-                yield DeltaEvent(text, (token_id,), (entry,) if entry else ())
+                delta, matched = self._on_token(event)
+                yield delta
                 if matched is not None:
-                    # Stop string: the worker would go on generating; end it there and now.
-                    await self.worker.abort(job.request_id)
-                    yield self._finished(FinishReason.STOP, matched_stop=matched)
-                    return
-        raise RuntimeError("the worker's event stream ended without a finished event")
+                    break
+            else:
+                raise RuntimeError("the worker's event stream ended without a finished event")
+        # A stop string matched: leaving the `async with` closed the worker stream, which aborts the
+        # request in the worker (WorkerClient.generate's contract) and frees its KV blocks.
+        yield self._finished(FinishReason.STOP, matched_stop=matched or "")
 
-    async def _finish(self, event: WorkerFinished) -> AsyncIterator[GenerationEvent]:
+    def _on_token(self, event: WorkerToken) -> tuple[DeltaEvent, str | None]:
+        self._observe_token()
+        token_id = int(event.token_id)
+        text, matched = self.text.push(token_id)
+        entry = _logprob_entry(self.tools, token_id, event.logprobs)
+        return DeltaEvent(text, (token_id,), (entry,) if entry else ()), matched
+
+    def _finish(self, event: WorkerFinished) -> list[GenerationEvent]:
         text, matched = self.text.finish()
-        if text:
-            yield DeltaEvent(text, ())
+        tail: list[GenerationEvent] = [DeltaEvent(text, ())] if text else []
         reason = FinishReason.STOP if matched is not None else worker_reason(event.reason)
-        yield self._finished(reason, matched_stop=matched or "", timings=getattr(event, "timings", None))
-
+        tail.append(self._finished(reason, matched_stop=matched or "", queue_ns=event.queue_ns))
+        return tail

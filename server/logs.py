@@ -22,6 +22,25 @@ class RequestIdFilter(logging.Filter):
         return True
 
 
+def _install_record_factory() -> None:
+    """Tag every record with the current request id when it is created, so that any handler
+    (ours, pytest's, an embedding program's) sees it, not only handlers that carry the filter."""
+    previous = logging.getLogRecordFactory()
+    if getattr(previous, "adds_request_id", False):
+        return
+
+    def factory(*args: object, **kwargs: object) -> logging.LogRecord:
+        record = previous(*args, **kwargs)
+        record.request_id = request_id_var.get()
+        return record
+
+    factory.adds_request_id = True  # type: ignore[attr-defined]
+    logging.setLogRecordFactory(factory)
+
+
+_install_record_factory()
+
+
 class JsonFormatter(logging.Formatter):
     """One JSON object per line: ts, level, logger, request_id, msg, plus any `extra={"fields": {...}}`."""
 

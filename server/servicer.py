@@ -193,7 +193,6 @@ class QwenServeServicer:
         generation = self.running.get(request.request_id)
         if generation is None:
             return pb.AbortResponse(found=False)
-        generation.aborted_by_client = True
         try:
             await self.link.worker.abort(request.request_id)
         except WorkerUnavailable as error:

@@ -36,7 +36,9 @@ class TextTools:
 
     def piece(self, token_id: int) -> str:
         """One token's text for display (a partial UTF-8 character shows as U+FFFD)."""
-        return self.tokenizer.token_bytes(token_id).decode("utf-8", "replace")
+        if not 0 <= token_id < self.tokenizer.vocab_size:
+            return "\ufffd"   # a model row without a tokenizer entry (padded embedding)
+        return self.tokenizer.token_text(token_id)
 
 
 @dataclass
@@ -55,7 +57,13 @@ class OutputText:
 
     def push(self, token_id: int) -> tuple[str, str | None]:
         """(text to emit, matched stop string or None)."""
-        piece = "" if token_id in self.hidden_ids else self.detokenizer.push(token_id)
+        if token_id in self.hidden_ids:
+            piece = ""
+        elif 0 <= token_id < self.tools.tokenizer.vocab_size:
+            piece = self.detokenizer.push(token_id)
+        else:   # a model row without a tokenizer entry (padded embedding): shown, not fatal
+            piece = self.detokenizer.flush() + "\ufffd"
+            self.detokenizer = IncrementalDetokenizer(self.tools.tokenizer)
         match = self.matcher.push(piece)
         return match.emit, match.matched
 

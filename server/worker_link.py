@@ -53,7 +53,6 @@ class WorkerLink:
         self._model: ServingModel | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._on_change: Callable[[bool], Awaitable[None]] | None = None
-        self._restarts_seen = 0
         # Resolved when the first start succeeds (None) or fails (the exception): `serve` exits on failure.
         # Construct inside the running loop (start_server does).
         self.started: asyncio.Future[BaseException | None] = asyncio.get_running_loop().create_future()
@@ -79,7 +78,6 @@ class WorkerLink:
             await self.worker.start()
             self._model = await asyncio.to_thread(_load_model_facts, dict(self.worker.model_info))
             await self._state_changed(self.worker.is_serving)
-            self._restarts_seen = self.worker.restart_count
             self._tasks.append(asyncio.create_task(self._poll_stats()))
         except Exception as error:
             log.exception("the model worker failed to start")
@@ -93,10 +91,8 @@ class WorkerLink:
         """The worker client's callback (plain function): health follows in a task on this loop."""
         if self._model is None:
             return   # first start: _start_worker reports SERVING once the model facts are loaded
-        restarts = int(getattr(self.worker, "restart_count", 0))
-        for _ in range(restarts - self._restarts_seen):
-            self.metrics.worker_restarted()
-        self._restarts_seen = restarts
+        if serving:
+            self.metrics.worker_restarted()   # serving again after the first start: a restart
         self._tasks.append(asyncio.get_running_loop().create_task(self._state_changed(serving)))
 
     async def _state_changed(self, serving: bool) -> None:

@@ -231,3 +231,25 @@ def test_worker_killed_mid_stream_gives_unavailable_then_recovers(server: Backgr
             assert time.monotonic() < deadline, "health did not return to SERVING"
             time.sleep(0.1)
     assert client.complete("back", GenerateOptions(max_tokens=2, ignore_eos=True)).finished.completion_tokens == 2
+    assert b"qwen_serve:worker_restarts_total 1.0" in server.running.metrics.render()
+
+
+def test_request_id_from_metadata_reaches_started_and_logs(server: BackgroundServer, stub, caplog) -> None:
+    import logging
+
+    request = pb.GenerateRequest(prompt="hi", stopping=pb.StoppingParams(max_tokens=1))
+    with caplog.at_level(logging.INFO, logger="qwen_serve"):
+        reply = stub.Complete(request, metadata=(("x-request-id", "trace-77"),), timeout=30)
+    assert reply.started.request_id == "trace-77"
+    tagged = [r for r in caplog.records if r.getMessage() == "generation finished"]
+    assert tagged and all(r.request_id == "trace-77" for r in tagged)
+
+
+def test_metrics_count_tokens_and_time_to_first_token(server: BackgroundServer, client: QwenClient) -> None:
+    client.complete("count me", GenerateOptions(max_tokens=3, ignore_eos=True))
+    text = server.running.metrics.render().decode()
+    samples = {line.split(" ")[0]: float(line.split(" ")[1]) for line in text.splitlines()
+               if line and not line.startswith("#")}
+    assert samples["qwen_serve:generation_tokens_total"] >= 3
+    assert samples["qwen_serve:time_to_first_token_seconds_count"] >= 1
+    assert samples['qwen_serve:requests_total{outcome="length"}'] >= 1
