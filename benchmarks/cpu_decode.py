@@ -94,7 +94,8 @@ def main() -> None:
         f"- weights: {backend.weight_bytes / 1e9:.2f} GB float32, loaded in {load_s:.1f} s; "
         f"ROW_TILE {ROW_TILE}; {args.steps} greedy decode steps after a {len(HAIKU_PROMPT)}-token prefill",
         "", "| decode batch | prefill of 36 tokens (s) | wall ms per decode step | CPU ms per decode step "
-        "(all threads) | tokens/s per sequence | tokens/s aggregate |", "|---|---|---|---|---|---|", *rows, ""])
+        "(all threads) | tokens/s per sequence | tokens/s aggregate |",
+        "|---|---|---|---|---|---|", *rows, ""])
     print(report)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -163,7 +163,8 @@ def test_logprobs_come_back_only_where_sampled(tiny_backend: CpuBackend) -> None
 
 def test_kv_accounting(tiny_backend: CpuBackend) -> None:
     config = tiny_backend.config
-    assert tiny_backend.kv_bytes_per_block(16) == 16 * config.num_layers * 2 * config.num_kv_heads * config.head_dim * 2
+    fp16_k_and_v_per_token = config.num_layers * 2 * config.num_kv_heads * config.head_dim * 2
+    assert tiny_backend.kv_bytes_per_block(16) == 16 * fp16_k_and_v_per_token
     tiny_backend.allocate_kv_cache(num_blocks=5, block_size=16)
     assert tiny_backend.kv is not None and tiny_backend.kv.nbytes == tiny_backend.kv_bytes_per_block(16) * 5
     assert tiny_backend.weight_bytes > 0 and tiny_backend.name == "cpu"

@@ -105,15 +105,17 @@ class PagedKVCache:
     """Per layer, K and V each # [num_blocks, block_size, num_kv_heads, head_dim] float16.
 
     slot = block_id * block_size + offset (docs/ARCHITECTURE.md), the same layout as the cuda backend.
+    dtype float32 exists only to measure what the fp16 storage costs against a float32 reference.
     """
 
-    def __init__(self, config: ModelConfig, num_blocks: int, block_size: int) -> None:
+    def __init__(self, config: ModelConfig, num_blocks: int, block_size: int,
+                 dtype: type[np.floating] = np.float16) -> None:
         if num_blocks <= 0 or block_size <= 0:
             raise ValueError(f"num_blocks and block_size must be > 0, got {num_blocks}, {block_size}")
         shape = (num_blocks, block_size, config.num_kv_heads, config.head_dim)
         self.num_blocks, self.block_size = num_blocks, block_size
-        self.k = [np.zeros(shape, np.float16) for _ in range(config.num_layers)]
-        self.v = [np.zeros(shape, np.float16) for _ in range(config.num_layers)]
+        self.k = [np.zeros(shape, dtype) for _ in range(config.num_layers)]
+        self.v = [np.zeros(shape, dtype) for _ in range(config.num_layers)]
 
     @property
     def nbytes(self) -> int:
