@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections.abc import Callable, Coroutine
-from typing import Any, TypeVar
+from typing import Any, Self, TypeVar
 
 from server.app import RunningServer, start_server, stop_server
 from server.config import ServeConfig
@@ -46,7 +46,7 @@ class BackgroundServer:
         if error is not None:
             raise RuntimeError(f"the worker did not start: {error}") from error
 
-    def start(self) -> BackgroundServer:
+    def start(self) -> Self:
         self.thread.start()
         self.running = self.call(start_server(self.config, self.worker_factory))
         self.call(self._wait_ready(), timeout_s=None)
@@ -61,7 +61,7 @@ class BackgroundServer:
             self.thread.join(10)
         self.loop.close()
 
-    def __enter__(self) -> BackgroundServer:
+    def __enter__(self) -> Self:
         try:
             return self.start()
         except BaseException:

@@ -25,7 +25,7 @@ def _tolerant_parser(message_type: type[Message]) -> Callable[[bytes], Any]:
 
 
 def _serialize(message: Message) -> bytes:
-    return message.SerializeToString()
+    return bytes(message.SerializeToString())
 
 
 def qwen_serve_handler(servicer: QwenServeServicer) -> grpc.GenericRpcHandler:

@@ -45,7 +45,7 @@ def new_request_id() -> str:
     return uuid.uuid4().hex[:16]
 
 
-class RequestIdInterceptor(grpc.aio.ServerInterceptor):
+class RequestIdInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
     """Takes `x-request-id` from metadata (or makes one) into `request_id_var` for the handler."""
 
     async def intercept_service(self, continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Any]],
@@ -72,7 +72,7 @@ class RequestIdInterceptor(grpc.aio.ServerInterceptor):
         return _wrap_behaviors(handler, wrap)
 
 
-class BearerAuthInterceptor(grpc.aio.ServerInterceptor):
+class BearerAuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
     """Requires `authorization: Bearer <token>`; UNAUTHENTICATED otherwise. Health (and reflection,
     which reveals only the public proto) are exempt when `exempt_health` is set."""
 

@@ -48,7 +48,7 @@ class ClientRequest:
         """Call only after validation (SamplingParams raises ValueError on bad values)."""
         defaults = SamplingParams()
 
-        def pick(value: float | int | None, default: float | int) -> float | int:
+        def pick(value: float | None, default: float) -> float | int:
             return default if value is None else value
 
         return SamplingParams(

@@ -12,16 +12,16 @@ import grpc
 from qwen_serve.v1 import generate_pb2 as pb
 from server import convert
 from server.admission import AdmissionGate
+from server.config import ServeConfig
 from server.errors import RpcError
 from server.generation import Generation, GenerationJob
 from server.interceptors import new_request_id
 from server.logs import get_logger, request_id_var
 from server.metrics import Metrics
 from server.requests import ClientRequest, FinishedEvent, GenerationEvent
-from server.config import ServeConfig
-from server.worker_link import WorkerLink
-from server.validation import ModelLimits, RequestInvalid, validate_lengths, validate_request
+from server.validation import RequestInvalid, validate_lengths, validate_request
 from server.worker_client import WorkerRequestError, WorkerUnavailable
+from server.worker_link import WorkerLink
 
 log = get_logger("servicer")
 RETRY_PUSHBACK_KEY = "grpc-retry-pushback-ms"   # the standard gRPC retry hint (trailing metadata)
@@ -83,7 +83,6 @@ class QwenServeServicer:
                            ((RETRY_PUSHBACK_KEY, str(refusal.retry_after_ms)),))
         generation = Generation(self.link.worker, self.link.model().tools, self.metrics, job)
         self.running[job.request_id] = generation
-        self.metrics.set_queue_depth(self.gate.queued)
         log.info("generation started", extra={"fields": {"prompt_tokens": len(job.prompt_ids),
                                                          "max_tokens": job.stopping.max_tokens}})
         try:
@@ -98,7 +97,6 @@ class QwenServeServicer:
         finally:
             self.running.pop(job.request_id, None)
             self.gate.release()
-            self.metrics.set_queue_depth(self.gate.queued)
             if not generation.finished:
                 # Client cancel, disconnect or deadline: free the request's KV in the worker now.
                 await _quietly(self.link.worker.abort(job.request_id))

@@ -101,15 +101,16 @@ class WorkerLink:
             await self._on_change(serving and self._model is not None)
 
     async def _poll_stats(self) -> None:
-        """Engine gauges (running, waiting, KV blocks) into the metrics, once a second."""
+        """Engine gauges (running, waiting, KV blocks) into the metrics, from the stats the worker
+        pushes once a second (no round trip)."""
         while True:
             await asyncio.sleep(STATS_INTERVAL_S)
-            if not self.is_serving:
+            stats = dict(getattr(self.worker, "latest_stats", None) or {})
+            if not self.is_serving or not stats:
                 continue
-            with contextlib.suppress(Exception):
-                stats = await self.worker.stats()
-                self.metrics.set_running(int(stats.get("running", 0)))
-                self.metrics.set_kv_blocks(int(stats.get("kv_blocks_used", 0)), int(stats.get("kv_blocks_free", 0)))
+            self.metrics.set_running(int(stats.get("running", 0)))
+            self.metrics.set_queue_depth(int(stats.get("waiting", 0)))
+            self.metrics.set_kv_blocks(int(stats.get("kv_blocks_used", 0)), int(stats.get("kv_blocks_free", 0)))
 
     async def close(self) -> None:
         for task in self._tasks:
@@ -124,13 +125,13 @@ class WorkerLink:
 def resolve_model_path(config: ServeConfig) -> str:
     if config.model_path:
         return config.model_path
-    from gpu_worker.model.fetch import fetch_default_model   # downloads once, then the cached file
+    from gpu_worker.model.fetch import fetch_default_model  # downloads once, then the cached file
 
     return str(fetch_default_model())
 
 
 def default_worker_factory(config: ServeConfig) -> Any:
-    from server.worker_client import WorkerClient   # written by the engine helper
+    from server.worker_client import WorkerClient  # written by the engine helper
 
     options: dict[str, Any] = {"max_batch": config.max_batch}
     if config.kv_cache_gb is not None:

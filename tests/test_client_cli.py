@@ -5,9 +5,9 @@ import json
 from collections.abc import Iterator
 
 import pytest
-
 from qwen_client import GenerateOptions, QwenClient
 from qwen_client.cli import main
+
 from server.background import BackgroundServer
 from server.config import ServeConfig
 

@@ -14,8 +14,8 @@ import grpc
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
 from qwen_client import GenerateOptions, QwenClient
+
 from qwen_serve.v1 import generate_pb2 as pb
 from server.background import BackgroundServer
 from server.config import ServeConfig

@@ -10,8 +10,8 @@ import time
 from pathlib import Path
 
 import pytest
-
 from qwen_client import GenerateOptions, QwenClient, QwenError, TokenDelta
+
 from server.cli import build_parser
 from tests.live_server import REPO, LiveServer
 
@@ -21,12 +21,12 @@ SERVE_FLAGS = ("--host", "--port", "--model", "--backend", "--attach", "--max-qu
 
 
 def test_help_explains_every_flag_and_its_env_var() -> None:
-    serve_help = build_parser()._subparsers._group_actions[0].choices["serve"].format_help()  # noqa: SLF001
+    serve_help = build_parser()._subparsers._group_actions[0].choices["serve"].format_help()
     for flag in SERVE_FLAGS:
         assert flag in serve_help
         env = "QWEN_SERVE_" + flag[2:].upper().replace("-", "_")
         assert env in serve_help, f"{flag} does not name {env}"
-    top = subprocess.run([sys.executable, "-m", "server.cli", "--help"], cwd=REPO, capture_output=True,
+    top = subprocess.run([sys.executable, "-m", "server.cli", "--help"], cwd=REPO, capture_output=True, check=False,
                          text=True, timeout=60)
     assert top.returncode == 0
     assert all(name in top.stdout for name in ("serve", "worker", "fetch-model", "convert"))
@@ -37,7 +37,7 @@ def test_serve_exits_1_when_the_worker_cannot_start(tmp_path: Path) -> None:
     bad.write_bytes(b"GGUF but not really")
     env = {k: v for k, v in os.environ.items() if not k.startswith("QWEN_SERVE_")}
     done = subprocess.run([sys.executable, "-m", "server.cli", "serve", "--model", str(bad), "--backend", "cpu",
-                           "--port", "0"], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+                           "--port", "0"], cwd=REPO, env=env, capture_output=True, text=True, timeout=120, check=False)
     assert done.returncode == 1
     assert "the model worker could not start" in done.stderr
 
@@ -60,9 +60,8 @@ def test_sigterm_finishes_in_flight_refuses_new_and_exits_0(tiny_model_path: Pat
         assert started.wait(60)
         os.kill(server.process.pid, signal.SIGTERM)        # the front-end only, not its worker
         time.sleep(0.3)
-        with QwenClient(server.target, timeout_s=5) as late:
-            with pytest.raises(QwenError) as refused:
-                late.complete("too late", GenerateOptions(max_tokens=1))
+        with QwenClient(server.target, timeout_s=5) as late, pytest.raises(QwenError) as refused:
+            late.complete("too late", GenerateOptions(max_tokens=1))
         assert refused.value.code == "UNAVAILABLE"
         reader.join(60)
         assert server.process.wait(timeout=60) == 0
@@ -88,6 +87,6 @@ def test_sigterm_cancels_what_outlives_the_grace_period(tiny_model_path: Path) -
 @pytest.mark.real_model
 def test_fetch_model_prints_the_verified_default_model(real_model_path: Path) -> None:
     done = subprocess.run([sys.executable, "-m", "server.cli", "fetch-model"], cwd=REPO, capture_output=True,
-                          text=True, timeout=300)
+                          text=True, timeout=300, check=False)
     assert done.returncode == 0
     assert done.stdout.strip().splitlines()[-1] == str(real_model_path)

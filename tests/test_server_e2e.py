@@ -8,8 +8,8 @@ from collections.abc import Iterator
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-
 from qwen_client import GenerateOptions, QwenClient, QwenError, TokenDelta
+
 from qwen_serve.v1 import generate_pb2 as pb
 from qwen_serve.v1 import generate_pb2_grpc as pb_grpc
 from server.background import BackgroundServer
@@ -150,9 +150,8 @@ def test_client_cancel_frees_the_request_in_the_worker(client: QwenClient) -> No
 
 
 def test_deadline_mid_stream_is_deadline_exceeded_and_frees_kv(server: BackgroundServer, client: QwenClient) -> None:
-    with QwenClient(server.target, timeout_s=0.6) as hurried:
-        with pytest.raises(QwenError) as caught:
-            list(hurried.generate("Count", GenerateOptions(max_tokens=1500, ignore_eos=True)))
+    with QwenClient(server.target, timeout_s=0.6) as hurried, pytest.raises(QwenError) as caught:
+        list(hurried.generate("Count", GenerateOptions(max_tokens=1500, ignore_eos=True)))
     assert caught.value.code == "DEADLINE_EXCEEDED"
     _wait_kv_idle(client, timeout_s=3)
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
-
 from qwen_client import GenerateOptions, QwenClient, TokenDelta
+
 from server.background import BackgroundServer
 from server.config import ServeConfig
 

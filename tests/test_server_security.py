@@ -10,8 +10,8 @@ from pathlib import Path
 
 import grpc
 import pytest
-
 from qwen_client import GenerateOptions, QwenClient, QwenError
+
 from server.background import BackgroundServer
 from server.cli import build_parser, config_from_args
 from server.config import ServeConfig
@@ -94,12 +94,11 @@ def test_plaintext_client_cannot_talk_to_a_tls_server(secure_server: BackgroundS
 def test_health_can_require_the_token_too(tiny_model_path: Path) -> None:
     config = ServeConfig(port=0, model_path=str(tiny_model_path), backend="cpu", auth_token=TOKEN,
                          auth_exempt_health=False)
-    with BackgroundServer(config) as server:
-        with QwenClient(server.target, timeout_s=10) as anonymous, \
+    with BackgroundServer(config) as server, QwenClient(server.target, timeout_s=10) as anonymous, \
                 QwenClient(server.target, token=TOKEN, timeout_s=10) as member:
-            with pytest.raises(QwenError, match="UNAUTHENTICATED"):
-                anonymous.health()
-            assert member.health() == "SERVING"
+        with pytest.raises(QwenError, match="UNAUTHENTICATED"):
+            anonymous.health()
+        assert member.health() == "SERVING"
 
 
 def _generate_secretly(target: str) -> None:

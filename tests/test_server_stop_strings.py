@@ -1,6 +1,8 @@
 """Stop strings across token boundaries: never emitted, text before them always emitted."""
 from __future__ import annotations
 
+import itertools
+
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -42,7 +44,7 @@ def test_earliest_match_wins_and_held_text_flushes() -> None:
        cuts=st.lists(st.integers(0, 40), max_size=8))
 def test_matches_plain_find_whatever_the_split(text: str, stop: str, cuts: list[int]) -> None:
     bounds = sorted({0, len(text), *(c for c in cuts if c <= len(text))})
-    pieces = [text[a:b] for a, b in zip(bounds, bounds[1:])]
+    pieces = [text[a:b] for a, b in itertools.pairwise(bounds)]
     emitted, matched = _run(pieces, (stop,))
     at = text.find(stop)
     if at >= 0:

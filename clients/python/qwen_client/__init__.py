@@ -12,5 +12,17 @@ from qwen_client.types import (
     TopLogprob,
 )
 
-__all__ = ["DEFAULT_TARGET", "QwenClient", "QwenError", "Completion", "Event", "Finished", "GenerateOptions",
-           "Started", "TokenDelta", "TokenLogprob", "Tokens", "TopLogprob"]
+__all__ = [
+    "DEFAULT_TARGET",
+    "Completion",
+    "Event",
+    "Finished",
+    "GenerateOptions",
+    "QwenClient",
+    "QwenError",
+    "Started",
+    "TokenDelta",
+    "TokenLogprob",
+    "Tokens",
+    "TopLogprob",
+]

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from qwen_serve.v1 import generate_pb2 as pb
 from qwen_client.types import (
     FINISH_REASONS,
     Completion,
@@ -14,6 +13,7 @@ from qwen_client.types import (
     TokenLogprob,
     TopLogprob,
 )
+from qwen_serve.v1 import generate_pb2 as pb
 
 Messages = Sequence[tuple[str, str]] | Sequence[dict[str, str]]
 

@@ -9,7 +9,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from typing import Any
+from typing import Any, Self
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -56,10 +56,10 @@ class QwenClient:
             self._channel = grpc.insecure_channel(target, options=options)
         self._metadata: tuple[tuple[str, str], ...] = (("authorization", f"Bearer {token}"),) if token else ()
         self._timeout_s = timeout_s
-        self._stub = pb_grpc.QwenServeStub(self._channel)
+        self._stub = pb_grpc.QwenServeStub(self._channel)  # type: ignore[no-untyped-call]
         self._health = health_pb2_grpc.HealthStub(self._channel)
 
-    def __enter__(self) -> QwenClient:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -119,11 +119,11 @@ class QwenClient:
 
         response = self._call(self._stub.GetModelInfo, pb.GetModelInfoRequest())
         try:
-            return MessageToDict(response, preserving_proto_field_name=True,
-                                 always_print_fields_with_no_presence=True)
+            return dict(MessageToDict(response, preserving_proto_field_name=True,
+                                      always_print_fields_with_no_presence=True))
         except TypeError:   # protobuf < 5.26 names the option differently
-            return MessageToDict(response, preserving_proto_field_name=True,
-                                 including_default_value_fields=True)
+            return dict(MessageToDict(response, preserving_proto_field_name=True,
+                                      including_default_value_fields=True))
 
     def abort(self, request_id: str) -> bool:
         return bool(self._call(self._stub.Abort, pb.AbortRequest(request_id=request_id)).found)
