@@ -215,20 +215,22 @@ def test_worker_killed_mid_stream_gives_unavailable_then_recovers(server: Backgr
     import os
     import signal
 
-    stream = client.generate("Count", GenerateOptions(max_tokens=1500, ignore_eos=True))
-    next(stream)
-    next(stream)
-    os.kill(server.running.link.worker.worker_pid, signal.SIGKILL)
-    killed_at = time.monotonic()
-    with pytest.raises(QwenError) as caught:
-        list(stream)
-    assert caught.value.code == "UNAVAILABLE" and time.monotonic() - killed_at < 1.0
+    serving = health_pb2.HealthCheckResponse.SERVING
     with grpc.insecure_channel(server.target) as channel:
-        health = health_pb2_grpc.HealthStub(channel)
-        deadline = time.monotonic() + 60
-        while health.Check(health_pb2.HealthCheckRequest(), timeout=5).status != health_pb2.HealthCheckResponse.SERVING:
-            assert time.monotonic() < deadline, "health did not return to SERVING"
-            time.sleep(0.1)
+        watch = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(), timeout=60)
+        assert next(watch).status == serving
+        stream = client.generate("Count", GenerateOptions(max_tokens=1500, ignore_eos=True))
+        next(stream)
+        next(stream)
+        os.kill(server.running.link.worker.worker_pid, signal.SIGKILL)
+        killed_at = time.monotonic()
+        with pytest.raises(QwenError) as caught:
+            list(stream)
+        assert caught.value.code == "UNAVAILABLE" and time.monotonic() - killed_at < 1.0
+        # Health goes NOT_SERVING while the worker is down, then SERVING once it is restarted.
+        assert next(watch).status == health_pb2.HealthCheckResponse.NOT_SERVING
+        assert next(watch).status == serving
+        watch.cancel()
     assert client.complete("back", GenerateOptions(max_tokens=2, ignore_eos=True)).finished.completion_tokens == 2
     assert b"qwen_serve:worker_restarts_total 1.0" in server.running.metrics.render()
 
