@@ -30,7 +30,8 @@ _WORKER_REASONS = {"stop": FinishReason.STOP, "length": FinishReason.LENGTH, "eo
 
 @dataclass(frozen=True)
 class GenerationJob:
-    request_id: str
+    request_id: str          # the client's (or assigned) id: Started, logs, Abort
+    worker_request_id: str   # unique per call, so that a client reusing an id never collides in the worker
     model: str
     prompt_ids: list[int]
     sampling: SamplingParams
@@ -90,7 +91,7 @@ class Generation:
     async def events(self) -> AsyncIterator[GenerationEvent]:
         job = self.job
         yield StartedEvent(job.request_id, job.model, len(job.prompt_ids), job.sampling.seed)
-        stream = self.worker.generate(job.request_id, job.prompt_ids, job.sampling, job.stopping)
+        stream = self.worker.generate(job.worker_request_id, job.prompt_ids, job.sampling, job.stopping)
         matched: str | None = None
         async with contextlib.aclosing(stream):
             async for event in stream:

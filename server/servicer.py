@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import secrets
 import time
 from collections.abc import AsyncIterator
@@ -44,7 +45,8 @@ class QwenServeServicer:
         self.link, self.metrics = link, metrics
         self.gate = AdmissionGate(config.max_batch, config.max_queue)
         self.log_requests = config.log_requests
-        self.running: dict[str, Generation] = {}
+        self.running: dict[str, Generation] = {}     # by worker_request_id
+        self._call_numbers = itertools.count(1)
 
     # -- generation --------------------------------------------------------------------------------
     async def _prepare(self, message: Any, context: grpc.aio.ServicerContext) -> GenerationJob:
@@ -57,15 +59,14 @@ class QwenServeServicer:
         request_id = request.request_id or (request_id_var.get() if request_id_var.get() != "-" else "")
         request_id = request_id or new_request_id()
         request_id_var.set(request_id)
-        if request_id in self.running:
-            raise RpcError(grpc.StatusCode.ALREADY_EXISTS, f"request_id: {request_id!r} is already running")
         prompt_ids = await asyncio.to_thread(model.tools.prompt_ids, request)
         validate_lengths(request, len(prompt_ids), model.limits)
         seed = request.seed if request.seed is not None else secrets.randbits(64)
         if self.log_requests:
             log.debug("request content", extra={"fields": {"input": _describe_input(request)}})
         return GenerationJob(
-            request_id=request_id, model=model.name, prompt_ids=prompt_ids,
+            request_id=request_id, worker_request_id=f"{request_id}#{next(self._call_numbers)}",
+            model=model.name, prompt_ids=prompt_ids,
             sampling=request.sampling_params(seed),
             stopping=request.stopping_params(len(prompt_ids), model.limits.context_length,
                                              model.tools.eos_token_ids),
@@ -82,7 +83,7 @@ class QwenServeServicer:
             raise RpcError(grpc.StatusCode.RESOURCE_EXHAUSTED, refusal.message,
                            ((RETRY_PUSHBACK_KEY, str(refusal.retry_after_ms)),))
         generation = Generation(self.link.worker, self.link.model().tools, self.metrics, job)
-        self.running[job.request_id] = generation
+        self.running[job.worker_request_id] = generation
         log.info("generation started", extra={"fields": {"prompt_tokens": len(job.prompt_ids),
                                                          "max_tokens": job.stopping.max_tokens}})
         try:
@@ -95,11 +96,11 @@ class QwenServeServicer:
         except WorkerRequestError as error:
             raise RpcError(grpc.StatusCode.INVALID_ARGUMENT, f"the worker refused the request: {error}") from None
         finally:
-            self.running.pop(job.request_id, None)
+            self.running.pop(job.worker_request_id, None)
             self.gate.release()
             if not generation.finished:
                 # Client cancel, disconnect or deadline: free the request's KV in the worker now.
-                await _quietly(self.link.worker.abort(job.request_id))
+                await _quietly(self.link.worker.abort(job.worker_request_id))
                 self.metrics.add_tokens(prompt=len(job.prompt_ids), generated=generation.completion_tokens)
 
     def _account(self, event: FinishedEvent) -> None:
@@ -188,11 +189,13 @@ class QwenServeServicer:
     async def Abort(self, request: Any, context: grpc.aio.ServicerContext) -> pb.AbortResponse:
         if isinstance(request, MalformedRequest):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "request: not a valid AbortRequest")
-        generation = self.running.get(request.request_id)
-        if generation is None:
+        # Every running call with that id (ids are the client's choice and need not be unique).
+        matching = [key for key, gen in self.running.items() if gen.job.request_id == request.request_id]
+        if not matching:
             return pb.AbortResponse(found=False)
         try:
-            await self.link.worker.abort(request.request_id)
+            for worker_request_id in matching:
+                await self.link.worker.abort(worker_request_id)
         except WorkerUnavailable as error:
             await context.abort(grpc.StatusCode.UNAVAILABLE, f"the model worker went away: {error}")
         return pb.AbortResponse(found=True)

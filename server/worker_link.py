@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -73,10 +74,16 @@ class WorkerLink:
 
     async def _start_worker(self) -> None:
         try:
+            began = time.monotonic()
+            log.info("starting the model worker (this loads the weights and runs a warm-up step)"
+                     if not self.config.attach_dir else f"attaching to the worker in {self.config.attach_dir}")
             self.worker = self._factory(self.config)
             self.worker.on_state_change(self._on_worker_state)
             await self.worker.start()
             self._model = await asyncio.to_thread(_load_model_facts, dict(self.worker.model_info))
+            info = self.worker.model_info
+            log.info(f"model {self._model.name} ready on {info.get('backend')} ({info.get('device_name')}) "
+                     f"after {time.monotonic() - began:.1f} s")
             await self._state_changed(self.worker.is_serving)
             self._tasks.append(asyncio.create_task(self._poll_stats()))
         except Exception as error:

@@ -254,3 +254,14 @@ def test_metrics_count_tokens_and_time_to_first_token(server: BackgroundServer, 
     assert samples["qwen_serve:generation_tokens_total"] >= 3
     assert samples["qwen_serve:time_to_first_token_seconds_count"] >= 1
     assert samples['qwen_serve:requests_total{outcome="length"}'] >= 1
+
+
+def test_a_reused_request_id_runs_twice_and_abort_ends_both(client: QwenClient) -> None:
+    options = GenerateOptions(max_tokens=1500, ignore_eos=True, request_id="twin")
+    first, second = client.generate("Count", options), client.generate("Count", options)
+    assert next(first).request_id == next(second).request_id == "twin"
+    next(first)
+    next(second)
+    assert client.abort("twin") is True
+    assert list(first)[-1].reason == list(second)[-1].reason == "cancelled"
+    _wait_kv_idle(client)
