@@ -148,6 +148,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(str(error))
     except KeyboardInterrupt:
         return 130
+    except Exception as error:    # a bad model file or path (GGUFLoadError, OSError): one line, exit 1
+        if not _is_user_error(error):
+            raise
+        print(f"qwen-serve {args.command}: {error}", file=sys.stderr)
+        return 1
+
+
+def _is_user_error(error: Exception) -> bool:
+    from gpu_worker.model.errors import GGUFLoadError
+
+    return isinstance(error, (GGUFLoadError, OSError))
 
 
 if __name__ == "__main__":

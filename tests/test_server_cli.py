@@ -90,3 +90,20 @@ def test_fetch_model_prints_the_verified_default_model(real_model_path: Path) ->
                           text=True, timeout=300, check=False)
     assert done.returncode == 0
     assert done.stdout.strip().splitlines()[-1] == str(real_model_path)
+
+
+def test_convert_to_f16_writes_a_loadable_file_and_bad_input_is_one_line(tiny_model_path: Path,
+                                                                         tmp_path: Path) -> None:
+    from gpu_worker.model.gguf_loader import load_gguf
+
+    out = tmp_path / "tiny-f16.gguf"
+    done = subprocess.run([sys.executable, "-m", "server.cli", "convert", "--to", "f16", str(tiny_model_path),
+                           str(out)], cwd=REPO, capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0, done.stderr
+    with load_gguf(out) as model:
+        assert {t.qtype.name for t in model.tensors.values() if len(t.shape) == 2} == {"F16"}
+    missing = subprocess.run([sys.executable, "-m", "server.cli", "convert", "--to", "f16", str(tmp_path / "no.gguf"),
+                              str(tmp_path / "x.gguf")], cwd=REPO, capture_output=True, text=True, timeout=60,
+                             check=False)
+    assert missing.returncode == 1
+    assert missing.stderr.startswith("qwen-serve convert: ") and "Traceback" not in missing.stderr
