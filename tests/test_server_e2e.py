@@ -265,3 +265,27 @@ def test_a_reused_request_id_runs_twice_and_abort_ends_both(client: QwenClient) 
     assert client.abort("twin") is True
     assert list(first)[-1].reason == list(second)[-1].reason == "cancelled"
     _wait_kv_idle(client)
+
+
+def test_served_tokens_equal_the_engine_run_directly(client: QwenClient, tiny_model_path) -> None:
+    """Front-end + IPC change nothing: the same request on an in-process engine gives the same ids."""
+    from gpu_worker.backends.cpu import CpuBackend
+    from gpu_worker.engine.engine import FinishOut, TokenOut
+    from gpu_worker.engine.sequence import RequestSpec
+    from gpu_worker.model.gguf_loader import load_gguf
+    from gpu_worker.sampling.params import SamplingParams, StoppingParams
+    from gpu_worker.worker_main import create_engine
+
+    served = client.complete("Direct engine check", GenerateOptions(seed=99, temperature=0.8, top_k=40,
+                                                                    max_tokens=16, ignore_eos=True))
+    prompt_ids = client.tokenize("Direct engine check").ids
+    with load_gguf(tiny_model_path) as model:
+        engine = create_engine(model, CpuBackend(model), num_kv_blocks=64)
+        spec = RequestSpec(1, tuple(prompt_ids), SamplingParams(temperature=0.8, top_k=40, seed=99),
+                           StoppingParams(max_tokens=16, ignore_eos=True))
+        events = engine.add_request(spec)
+        while engine.has_work:
+            events += engine.step()
+    direct = tuple(e.token_id for e in events if isinstance(e, TokenOut))
+    assert [e.reason for e in events if isinstance(e, FinishOut)] == ["length"]
+    assert served.token_ids == direct
