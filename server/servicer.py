@@ -59,7 +59,10 @@ class QwenServeServicer:
         request_id = request.request_id or (request_id_var.get() if request_id_var.get() != "-" else "")
         request_id = request_id or new_request_id()
         request_id_var.set(request_id)
-        prompt_ids = await asyncio.to_thread(model.tools.prompt_ids, request)
+        try:
+            prompt_ids = await asyncio.to_thread(model.tools.prompt_ids, request)
+        except ValueError as error:   # e.g. the model's chat template rejects the conversation
+            raise RequestInvalid("chat.messages" if request.messages else "prompt", str(error)) from None
         validate_lengths(request, len(prompt_ids), model.limits)
         seed = request.seed if request.seed is not None else secrets.randbits(64)
         if self.log_requests:
@@ -78,11 +81,11 @@ class QwenServeServicer:
             job = await self._prepare(message, context)
         except RequestInvalid as error:
             raise RpcError(grpc.StatusCode.INVALID_ARGUMENT, str(error)) from None
+        generation = Generation(self.link.worker, self.link.model().tools, self.metrics, job)
         refusal = self.gate.try_admit()
         if refusal is not None:
             raise RpcError(grpc.StatusCode.RESOURCE_EXHAUSTED, refusal.message,
                            ((RETRY_PUSHBACK_KEY, str(refusal.retry_after_ms)),))
-        generation = Generation(self.link.worker, self.link.model().tools, self.metrics, job)
         self.running[job.worker_request_id] = generation
         log.info("generation started", extra={"fields": {"prompt_tokens": len(job.prompt_ids),
                                                          "max_tokens": job.stopping.max_tokens}})
