@@ -170,7 +170,8 @@ def linear(x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None = None) ->
 
 
 def num_matmul_threads() -> int:
-    return max(1, min(MAX_MATMUL_THREADS, len(os.sched_getaffinity(0))))
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(MAX_MATMUL_THREADS, usable))
 
 
 def column_ranges(num_out: int) -> list[tuple[int, int]]:
