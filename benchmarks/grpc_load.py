@@ -1,0 +1,139 @@
+"""End-to-end load generator: N concurrent gRPC streaming clients against a qwen-serve server.
+
+    python -m benchmarks.grpc_load --target 127.0.0.1:50051 --json out.json
+    python -m benchmarks.grpc_load --serve-model MODEL.gguf --backend cuda --json out.json
+
+Per concurrency level N (default 1,16,64,256): every client sends `--rounds` greedy requests of a
+`--prompt-len`-token prompt (random ids, pre-tokenized) for exactly `--max-tokens` tokens (EOS
+ignored). Reports client-observed time to first token and inter-token latency (p50/p99), the
+aggregate output tok/s (all tokens / first send to last end), the single-stream decode rate
+and errors. With --serve-model it starts the server itself on a free loopback port and stops it.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from benchmarks.common import ResultFile, parse_int_list, percentiles_ms
+from benchmarks.engine_measures import random_prompts
+from benchmarks.grpc_clients import ClientPlan, run_clients
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="grpc_load", description=__doc__.splitlines()[0])
+    where = p.add_mutually_exclusive_group(required=True)
+    where.add_argument("--target", help="host:port of a running server")
+    where.add_argument("--serve-model", type=Path, help="start `qwen-serve serve` on this GGUF and stop it after")
+    p.add_argument("--backend", choices=("cuda", "cpu", "auto"), default="cuda", help="with --serve-model")
+    p.add_argument("--kv-cache-gb", type=float, default=None, help="with --serve-model (default: 4 on cuda)")
+    p.add_argument("--concurrency", default="1,16,64,256", help="levels N")
+    p.add_argument("--prompt-len", type=int, default=128)
+    p.add_argument("--max-tokens", type=int, default=128)
+    p.add_argument("--rounds", type=int, default=1, help="sequential requests per client")
+    p.add_argument("--client-procs", type=int, default=0, help="client processes (0: min(N, cores/2, 8))")
+    p.add_argument("--budget-s", type=float, default=60.0, help="time budget per level (s)")
+    p.add_argument("--json", type=Path)
+    p.add_argument("--quick", action="store_true", help="tiny sizes: checks the harness, measures nothing")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.concurrency, args.prompt_len, args.max_tokens, args.rounds = "1,3", 8, 4, 1
+    args.levels = parse_int_list(args.concurrency)
+    for name in ("prompt_len", "max_tokens", "rounds"):
+        if getattr(args, name) <= 0:
+            p.error(f"--{name.replace('_', '-')} must be > 0")
+    if args.client_procs < 0:
+        p.error("--client-procs must be >= 0")
+    return args
+
+
+def summarize(records: list[dict[str, Any]], expected_tokens: int) -> dict[str, Any]:
+    """Client-side measures of one level from its stream records."""
+    ok = [r for r in records if not r["error"] and r["finish_reason"] == "FINISH_REASON_LENGTH"
+          and sum(r["token_counts"]) == expected_tokens]
+    errors: dict[str, int] = {}
+    for r in records:
+        if r not in ok:
+            why = r["error"] or f"finish {r['finish_reason'] or 'missing'} after {sum(r['token_counts'])} tokens"
+            errors[why[:200]] = errors.get(why[:200], 0) + 1
+    ttft = [r["token_times"][0] - r["sent"] for r in records if r["token_times"]]
+    gaps: list[float] = []
+    for r in records:   # a delta of n tokens after a gap g counts as n gaps of g / n
+        for i in range(1, len(r["token_times"])):
+            count = r["token_counts"][i]
+            gaps += [(r["token_times"][i] - r["token_times"][i - 1]) / count] * count
+    num_tokens = sum(sum(r["token_counts"]) for r in records)
+    wall = max(r["ended"] for r in records) - min(r["sent"] for r in records)
+    stream_rates = [(sum(r["token_counts"]) - r["token_counts"][0]) / (r["token_times"][-1] - r["token_times"][0])
+                    for r in ok if len(r["token_times"]) > 1 and r["token_times"][-1] > r["token_times"][0]]
+    return {"requests": len(records), "ok": len(ok), "errors": sum(errors.values()), "error_kinds": errors,
+            "output_tokens": num_tokens, "wall_s": wall, "aggregate_tok_s": num_tokens / wall if wall > 0 else None,
+            "ttft": percentiles_ms(ttft), "itl": percentiles_ms(gaps),
+            "stream_decode_tok_s_median": sorted(stream_rates)[len(stream_rates) // 2] if stream_rates else None}
+
+
+def client_plans(args: argparse.Namespace, target: str, num_clients: int, vocab_size: int,
+                 timeout_s: float) -> list[ClientPlan]:
+    procs = args.client_procs or max(1, min(num_clients, (os.cpu_count() or 2) // 2, 8))
+    procs = min(procs, num_clients)
+    prompts = random_prompts(num_clients, args.prompt_len, vocab_size, seed=30_000 + num_clients)
+    return [ClientPlan(target, tuple(prompts[i::procs]), args.rounds, args.max_tokens, timeout_s)
+            for i in range(procs)]
+
+
+def model_info(target: str) -> dict[str, Any]:
+    import grpc
+
+    from qwen_serve.v1 import generate_pb2 as pb
+    from qwen_serve.v1 import generate_pb2_grpc
+
+    with grpc.insecure_channel(target) as channel:
+        info = generate_pb2_grpc.QwenServeStub(channel).GetModelInfo(pb.GetModelInfoRequest(), timeout=30)
+    return {"model": info.model, "backend": info.backend, "device_name": info.device_name,
+            "vocab_size": info.vocab_size, "weight_bytes": info.weight_bytes, "kv_cache_bytes": info.kv_cache_bytes}
+
+
+def run_levels(args: argparse.Namespace, target: str, results: ResultFile) -> None:
+    info = results.run_section("model_info", args.budget_s, lambda _budget: model_info(target))
+    vocab = info.get("vocab_size") or 1000
+    results.run_section("warmup", args.budget_s, lambda budget: summarize(run_clients(
+        client_plans(args, target, 1, vocab, budget.seconds)), args.max_tokens))
+    for level in args.levels:
+        results.run_section(f"concurrency_{level}", args.budget_s, lambda budget, n=level: summarize(
+            run_clients(client_plans(args, target, n, vocab, budget.seconds)), args.max_tokens)
+            | {"concurrency": n, "rounds": args.rounds})
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    header = {"kind": "grpc_load", "target": args.target, "serve_model": str(args.serve_model or ""),
+              "backend": args.backend if args.serve_model else "", "quick": args.quick,
+              "args": {k: v for k, v in vars(args).items()}}
+    results = ResultFile(args.json, header)
+    if args.target:
+        run_levels(args, args.target, results)
+        return 0
+    from benchmarks.server_process import ServedModel
+
+    kv_gb = args.kv_cache_gb if args.kv_cache_gb is not None else (4.0 if args.backend == "cuda" else None)
+    max_n = max(args.levels)
+    started = time.monotonic()
+    try:
+        served = ServedModel(args.serve_model, args.backend, max_batch=max_n, max_queue=max(64, 2 * max_n),
+                             kv_cache_gb=kv_gb)
+        with served:
+            results.data["server_start_s"] = served.start_s
+            run_levels(args, served.target, results)
+    except Exception as exc:  # noqa: BLE001 -- recorded in the JSON, then a non-zero exit
+        results.data["server_error"] = f"{type(exc).__name__}: {exc}"[:4000]
+        results.save()
+        print(f"server failed after {time.monotonic() - started:.1f} s: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,103 @@
+"""Start `qwen-serve serve` on a free loopback port for a benchmark, wait for health SERVING, stop it.
+
+with ServedModel(model, backend="cuda", max_batch=256, max_queue=1024, kv_cache_gb=4) as served:
+    served.target        # "127.0.0.1:PORT"
+The server runs in its own session (its worker child goes with it on stop); its output goes to a
+log file whose tail is kept for the report when start-up fails.
+"""
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from benchmarks.common import REPO
+
+LISTENING = re.compile(r"listening on (\S+):(\d+)")
+
+
+class ServedModel:
+    def __init__(self, model: Path, backend: str, max_batch: int, max_queue: int,
+                 kv_cache_gb: float | None = None, start_timeout_s: float = 180.0) -> None:
+        self.command = [sys.executable, "-m", "server.cli", "serve", "--backend", backend, "--model", str(model),
+                        "--host", "127.0.0.1", "--port", "0", "--max-batch", str(max_batch),
+                        "--max-queue", str(max_queue)]
+        if kv_cache_gb is not None:
+            self.command += ["--kv-cache-gb", str(kv_cache_gb)]
+        self.start_timeout_s = start_timeout_s
+        self.process: subprocess.Popen[bytes] | None = None
+        self.port: int | None = None
+        self.start_s: float | None = None
+        self.log_path = Path(tempfile.mkstemp(prefix="qwen-serve-bench-", suffix=".log")[1])
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def log_tail(self, num_chars: int = 3000) -> str:
+        return self.log_path.read_text(errors="replace")[-num_chars:]
+
+    def __enter__(self) -> ServedModel:
+        # The bench's own flags must win over QWEN_SERVE_* settings of the calling shell.
+        env = {k: v for k, v in os.environ.items() if not k.startswith("QWEN_SERVE_")}
+        started = time.monotonic()
+        with self.log_path.open("wb") as log:
+            self.process = subprocess.Popen(self.command, cwd=REPO, env=env, stdout=log,
+                                            stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            self.port = self._wait_for_port(started)
+            wait_serving(self.target, started + self.start_timeout_s, self.process)
+        except Exception:
+            self.stop()
+            raise
+        self.start_s = time.monotonic() - started
+        return self
+
+    def _wait_for_port(self, started: float) -> int:
+        while time.monotonic() < started + self.start_timeout_s:
+            match = LISTENING.search(self.log_path.read_text(errors="replace"))
+            if match:
+                return int(match.group(2))
+            if self.process is not None and self.process.poll() is not None:
+                raise RuntimeError(f"qwen-serve exited ({self.process.returncode}) before listening:\n{self.log_tail()}")
+            time.sleep(0.1)
+        raise TimeoutError(f"qwen-serve printed no port in {self.start_timeout_s:g} s:\n{self.log_tail()}")
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def stop(self) -> None:
+        """SIGTERM to the server's process group (front-end and worker), SIGKILL after 30 s."""
+        if self.process is None or self.process.poll() is not None:
+            return
+        os.killpg(self.process.pid, signal.SIGTERM)
+        try:
+            self.process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait(timeout=10)
+
+
+def wait_serving(target: str, deadline: float, process: subprocess.Popen[bytes] | None = None) -> None:
+    """Poll grpc.health.v1 Check until SERVING; RuntimeError if the process dies, TimeoutError late."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    with grpc.insecure_channel(target) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while time.monotonic() < deadline:
+            try:
+                reply = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=2)
+                if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError:
+                pass
+            if process is not None and process.poll() is not None:
+                raise RuntimeError(f"qwen-serve exited with {process.returncode}")
+            time.sleep(0.2)
+    raise TimeoutError(f"health of {target} not SERVING in time")
