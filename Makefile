@@ -23,7 +23,9 @@ CUDA_ARCHS := -gencode arch=compute_80,code=sm_80 -gencode arch=compute_86,code=
 serve: setup
 	$(VENV)/bin/qwen-serve serve --host $(HOST) --port $(PORT) --backend $(BACKEND)
 
-test: setup
+# The suite also exercises the Node client and the C++/Go/Java stubs: their toolchains are set up here
+# (non-fatal: what cannot be installed is skipped with a message, and its tests skip).
+test: setup stubs-all node-deps
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 setup: venv stubs kernels model cuda-extra
