@@ -47,11 +47,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--kv-cache-gb", type=float, default=None, help="default: what the runs need")
     p.add_argument("--quick", action="store_true", help="tiny sizes: checks the harness, measures nothing")
+    if p.parse_known_args(argv)[0].quick:   # quick sizes replace the defaults; explicit flags still win
+        p.set_defaults(batches="1,2", prefill="8,32", prompt_len=16, decode_steps=3, warmup_steps=1,
+                       prefill_repeats=1, agg_seqs=4, agg_prompt=8, agg_new=4)
     args = p.parse_args(argv)
-    if args.quick:
-        args.batches, args.prefill, args.prompt_len = "1,2", "8,32", 16
-        args.decode_steps, args.warmup_steps, args.prefill_repeats = 3, 1, 1
-        args.agg_seqs, args.agg_prompt, args.agg_new = 4, 8, 4
     args.batch_list, args.prefill_list = parse_int_list(args.batches), parse_int_list(args.prefill)
     args.skip_set = {s for s in args.skip.split(",") if s}
     unknown = args.skip_set - set(SECTIONS)

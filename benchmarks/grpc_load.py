@@ -38,9 +38,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--budget-s", type=float, default=60.0, help="time budget per level (s)")
     p.add_argument("--json", type=Path)
     p.add_argument("--quick", action="store_true", help="tiny sizes: checks the harness, measures nothing")
+    if p.parse_known_args(argv)[0].quick:   # quick sizes replace the defaults; explicit flags still win
+        p.set_defaults(concurrency="1,3", prompt_len=8, max_tokens=4)
     args = p.parse_args(argv)
-    if args.quick:
-        args.concurrency, args.prompt_len, args.max_tokens, args.rounds = "1,3", 8, 4, 1
     args.levels = parse_int_list(args.concurrency)
     for name in ("prompt_len", "max_tokens", "rounds"):
         if getattr(args, name) <= 0:
