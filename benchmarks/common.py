@@ -81,6 +81,9 @@ class ResultFile:
         """Run `measure(budget)`; record its result, or the error, under sections[name]."""
         started = time.monotonic()
         print(f"--- {name} (budget {budget_s:g} s)", flush=True)
+        # Overwritten below; stays if the process is killed (outer `timeout`) inside this section.
+        self.data["sections"][name] = {"result": {"error": "started but never finished (killed by a timeout?)"}}
+        self.save()
         try:
             result = measure(Budget(budget_s))
         except Exception as exc:  # noqa: BLE001 -- one failed section must not lose the others

@@ -41,17 +41,20 @@ def run_clients(plans: list[ClientPlan]) -> list[dict[str, Any]]:
     ctx = mp.get_context("spawn")
     barrier, queue = ctx.Barrier(len(plans)), ctx.Queue()
     processes = [ctx.Process(target=_process_main, args=(plan, barrier, queue), daemon=True) for plan in plans]
-    for process in processes:
-        process.start()
     records: list[dict[str, Any]] = []
     deadline = time.monotonic() + max(plan.timeout_s for plan in plans) + 60
-    for _ in processes:
-        remaining = max(1.0, deadline - time.monotonic())
-        records += queue.get(timeout=remaining)
-    for process in processes:
-        process.join(timeout=10)
-        if process.is_alive():
-            process.kill()
+    completed = False
+    try:
+        for process in processes:
+            process.start()
+        for _ in processes:
+            records += queue.get(timeout=max(1.0, deadline - time.monotonic()))
+        completed = True
+    finally:   # a client process that is stuck or left over must not run into the next level
+        for process in processes:
+            process.join(timeout=10 if completed else 0.1)
+            if process.is_alive():
+                process.kill()
     return records
 
 

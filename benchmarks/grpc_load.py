@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -99,16 +100,32 @@ def model_info(target: str) -> dict[str, Any]:
 def run_levels(args: argparse.Namespace, target: str, results: ResultFile) -> None:
     info = results.run_section("model_info", args.budget_s, lambda _budget: model_info(target))
     vocab = info.get("vocab_size") or 1000
+    warmup_tokens = min(args.max_tokens, 16)   # one short request: first-use costs out of level 1
     results.run_section("warmup", args.budget_s, lambda budget: summarize(run_clients(
-        client_plans(args, target, 1, vocab, budget.seconds)), args.max_tokens))
+        [ClientPlan(target, tuple(random_prompts(1, args.prompt_len, vocab, seed=1)), 1, warmup_tokens,
+                    budget.seconds)]), warmup_tokens))
     for level in args.levels:
         results.run_section(f"concurrency_{level}", args.budget_s, lambda budget, n=level: summarize(
             run_clients(client_plans(args, target, n, vocab, budget.seconds)), args.max_tokens)
             | {"concurrency": n, "rounds": args.rounds})
 
 
+def exit_on_sigterm(signum: int, _frame: object) -> None:
+    """`timeout` sends SIGTERM: unwind so that the server this run started is stopped too (it
+    lives in its own session and would otherwise keep the GPU busy for the next benchmark)."""
+    raise SystemExit(128 + signum)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    previous = signal.signal(signal.SIGTERM, exit_on_sigterm)
+    try:
+        return run(args)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def run(args: argparse.Namespace) -> int:
     header = {"kind": "grpc_load", "target": args.target, "serve_model": str(args.serve_model or ""),
               "backend": args.backend if args.serve_model else "", "quick": args.quick,
               "args": {k: v for k, v in vars(args).items()}}
@@ -126,6 +143,7 @@ def main(argv: list[str] | None = None) -> int:
                              kv_cache_gb=kv_gb)
         with served:
             results.data["server_start_s"] = served.start_s
+            results.data["server_pid"] = served.process.pid if served.process else None
             run_levels(args, served.target, results)
     except Exception as exc:  # noqa: BLE001 -- recorded in the JSON, then a non-zero exit
         results.data["server_error"] = f"{type(exc).__name__}: {exc}"[:4000]

@@ -2,7 +2,7 @@
 
     python -m benchmarks.report --engine q4.json [--engine-f16 f16.json] [--grpc grpc.json] \
         [--hf hf.json] [--out-dir benchmarks/results]
-Writes <out-dir>/<backend>_<card>_<date>.{json,md}. Missing inputs or sections show as "—" with
+Writes <out-dir>/gpu_<card>_<date>.{json,md} (cpu_... for the cpu backend). Missing inputs or sections show as "—" with
 the reason (error, skipped, timed out) listed under the tables; speed never fails anything.
 """
 from __future__ import annotations
@@ -83,7 +83,8 @@ def main(argv: list[str] | None = None) -> int:
     inputs = {name: load_json(path) for name, path in
               (("engine", args.engine), ("engine_f16", args.engine_f16), ("grpc", args.grpc), ("hf", args.hf))}
     merged, markdown = build_report(inputs)
-    stem = args.name or f"{merged['backend']}_{slug(merged['card'])}_{merged['date'][:10]}"
+    prefix = "gpu" if merged["backend"] == "cuda" else merged["backend"]
+    stem = args.name or f"{prefix}_{slug(merged['card'])}_{merged['date'][:10]}"
     args.out_dir.mkdir(parents=True, exist_ok=True)
     (args.out_dir / f"{stem}.json").write_text(json.dumps(merged, indent=2, default=str))
     (args.out_dir / f"{stem}.md").write_text(markdown)

@@ -28,6 +28,13 @@ export PYTHONUNBUFFERED=1
 mkdir -p "$OUT"
 rm -f "$OUT"/engine.json "$OUT"/engine_f16.json "$OUT"/grpc.json "$OUT"/hf.json
 
+# Prerequisites a fresh checkout may lack: the Python gRPC stubs, the kernel fatbin.
+if [ ! -f qwen_serve/v1/generate_pb2_grpc.py ]; then
+  "$PY" -m grpc_tools.protoc -I proto --python_out=. --pyi_out=. --grpc_python_out=. \
+    proto/qwen_serve/v1/generate.proto && touch qwen_serve/__init__.py qwen_serve/v1/__init__.py
+fi
+if [ "$BACKEND" = "cuda" ] && [ ! -f cuda/build/qwen_kernels.fatbin ]; then make kernels; fi
+
 # part NAME SECONDS CMD...: run CMD under timeout, log to $OUT/NAME.log, never stop the script.
 part() {
   local name="$1" limit="$2"; shift 2

@@ -26,7 +26,7 @@ class ServedModel:
                  kv_cache_gb: float | None = None, start_timeout_s: float = 180.0) -> None:
         self.command = [sys.executable, "-m", "server.cli", "serve", "--backend", backend, "--model", str(model),
                         "--host", "127.0.0.1", "--port", "0", "--max-batch", str(max_batch),
-                        "--max-queue", str(max_queue)]
+                        "--max-queue", str(max_queue), "--grace-period", "2"]
         if kv_cache_gb is not None:
             self.command += ["--kv-cache-gb", str(kv_cache_gb)]
         self.start_timeout_s = start_timeout_s
@@ -52,7 +52,7 @@ class ServedModel:
         try:
             self.port = self._wait_for_port(started)
             wait_serving(self.target, started + self.start_timeout_s, self.process)
-        except Exception:
+        except BaseException:   # SystemExit from SIGTERM included: never leave a server behind
             self.stop()
             raise
         self.start_s = time.monotonic() - started
@@ -72,12 +72,12 @@ class ServedModel:
         self.stop()
 
     def stop(self) -> None:
-        """SIGTERM to the server's process group (front-end and worker), SIGKILL after 30 s."""
+        """SIGTERM to the server's process group (front-end and worker), SIGKILL after 15 s."""
         if self.process is None or self.process.poll() is not None:
             return
         os.killpg(self.process.pid, signal.SIGTERM)
         try:
-            self.process.wait(timeout=30)
+            self.process.wait(timeout=15)
         except subprocess.TimeoutExpired:
             os.killpg(self.process.pid, signal.SIGKILL)
             self.process.wait(timeout=10)

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -174,3 +176,38 @@ def test_run_all_quick_on_cpu(tiny_model_path: Path, tmp_path: Path) -> None:
 
 def sections_of(merged: dict, source: str, name: str) -> dict:
     return merged["inputs"][source]["sections"][name]["result"]
+
+
+def test_grpc_load_stops_its_server_when_terminated(tiny_model_path: Path, tmp_path: Path) -> None:
+    """run_all.sh runs grpc_load under `timeout`: its SIGTERM must take the started server (own
+    session, would hold the GPU) down with it."""
+    out = tmp_path / "grpc.json"
+    load = subprocess.Popen([sys.executable, "-m", "benchmarks.grpc_load", "--serve-model", str(tiny_model_path),
+                             "--backend", "cpu", "--concurrency", "1", "--max-tokens", "1000", "--rounds", "100",
+                             "--json", str(out)], cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while "concurrency_1" not in (json.loads(out.read_text()) if out.exists() else {}).get("sections", {}):
+            assert time.monotonic() < deadline and load.poll() is None, "load generator did not get going"
+            time.sleep(0.1)
+        server_pid = json.loads(out.read_text())["server_pid"]
+        load.send_signal(signal.SIGTERM)
+        assert load.wait(timeout=30) == 128 + signal.SIGTERM
+    finally:
+        if load.poll() is None:          # SIGTERM first: it stops the server this run started
+            load.terminate()
+            try:
+                load.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                load.kill()
+    assert not process_running(server_pid)
+    assert "never finished" in sections(out)["concurrency_1"]["error"]
+
+
+def process_running(pid: int) -> bool:
+    """False for a pid that is gone or a zombie (exited; the container's init may not reap it)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, IndexError):
+        return False
+    return state != "Z"
