@@ -10,7 +10,7 @@ import subprocess
 import time
 import traceback
 from collections.abc import Callable, Iterable
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -28,12 +28,13 @@ def parse_int_list(text: str) -> list[int]:
 
 
 def git_commit() -> str:
-    result = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True)
+    result = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
+                            check=False)
     return result.stdout.strip() or "unknown"
 
 
 def utc_now() -> str:
-    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def percentiles_ms(values_s: Iterable[float]) -> dict[str, float | None]:
@@ -41,7 +42,8 @@ def percentiles_ms(values_s: Iterable[float]) -> dict[str, float | None]:
     values = np.asarray(list(values_s), np.float64)
     if values.size == 0:
         return {"p50_ms": None, "p99_ms": None, "mean_ms": None, "count": 0}
-    return {"p50_ms": float(np.percentile(values, 50) * 1e3), "p99_ms": float(np.percentile(values, 99) * 1e3),
+    return {"p50_ms": float(np.percentile(values, 50) * 1e3),
+            "p99_ms": float(np.percentile(values, 99) * 1e3),
             "mean_ms": float(values.mean() * 1e3), "count": int(values.size)}
 
 
@@ -82,7 +84,8 @@ class ResultFile:
         started = time.monotonic()
         print(f"--- {name} (budget {budget_s:g} s)", flush=True)
         # Overwritten below; stays if the process is killed (outer `timeout`) inside this section.
-        self.data["sections"][name] = {"result": {"error": "started but never finished (killed by a timeout?)"}}
+        unfinished = {"error": "started but never finished (killed by a timeout?)"}
+        self.data["sections"][name] = {"result": unfinished}
         self.save()
         try:
             result = measure(Budget(budget_s))

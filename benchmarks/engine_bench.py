@@ -56,7 +56,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     unknown = args.skip_set - set(SECTIONS)
     if unknown:
         p.error(f"unknown --skip section(s): {', '.join(sorted(unknown))}")
-    for name in ("prompt_len", "decode_steps", "prefill_repeats", "agg_seqs", "agg_prompt", "agg_new", "block_size"):
+    for name in ("prompt_len", "decode_steps", "prefill_repeats", "agg_seqs", "agg_prompt", "agg_new",
+                 "block_size"):
         if getattr(args, name) <= 0:
             p.error(f"--{name.replace('_', '-')} must be > 0")
     return args
@@ -83,7 +84,9 @@ def load_engine(args: argparse.Namespace) -> tuple[Any, Any, Any, dict[str, Any]
     max_batch, max_tokens_per_step, kv_tokens = engine_sizes(args)
     started = time.perf_counter()
     model = load_gguf(args.model)
-    options = {} if args.backend == "cpu" else {"max_num_tokens": max_tokens_per_step, "max_num_seqs": max_batch}
+    # cuda: static step buffers and decode graphs sized for the largest step of this run
+    options = {} if args.backend == "cpu" else {"max_num_tokens": max_tokens_per_step,
+                                                "max_num_seqs": max_batch}
     backend = create_backend(args.backend, model, **options)
     load_s = time.perf_counter() - started
     block_bytes = backend.kv_bytes_per_block(args.block_size)
@@ -98,7 +101,8 @@ def load_engine(args: argparse.Namespace) -> tuple[Any, Any, Any, dict[str, Any]
     return model, backend, engine, {
         "load_s": load_s, "load_plus_kv_graphs_warmup_s": ready_s, "device_name": backend.device_name,
         "backend": backend.name, "weight_bytes": int(backend.weight_bytes),
-        "kv_bytes_per_token": block_bytes / args.block_size, "kv_bytes_per_1k_tokens": block_bytes * 1000 / args.block_size,
+        "kv_bytes_per_token": block_bytes / args.block_size,
+        "kv_bytes_per_1k_tokens": block_bytes * 1000 / args.block_size,
         "kv_blocks": num_blocks, "kv_bytes_allocated": num_blocks * block_bytes,
         "device_memory_bytes": dict(memory) if memory else None, "quant_types": quant_type_counts(model),
         "max_batch": max_batch, "max_tokens_per_step": max_tokens_per_step}
@@ -125,9 +129,10 @@ def run_sections(args: argparse.Namespace, results: ResultFile, model: Any, engi
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    results = ResultFile(args.json, {"kind": "engine", "model": str(args.model), "label": args.label or args.model.stem,
-                                     "model_file_bytes": args.model.stat().st_size, "quick": args.quick,
-                                     "args": {k: v for k, v in vars(args).items() if k not in ("skip_set",)}})
+    header = {"kind": "engine", "model": str(args.model), "label": args.label or args.model.stem,
+              "model_file_bytes": args.model.stat().st_size, "quick": args.quick,
+              "args": {k: v for k, v in vars(args).items() if k != "skip_set"}}
+    results = ResultFile(args.json, header)
     load_holder: dict[str, Any] = {}
 
     def load(_budget: Any) -> dict[str, Any]:

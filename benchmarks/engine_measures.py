@@ -73,7 +73,8 @@ def measure_decode(engine: Engine, vocab_size: int, batch: int, prompt_len: int,
     for key in keys:
         engine.abort(key)
     if num_tokens != batch * timed_steps:
-        raise RuntimeError(f"expected {batch * timed_steps} decode tokens, got {num_tokens} (not steady state)")
+        raise RuntimeError(f"expected {batch * timed_steps} decode tokens, got {num_tokens} "
+                           "(not steady state)")
     return {"batch": batch, "tok_s": num_tokens / elapsed, "ms_per_step": 1e3 * elapsed / timed_steps,
             "timed_steps": timed_steps, "prompt_len": prompt_len}
 
@@ -123,7 +124,8 @@ def measure_aggregate(engine: Engine, vocab_size: int, num_seqs: int, prompt_len
         raise RuntimeError(f"expected {num_seqs * new_tokens} tokens, got {num_tokens}")
     ttft = sorted(e.ttft_ns / 1e6 for e in finished)
     return {"num_seqs": num_seqs, "prompt_len": prompt_len, "new_tokens": new_tokens,
-            "output_tok_s": num_tokens / elapsed, "total_tok_s": num_seqs * (prompt_len + new_tokens) / elapsed,
+            "output_tok_s": num_tokens / elapsed,
+            "total_tok_s": num_seqs * (prompt_len + new_tokens) / elapsed,
             "wall_s": elapsed, "engine_steps": num_steps, "preemptions": engine.num_preemptions,
             "ttft_ms_p50": float(np.percentile(ttft, 50)), "ttft_ms_p99": float(np.percentile(ttft, 99))}
 

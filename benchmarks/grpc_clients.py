@@ -40,7 +40,8 @@ def run_clients(plans: list[ClientPlan]) -> list[dict[str, Any]]:
     """Run every plan in its own spawned process, started together; all records, as dicts."""
     ctx = mp.get_context("spawn")
     barrier, queue = ctx.Barrier(len(plans)), ctx.Queue()
-    processes = [ctx.Process(target=_process_main, args=(plan, barrier, queue), daemon=True) for plan in plans]
+    processes = [ctx.Process(target=_process_main, args=(plan, barrier, queue), daemon=True)
+                 for plan in plans]
     records: list[dict[str, Any]] = []
     deadline = time.monotonic() + max(plan.timeout_s for plan in plans) + 60
     completed = False
@@ -63,8 +64,9 @@ def _process_main(plan: ClientPlan, barrier: Any, queue: Any) -> None:
         records = asyncio.run(_run_plan(plan, barrier))
     except Exception as exc:  # noqa: BLE001 -- reported as failed streams, not a hung parent
         barrier.abort()
-        records = [asdict(StreamRecord(sent=time.monotonic(), ended=time.monotonic(),
-                                       error=f"client process: {type(exc).__name__}: {exc}"))] * len(plan.prompts)
+        failed = StreamRecord(sent=time.monotonic(), ended=time.monotonic(),
+                              error=f"client process: {type(exc).__name__}: {exc}")
+        records = [asdict(failed)] * (len(plan.prompts) * plan.rounds)
     queue.put(records)
 
 
@@ -91,7 +93,8 @@ async def one_stream(stub: Any, prompt: tuple[int, ...], max_tokens: int, timeou
 
     from qwen_serve.v1 import generate_pb2 as pb
 
-    request = pb.GenerateRequest(token_ids=pb.TokenIds(ids=prompt), sampling=pb.SamplingParams(temperature=0.0),
+    request = pb.GenerateRequest(token_ids=pb.TokenIds(ids=prompt),
+                                 sampling=pb.SamplingParams(temperature=0.0),
                                  stopping=pb.StoppingParams(max_tokens=max_tokens, ignore_eos=True))
     record = StreamRecord(sent=time.monotonic())
     try:

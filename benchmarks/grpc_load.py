@@ -28,7 +28,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="grpc_load", description=__doc__.splitlines()[0])
     where = p.add_mutually_exclusive_group(required=True)
     where.add_argument("--target", help="host:port of a running server")
-    where.add_argument("--serve-model", type=Path, help="start `qwen-serve serve` on this GGUF and stop it after")
+    where.add_argument("--serve-model", type=Path,
+                       help="start `qwen-serve serve` on this GGUF and stop it after")
     p.add_argument("--backend", choices=("cuda", "cpu", "auto"), default="cuda", help="with --serve-model")
     p.add_argument("--kv-cache-gb", type=float, default=None, help="with --serve-model (default: 4 on cuda)")
     p.add_argument("--concurrency", default="1,16,64,256", help="levels N")
@@ -58,7 +59,8 @@ def summarize(records: list[dict[str, Any]], expected_tokens: int) -> dict[str, 
     errors: dict[str, int] = {}
     for r in records:
         if r not in ok:
-            why = r["error"] or f"finish {r['finish_reason'] or 'missing'} after {sum(r['token_counts'])} tokens"
+            finish = r["finish_reason"] or "missing"
+            why = r["error"] or f"finish {finish} after {sum(r['token_counts'])} tokens"
             errors[why[:200]] = errors.get(why[:200], 0) + 1
     ttft = [r["token_times"][0] - r["sent"] for r in records if r["token_times"]]
     gaps: list[float] = []
@@ -68,12 +70,16 @@ def summarize(records: list[dict[str, Any]], expected_tokens: int) -> dict[str, 
             gaps += [(r["token_times"][i] - r["token_times"][i - 1]) / count] * count
     num_tokens = sum(sum(r["token_counts"]) for r in records)
     wall = max(r["ended"] for r in records) - min(r["sent"] for r in records)
-    stream_rates = [(sum(r["token_counts"]) - r["token_counts"][0]) / (r["token_times"][-1] - r["token_times"][0])
-                    for r in ok if len(r["token_times"]) > 1 and r["token_times"][-1] > r["token_times"][0]]
+    # tokens after the first one / time from the first to the last delta (TTFT excluded)
+    stream_rates = sorted((sum(r["token_counts"]) - r["token_counts"][0])
+                          / (r["token_times"][-1] - r["token_times"][0])
+                          for r in ok
+                          if len(r["token_times"]) > 1 and r["token_times"][-1] > r["token_times"][0])
     return {"requests": len(records), "ok": len(ok), "errors": sum(errors.values()), "error_kinds": errors,
-            "output_tokens": num_tokens, "wall_s": wall, "aggregate_tok_s": num_tokens / wall if wall > 0 else None,
+            "output_tokens": num_tokens, "wall_s": wall,
+            "aggregate_tok_s": num_tokens / wall if wall > 0 else None,
             "ttft": percentiles_ms(ttft), "itl": percentiles_ms(gaps),
-            "stream_decode_tok_s_median": sorted(stream_rates)[len(stream_rates) // 2] if stream_rates else None}
+            "stream_decode_tok_s_median": stream_rates[len(stream_rates) // 2] if stream_rates else None}
 
 
 def client_plans(args: argparse.Namespace, target: str, num_clients: int, vocab_size: int,
@@ -94,7 +100,8 @@ def model_info(target: str) -> dict[str, Any]:
     with grpc.insecure_channel(target) as channel:
         info = generate_pb2_grpc.QwenServeStub(channel).GetModelInfo(pb.GetModelInfoRequest(), timeout=30)
     return {"model": info.model, "backend": info.backend, "device_name": info.device_name,
-            "vocab_size": info.vocab_size, "weight_bytes": info.weight_bytes, "kv_cache_bytes": info.kv_cache_bytes}
+            "vocab_size": info.vocab_size, "weight_bytes": info.weight_bytes,
+            "kv_cache_bytes": info.kv_cache_bytes}
 
 
 def run_levels(args: argparse.Namespace, target: str, results: ResultFile) -> None:

@@ -29,7 +29,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dtype", choices=("float16", "bfloat16", "float32"), default="float16")
     p.add_argument("--batches", default="1,256", help="eager batch sizes")
     p.add_argument("--compile-batches", default="1", help="static cache + torch.compile batch sizes")
-    p.add_argument("--compile-backend", default="inductor", help="torch.compile backend (inductor: mode reduce-overhead)")
+    p.add_argument("--compile-backend", default="inductor",
+                   help="torch.compile backend (inductor: mode reduce-overhead)")
     p.add_argument("--prompt-len", type=int, default=128)
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--sections", default="eager,compile")
@@ -92,7 +93,8 @@ class Generator:
         self._sync()
         elapsed = time.perf_counter() - started
         if out.shape[1] != input_ids.shape[1] + new_tokens:
-            raise RuntimeError(f"generate returned {out.shape[1] - input_ids.shape[1]} tokens, not {new_tokens}")
+            got = out.shape[1] - input_ids.shape[1]
+            raise RuntimeError(f"generate returned {got} tokens, not {new_tokens}")
         return elapsed
 
     def measure(self, batch: int, warmups: int, full_warmup: bool) -> dict[str, Any]:

@@ -2,8 +2,9 @@
 
     python -m benchmarks.report --engine q4.json [--engine-f16 f16.json] [--grpc grpc.json] \
         [--hf hf.json] [--out-dir benchmarks/results]
-Writes <out-dir>/gpu_<card>_<date>.{json,md} (cpu_... for the cpu backend). Missing inputs or sections show as "—" with
-the reason (error, skipped, timed out) listed under the tables; speed never fails anything.
+Writes <out-dir>/gpu_<card>_<date>.{json,md} (cpu_... for the cpu backend). Missing inputs or
+sections show as "—" with the reason (error, skipped, timed out) listed under the tables; speed
+never fails anything.
 """
 from __future__ import annotations
 
@@ -61,8 +62,8 @@ def build_report(inputs: dict[str, dict[str, Any]]) -> tuple[dict[str, Any], str
     versions = dig(inputs.get("hf"), "versions") or {}
     lines = [f"# qwen-serve benchmark: {card}", "",
              f"- date {date}, commit {commit}, backend {merged['backend']}, model `{model}`",
-             f"- HF baseline: torch {versions.get('torch', '?')}, transformers {versions.get('transformers', '?')}, "
-             "same GGUF, same card, same run", "",
+             (f"- HF baseline: torch {versions.get('torch', '?')}, "
+              f"transformers {versions.get('transformers', '?')}, same GGUF, same card, same run"), "",
              render_headline(rows), "", *detail_tables(inputs), "", *notes(inputs)]
     return merged, "\n".join(lines).rstrip() + "\n"
 
@@ -80,8 +81,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    inputs = {name: load_json(path) for name, path in
-              (("engine", args.engine), ("engine_f16", args.engine_f16), ("grpc", args.grpc), ("hf", args.hf))}
+    sources = (("engine", args.engine), ("engine_f16", args.engine_f16), ("grpc", args.grpc), ("hf", args.hf))
+    inputs = {name: load_json(path) for name, path in sources}
     merged, markdown = build_report(inputs)
     prefix = "gpu" if merged["backend"] == "cuda" else merged["backend"]
     stem = args.name or f"{prefix}_{slug(merged['card'])}_{merged['date'][:10]}"

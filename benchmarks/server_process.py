@@ -15,6 +15,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Self
 
 from benchmarks.common import REPO
 
@@ -24,9 +25,9 @@ LISTENING = re.compile(r"listening on (\S+):(\d+)")
 class ServedModel:
     def __init__(self, model: Path, backend: str, max_batch: int, max_queue: int,
                  kv_cache_gb: float | None = None, start_timeout_s: float = 180.0) -> None:
-        self.command = [sys.executable, "-m", "server.cli", "serve", "--backend", backend, "--model", str(model),
-                        "--host", "127.0.0.1", "--port", "0", "--max-batch", str(max_batch),
-                        "--max-queue", str(max_queue), "--grace-period", "2"]
+        self.command = [sys.executable, "-m", "server.cli", "serve", "--backend", backend,
+                        "--model", str(model), "--host", "127.0.0.1", "--port", "0",
+                        "--max-batch", str(max_batch), "--max-queue", str(max_queue), "--grace-period", "2"]
         if kv_cache_gb is not None:
             self.command += ["--kv-cache-gb", str(kv_cache_gb)]
         self.start_timeout_s = start_timeout_s
@@ -42,7 +43,7 @@ class ServedModel:
     def log_tail(self, num_chars: int = 3000) -> str:
         return self.log_path.read_text(errors="replace")[-num_chars:]
 
-    def __enter__(self) -> ServedModel:
+    def __enter__(self) -> Self:
         # The bench's own flags must win over QWEN_SERVE_* settings of the calling shell.
         env = {k: v for k, v in os.environ.items() if not k.startswith("QWEN_SERVE_")}
         started = time.monotonic()
@@ -64,7 +65,8 @@ class ServedModel:
             if match:
                 return int(match.group(2))
             if self.process is not None and self.process.poll() is not None:
-                raise RuntimeError(f"qwen-serve exited ({self.process.returncode}) before listening:\n{self.log_tail()}")
+                raise RuntimeError(f"qwen-serve exited ({self.process.returncode}) before listening:\n"
+                                   f"{self.log_tail()}")
             time.sleep(0.1)
         raise TimeoutError(f"qwen-serve printed no port in {self.start_timeout_s:g} s:\n{self.log_tail()}")
 
