@@ -6,6 +6,7 @@ budget records why and the run goes on, so one broken measurement never loses th
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import time
 import traceback
@@ -69,7 +70,10 @@ class ResultFile:
 
     def __init__(self, path: Path | None, header: dict[str, Any]) -> None:
         self.path = path
-        self.data: dict[str, Any] = {"date": utc_now(), "commit": git_commit(), **header, "sections": {}}
+        # QWEN_SERVE_* settings (e.g. QWEN_SERVE_CUDA_FUSED) change what is measured: recorded.
+        settings = {k: v for k, v in os.environ.items() if k.startswith("QWEN_SERVE_") and "TOKEN" not in k}
+        self.data: dict[str, Any] = {"date": utc_now(), "commit": git_commit(), **header,
+                                     "qwen_serve_env": settings, "sections": {}}
         self.save()
 
     def save(self) -> None:

@@ -75,7 +75,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--grpc", type=Path, help="grpc_load JSON")
     p.add_argument("--hf", type=Path, help="hf_baseline JSON")
     p.add_argument("--out-dir", type=Path, default=DEFAULT_OUT)
-    p.add_argument("--name", default="", help="file stem (default <backend>_<card>_<date>)")
+    p.add_argument("--name", default="", help="file stem (default gpu_<card>_<date>)")
+    p.add_argument("--also-to", type=Path, help="write the same two files here too (e.g. the device's $OUT)")
     return p.parse_args(argv)
 
 
@@ -86,9 +87,10 @@ def main(argv: list[str] | None = None) -> int:
     merged, markdown = build_report(inputs)
     prefix = "gpu" if merged["backend"] == "cuda" else merged["backend"]
     stem = args.name or f"{prefix}_{slug(merged['card'])}_{merged['date'][:10]}"
-    args.out_dir.mkdir(parents=True, exist_ok=True)
-    (args.out_dir / f"{stem}.json").write_text(json.dumps(merged, indent=2, default=str))
-    (args.out_dir / f"{stem}.md").write_text(markdown)
+    for out_dir in [args.out_dir] + ([args.also_to] if args.also_to else []):
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / f"{stem}.json").write_text(json.dumps(merged, indent=2, default=str))
+        (out_dir / f"{stem}.md").write_text(markdown)
     print(markdown)
     print(f"written: {args.out_dir / stem}.json and .md", flush=True)
     return 0

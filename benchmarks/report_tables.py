@@ -182,5 +182,7 @@ def _result_notes(where: str, result: Any) -> list[str]:
         return []
     if "error" in result or "skipped" in result:
         return [f"- {where}: {str(result.get('error') or result.get('skipped'))[:300]}"]
+    if result.get("error_kinds"):    # gRPC streams that failed or came back short
+        return [f"- {where}: {count} x {why[:200]}" for why, count in result["error_kinds"].items()]
     return [line for key, value in result.items() if isinstance(value, dict)
             for line in _result_notes(f"{where}/{key}", value) if "error" in value or "skipped" in value]

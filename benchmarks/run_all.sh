@@ -1,16 +1,18 @@
 #!/bin/bash
-# The whole issue-5 benchmark in one command (GPU machine, repository root, kernels built):
+# The whole issue-5 benchmark in one command (GPU machine, repository root):
 #   bash benchmarks/run_all.sh MODEL.gguf
 # Runs, each under `timeout` (a part that hangs or overruns loses only itself; its JSON keeps
 # what was measured before): engine bench on MODEL, gRPC load against a server it starts, the HF
 # transformers baseline, the engine bench on MODEL's F16 conversion; then benchmarks/report.py
-# merges the JSONs into $RESULTS/<backend>_<card>_<date>.{json,md} and prints the table last.
+# merges the JSONs into $RESULTS/gpu_<card>_<date>.{json,md} (copied to $OUT/results too) and
+# prints the table last. A total deadline (TOTAL) shrinks the later parts so the report always runs.
 #
 # Environment (all optional):
 #   PY=python3  BACKEND=cuda  OUT=/tmp/qwen_bench (logs + raw JSON)  RESULTS=benchmarks/results
+#   TOTAL=285                                             seconds for everything, report included
 #   SKIP_ENGINE=1 SKIP_GRPC=1 SKIP_HF=1 SKIP_F16=1      skip a part
-#   T_ENGINE=70 T_GRPC=60 T_HF=100 T_F16=70              timeouts in seconds (F16: conversion + bench)
-#   F16_MODEL=$OUT/model_f16.gguf                         reused when present, else converted
+#   T_ENGINE=60 T_GRPC=55 T_HF=95 T_F16=55               per-part timeouts (F16: conversion + bench)
+#   F16_MODEL=/tmp/qwen_bench_model_f16.gguf              reused when present, else converted (1.3 GB)
 #   ENGINE_ARGS= GRPC_ARGS= HF_ARGS= F16_ARGS=            extra flags, e.g. ENGINE_ARGS="--batches 1,64"
 #   QUICK=1                                               tiny sizes everywhere (checks the harness)
 #   HF_DEVICE=cuda                                        device for the HF baseline
@@ -18,11 +20,13 @@ set -u -o pipefail
 MODEL="${1:?usage: bash benchmarks/run_all.sh MODEL.gguf}"
 MODEL="$(realpath "$MODEL")"
 cd "$(dirname "$0")/.."
+DEADLINE=$(( $(date +%s) + ${TOTAL:-285} ))
+REPORT_RESERVE=10
 PY="${PY:-python3}"
 BACKEND="${BACKEND:-cuda}"
 OUT="${OUT:-/tmp/qwen_bench}"
 RESULTS="${RESULTS:-benchmarks/results}"
-F16_MODEL="${F16_MODEL:-$OUT/model_f16.gguf}"
+F16_MODEL="${F16_MODEL:-/tmp/qwen_bench_model_f16.gguf}"
 QUICK_FLAG=""; [ "${QUICK:-0}" = "1" ] && QUICK_FLAG="--quick"
 export PYTHONUNBUFFERED=1
 mkdir -p "$OUT"
@@ -35,9 +39,16 @@ if [ ! -f qwen_serve/v1/generate_pb2_grpc.py ]; then
 fi
 if [ "$BACKEND" = "cuda" ] && [ ! -f cuda/build/qwen_kernels.fatbin ]; then make kernels; fi
 
-# part NAME SECONDS CMD...: run CMD under timeout, log to $OUT/NAME.log, never stop the script.
+# seconds left before the report's reserve
+left() { echo $(( DEADLINE - REPORT_RESERVE - $(date +%s) )); }
+
+# part NAME SECONDS CMD...: run CMD under timeout (cut to the total deadline), log to
+# $OUT/NAME.log; never stops the script.
 part() {
   local name="$1" limit="$2"; shift 2
+  local remaining; remaining=$(left)
+  [ "$remaining" -lt "$limit" ] && limit=$remaining
+  if [ "$limit" -lt 5 ]; then echo "!!! $name skipped: the total deadline (TOTAL) is reached"; return 0; fi
   echo; echo "=== $name (timeout ${limit} s, $(date -u +%H:%M:%S))"
   timeout -k 10 "$limit" "$@" 2>&1 | tee "$OUT/$name.log"
   local rc=${PIPESTATUS[0]}
@@ -46,31 +57,31 @@ part() {
   return 0
 }
 
-# shellcheck disable=SC2086  # the *_ARGS variables are flag lists, split on purpose
+# shellcheck disable=SC2086  # QUICK_FLAG and the *_ARGS variables are flag lists, split on purpose
 {
 if [ "${SKIP_ENGINE:-0}" != "1" ]; then
-  part engine "${T_ENGINE:-70}" "$PY" -m benchmarks.engine_bench "$MODEL" --backend "$BACKEND" --label default \
+  part engine "${T_ENGINE:-60}" "$PY" -m benchmarks.engine_bench "$MODEL" --backend "$BACKEND" --label default \
     --budget-s 25 --json "$OUT/engine.json" $QUICK_FLAG ${ENGINE_ARGS:-}
 fi
 if [ "${SKIP_GRPC:-0}" != "1" ]; then
-  part grpc "${T_GRPC:-60}" "$PY" -m benchmarks.grpc_load --serve-model "$MODEL" --backend "$BACKEND" \
+  part grpc "${T_GRPC:-55}" "$PY" -m benchmarks.grpc_load --serve-model "$MODEL" --backend "$BACKEND" \
     --budget-s 15 --json "$OUT/grpc.json" $QUICK_FLAG ${GRPC_ARGS:-}
 fi
 if [ "${SKIP_HF:-0}" != "1" ]; then
-  part hf "${T_HF:-100}" "$PY" -m benchmarks.hf_baseline "$MODEL" --device "${HF_DEVICE:-cuda}" \
-    --budget-s 60 --json "$OUT/hf.json" $QUICK_FLAG ${HF_ARGS:-}
+  part hf "${T_HF:-95}" "$PY" -m benchmarks.hf_baseline "$MODEL" --device "${HF_DEVICE:-cuda}" \
+    --budget-s 45 --json "$OUT/hf.json" $QUICK_FLAG ${HF_ARGS:-}
 fi
 if [ "${SKIP_F16:-0}" != "1" ]; then
-  f16_deadline=$(( $(date +%s) + ${T_F16:-70} ))
+  f16_deadline=$(( $(date +%s) + ${T_F16:-55} ))
   if [ ! -s "$F16_MODEL" ]; then
-    part convert_f16 "${T_F16:-70}" "$PY" -m server.cli convert --to f16 "$MODEL" "$F16_MODEL"
+    part convert_f16 "${T_F16:-55}" "$PY" -m server.cli convert --to f16 "$MODEL" "$F16_MODEL"
   fi
-  left=$(( f16_deadline - $(date +%s) ))
-  if [ -s "$F16_MODEL" ] && [ "$left" -gt 15 ]; then
-    part engine_f16 "$left" "$PY" -m benchmarks.engine_bench "$F16_MODEL" --backend "$BACKEND" --label f16 \
-      --budget-s 15 --skip aggregate --json "$OUT/engine_f16.json" $QUICK_FLAG ${F16_ARGS:-}
+  f16_left=$(( f16_deadline - $(date +%s) ))
+  if [ -s "$F16_MODEL" ] && [ "$f16_left" -gt 10 ]; then
+    part engine_f16 "$f16_left" "$PY" -m benchmarks.engine_bench "$F16_MODEL" --backend "$BACKEND" \
+      --label f16 --budget-s 12 --skip aggregate --json "$OUT/engine_f16.json" $QUICK_FLAG ${F16_ARGS:-}
   else
-    echo "!!! engine_f16 skipped: no F16 model or under 15 s left"
+    echo "!!! engine_f16 skipped: no F16 model or under 10 s left"
   fi
 fi
 }
@@ -80,4 +91,4 @@ args=()
 for pair in engine:engine.json engine-f16:engine_f16.json grpc:grpc.json hf:hf.json; do
   [ -s "$OUT/${pair#*:}" ] && args+=("--${pair%%:*}" "$OUT/${pair#*:}")
 done
-"$PY" -m benchmarks.report "${args[@]}" --out-dir "$RESULTS"
+"$PY" -m benchmarks.report "${args[@]}" --out-dir "$RESULTS" --also-to "$OUT/results"

@@ -20,6 +20,12 @@ from typing import Self
 from benchmarks.common import REPO
 
 LISTENING = re.compile(r"listening on (\S+):(\d+)")
+# `serve` settings a calling shell may have exported that would fight this run's flags or lock the
+# bench client out (auth, TLS, attach, fixed ports). Other QWEN_SERVE_* (e.g. QWEN_SERVE_CUDA_FUSED)
+# pass through, so the served worker runs like the in-process engine bench.
+SERVE_SETTINGS = tuple(f"QWEN_SERVE_{name}" for name in (
+    "HOST", "PORT", "MODEL", "BACKEND", "ATTACH", "MAX_QUEUE", "KV_CACHE_GB", "MAX_BATCH", "GRACE_PERIOD",
+    "TLS_CERT", "TLS_KEY", "AUTH_TOKEN", "AUTH_HEALTH", "METRICS_PORT", "LOG_JSON", "LOG_REQUESTS"))
 
 
 class ServedModel:
@@ -44,8 +50,7 @@ class ServedModel:
         return self.log_path.read_text(errors="replace")[-num_chars:]
 
     def __enter__(self) -> Self:
-        # The bench's own flags must win over QWEN_SERVE_* settings of the calling shell.
-        env = {k: v for k, v in os.environ.items() if not k.startswith("QWEN_SERVE_")}
+        env = {k: v for k, v in os.environ.items() if k not in SERVE_SETTINGS}
         started = time.monotonic()
         with self.log_path.open("wb") as log:
             self.process = subprocess.Popen(self.command, cwd=REPO, env=env, stdout=log,
@@ -74,12 +79,13 @@ class ServedModel:
         self.stop()
 
     def stop(self) -> None:
-        """SIGTERM to the server's process group (front-end and worker), SIGKILL after 15 s."""
+        """SIGTERM to the server's process group (front-end and worker), SIGKILL after 8 s (run_all's
+        `timeout -k 10` must not kill this process before it has stopped the server)."""
         if self.process is None or self.process.poll() is not None:
             return
         os.killpg(self.process.pid, signal.SIGTERM)
         try:
-            self.process.wait(timeout=15)
+            self.process.wait(timeout=8)
         except subprocess.TimeoutExpired:
             os.killpg(self.process.pid, signal.SIGKILL)
             self.process.wait(timeout=10)
