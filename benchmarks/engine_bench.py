@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import ResultFile, parse_int_list
+from benchmarks.common import REPO, ResultFile, parse_int_list
 from benchmarks.engine_measures import (
     each_within_budget,
     measure_aggregate,
@@ -24,7 +24,8 @@ from benchmarks.engine_measures import (
     measure_prefill,
 )
 
-SECTIONS = ("decode", "prefill", "aggregate")
+SECTIONS = ("decode", "step_parts", "prefill", "aggregate")
+STEP_PARTS_BATCHES = (1, 64)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -115,6 +116,9 @@ def run_sections(args: argparse.Namespace, results: ResultFile, model: Any, engi
         results.run_section("decode", args.budget_s, lambda budget: each_within_budget(
             budget, args.batch_list, lambda batch: measure_decode(
                 engine, vocab, batch, args.prompt_len, args.warmup_steps, args.decode_steps), engine))
+    if "step_parts" not in args.skip_set:
+        results.run_section("step_parts", args.budget_s, lambda _budget: cuda_step_parts(
+            engine.backend, [b for b in STEP_PARTS_BATCHES if b in args.batch_list]))
     if "prefill" not in args.skip_set:
         fitting = [n for n in args.prefill_list if n < context]
         results.run_section("prefill", args.budget_s, lambda budget: {
@@ -125,6 +129,19 @@ def run_sections(args: argparse.Namespace, results: ResultFile, model: Any, engi
     if "aggregate" not in args.skip_set:
         results.run_section("aggregate", args.budget_s, lambda budget: measure_aggregate(
             engine, vocab, args.agg_seqs, args.agg_prompt, args.agg_new, budget))
+
+
+def cuda_step_parts(backend: Any, batches: list[int]) -> dict[str, Any]:
+    """cuda only, right after the decode runs (the step buffers hold valid inputs): median ms of
+    the decode graph replay alone and of the GPU sampler alone per batch size, from the CUDA
+    backend's own bench (tests/gpu/bench_cuda_backend.py). decode ms_per_step minus these = the
+    host-side cost of an engine step."""
+    if backend.name != "cuda" or getattr(backend, "graphs", None) is None:
+        return {"skipped": "needs the cuda backend with decode graphs"}
+    sys.path.insert(0, str(REPO / "tests" / "gpu"))
+    from bench_cuda_backend import time_step_parts
+
+    return {str(batch): time_step_parts(backend, batch) for batch in batches}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -112,6 +112,11 @@ def detail_tables(inputs: dict[str, Any]) -> list[str]:
         cells = [f"{fmt(v.get('tok_s'), ' tok/s')} ({fmt(v.get('ms_per_step'), ' ms/step', 2)})"
                  for v in values]
         lines.append(f"| decode batch {batch} | " + " | ".join(cells) + " |")
+    for batch in _keys(inputs, "step_parts"):
+        values = [dig(section(inputs, src, "step_parts"), batch) or {} for src in ("engine", "engine_f16")]
+        cells = [f"graph replay {fmt(v.get('graph_forward_ms'), ' ms', 3)}, "
+                 f"greedy sampler {fmt(v.get('sample_greedy_model_ms'), ' ms', 3)}" for v in values]
+        lines.append(f"| decode batch {batch}: GPU parts of a step | " + " | ".join(cells) + " |")
     for length in _keys(inputs, "prefill"):
         values = [dig(section(inputs, src, "prefill"), length) or {} for src in ("engine", "engine_f16")]
         cells = [f"{fmt(v.get('latency_ms'), ' ms', 2)} ({fmt(v.get('tok_s'), ' tok/s')})" for v in values]
@@ -126,9 +131,9 @@ def _keys(inputs: dict[str, Any], name: str) -> list[str]:
     keys: list[str] = []
     for src in ("engine", "engine_f16"):
         for key in section(inputs, src, name) or {}:
-            if key not in keys:
+            if key.isdigit() and key not in keys:
                 keys.append(key)
-    return sorted(keys, key=lambda k: int(k) if k.isdigit() else 0)
+    return sorted(keys, key=int)
 
 
 def grpc_table(inputs: dict[str, Any]) -> list[str]:
