@@ -46,6 +46,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--budget-s", type=float, default=60.0, help="time budget per section (s)")
     p.add_argument("--skip", default="", help=f"comma-separated sections to skip: {','.join(SECTIONS)}")
     p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--max-tokens-per-step", type=int, default=2048,
+                   help="engine token budget per step (raised to the largest prefill and batch)")
     p.add_argument("--kv-cache-gb", type=float, default=None, help="default: what the runs need")
     p.add_argument("--quick", action="store_true", help="tiny sizes: checks the harness, measures nothing")
     if p.parse_known_args(argv)[0].quick:   # quick sizes replace the defaults; explicit flags still win
@@ -58,7 +60,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if unknown:
         p.error(f"unknown --skip section(s): {', '.join(sorted(unknown))}")
     for name in ("prompt_len", "decode_steps", "prefill_repeats", "agg_seqs", "agg_prompt", "agg_new",
-                 "block_size"):
+                 "block_size", "max_tokens_per_step"):
         if getattr(args, name) <= 0:
             p.error(f"--{name.replace('_', '-')} must be > 0")
     return args
@@ -67,12 +69,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def engine_sizes(args: argparse.Namespace) -> tuple[int, int, int]:
     """(max_batch, max_tokens_per_step, kv tokens needed) for the sections that will run."""
     max_batch = max([*args.batch_list, args.agg_seqs if "aggregate" not in args.skip_set else 1])
-    max_tokens_per_step = max(2048, max(args.prefill_list), max_batch)
-    decode_tokens = max(args.batch_list) * (args.prompt_len + args.warmup_steps + args.decode_steps + 2
+    max_tokens_per_step = max(args.max_tokens_per_step, max_batch)
+    decode_tokens = max(args.batch_list) * (args.prompt_len + decode_max_tokens(args, max(args.batch_list))
                                             + args.block_size)
     agg_tokens = args.agg_seqs * (args.agg_prompt + args.agg_new + args.block_size)
     kv_tokens = max(decode_tokens, agg_tokens, max(args.prefill_list) + 2 * args.block_size)
     return max_batch, max_tokens_per_step, kv_tokens
+
+
+def decode_max_tokens(args: argparse.Namespace, batch: int) -> int:
+    """max_tokens of a decode-run request: it must outlive the timed steps even when it was the
+    first of `batch` prompts prefilled over up to `batch` steps (and decoding meanwhile)."""
+    return args.warmup_steps + args.decode_steps + 2 + batch
 
 
 def load_engine(args: argparse.Namespace) -> tuple[Any, Any, Any, dict[str, Any]]:
@@ -115,7 +123,8 @@ def run_sections(args: argparse.Namespace, results: ResultFile, model: Any, engi
     if "decode" not in args.skip_set:
         results.run_section("decode", args.budget_s, lambda budget: each_within_budget(
             budget, args.batch_list, lambda batch: measure_decode(
-                engine, vocab, batch, args.prompt_len, args.warmup_steps, args.decode_steps), engine))
+                engine, vocab, batch, args.prompt_len, args.warmup_steps, args.decode_steps,
+                decode_max_tokens(args, batch)), engine))
     if "step_parts" not in args.skip_set:
         results.run_section("step_parts", args.budget_s, lambda _budget: cuda_step_parts(
             engine.backend, [b for b in STEP_PARTS_BATCHES if b in args.batch_list]))

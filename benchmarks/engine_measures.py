@@ -50,11 +50,12 @@ def check_finishes(events: list[Any]) -> None:
 
 
 def measure_decode(engine: Engine, vocab_size: int, batch: int, prompt_len: int, warmup_steps: int,
-                   timed_steps: int) -> dict[str, Any]:
-    """Steady-state decode: `batch` sequences prefilled (not timed), `warmup_steps` decode steps
-    (not timed), then `timed_steps` engine steps in which every sequence decodes one token."""
+                   timed_steps: int, max_tokens: int) -> dict[str, Any]:
+    """Steady-state decode: `batch` sequences prefilled (not timed; early ones decode meanwhile),
+    `warmup_steps` decode steps (not timed), then `timed_steps` engine steps in which every
+    sequence decodes one token; `max_tokens` must be large enough that none finishes before."""
     prompts = random_prompts(batch, prompt_len, vocab_size, seed=batch)
-    keys = add_requests(engine, prompts, max_tokens=warmup_steps + timed_steps + 2)
+    keys = add_requests(engine, prompts, max_tokens=max_tokens)
     started_keys: set[int] = set()
     events: list[Any] = []
     while len(started_keys) < batch:                      # prefill: until every sequence has a token

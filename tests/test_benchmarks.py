@@ -82,6 +82,19 @@ def test_engine_bench_budget_exhausted_skips_with_notes(tiny_model_path: Path, t
     assert markdown.count("time budget") == 5 and merged["headline"][0]["meets"] == "—"
 
 
+def test_engine_bench_decode_is_steady_when_prefill_takes_many_steps(tiny_model_path: Path,
+                                                                     tmp_path: Path) -> None:
+    """A token budget of one prompt per step staggers the prefill: the first sequences decode while
+    the last ones prefill, and must still be running through every timed step."""
+    out = tmp_path / "engine.json"
+    assert engine_bench.main([str(tiny_model_path), "--backend", "cpu", "--quick", "--batches", "1,6",
+                              "--max-tokens-per-step", "16", "--skip", "prefill,aggregate",
+                              "--json", str(out)]) == 0
+    decode = sections(out)["decode"]
+    assert decode["6"]["timed_steps"] == 3 and decode["6"]["tok_s"] > 0, decode
+    assert sections(out)["load"]["max_tokens_per_step"] == 16
+
+
 def test_engine_bench_quick_overrides_sizes_and_rejects_bad_flags(tiny_model_path: Path) -> None:
     args = engine_bench.parse_args([str(tiny_model_path), "--quick"])
     assert args.batch_list == [1, 2] and args.prefill_list == [8, 32]
