@@ -145,6 +145,16 @@ def use_static_compiled(model: Any, args: argparse.Namespace) -> str:
     return f"torch.compile(model.forward, backend={args.compile_backend!r}, fullgraph=True, {options})"
 
 
+def compiled_graph_count() -> int | None:
+    """Graphs torch.compile (dynamo) has produced in this process: 0 means nothing was compiled and
+    the "compile" numbers are a static cache run eagerly."""
+    try:
+        from torch._dynamo.utils import counters
+    except ImportError:
+        return None
+    return int(counters["stats"]["unique_graphs"])
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     results = ResultFile(args.json, {"kind": "hf_baseline", "model": str(args.model), "quick": args.quick,
@@ -177,8 +187,9 @@ def main(argv: list[str] | None = None) -> int:
     if "compile" in args.section_list:
         def compiled(budget: Budget) -> dict[str, Any]:
             how = use_static_compiled(holder["model"], args)
-            return {"how": how, **each_batch(
-                budget, args.compile_list, lambda b: generator.measure(b, warmups=2, full_warmup=True))}
+            measured = each_batch(budget, args.compile_list,
+                                  lambda b: generator.measure(b, warmups=2, full_warmup=True))
+            return {"how": how, "dynamo_graphs_compiled": compiled_graph_count(), **measured}
         results.run_section("compile", args.budget_s, compiled)
     return 0
 

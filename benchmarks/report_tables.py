@@ -165,6 +165,10 @@ def hf_table(inputs: dict[str, Any]) -> list[str]:
             if isinstance(result, dict) and "batch" in result:
                 lines.append(f"| {mode} | {batch} | {fmt(result['decode_tok_s'])} "
                              f"| {fmt(result['total_tok_s'])} |")
+    compiled = section(inputs, "hf", "compile") or {}
+    if "how" in compiled:
+        lines += ["", (f"compile: {compiled['how']}; graphs compiled by dynamo: "
+                       f"{compiled.get('dynamo_graphs_compiled')} (0 = the static cache ran uncompiled)")]
     return lines
 
 
