@@ -169,6 +169,7 @@ def test_hf_baseline_runs_on_cpu(tiny_model_path: Path, tmp_path: Path) -> None:
                              "--compile-backend", "eager", "--json", str(out)]) == 0
     result = sections(out)
     assert result["load"]["device_name"] == "cpu"
+    assert result["compile"]["dynamo_graphs_compiled"] > 0
     for mode, batches in (("eager", ("1", "2")), ("compile", ("1",))):
         for batch in batches:
             assert result[mode][batch]["total_tok_s"] > 0 and result[mode][batch]["new_tokens"] == 4
