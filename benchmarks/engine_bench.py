@@ -47,7 +47,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--skip", default="", help=f"comma-separated sections to skip: {','.join(SECTIONS)}")
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--max-tokens-per-step", type=int, default=2048,
-                   help="engine token budget per step (at least the largest batch; a longer prefill is chunked)")
+                   help="engine token budget per step (>= the largest batch; longer prefills are chunked)")
     p.add_argument("--kv-cache-gb", type=float, default=None, help="default: what the runs need")
     p.add_argument("--quick", action="store_true", help="tiny sizes: checks the harness, measures nothing")
     if p.parse_known_args(argv)[0].quick:   # quick sizes replace the defaults; explicit flags still win
