@@ -12,7 +12,7 @@
 #   TOTAL=285                                             seconds for everything, report included
 #   SKIP_ENGINE=1 SKIP_GRPC=1 SKIP_HF=1 SKIP_F16=1      skip a part
 #   T_ENGINE=60 T_GRPC=55 T_HF=95 T_F16=55               per-part timeouts (F16: conversion + bench)
-#   F16_MODEL=/tmp/qwen_bench_model_f16.gguf              reused when present, else converted (1.3 GB)
+#   F16_MODEL=/tmp/<model>.<bytes>.f16.gguf               reused when present, else converted (1.3 GB)
 #   ENGINE_ARGS= GRPC_ARGS= HF_ARGS= F16_ARGS=            extra flags, e.g. ENGINE_ARGS="--batches 1,64"
 #   QUICK=1                                               tiny sizes everywhere (checks the harness)
 #   HF_DEVICE=cuda                                        device for the HF baseline
@@ -26,7 +26,8 @@ PY="${PY:-python3}"
 BACKEND="${BACKEND:-cuda}"
 OUT="${OUT:-/tmp/qwen_bench}"
 RESULTS="${RESULTS:-benchmarks/results}"
-F16_MODEL="${F16_MODEL:-/tmp/qwen_bench_model_f16.gguf}"
+# Named after the source's name and size, so a conversion of another model is never reused.
+F16_MODEL="${F16_MODEL:-/tmp/$(basename "$MODEL" .gguf).$(stat -c %s "$MODEL").f16.gguf}"
 QUICK_FLAG=""; [ "${QUICK:-0}" = "1" ] && QUICK_FLAG="--quick"
 export PYTHONUNBUFFERED=1
 mkdir -p "$OUT"

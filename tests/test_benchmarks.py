@@ -178,7 +178,8 @@ def test_hf_baseline_runs_on_cpu(tiny_model_path: Path, tmp_path: Path) -> None:
 def test_run_all_quick_on_cpu(tiny_model_path: Path, tmp_path: Path) -> None:
     """The one command the GPU run uses, end to end on the cpu backend (HF skipped: tested above)."""
     env = {**os.environ, "QUICK": "1", "BACKEND": "cpu", "SKIP_HF": "1", "PY": sys.executable,
-           "OUT": str(tmp_path / "out"), "RESULTS": str(tmp_path / "results")}
+           "OUT": str(tmp_path / "out"), "RESULTS": str(tmp_path / "results"),
+           "F16_MODEL": str(tmp_path / "tiny_f16.gguf")}
     run = subprocess.run(["bash", "benchmarks/run_all.sh", str(tiny_model_path)], cwd=REPO, env=env,
                          capture_output=True, text=True, timeout=120, check=False)
     assert run.returncode == 0, run.stderr[-2000:]
@@ -186,6 +187,7 @@ def test_run_all_quick_on_cpu(tiny_model_path: Path, tmp_path: Path) -> None:
     assert len(written) == 2 and written[0].startswith("cpu_numpy") and written[0].endswith(".json")
     merged = json.loads((tmp_path / "results" / written[0]).read_text())
     assert sections_of(merged, "engine_f16", "load")["quant_types"].get("F16", 0) > 0
+    assert (tmp_path / "tiny_f16.gguf").is_file() and (tmp_path / "out" / "results" / written[0]).is_file()
     assert "!!!" not in run.stdout, run.stdout[-3000:]
     assert run.stdout.rstrip().endswith(".md")
 
