@@ -29,6 +29,9 @@ def parse_int_list(text: str) -> list[int]:
 
 
 def git_commit() -> str:
+    """HEAD's short hash; GIT_COMMIT wins (the GPU machine gets a copy of the tree without .git)."""
+    if os.environ.get("GIT_COMMIT"):
+        return os.environ["GIT_COMMIT"]
     result = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
                             check=False)
     return result.stdout.strip() or "unknown"
