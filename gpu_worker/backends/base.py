@@ -48,6 +48,33 @@ class StepBatch:
     def num_seqs(self) -> int:
         return len(self.context_lens)
 
+    def check(self, vocab_size: int, num_blocks: int, block_size: int) -> None:
+        """ValueError naming the field for a batch any backend would misread (both backends call it,
+        then add their own limits)."""
+        n, num_seqs = self.num_tokens, self.num_seqs
+        if n == 0 or num_seqs == 0:
+            raise ValueError("a step needs at least one sequence and one token")
+        for name in ("positions", "slot_mapping"):
+            if len(getattr(self, name)) != n:
+                raise ValueError(f"{name} has {len(getattr(self, name))} entries, input_ids has {n}")
+        starts = np.asarray(self.query_start_loc)
+        if len(starts) != num_seqs + 1 or starts[0] != 0 or starts[-1] != n or np.any(np.diff(starts) <= 0):
+            raise ValueError(f"query_start_loc must rise strictly from 0 to {n} over {num_seqs + 1} entries")
+        if len(self.sample) != num_seqs or self.block_tables.shape[0] != num_seqs:
+            raise ValueError("sample and block_tables need one entry per sequence")
+        if self.input_ids.min() < 0 or self.input_ids.max() >= vocab_size:
+            raise ValueError(f"input_ids must be in [0, {vocab_size})")
+        if self.slot_mapping.min() < 0 or self.slot_mapping.max() >= num_blocks * block_size:
+            raise ValueError(f"slot_mapping must be in [0, {num_blocks * block_size})")
+        for seq in range(num_seqs):
+            context = int(self.context_lens[seq])
+            if int(self.positions[starts[seq + 1] - 1]) + 1 != context:
+                raise ValueError(f"sequence {seq}: context_lens {context} != last position + 1")
+            used = -(-context // block_size)
+            table = self.block_tables[seq, :used]
+            if len(table) < used or table.min() < 0 or table.max() >= num_blocks:
+                raise ValueError(f"sequence {seq}: block table does not cover {context} tokens")
+
     @property
     def num_tokens(self) -> int:
         return len(self.input_ids)

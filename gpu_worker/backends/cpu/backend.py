@@ -69,26 +69,4 @@ class CpuBackend(Backend):
 
 def check_batch(batch: StepBatch, kv: PagedKVCache, vocab_size: int) -> None:
     """ValueError for a batch the forward would misread (wrong lengths, ids or slots out of range)."""
-    n, num_seqs = batch.num_tokens, batch.num_seqs
-    if n == 0 or num_seqs == 0:
-        raise ValueError("a step needs at least one sequence and one token")
-    for name in ("positions", "slot_mapping"):
-        if len(getattr(batch, name)) != n:
-            raise ValueError(f"{name} has {len(getattr(batch, name))} entries, input_ids has {n}")
-    starts = batch.query_start_loc
-    if len(starts) != num_seqs + 1 or starts[0] != 0 or starts[-1] != n or np.any(np.diff(starts) <= 0):
-        raise ValueError(f"query_start_loc must rise strictly from 0 to {n} over {num_seqs + 1} entries")
-    if len(batch.sample) != num_seqs or batch.block_tables.shape[0] != num_seqs:
-        raise ValueError("sample and block_tables need one entry per sequence")
-    if batch.input_ids.min() < 0 or batch.input_ids.max() >= vocab_size:
-        raise ValueError(f"input_ids must be in [0, {vocab_size})")
-    if batch.slot_mapping.min() < 0 or batch.slot_mapping.max() >= kv.num_blocks * kv.block_size:
-        raise ValueError(f"slot_mapping must be in [0, {kv.num_blocks * kv.block_size})")
-    for seq in range(num_seqs):
-        last_position = int(batch.positions[starts[seq + 1] - 1])
-        if last_position + 1 != int(batch.context_lens[seq]):
-            raise ValueError(f"sequence {seq}: context_lens {batch.context_lens[seq]} != last position + 1")
-        num_blocks = -(-int(batch.context_lens[seq]) // kv.block_size)
-        table = batch.block_tables[seq, :num_blocks]
-        if len(table) < num_blocks or table.min() < 0 or table.max() >= kv.num_blocks:
-            raise ValueError(f"sequence {seq}: block table does not cover {batch.context_lens[seq]} tokens")
+    batch.check(vocab_size, kv.num_blocks, kv.block_size)

@@ -7,7 +7,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from gpu_worker.backends.cuda.ops.quant_weight import VALUES_PER_UNIT, DeviceWeight, check_aligned_16
+from gpu_worker.backends.cuda.ops.quant_weight import (
+    VALUES_PER_UNIT,
+    DeviceWeight,
+    PreparedKernels,
+    check_aligned_16,
+)
 
 MAX_THREADS = 256
 MAX_GRID_X = 2**31 - 1
@@ -32,21 +37,13 @@ class EmbeddingOp:
     """Launches embedding kernels from a loaded module (pycuda.driver.Module) on a given stream."""
 
     def __init__(self, module: Any) -> None:
-        self._module = module
-        self._functions: dict[str, Any] = {}
-
-    def _function(self, name: str) -> Any:
-        if name not in self._functions:
-            function = self._module.get_function(name)
-            function.prepare("PiiiPP")
-            self._functions[name] = function
-        return self._functions[name]
+        self._kernels = PreparedKernels(module, "PiiiPP")
 
     def __call__(self, table: DeviceWeight, ids_ptr: int, out_ptr: int, num_tokens: int, stream: Any) -> None:
         """ids_ptr: [num_tokens] int32, out_ptr: [num_tokens, table.cols] fp32 (device addresses)."""
         check_aligned_16("embedding out", out_ptr)
         plan = plan_embedding(table, num_tokens)
-        self._function(plan.kernel_name).prepared_async_call(
+        self._kernels[plan.kernel_name].prepared_async_call(
             plan.grid, plan.block, stream,
             int(table.ptr), table.row_bytes, table.rows, table.cols, int(ids_ptr), int(out_ptr),
         )

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from gpu_worker.backends.cuda.ops.quant_weight import DeviceWeight, check_aligned_16
+from gpu_worker.backends.cuda.ops.quant_weight import DeviceWeight, PreparedKernels, check_aligned_16
 
 TILE_M_CHOICES = (64, 32)          # gemm_<type> and gemm_<type>_m32
 MIN_CTAS_FOR_64 = 264              # about 2 CTAs per SM on a 132-SM H100; fewer -> 32-row tiles
@@ -49,22 +49,14 @@ class GemmOp:
     """Launches GEMM kernels from a loaded module (pycuda.driver.Module) on a given stream."""
 
     def __init__(self, module: Any) -> None:
-        self._module = module
-        self._functions: dict[str, Any] = {}
-
-    def _function(self, name: str) -> Any:
-        if name not in self._functions:
-            function = self._module.get_function(name)
-            function.prepare("PiiiPPi")
-            self._functions[name] = function
-        return self._functions[name]
+        self._kernels = PreparedKernels(module, "PiiiPPi")
 
     def __call__(self, weight: DeviceWeight, x_ptr: int, y_ptr: int, num_tokens: int, stream: Any,
                  tile_m: int | None = None) -> None:
         """x_ptr: [num_tokens, weight.cols] fp32, y_ptr: [num_tokens, weight.rows] fp32."""
         check_aligned_16("gemm x", x_ptr)
         plan = plan_gemm(weight, num_tokens, tile_m)
-        self._function(plan.kernel_name).prepared_async_call(
+        self._kernels[plan.kernel_name].prepared_async_call(
             plan.grid, plan.block, stream,
             int(weight.ptr), weight.row_bytes, weight.rows, weight.cols, int(x_ptr), int(y_ptr), num_tokens,
         )

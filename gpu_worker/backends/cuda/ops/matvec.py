@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from gpu_worker.backends.cuda.ops.quant_weight import DeviceWeight, check_aligned_16
+from gpu_worker.backends.cuda.ops.quant_weight import DeviceWeight, PreparedKernels, check_aligned_16
 
 BATCH_VARIANTS = (1, 4, 8)          # MAX_B template instances: matvec_<type>_b<MAX_B>
 WARPS_PER_CTA = 4
@@ -123,15 +123,7 @@ class MatvecOp:
     """Launches matvec kernels from a loaded module (pycuda.driver.Module) on a given stream."""
 
     def __init__(self, module: Any) -> None:
-        self._module = module
-        self._functions: dict[str, Any] = {}
-
-    def _function(self, name: str) -> Any:
-        if name not in self._functions:
-            function = self._module.get_function(name)
-            function.prepare("PiiiiPPiPf")
-            self._functions[name] = function
-        return self._functions[name]
+        self._kernels = PreparedKernels(module, "PiiiiPPiPf")
 
     def __call__(self, weight: DeviceWeight, x_ptr: int, y_ptr: int, batch: int, stream: Any,
                  rows_per_cta: int | None = None, fusion: MatvecFusion = NO_FUSION) -> None:
@@ -139,7 +131,7 @@ class MatvecOp:
         [batch, weight.rows / 2] for "swiglu" (device addresses)."""
         check_aligned_16("matvec x", x_ptr)
         plan = plan_matvec(weight, batch, rows_per_cta, fusion.epilogue)
-        self._function(plan.kernel_name).prepared_async_call(
+        self._kernels[plan.kernel_name].prepared_async_call(
             plan.grid, plan.block, stream,
             int(weight.ptr), weight.row_bytes, weight.rows, weight.cols, plan.rows_per_cta,
             int(x_ptr), int(y_ptr), batch, int(fusion.norm_weight_ptr), float(fusion.norm_eps),

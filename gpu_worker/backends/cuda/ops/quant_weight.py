@@ -6,6 +6,7 @@ PyCUDA import), so plans and validation are testable without a GPU.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from gpu_worker.model.quant_types import quant_spec, type_name
 
@@ -17,6 +18,22 @@ def check_aligned_16(name: str, ptr: int) -> None:
     """The kernels read x and write embeddings with 16-byte vector accesses."""
     if int(ptr) <= 0 or int(ptr) % 16:
         raise ValueError(f"{name} must be a non-null 16-byte aligned device address, got {int(ptr):#x}")
+
+
+class PreparedKernels:
+    """Kernels of a loaded module (pycuda.driver.Module), fetched by name and prepared once with
+    the argument signature all variants of one launcher share (PyCUDA `prepare` codes)."""
+
+    def __init__(self, module: Any, arg_types: str) -> None:
+        self._module, self._arg_types = module, arg_types
+        self._functions: dict[str, Any] = {}
+
+    def __getitem__(self, name: str) -> Any:
+        if name not in self._functions:
+            function = self._module.get_function(name)
+            function.prepare(self._arg_types)
+            self._functions[name] = function
+        return self._functions[name]
 
 
 @dataclass(frozen=True)
