@@ -119,7 +119,9 @@ class QwenServeServicer:
                 yield convert.event_to_proto(event)
         except RpcError as error:
             await self._abort(context, error)
-        except asyncio.CancelledError:
+        except (asyncio.CancelledError, GeneratorExit):
+            # A cancel that lands while grpc sends our last message never enters this generator:
+            # it is closed later (GeneratorExit at the yield) and must be counted all the same.
             self._cancelled(context)
             raise
 
