@@ -84,7 +84,7 @@ async def one_stream(client: WorkerClient, i: int) -> tuple[str, list[int]]:
         return "deadline", tokens
 
 
-def test_load_with_random_cancellations(model_path: Path) -> None:
+def test_load_with_random_cancellations(model_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     expected = alone_outputs(model_path)
 
     async def main() -> tuple[list[tuple[str, list[int]]], dict, int]:
@@ -103,8 +103,9 @@ def test_load_with_random_cancellations(model_path: Path) -> None:
     results, stats, client_state = asyncio.run(main())
     outcomes = [r for r, _ in results]
     counts = {k: outcomes.count(k) for k in sorted(set(outcomes))}
-    print(f"load: {NUM_STREAMS} streams in {time.monotonic() - t0:.1f} s, outcomes {counts}, "
-          f"steps {stats['steps']}, preemptions {stats['preemptions']}")
+    with capsys.disabled():   # shows in CI logs without -s
+        print(f"\nstreams run (worker client): {NUM_STREAMS} in {time.monotonic() - t0:.1f} s, "
+              f"outcomes {counts}, steps {stats['steps']}, preemptions {stats['preemptions']}")
     for i, (outcome, tokens) in enumerate(results):
         if outcome in ("eos", "length"):
             assert tokens == expected[i], f"stream {i} differs from its run alone"
