@@ -24,6 +24,7 @@ from server.validation import RequestInvalid, validate_lengths, validate_request
 from server.worker_client import WorkerRequestError, WorkerUnavailable
 from server.worker_link import WorkerLink
 
+DEADLINE_TOLERANCE_S = 0.05   # see _cancelled
 log = get_logger("servicer")
 RETRY_PUSHBACK_KEY = "grpc-retry-pushback-ms"   # the standard gRPC retry hint (trailing metadata)
 
@@ -143,8 +144,12 @@ class QwenServeServicer:
         await context.abort(error.code, error.message)
 
     def _cancelled(self, context: grpc.aio.ServicerContext) -> None:
+        # The client's own deadline timer fires first and cancels the call, so the server usually sees a
+        # cancel with a few milliseconds still on its clock; a cancel that close to the deadline is the
+        # deadline's doing.
         remaining = context.time_remaining()
-        outcome = "deadline_exceeded" if remaining is not None and remaining <= 0 else "cancelled"
+        near_deadline = remaining is not None and remaining <= DEADLINE_TOLERANCE_S
+        outcome = "deadline_exceeded" if near_deadline else "cancelled"
         self.metrics.request_finished(outcome)
         log.info("request ended by the client", extra={"fields": {"outcome": outcome}})
 
