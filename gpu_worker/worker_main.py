@@ -27,7 +27,8 @@ def run_worker(model_path: str, backend: str = "auto", socket_dir: str = "/tmp/q
                kv_cache_gb: float = 0.25, block_size: int = 16, max_batch: int = 64,
                max_tokens_per_step: int = 256, num_kv_blocks: int | None = None,
                heartbeat_interval_s: float = 0.1, parent_pid: int | None = None,
-               request_ring_bytes: int = 1 << 20, event_ring_bytes: int = 4 << 20) -> int:
+               request_ring_bytes: int = 1 << 20, event_ring_bytes: int = 4 << 20,
+               prefix_cache: bool = True) -> int:
     """Serve until SHUTDOWN, SIGTERM/SIGINT, or (with parent_pid) the parent's exit. Returns 0."""
     from gpu_worker.backends.factory import create_backend
     from gpu_worker.model.gguf_loader import load_gguf
@@ -41,7 +42,7 @@ def run_worker(model_path: str, backend: str = "auto", socket_dir: str = "/tmp/q
         num_kv_blocks = int(kv_cache_gb * 2**30) // be.kv_bytes_per_block(block_size)
     if num_kv_blocks < 1:
         raise ValueError(f"KV budget {kv_cache_gb} GiB holds no block of {block_size} tokens")
-    engine = create_engine(model, be, num_kv_blocks, block_size, max_batch, max_tokens_per_step)
+    engine = create_engine(model, be, num_kv_blocks, block_size, max_batch, max_tokens_per_step, prefix_cache)
     warm_up(engine)
     info = describe(model, be, model_path, num_kv_blocks, block_size)
     log.info("worker ready in %.1f s: %s on %s, %d KV blocks", time.monotonic() - t0,
@@ -60,14 +61,14 @@ def run_worker(model_path: str, backend: str = "auto", socket_dir: str = "/tmp/q
 
 
 def create_engine(model: Any, backend: Backend, num_kv_blocks: int, block_size: int = 16,
-                  max_batch: int = 64, max_tokens_per_step: int = 256) -> Engine:
+                  max_batch: int = 64, max_tokens_per_step: int = 256, prefix_cache: bool = True) -> Engine:
     """Allocate the backend's KV cache and build the engine the worker runs (tests use it too,
     so that in-process runs match the worker's exactly)."""
     config = model.config
     backend.allocate_kv_cache(num_kv_blocks, block_size)
     return Engine(backend, num_kv_blocks, block_size, max_batch, max_tokens_per_step,
                   context_length=config.context_length, eos_token_ids=default_eos_ids(model),
-                  vocab_size=config.vocab_size)
+                  vocab_size=config.vocab_size, prefix_caching=prefix_cache)
 
 
 def warm_up(engine: Engine) -> None:
@@ -133,6 +134,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--parent-pid", type=int, default=None, help="exit when this parent process is gone")
     p.add_argument("--request-ring-bytes", type=int, default=1 << 20, help="front-end -> worker ring")
     p.add_argument("--event-ring-bytes", type=int, default=4 << 20, help="worker -> front-end ring")
+    p.add_argument("--no-prefix-cache", dest="prefix_cache", action="store_false",
+                   help="do not reuse the KV of repeated prompt prefixes (automatic prefix caching)")
     p.add_argument("--log-level", default="INFO")
     return p.parse_args(argv)
 
@@ -144,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     return run_worker(args.model, args.backend, args.socket_dir, args.kv_cache_gb, args.block_size,
                       args.max_batch, args.max_tokens_per_step, args.num_kv_blocks,
                       args.heartbeat_interval, args.parent_pid, args.request_ring_bytes,
-                      args.event_ring_bytes)
+                      args.event_ring_bytes, args.prefix_cache)
 
 
 if __name__ == "__main__":

@@ -55,7 +55,7 @@ def run(engine: Engine, specs: list[RequestSpec], abort_at: dict[int, int] | Non
             else:
                 finished[ev.request_key] = ev
         step += 1
-        engine.block_manager.check_invariants()
+        engine.check_invariants()
     return tokens, finished
 
 

@@ -43,11 +43,11 @@ EngineEvent = TokenOut | FinishOut
 class Engine:
     def __init__(self, backend: Backend, num_blocks: int, block_size: int, max_batch: int,
                  max_tokens_per_step: int, context_length: int, eos_token_ids: tuple[int, ...],
-                 vocab_size: int) -> None:
+                 vocab_size: int, prefix_caching: bool = True) -> None:
         if context_length < 2:
             raise ValueError(f"context_length must be >= 2, got {context_length}")
         self.backend = backend
-        self.block_manager = KVBlockManager(num_blocks, block_size)
+        self.block_manager = KVBlockManager(num_blocks, block_size, prefix_caching)
         self.scheduler = Scheduler(self.block_manager, max_batch, max_tokens_per_step)
         self.context_length = context_length
         self.vocab_size = vocab_size
@@ -118,6 +118,7 @@ class Engine:
         for i, chunk in enumerate(chunks):
             seq = chunk.seq
             seq.num_computed_tokens += chunk.num_tokens
+            self.block_manager.cache_full_blocks(seq)      # before a finish frees them
             if not chunk.samples:
                 continue
             token_id = int(output.token_ids[i])
@@ -163,7 +164,14 @@ class Engine:
                 "kv_blocks_free": bm.num_free_blocks, "block_size": bm.block_size,
                 "running": len(self.scheduler.running), "waiting": len(self.scheduler.waiting),
                 "steps": self.num_steps, "generated_tokens": self.num_generated_tokens,
-                "preemptions": self.num_preemptions}
+                "preemptions": self.num_preemptions, "prefix_caching": int(bm.prefix_caching),
+                "kv_blocks_cached": bm.num_cached_blocks, "prefix_cache_hit_tokens": bm.num_prefix_hit_tokens,
+                "prefix_cache_query_tokens": bm.num_prefix_query_tokens,
+                "prefix_cache_evicted_blocks": bm.num_evicted_blocks}
+
+    def check_invariants(self) -> None:
+        """Block accounting against every live sequence (tests and the load test call it)."""
+        self.block_manager.check_invariants(self.scheduler.running + list(self.scheduler.waiting))
 
 
 def build_step_batch(chunks: list[ScheduledChunk], block_size: int) -> StepBatch:

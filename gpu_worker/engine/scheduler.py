@@ -5,7 +5,9 @@ Every step, under a token budget (`max_tokens_per_step`) and a sequence cap (`ma
   2. then waiting sequences are admitted FCFS with a prefill chunk of what budget and KV allow.
 When KV runs out for a running sequence, the most recently admitted other running sequence is
 preempted by recompute (its blocks are freed; it re-prefills prompt + generated tokens later),
-or the sequence itself yields if none is left. A sequence that cannot fit even alone in the
+or the sequence itself yields if none is left. An admitted sequence first reuses the cached
+KV blocks of its prompt's leading full blocks (block_manager.py: prefix caching) and prefills
+from there. A sequence that cannot fit even alone in the
 whole cache is finished ("length" once it has output, "error" otherwise) instead of looping.
 """
 from __future__ import annotations
@@ -104,12 +106,14 @@ class Scheduler:
             seq = self.waiting[0]
             if self._finish_if_never_fits(seq, out):
                 continue
-            chunk = self._fit_chunk(seq, min(seq.num_uncomputed_tokens, budget))
+            cached = self.block_manager.match_prefix(seq)
+            chunk = self._fit_admission(seq, cached, budget)
             if chunk == 0:
                 break                                   # FCFS: wait for blocks to free up
             self.waiting.popleft()
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
+            self.block_manager.attach_prefix(seq, cached)
             budget -= self._take(seq, chunk, out)
 
     def _fit_chunk(self, seq: Sequence, wanted: int) -> int:
@@ -117,6 +121,14 @@ class Scheduler:
         bm = self.block_manager
         capacity = (len(seq.block_table) + bm.num_free_blocks) * bm.block_size
         return max(0, min(wanted, capacity - seq.num_computed_tokens))
+
+    def _fit_admission(self, seq: Sequence, cached: list[int], budget: int) -> int:
+        """_fit_chunk for a sequence holding no KV that would reuse the `cached` prefix blocks:
+        it computes from their end; those of them now free leave the free list."""
+        bm = self.block_manager
+        start = len(cached) * bm.block_size
+        capacity = (bm.num_free_blocks - bm.num_free_among(cached) + len(cached)) * bm.block_size
+        return max(0, min(seq.num_tokens - start, budget, capacity - start))
 
     def _take(self, seq: Sequence, num_tokens: int, out: SchedulerOutput) -> int:
         self.block_manager.allocate(seq, num_tokens)

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from gpu_worker.engine.prefix_cache import ROOT_KEY, chain_key
 from gpu_worker.sampling.params import SamplingParams, StoppingParams
 
 
@@ -57,6 +58,12 @@ class Sequence:
         self._num_tokens = self.num_prompt_tokens
         self.num_computed_tokens = 0
         self.block_table: list[int] = []
+        # Prefix cache: chain keys of full blocks (stable: token ids never change once written),
+        # how many leading blocks of block_table are registered in / taken from the cache, and
+        # how many prompt tokens the last admission reused instead of computing.
+        self._block_keys: list[bytes] = []
+        self.num_registered_blocks = 0
+        self.num_cached_tokens = 0
         self.status = SequenceStatus.WAITING
         self.finish_reason: str | None = None
         self.error_message = ""
@@ -85,6 +92,16 @@ class Sequence:
             self._ids = grown
         self._ids[self._num_tokens] = token_id
         self._num_tokens += 1
+
+    def block_key(self, index: int, block_size: int) -> bytes:
+        """Chain key of full block `index` (tokens [index * block_size, (index + 1) * block_size))."""
+        if (index + 1) * block_size > self._num_tokens:
+            raise ValueError(f"block {index} of {block_size} tokens is not full ({self._num_tokens} tokens)")
+        while len(self._block_keys) <= index:
+            i = len(self._block_keys)
+            parent = self._block_keys[-1] if self._block_keys else ROOT_KEY
+            self._block_keys.append(chain_key(parent, self._ids[i * block_size:(i + 1) * block_size]))
+        return self._block_keys[index]
 
     @property
     def num_tokens(self) -> int:
