@@ -124,30 +124,32 @@ def test_invariants_catch_a_wrong_ref_count_and_a_write_into_a_shared_block() ->
         bm.check_invariants([a, b])
 
 
-@settings(max_examples=40, deadline=None)
-@given(st.lists(st.tuples(st.integers(0, 3), st.integers(1, 14), st.integers(0, 9)), min_size=1, max_size=40),
-       st.integers(4, 24))
-def test_random_workloads_keep_ref_counts_exact(requests: list[tuple[int, int, int]], num_blocks: int) -> None:
-    """Scheduler + block manager under a small cache: requests from 4 shared prefixes arrive, run,
-    get aborted; after every step the ref counts equal the block tables and nothing is written
-    into a shared block; at the end every block is free."""
+def simulate(requests: list[tuple[int, int, int]], num_blocks: int) -> tuple[int, int, int]:
+    """Scheduler + block manager under a small cache: requests from 4 shared prefixes arrive, run
+    a few steps, finish or get aborted; after every step the ref counts equal the block tables
+    and nothing is written into a shared block; at the end every block is free.
+    Returns (hit tokens, preemptions, evicted blocks)."""
     bm = KVBlockManager(num_blocks=num_blocks, block_size=2)
     sched = Scheduler(bm, max_batch=4, max_tokens_per_step=6)
     prefixes = [[p + 1] * 5 + [p + 2] * 4 for p in range(4)]
     live: list[Sequence] = []
+    num_preempted = 0
     for key, (prefix, suffix, fate) in enumerate(requests):
         seq = make_seq(key, prefixes[prefix] + [200 + key] * (suffix % 5))
         sched.add(seq)
         live.append(seq)
-        out = sched.schedule()
-        for chunk in out.chunks:
-            chunk.seq.num_computed_tokens += chunk.num_tokens
-            bm.cache_full_blocks(chunk.seq)
-            if chunk.samples:
-                chunk.seq.append_token(100 + chunk.seq.num_tokens % 7)
-                if chunk.seq.num_output_tokens >= 1 + fate % 4:
-                    sched.finish(chunk.seq, "length")
-        if fate == 9 and live:
+        for _ in range(1 + fate % 3):
+            out = sched.schedule()
+            num_preempted += len(out.preempted)
+            for chunk in out.chunks:
+                chunk.seq.num_computed_tokens += chunk.num_tokens
+                bm.cache_full_blocks(chunk.seq)
+                if chunk.samples:
+                    chunk.seq.append_token(100 + chunk.seq.num_tokens % 7)
+                    if chunk.seq.num_output_tokens >= 2 + (chunk.seq.key + fate) % 6:
+                        sched.finish(chunk.seq, "length")
+            bm.check_invariants(sched.running + list(sched.waiting))
+        if fate == 9:
             sched.finish(live[suffix % len(live)], "cancelled")
         live = [s for s in live if not s.is_finished]
         bm.check_invariants(sched.running + list(sched.waiting))
@@ -155,6 +157,25 @@ def test_random_workloads_keep_ref_counts_exact(requests: list[tuple[int, int, i
         sched.finish(seq, "cancelled")
     bm.check_invariants([])
     assert bm.num_free_blocks == num_blocks and bm.num_used_blocks == 0
+    return bm.num_prefix_hit_tokens, num_preempted, bm.num_evicted_blocks
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 3), st.integers(1, 14), st.integers(0, 9)), min_size=1, max_size=40),
+       st.integers(4, 24))
+def test_random_workloads_keep_ref_counts_exact(requests: list[tuple[int, int, int]], num_blocks: int) -> None:
+    simulate(requests, num_blocks)
+
+
+def test_random_workloads_reach_hits_preemption_and_eviction() -> None:
+    """The same checks over seeded workloads, which together must exercise all three paths."""
+    totals = [0, 0, 0]
+    for seed in range(30):
+        rng = random.Random(seed)
+        requests = [(rng.randrange(4), rng.randrange(1, 15), rng.randrange(10)) for _ in range(30)]
+        for i, count in enumerate(simulate(requests, rng.randrange(6, 20))):
+            totals[i] += count
+    assert min(totals) > 0, totals
 
 
 def test_worker_flag_turns_the_cache_off() -> None:
