@@ -170,7 +170,7 @@ class Engine:
                 "prefix_cache_evicted_blocks": bm.num_evicted_blocks}
 
     def check_invariants(self) -> None:
-        """Block accounting against every live sequence (tests and the load test call it)."""
+        """Block accounting against every live sequence (tests call it every step)."""
         self.block_manager.check_invariants(self.scheduler.running + list(self.scheduler.waiting))
 
 

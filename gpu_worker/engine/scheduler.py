@@ -5,10 +5,10 @@ Every step, under a token budget (`max_tokens_per_step`) and a sequence cap (`ma
   2. then waiting sequences are admitted FCFS with a prefill chunk of what budget and KV allow.
 When KV runs out for a running sequence, the most recently admitted other running sequence is
 preempted by recompute (its blocks are freed; it re-prefills prompt + generated tokens later),
-or the sequence itself yields if none is left. An admitted sequence first reuses the cached
-KV blocks of its prompt's leading full blocks (block_manager.py: prefix caching) and prefills
-from there. A sequence that cannot fit even alone in the
+or the sequence itself yields if none is left. A sequence that cannot fit even alone in the
 whole cache is finished ("length" once it has output, "error" otherwise) instead of looping.
+An admitted (or re-admitted, after preemption) sequence first reuses the cached KV blocks of its
+leading full blocks (block_manager.py: prefix caching) and prefills from their end.
 """
 from __future__ import annotations
 
