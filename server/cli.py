@@ -64,6 +64,9 @@ def _add_serve_flags(parser: argparse.ArgumentParser) -> None:
              "[QWEN_SERVE_AUTH_HEALTH=1]")
     add("--metrics-port", type=_optional_int, default=_optional_int(str(_env("metrics-port", ""))),
         help="serve Prometheus metrics over HTTP on this port (default: off) [QWEN_SERVE_METRICS_PORT]")
+    add("--no-prefix-cache", action="store_true", default=_env_bool("no-prefix-cache"),
+        help="turn off the worker's prefix cache (reuse of KV blocks of repeated prompt prefixes; on by "
+             "default, outputs are the same either way) [QWEN_SERVE_NO_PREFIX_CACHE=1]")
     add("--log-json", action="store_true", default=_env_bool("log-json"),
         help="one JSON object per log line [QWEN_SERVE_LOG_JSON=1]")
     add("--log-requests", action="store_true", default=_env_bool("log-requests"),
@@ -97,7 +100,8 @@ def config_from_args(args: argparse.Namespace) -> ServeConfig:
     return ServeConfig(
         host=args.host, port=args.port, model_path=args.model, backend=args.backend,
         attach_dir=args.attach, max_queue=args.max_queue, kv_cache_gb=kv_cache_gb,
-        max_batch=args.max_batch, grace_period_s=args.grace_period, tls_cert=args.tls_cert,
+        max_batch=args.max_batch, prefix_cache=not args.no_prefix_cache,
+        grace_period_s=args.grace_period, tls_cert=args.tls_cert,
         tls_key=args.tls_key, auth_token=args.auth_token, auth_exempt_health=not args.auth_health,
         metrics_port=args.metrics_port, log_json=args.log_json, log_requests=args.log_requests)
 

@@ -17,6 +17,7 @@ class ServeConfig:
     max_queue: int = 64                    # requests admitted but not yet finished, beyond the batch
     kv_cache_gb: float | None = None       # None = the worker's own default
     max_batch: int = 32
+    prefix_cache: bool = True              # the spawned worker reuses KV of repeated prompt prefixes
     grace_period_s: float = 30.0
     tls_cert: str | None = None
     tls_key: str | None = None

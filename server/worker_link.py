@@ -141,6 +141,8 @@ def default_worker_factory(config: ServeConfig) -> Any:
     from server.worker_client import WorkerClient  # written by the engine helper
 
     options: dict[str, Any] = {"max_batch": config.max_batch}
+    if not config.prefix_cache:
+        options["prefix_cache"] = False
     if config.kv_cache_gb is not None:
         options["kv_cache_gb"] = config.kv_cache_gb
     if config.attach_dir:   # the worker already has its model; the path is informational here

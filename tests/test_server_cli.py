@@ -107,3 +107,21 @@ def test_convert_to_f16_writes_a_loadable_file_and_bad_input_is_one_line(tiny_mo
                              check=False)
     assert missing.returncode == 1
     assert missing.stderr.startswith("qwen-serve convert: ") and "Traceback" not in missing.stderr
+
+
+def test_no_prefix_cache_reaches_the_spawned_workers_command_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    from server.cli import config_from_args
+    from server.worker_link import default_worker_factory
+
+    def worker_command(cli_args: list[str]) -> list[str]:
+        config = config_from_args(build_parser().parse_args(["serve", "--model", "m.gguf", *cli_args]))
+        client = default_worker_factory(config)
+        try:
+            return client.process.command()
+        finally:
+            client.process.cleanup()     # the temp socket dir it made
+
+    assert "--no-prefix-cache" not in worker_command([])
+    assert "--no-prefix-cache" in worker_command(["--no-prefix-cache"])
+    monkeypatch.setenv("QWEN_SERVE_NO_PREFIX_CACHE", "1")
+    assert "--no-prefix-cache" in worker_command([])

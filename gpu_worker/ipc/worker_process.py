@@ -19,7 +19,8 @@ WORKER_FLAGS = {"kv_cache_gb": "--kv-cache-gb", "num_kv_blocks": "--num-kv-block
                 "block_size": "--block-size", "max_batch": "--max-batch",
                 "max_tokens_per_step": "--max-tokens-per-step",
                 "heartbeat_interval_s": "--heartbeat-interval", "log_level": "--log-level",
-                "request_ring_bytes": "--request-ring-bytes", "event_ring_bytes": "--event-ring-bytes"}
+                "request_ring_bytes": "--request-ring-bytes", "event_ring_bytes": "--event-ring-bytes",
+                "prefix_cache": "--no-prefix-cache"}   # a switch: passed only when False
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -45,7 +46,10 @@ class WorkerProcess:
                "--backend", self.backend, "--socket-dir", str(self.socket_dir),
                "--parent-pid", str(os.getpid())]
         for key, value in self.worker_opts.items():
-            cmd += [WORKER_FLAGS[key], str(value)]
+            if key == "prefix_cache":
+                cmd += [] if value else [WORKER_FLAGS[key]]
+            else:
+                cmd += [WORKER_FLAGS[key], str(value)]
         return cmd
 
     def _spawn(self) -> None:
