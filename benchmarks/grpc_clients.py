@@ -36,6 +36,10 @@ class ClientPlan:
     timeout_s: float
 
 
+# Client processes of the level now running (grpc_load's SIGTERM handler kills them).
+LIVE_PROCESSES: list[Any] = []
+
+
 def run_clients(plans: list[ClientPlan]) -> list[dict[str, Any]]:
     """Run every plan in its own spawned process, started together; all records, as dicts."""
     ctx = mp.get_context("spawn")
@@ -45,6 +49,7 @@ def run_clients(plans: list[ClientPlan]) -> list[dict[str, Any]]:
     records: list[dict[str, Any]] = []
     deadline = time.monotonic() + max(plan.timeout_s for plan in plans) + 60
     completed = False
+    LIVE_PROCESSES[:] = processes
     try:
         for process in processes:
             process.start()
@@ -56,6 +61,7 @@ def run_clients(plans: list[ClientPlan]) -> list[dict[str, Any]]:
             process.join(timeout=10 if completed else 0.1)
             if process.is_alive():
                 process.kill()
+        LIVE_PROCESSES.clear()
     return records
 
 

@@ -118,9 +118,22 @@ def run_levels(args: argparse.Namespace, target: str, results: ResultFile) -> No
 
 
 def exit_on_sigterm(signum: int, _frame: object) -> None:
-    """`timeout` sends SIGTERM: unwind so that the server this run started is stopped too (it
-    lives in its own session and would otherwise keep the GPU busy for the next benchmark)."""
-    raise SystemExit(128 + signum)
+    """`timeout` sends SIGTERM: stop the server this run started (it lives in its own session and
+    would otherwise keep the GPU busy for the next benchmark) and the client processes, then exit.
+
+    Done here rather than by raising SystemExit: an exception raised from a signal handler can land
+    inside a finalizer or a C callback, where Python only prints it and carries on (a likely cause of
+    one full local test run where this process exited 0 after SIGTERM; not reproduced since). The JSON
+    already says which section never finished."""
+    from benchmarks.grpc_clients import LIVE_PROCESSES
+    from benchmarks.server_process import RUNNING
+
+    for process in list(LIVE_PROCESSES):
+        if process.is_alive():
+            process.kill()
+    for served in list(RUNNING):
+        served.stop()
+    os._exit(128 + signum)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -28,6 +28,10 @@ SERVE_SETTINGS = tuple(f"QWEN_SERVE_{name}" for name in (
     "TLS_CERT", "TLS_KEY", "AUTH_TOKEN", "AUTH_HEALTH", "METRICS_PORT", "LOG_JSON", "LOG_REQUESTS"))
 
 
+# Servers this process started and has not stopped yet (grpc_load's SIGTERM handler stops them).
+RUNNING: set[ServedModel] = set()
+
+
 class ServedModel:
     def __init__(self, model: Path, backend: str, max_batch: int, max_queue: int,
                  kv_cache_gb: float | None = None, start_timeout_s: float = 180.0) -> None:
@@ -55,6 +59,7 @@ class ServedModel:
         with self.log_path.open("wb") as log:
             self.process = subprocess.Popen(self.command, cwd=REPO, env=env, stdout=log,
                                             stderr=subprocess.STDOUT, start_new_session=True)
+        RUNNING.add(self)
         try:
             self.port = self._wait_for_port(started)
             wait_serving(self.target, started + self.start_timeout_s, self.process)
@@ -81,6 +86,7 @@ class ServedModel:
     def stop(self) -> None:
         """SIGTERM to the server's process group (front-end and worker), SIGKILL after 8 s (run_all's
         `timeout -k 10` must not kill this process before it has stopped the server)."""
+        RUNNING.discard(self)
         if self.process is None or self.process.poll() is not None:
             return
         os.killpg(self.process.pid, signal.SIGTERM)
