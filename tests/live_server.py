@@ -17,8 +17,7 @@ import tempfile
 import time
 from pathlib import Path
 
-import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from benchmarks.server_process import wait_serving
 
 REPO = Path(__file__).resolve().parents[1]
 DOCKERFILE = REPO / "Dockerfile"
@@ -101,20 +100,10 @@ class LiveServer:
         raise TimeoutError("qwen-serve did not print its port:\n" + self.output)
 
     def _wait_serving(self) -> None:
-        deadline = time.monotonic() + self.start_timeout_s
-        with grpc.insecure_channel(self.target) as channel:
-            stub = health_pb2_grpc.HealthStub(channel)
-            while time.monotonic() < deadline:
-                try:
-                    reply = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=2)
-                    if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                        return
-                except grpc.RpcError:
-                    pass
-                if self.process is not None and self.process.poll() is not None:
-                    raise RuntimeError(f"qwen-serve exited with {self.process.returncode}:\n{self.output}")
-                time.sleep(0.2)
-        raise TimeoutError(f"health not SERVING after {self.start_timeout_s} s:\n{self.output}")
+        try:
+            wait_serving(self.target, time.monotonic() + self.start_timeout_s, self.process)
+        except (RuntimeError, TimeoutError) as error:
+            raise type(error)(f"{error}:\n{self.output}") from None
 
     def __exit__(self, *exc: object) -> None:
         self.log_file.close()
