@@ -7,29 +7,19 @@ from pathlib import Path
 
 import pytest
 
-from gpu_worker.backends.base import StepBatch, StepOutput
-from gpu_worker.backends.cpu.backend import CpuBackend
 from gpu_worker.engine.engine import Engine, TokenOut
 from gpu_worker.engine.sequence import RequestSpec
 from gpu_worker.model.gguf_loader import load_gguf
 from gpu_worker.sampling.params import SamplingParams, StoppingParams
 from gpu_worker.text.tokenizer import Tokenizer
 from gpu_worker.worker_main import create_engine
+from tests.test_prefix_cache import CountingCpuBackend
 
 pytestmark = [pytest.mark.real_model, pytest.mark.slow]
 
 SYSTEM = ("You are a careful senior Python reviewer. Answer in one short sentence, name the bug "
           "first, never apologise, and prefer the standard library over third-party packages.")
 
-
-class CountingCpuBackend(CpuBackend):
-    def __init__(self, model) -> None:
-        super().__init__(model)
-        self.tokens_per_step: list[int] = []
-
-    def step(self, batch: StepBatch) -> StepOutput:
-        self.tokens_per_step.append(batch.num_tokens)
-        return super().step(batch)
 
 
 def chat(tokenizer: Tokenizer, key: int, question: str) -> RequestSpec:
