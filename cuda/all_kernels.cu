@@ -9,3 +9,4 @@
 #include "embedding.cu"
 #include "matvec.cu"
 #include "gemm.cu"
+#include "linear_mma.cu"

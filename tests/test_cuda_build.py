@@ -11,6 +11,7 @@ import pytest
 
 from gpu_worker.backends.cuda.ops.embedding import plan_embedding
 from gpu_worker.backends.cuda.ops.gemm import TILE_M_CHOICES, TILE_N, plan_gemm
+from gpu_worker.backends.cuda.ops import linear_mma
 from gpu_worker.backends.cuda.ops.matvec import (
     BATCH_VARIANTS, KERNEL_PREFIXES, MAX_SHARED_BYTES, MatvecFusion, plan_matvec,
 )
@@ -34,12 +35,12 @@ def weights_of_real_shapes():
 
 @pytest.fixture(scope="module")
 def quant_kernel_entries(tmp_path_factory) -> set[str]:
-    """Names of the __global__ entry points in matvec.cu, embedding.cu and gemm.cu (sm_90 PTX)."""
+    """Names of the __global__ entry points in matvec.cu, embedding.cu, gemm.cu, linear_mma.cu (sm_90 PTX)."""
     if NVCC is None:
         pytest.skip("nvcc not installed")
     out = tmp_path_factory.mktemp("ptx")
     source = out / "quant_kernels.cu"
-    source.write_text("".join(f'#include "{REPO / "cuda" / n}"\n' for n in ("matvec.cu", "embedding.cu", "gemm.cu")))
+    source.write_text("".join(f'#include "{REPO / "cuda" / n}"\n' for n in ("matvec.cu", "embedding.cu", "gemm.cu", "linear_mma.cu")))
     ptx = out / "quant_kernels.ptx"
     subprocess.run([NVCC, "--ptx", "-arch=sm_90", "-O3", "-std=c++17", "-o", str(ptx), str(source)], check=True)
     return set(re.findall(r"\.entry\s+(\w+)\(", ptx.read_text()))
@@ -53,7 +54,10 @@ def test_every_planned_kernel_exists(quant_kernel_entries):
                     for batch in (1, 2, 3, 8, 64) for epilogue in KERNEL_PREFIXES}
         planned.add(plan_embedding(weight, 4).kernel_name)
         planned |= {plan_gemm(weight, 100, tile_m).kernel_name for tile_m in TILE_M_CHOICES}
-    per_type = len(KERNEL_PREFIXES) * len(BATCH_VARIANTS) + 1 + len(TILE_M_CHOICES)
+        planned |= {linear_mma.plan_linear(weight, tokens, epilogue).kernel_name
+                    for tokens in (1, 8, 9, 32, 33, 4096) for epilogue in linear_mma.KERNEL_PREFIXES}
+    per_type = (len(KERNEL_PREFIXES) * len(BATCH_VARIANTS) + 1 + len(TILE_M_CHOICES)
+                + len(linear_mma.KERNEL_PREFIXES) * len(linear_mma.SHAPES))
     assert len(planned) == len(SUPPORTED_TYPES) * per_type
     assert planned <= quant_kernel_entries, sorted(planned - quant_kernel_entries)
 
@@ -99,6 +103,37 @@ def test_matvec_fusion_validates():
     for bad in (dict(epilogue="gelu"), dict(norm_eps=0.0), dict(norm_weight_ptr=(1 << 20) + 4)):
         with pytest.raises(ValueError):
             MatvecFusion(**bad)
+
+
+def test_linear_mma_plan_covers_rows_and_tokens_within_shared_memory():
+    """Every real shape (and F32 rows too wide for one stage) at decode and prefill sizes: the grid
+    covers every row and token, K chunks are whole blocks split evenly over the 4 warps, and
+    both staging buffers (or the partial sums) fit the opted-in shared memory."""
+    weights = list(weights_of_real_shapes()) + [DeviceWeight(0, 896, 32768, ptr=1 << 20)]
+    for weight in weights:
+        block = quant_spec(weight.qtype).block_elems
+        for tokens in (1, 7, 8, 9, 32, 33, 64, 65, 512, 4096):
+            plan = linear_mma.plan_linear(weight, tokens)
+            groups, row_tiles = linear_mma.pick_shape(tokens)
+            assert plan.kernel_name.endswith(f"_g{groups}_r{row_tiles}")
+            assert plan.grid[0] * 16 * row_tiles >= weight.rows > (plan.grid[0] - 1) * 16 * row_tiles
+            assert plan.grid[1] * 8 * groups >= tokens > (plan.grid[1] - 1) * 8 * groups
+            assert plan.shared_bytes <= linear_mma.SHARED_BUDGET
+            if plan.chunk_cols < weight.cols:
+                assert plan.chunk_cols % linear_mma.WARP_SPLIT_COLS == 0 and plan.chunk_cols % block == 0
+                assert 2 * 16 * row_tiles * plan.chunk_stride <= plan.shared_bytes
+            assert plan.chunk_stride % 16 == 0
+            assert plan.chunk_stride >= linear_mma.chunk_stride(weight, min(plan.chunk_cols, weight.cols))
+
+
+def test_linear_mma_rejects_bad_shapes():
+    q8 = DeviceWeight(8, 896, 896, ptr=1 << 20)
+    for bad in (lambda: linear_mma.plan_linear(q8, 0), lambda: linear_mma.plan_linear(q8, 1, "gelu"),
+                lambda: linear_mma.plan_linear(q8, 1, shape=(2, 1)),
+                lambda: linear_mma.plan_linear(DeviceWeight(0, 4, 48, ptr=1 << 20), 1),    # K % 32
+                lambda: linear_mma.plan_linear(DeviceWeight(8, 7, 64, ptr=1 << 20), 1, "swiglu")):
+        with pytest.raises(ValueError):
+            bad()
 
 
 def test_gemm_plan_covers_output_tiles():

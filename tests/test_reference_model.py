@@ -62,6 +62,25 @@ def test_logits_match_hf_transformers(weights: Qwen2Weights) -> None:
     assert worst_rel < MAX_REL_DIFF
 
 
+def test_fp16_operand_arithmetic_matches_hf_transformers(real_model_path: Path) -> None:
+    """The CUDA tensor-core linear kernel's contract (every matmul on fp16-rounded operands, fp32
+    sums; load_weights(fp16_operands=True)) against HF: the rounding must not cost accuracy that
+    matters. The GPU kernel is checked against this mode of the reference, this mode against HF."""
+    ref = np.load(FIXTURE)
+    weights16 = load_weights(load_gguf(real_model_path), fp16_operands=True)
+    worst_rel, agree, confident = 0.0, 0, 0
+    for p in range(int(ref["num_prompts"])):
+        ours = all_position_logits(weights16, ref[f"p{p}_token_ids"])
+        worst_rel = max(worst_rel, float(relative_diff_at_hf_top20(ours, ref, p).max()))
+        sure = ref[f"p{p}_margin"] > MARGIN_FOR_TOP1
+        agree += int((ours.argmax(axis=-1) == ref[f"p{p}_argmax"])[sure].sum())
+        confident += int(sure.sum())
+    print(f"fp16 operands: max |d|/range {worst_rel:.2e}; top-1 where margin > {MARGIN_FOR_TOP1}: "
+          f"{agree}/{confident}")
+    assert agree == confident
+    assert worst_rel < MAX_REL_DIFF
+
+
 def relative_diff_at_hf_top20(ours: np.ndarray, ref: np.lib.npyio.NpzFile, p: int) -> np.ndarray:
     """Per position: max |ours - HF| over HF's top-20 ids / HF's logit range # [n]."""
     at_top = np.take_along_axis(ours, ref[f"p{p}_top_ids"].astype(np.intp), axis=-1)

@@ -57,6 +57,9 @@ class Qwen2Weights:
     output_norm: np.ndarray         # [hidden]
     lm_head: np.ndarray             # [vocab, hidden]
     inv_freq: np.ndarray            # [head_dim / 2] RoPE inverse frequencies, float32
+    # True: every matmul's operands are rounded to fp16 (weights here, inputs in `linear`), products
+    # summed in float32: the arithmetic contract of the CUDA tensor-core linear kernel (linear_mma.cu).
+    fp16_operands: bool = False
 
     @property
     def nbytes(self) -> int:
@@ -67,10 +70,11 @@ class Qwen2Weights:
         return sum(a.nbytes for a in arrays) + self.token_embd.nbytes
 
 
-def load_weights(model: GGUFModel) -> Qwen2Weights:
-    """Dequantize every matrix of `model` to float32 once (about 2 GB for Qwen2.5-0.5B)."""
+def load_weights(model: GGUFModel, fp16_operands: bool = False) -> Qwen2Weights:
+    """Dequantize every matrix of `model` to float32 once (about 2 GB for Qwen2.5-0.5B); with
+    fp16_operands, each matrix is rounded to fp16 values (kept as float32) after dequantization."""
     config = model.config
-    layers = tuple(_load_layer(model, i) for i in range(config.num_layers))
+    layers = tuple(_load_layer(model, i, fp16_operands) for i in range(config.num_layers))
     head_dim = config.head_dim
     # base^(-2i/d) in float64, stored as float32 (HF computes it in float32: < 1 ulp apart)
     inv_freq = (1.0 / config.rope_freq_base ** (np.arange(0, head_dim, 2) / head_dim)).astype(np.float32)
@@ -79,8 +83,9 @@ def load_weights(model: GGUFModel) -> Qwen2Weights:
         token_embd=model.tensors["token_embd.weight"],
         layers=layers,
         output_norm=_float32(model.tensors["output_norm.weight"]),
-        lm_head=_float32(model.lm_head),    # output.weight, or token_embd.weight when tied
+        lm_head=_matrix(model.lm_head, fp16_operands),    # output.weight, or token_embd.weight when tied
         inv_freq=inv_freq,
+        fp16_operands=fp16_operands,
     )
 
 
@@ -88,9 +93,17 @@ def _float32(tensor: TensorInfo) -> np.ndarray:
     return np.ascontiguousarray(dequantize(tensor), dtype=np.float32).reshape(tensor.shape)
 
 
-def _load_layer(model: GGUFModel, i: int) -> LayerWeights:
+def _matrix(tensor: TensorInfo, fp16_operands: bool) -> np.ndarray:
+    values = _float32(tensor)
+    return values.astype(np.float16).astype(np.float32) if fp16_operands else values
+
+
+def _load_layer(model: GGUFModel, i: int, fp16_operands: bool = False) -> LayerWeights:
     def get(part: str) -> np.ndarray:
-        return _float32(model.tensors[f"blk.{i}.{part}"])
+        name = f"blk.{i}.{part}"
+        if part.endswith(".weight") and not part.endswith("norm.weight"):
+            return _matrix(model.tensors[name], fp16_operands)
+        return _float32(model.tensors[name])
 
     return LayerWeights(
         attn_norm=get("attn_norm.weight"),
@@ -140,8 +153,10 @@ class PagedKVCache:
                 np.ascontiguousarray(v.transpose(1, 0, 2), dtype=np.float32))
 
 
-def linear(x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None = None) -> np.ndarray:
+def linear(x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None = None,
+           fp16_inputs: bool = False) -> np.ndarray:
     """x # [n, in] @ weight.T # [out, in] (+ bias) -> # [n, out], in fixed ROW_TILE-row BLAS calls.
+    fp16_inputs rounds x to fp16 values first (Qwen2Weights.fp16_operands).
 
     Each call is weight @ tile.T (the weight as BLAS's A operand): for a few rows that streams the
     weight ~1.5x faster than tile @ weight.T. The output features are split into fixed ranges, one
@@ -152,7 +167,7 @@ def linear(x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None = None) ->
     n = x.shape[0]
     num_padded = -(-n // ROW_TILE) * ROW_TILE
     padded = np.zeros((num_padded, x.shape[1]), np.float32)
-    padded[:n] = x
+    padded[:n] = x.astype(np.float16) if fp16_inputs else x
     out_t = np.empty((weight.shape[0], num_padded), np.float32)       # [out, num_padded]
 
     def run_rows_of_weight(lo: int, hi: int) -> None:
@@ -244,11 +259,12 @@ def attend_one_query(q: np.ndarray, k: np.ndarray, v: np.ndarray) -> np.ndarray:
 
 
 def attention_block(layer: LayerWeights, x: np.ndarray, layer_index: int, kv: PagedKVCache,
-                    batch: StepBatch, cos: np.ndarray, sin: np.ndarray, config: ModelConfig) -> np.ndarray:
+                    batch: StepBatch, cos: np.ndarray, sin: np.ndarray, config: ModelConfig,
+                    fp16_inputs: bool = False) -> np.ndarray:
     """Self-attention of the normed hidden states x # [num_tokens, hidden] -> # [num_tokens, hidden]."""
     n, d = x.shape[0], config.head_dim
     num_q, num_kv = config.num_heads, config.num_kv_heads
-    qkv = linear(x, layer.qkv_weight, layer.qkv_bias)
+    qkv = linear(x, layer.qkv_weight, layer.qkv_bias, fp16_inputs)
     q = apply_rope(qkv[:, :num_q * d].reshape(n, num_q, d), cos, sin)
     k = apply_rope(qkv[:, num_q * d:(num_q + num_kv) * d].reshape(n, num_kv, d), cos, sin)
     v = qkv[:, (num_q + num_kv) * d:].reshape(n, num_kv, d)
@@ -263,14 +279,14 @@ def attention_block(layer: LayerWeights, x: np.ndarray, layer_index: int, kv: Pa
             length = int(batch.positions[t]) + 1
             q_t = np.ascontiguousarray(q[t].reshape(num_kv, group, d))
             out[t] = attend_one_query(q_t, k_ctx[:, :length], v_ctx[:, :length])
-    return linear(out.reshape(n, num_q * d), layer.o_weight)
+    return linear(out.reshape(n, num_q * d), layer.o_weight, fp16_inputs=fp16_inputs)
 
 
-def mlp(layer: LayerWeights, x: np.ndarray) -> np.ndarray:
+def mlp(layer: LayerWeights, x: np.ndarray, fp16_inputs: bool = False) -> np.ndarray:
     """SwiGLU: down(silu(gate(x)) * up(x)); x # [n, hidden]."""
-    gate_up = linear(x, layer.gate_up_weight)                   # [n, 2 * intermediate]
+    gate_up = linear(x, layer.gate_up_weight, fp16_inputs=fp16_inputs)   # [n, 2 * intermediate]
     half = gate_up.shape[1] // 2
-    return linear(silu(gate_up[:, :half]) * gate_up[:, half:], layer.down_weight)
+    return linear(silu(gate_up[:, :half]) * gate_up[:, half:], layer.down_weight, fp16_inputs=fp16_inputs)
 
 
 def forward(weights: Qwen2Weights, kv: PagedKVCache, batch: StepBatch,
@@ -284,7 +300,7 @@ def forward(weights: Qwen2Weights, kv: PagedKVCache, batch: StepBatch,
     cos, sin = rope_cos_sin(batch.positions, weights.inv_freq)
     for i, layer in enumerate(weights.layers):
         h = rms_norm(x, layer.attn_norm, config.rms_norm_eps)
-        x = x + attention_block(layer, h, i, kv, batch, cos, sin, config)
-        x = x + mlp(layer, rms_norm(x, layer.ffn_norm, config.rms_norm_eps))
+        x = x + attention_block(layer, h, i, kv, batch, cos, sin, config, weights.fp16_operands)
+        x = x + mlp(layer, rms_norm(x, layer.ffn_norm, config.rms_norm_eps), weights.fp16_operands)
     final = rms_norm(x[np.asarray(logit_rows, dtype=np.intp)], weights.output_norm, config.rms_norm_eps)
-    return linear(final, weights.lm_head)
+    return linear(final, weights.lm_head, fp16_inputs=weights.fp16_operands)

@@ -98,13 +98,14 @@ def main() -> None:
     parser.add_argument("model", type=Path)
     parser.add_argument("--json", type=Path)
     parser.add_argument("--batches", default="1,8,32,64")
-    parser.add_argument("--fused", action="store_true", help="the fused forward (QWEN_SERVE_CUDA_FUSED)")
+    parser.add_argument("--fused", action="store_true", help="the fused fp32 forward (QWEN_SERVE_CUDA_FUSED)")
+    parser.add_argument("--linear", choices=("mma", "fp32"), help="linear kernels (QWEN_SERVE_CUDA_LINEAR)")
     args = parser.parse_args()
     batches = [int(b) for b in args.batches.split(",")]
     start = time.perf_counter()
     model = load_gguf(args.model)
     backend = CudaBackend(model, max_num_tokens=2048, max_num_seqs=max(batches), max_model_len=2048,
-                          fused=args.fused)
+                          fused=args.fused, linear=args.linear)
     load_s = time.perf_counter() - start
     backend.allocate_kv_cache(backend.num_kv_blocks_for_budget(BLOCK, kv_cache_gb=4), BLOCK)
     ready_s = time.perf_counter() - start
@@ -118,8 +119,9 @@ def main() -> None:
     for n in (32, 512, 2048):
         results["prefill_ms"][n] = 1e3 * time_prefill(backend, n)
     backend.close()
-    results["fused"] = backend.fused
-    print(f"\n| card | {results['card']} ({'fused' if backend.fused else 'unfused'} forward) |\n|---|---|")
+    results["fused"], results["linear"] = backend.fused, backend.linear
+    forward = f"linear {backend.linear}" + (", fused" if backend.fused else "")
+    print(f"\n| card | {results['card']} ({forward} forward) |\n|---|---|")
     print(f"| load (weights upload) | {load_s:.2f} s (+KV + graphs: {ready_s:.2f} s) |")
     print(f"| weight bytes | {backend.weight_bytes:,} |")
     for batch, tps in results["decode_tok_s"].items():

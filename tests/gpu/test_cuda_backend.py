@@ -10,6 +10,7 @@ from gguf import GGMLQuantizationType as QType
 from gpu_worker.backends.cpu.backend import CpuBackend
 from gpu_worker.backends.cpu.sequence_runner import SequenceChunk, blocks_for, build_step
 from gpu_worker.model.gguf_loader import load_gguf
+from gpu_worker.model.qwen2_reference import load_weights
 from gpu_worker.model.synthetic import write_synthetic_gguf
 from gpu_worker.sampling.params import SamplingParams
 
@@ -40,16 +41,18 @@ def synthetic_model(tmp_path_factory):
     model.close()
 
 
-@pytest.fixture(scope="module", params=[False, True], ids=["unfused", "fused"])
+@pytest.fixture(scope="module", params=[("mma", False), ("fp32", False), ("fp32", True)],
+                ids=["mma", "fp32", "fp32-fused"])
 def backend(request, cuda_device, synthetic_model):
-    """Both forwards: 12 launches per layer, and the fused one (norm in the mat-vec prologue,
-    accumulate / SwiGLU epilogues)."""
+    """Every forward: tensor-core linear layers (the default), fp32 mat-vecs with 12 launches per
+    layer, and the fused fp32 one (norm in the mat-vec prologue, accumulate / SwiGLU epilogues)."""
     from gpu_worker.backends.cuda.backend import CudaBackend
 
+    linear, fused = request.param
     with cuda_device.activate():
         b = CudaBackend(synthetic_model, max_num_tokens=4096, max_num_seqs=64, max_model_len=1024,
-                        device=cuda_device, fused=request.param)
-        assert b.fused == request.param
+                        device=cuda_device, fused=fused, linear=linear)
+        assert (b.fused, b.linear) == (fused, linear)
         b.allocate_kv_cache(num_blocks=4096, block_size=BLOCK)
         yield b
         b.close()
@@ -67,7 +70,8 @@ def test_weight_bytes_are_the_file_tensor_bytes(backend, synthetic_model):
 
 
 def test_logits_match_the_numpy_reference(backend, synthetic_model):
-    cpu = CpuBackend(synthetic_model)
+    """Against the reference of the same arithmetic (fp16 operands for the tensor-core kernel)."""
+    cpu = CpuBackend(synthetic_model, load_weights(synthetic_model, fp16_operands=backend.linear == "mma"))
     cpu.allocate_kv_cache(num_blocks=64, block_size=BLOCK)
     rng = np.random.default_rng()
     prompts = [rng.integers(0, 151936, n).tolist() for n in (9, 40, 64)]

@@ -1,4 +1,5 @@
-"""The CUDA backend on the real default model against the numpy reference (CpuBackend): top-1
+"""The CUDA backend on the real default model against the numpy reference (CpuBackend) of the same
+arithmetic (fp16 operands for the tensor-core linear kernel, float32 for the mat-vec one): top-1
 agreement over 64 teacher-forced positions of each fixture chat prompt (HF's own continuation),
 and greedy 32-token continuations. Needs the model file and a GPU (gpu_suite.sh MODEL=...)."""
 from __future__ import annotations
@@ -11,6 +12,7 @@ import pytest
 from gpu_worker.backends.cpu.backend import CpuBackend
 from gpu_worker.backends.cpu.sequence_runner import SequenceChunk, blocks_for, build_step, generate
 from gpu_worker.model.gguf_loader import load_gguf
+from gpu_worker.model.qwen2_reference import load_weights
 from gpu_worker.sampling.params import SamplingParams
 
 from batch_runner import run_batch
@@ -22,23 +24,33 @@ BLOCK, POSITIONS, GREEDY_TOKENS, NUM_PROMPTS = 16, 64, 32, 5
 
 @pytest.fixture(scope="module")
 def reference(real_model_path):
-    """The real model and its numpy reference backend, with a cache of reference results."""
+    """The real model and, per arithmetic (fp16 operands or not), a numpy reference backend with a
+    cache of its results, made on first use."""
     model = load_gguf(real_model_path)
-    cpu = CpuBackend(model)
-    cpu.allocate_kv_cache(num_blocks=64, block_size=BLOCK)
-    return model, cpu, {}
+    references: dict[bool, tuple[CpuBackend, dict]] = {}
+
+    def for_arithmetic(fp16_operands: bool) -> tuple[CpuBackend, dict]:
+        if fp16_operands not in references:
+            cpu = CpuBackend(model, load_weights(model, fp16_operands=fp16_operands))
+            cpu.allocate_kv_cache(num_blocks=64, block_size=BLOCK)
+            references[fp16_operands] = cpu, {}
+        return references[fp16_operands]
+
+    return model, for_arithmetic
 
 
-@pytest.fixture(scope="module", params=[False, True], ids=["unfused", "fused"])
+@pytest.fixture(scope="module", params=[("mma", False), ("fp32", False), ("fp32", True)],
+                ids=["mma", "fp32", "fp32-fused"])
 def models(request, cuda_device, reference):
     from gpu_worker.backends.cuda.backend import CudaBackend
 
-    model, cpu, cache = reference
+    model, for_arithmetic = reference
+    linear, fused = request.param
     with cuda_device.activate():
         gpu = CudaBackend(model, max_num_tokens=1024, max_num_seqs=64, max_model_len=512, device=cuda_device,
-                          fused=request.param)
+                          fused=fused, linear=linear)
         gpu.allocate_kv_cache(num_blocks=1024, block_size=BLOCK)
-        yield model, gpu, (cpu, cache)
+        yield model, gpu, for_arithmetic(linear == "mma")
         gpu.close()
 
 

@@ -1,4 +1,4 @@
-"""GPU checks of cuda/matvec.cu, cuda/embedding.cu and cuda/gemm.cu against gguf's numpy dequantizer.
+"""GPU checks of cuda/matvec.cu, cuda/embedding.cu and cuda/gemm.cu (linear_mma.cu: test_linear_mma.py) against gguf's numpy dequantizer.
 
 Every supported GGML type, fresh random valid blocks, outputs poisoned with NaN before each launch.
 Batch invariance is checked bitwise. Skipped cleanly without PyCUDA or a GPU.
@@ -24,7 +24,7 @@ pytestmark = pytest.mark.gpu
 
 REPO = Path(__file__).resolve().parents[2]
 FATBIN = REPO / "cuda" / "build" / "qwen_kernels.fatbin"
-OWN_SOURCES = ("matvec.cu", "embedding.cu", "gemm.cu")
+OWN_SOURCES = ("matvec.cu", "embedding.cu", "gemm.cu", "linear_mma.cu")
 ALL_TYPES = sorted(SUPPORTED_TYPES, key=int)
 # Byte offsets of the fp16 scale/min fields in each block; random bytes there could be inf/NaN.
 HALF_FIELD_OFFSETS = {

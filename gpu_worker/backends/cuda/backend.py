@@ -13,7 +13,7 @@ import numpy as np
 
 from gpu_worker.backends.base import Backend, StepBatch, StepOutput, TokenLogprobs
 from gpu_worker.backends.cuda.device import CudaBackendError, CudaDevice, CudaOutOfMemoryError, DeviceTensor
-from gpu_worker.backends.cuda.forward import Qwen2Forward
+from gpu_worker.backends.cuda.forward import LINEAR_KERNELS, Qwen2Forward
 from gpu_worker.backends.cuda.graphs import DEFAULT_BUCKETS, DecodeGraphs, graphs_available
 from gpu_worker.backends.cuda.ops.attention_prefill import prefill_tiles
 from gpu_worker.backends.cuda.sampler import GpuSampler, pack_sampling
@@ -21,6 +21,7 @@ from gpu_worker.backends.cuda.step_inputs import StepInputs, check_step_batch
 from gpu_worker.backends.cuda.weights import can_interleave_gate_up, upload_weights
 
 FUSED_ENV = "QWEN_SERVE_CUDA_FUSED"
+LINEAR_ENV = "QWEN_SERVE_CUDA_LINEAR"
 
 
 class CudaBackend(Backend):
@@ -29,7 +30,7 @@ class CudaBackend(Backend):
     def __init__(self, model, *, device_index: int = 0, max_num_tokens: int = 2048, max_num_seqs: int = 256,
                  max_model_len: int | None = None, use_graphs: bool = True, fatbin_path: str | None = None,
                  progress: Callable[[int, int], None] | None = None, device: CudaDevice | None = None,
-                 fused: bool | None = None) -> None:
+                 fused: bool | None = None, linear: str | None = None) -> None:
         if max_num_tokens < max_num_seqs or max_num_seqs <= 0:
             raise ValueError(f"need 0 < max_num_seqs ({max_num_seqs}) <= max_num_tokens ({max_num_tokens})")
         self.config = model.config
@@ -38,12 +39,19 @@ class CudaBackend(Backend):
         # A shared device (tests) lends its context; the backend still counts its own memory.
         self.device = device.child() if device is not None else CudaDevice(device_index, fatbin_path)
         self.device_name = self.device.name
-        # The fused forward (fewer launches) is opt-in until verified on the GPU: fused=True or
-        # QWEN_SERVE_CUDA_FUSED=1; it needs gate and up of one type per layer.
+        # Linear kernels (forward.py): "mma" (tensor cores, the default) or "fp32" (mat-vec FMAs),
+        # linear= or QWEN_SERVE_CUDA_LINEAR. The fused forward (fp32 only, fewer launches) is opt-in:
+        # fused=True or QWEN_SERVE_CUDA_FUSED=1; it needs gate and up of one type per layer.
         want_fused = os.environ.get(FUSED_ENV, "0") == "1" if fused is None else fused
-        self.fused = bool(want_fused and can_interleave_gate_up(model))
+        self.linear = linear or os.environ.get(LINEAR_ENV) or ("fp32" if want_fused else "mma")
+        if self.linear not in LINEAR_KERNELS:
+            self.device.close()
+            raise ValueError(f"{LINEAR_ENV} / linear must be one of {LINEAR_KERNELS}, got {self.linear!r}")
+        self.fused = bool(want_fused and self.linear == "fp32" and can_interleave_gate_up(model))
+        # Gate and up as one row-interleaved matrix: the fused mat-vec's and linear_mma's SwiGLU epilogue.
+        interleave = can_interleave_gate_up(model) and (self.fused or self.linear == "mma")
         try:
-            self.weights = upload_weights(self.device, model, progress, interleave_gate_up=self.fused)
+            self.weights = upload_weights(self.device, model, progress, interleave_gate_up=interleave)
         except Exception:
             self.device.close()
             raise
@@ -102,7 +110,8 @@ class CudaBackend(Backend):
         self.kv_bytes, self.num_blocks, self.block_size = total, num_blocks, block_size
         max_blocks_per_seq = -(-self.max_model_len // block_size)
         self.forward = Qwen2Forward(self.device, cfg, self.weights, self.max_num_tokens, self.max_num_seqs,
-                                    max_blocks_per_seq, self.max_model_len, fused=self.fused)
+                                    max_blocks_per_seq, self.max_model_len, fused=self.fused,
+                                    linear=self.linear)
         self.forward.set_kv_cache(kv, block_size)
         self.inputs = StepInputs(self.device, self.forward.meta, self.max_num_tokens, self.max_num_seqs,
                                  max_blocks_per_seq)

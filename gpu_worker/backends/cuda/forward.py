@@ -2,9 +2,13 @@
 CUDA graph and replayed): embedding -> 24 x (norm, q/k/v, rope+KV write, attention, o, norm,
 gate/up, SwiGLU, down) -> final norm of the sampled rows -> LM head.
 
-Every mat-vec goes through cuda/matvec.cu whatever the number of tokens: its fp32 result for a
-row never depends on the batch, so a prompt gives the same KV and logits alone, batched or chunked
-(the fp16 tensor-core GEMM is faster for prefill but rounds differently; see docs/gpu_results).
+Every linear layer goes through one kernel whatever the number of tokens, so a token's result
+never depends on the batch and a prompt gives the same KV and logits alone, batched or chunked:
+- linear="mma" (the default): cuda/linear_mma.cu, tensor cores with fp16 operands and fp32 sums,
+  bandwidth-bound at one token and compute-bound at thousands; gate and up run as one
+  row-interleaved matrix with SwiGLU in the epilogue where the model allows it;
+- linear="fp32": cuda/matvec.cu, fp32 FMAs (the numpy reference's arithmetic, but compute-bound
+  from a few tokens on); with fused=True the RMSNorm moves into its prologue as well.
 """
 from __future__ import annotations
 
@@ -16,12 +20,14 @@ from gpu_worker.backends.cuda.device import DeviceTensor
 from gpu_worker.backends.cuda.ops.attention_decode import launch_attention_decode
 from gpu_worker.backends.cuda.ops.attention_prefill import launch_attention_prefill
 from gpu_worker.backends.cuda.ops.embedding import EmbeddingOp
+from gpu_worker.backends.cuda.ops.linear_mma import LinearMmaOp
 from gpu_worker.backends.cuda.ops.matvec import NO_FUSION, MatvecFusion, MatvecOp
 from gpu_worker.backends.cuda.ops.rms_norm import launch_rms_norm
 from gpu_worker.backends.cuda.ops.rope_kv import RopeTables, launch_rope_kv, rope_tables_host
 from gpu_worker.backends.cuda.ops.swiglu import launch_swiglu
 from gpu_worker.backends.cuda.weights import ModelWeights
 
+LINEAR_KERNELS = ("mma", "fp32")
 META_FIELDS = ("input_ids", "positions", "slot_mapping", "token_seq", "tile_first", "tile_count")
 
 
@@ -76,11 +82,16 @@ class Qwen2Forward:
     """Launch sequence of one step over static buffers; `run` only enqueues work on the stream."""
 
     def __init__(self, device, config, weights: ModelWeights, max_tokens: int, max_seqs: int,
-                 max_blocks_per_seq: int, max_positions: int, fused: bool = False) -> None:
+                 max_blocks_per_seq: int, max_positions: int, fused: bool = False,
+                 linear: str = "mma") -> None:
         self.device, self.config, self.weights = device, config, weights
-        # fused: RMSNorm inside the q/k/v and gate/up mat-vecs, o/down accumulate into the residual,
-        # SwiGLU in the gate/up epilogue (needs weights.layers[i].gate_up): 8 launches per layer, not 12.
-        self.fused = fused
+        if linear not in LINEAR_KERNELS:
+            raise ValueError(f"linear must be one of {LINEAR_KERNELS}, got {linear!r}")
+        # fused (fp32 mat-vec only): RMSNorm inside the q/k/v and gate/up mat-vecs, o/down accumulate
+        # into the residual, SwiGLU in the gate/up epilogue: 8 launches per layer, not 12.
+        if fused and linear != "fp32":
+            raise ValueError("the fused forward runs the fp32 mat-vec (linear='fp32')")
+        self.fused, self.linear = fused, linear
         if fused and any(layer.gate_up is None for layer in weights.layers):
             raise ValueError("the fused forward needs interleaved gate/up weights")
         self.max_tokens, self.max_seqs = max_tokens, max_seqs
@@ -93,6 +104,7 @@ class Qwen2Forward:
         device.cuda.memcpy_htod(self.rope.sin.ptr, sin)
         self.max_positions = max_positions
         self.matvec = MatvecOp(device.module)
+        self.linear_mma = LinearMmaOp(device.module)
         self.embedding = EmbeddingOp(device.module)
         self.kv: list[tuple[DeviceTensor, DeviceTensor]] = []
         self.block_size = 0
@@ -102,7 +114,12 @@ class Qwen2Forward:
         self.kv, self.block_size = kv, block_size
 
     def _linear(self, weight, x: DeviceTensor, y: DeviceTensor, fusion: MatvecFusion = NO_FUSION) -> None:
-        self.matvec(weight, x.ptr, y.ptr, x.shape[0], self.device.stream, fusion=fusion)
+        if self.linear == "mma":
+            if fusion.norm_weight_ptr:
+                raise ValueError("linear_mma has no RMSNorm prologue")
+            self.linear_mma(weight, x.ptr, y.ptr, x.shape[0], self.device.stream, epilogue=fusion.epilogue)
+        else:
+            self.matvec(weight, x.ptr, y.ptr, x.shape[0], self.device.stream, fusion=fusion)
 
     def run(self, num_tokens: int, num_seqs: int, num_tiles: int, num_logits: int, all_rows: bool) -> None:
         """Enqueues the forward of `num_tokens` tokens of `num_seqs` sequences.
@@ -135,9 +152,12 @@ class Qwen2Forward:
         self._linear(layer.o, a.attn.rows(0, t), delta)
         launch_rms_norm(dev, residual, layer.ffn_norm, normed, cfg.rms_norm_eps, delta=delta, write_residual=True)
         gate, up = a.gate.rows(0, t), a.up.rows(0, t)
-        self._linear(layer.gate, normed, gate)
-        self._linear(layer.up, normed, up)
-        launch_swiglu(dev, gate, up, gate)
+        if layer.gate_up is not None:   # one matrix, rows gate_0, up_0, gate_1, ... -> silu(gate) * up
+            self._linear(layer.gate_up, normed, gate, MatvecFusion(epilogue="swiglu"))
+        else:
+            self._linear(layer.gate, normed, gate)
+            self._linear(layer.up, normed, up)
+            launch_swiglu(dev, gate, up, gate)
         self._linear(layer.down, gate, delta)
 
     def _layer_fused(self, i: int, layer, t: int, num_seqs: int, num_tiles: int) -> None:

@@ -1,0 +1,91 @@
+"""GPU checks of cuda/linear_mma.cu (the tensor-core linear layer) for every GGML type.
+
+Its contract: fp16 operands (x as given, W after dequantization), fp32 sums. The oracle is gguf's
+numpy dequantizer, rounded to fp16 the same way, multiplied in float64. Outputs are poisoned with
+NaN before each launch, inputs are fresh random, and batch invariance (alone / batched / chunked /
+every kernel variant) is checked bitwise.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from gguf import GGMLQuantizationType as QType
+
+from gpu_worker.backends.cuda.ops.linear_mma import SHAPES, LinearMmaOp
+from gpu_worker.model.quant_types import quant_spec
+
+from test_quant_kernels import ALL_TYPES, Device, gpu, rel_error, upload_weight  # noqa: F401 (gpu: fixture)
+
+pytestmark = pytest.mark.gpu
+# fp32 sums in another order than float64 over up to 4864 products of fp16 values
+LINEAR_MMA_TOLERANCE = 1e-5
+
+
+def fp16_values(a: np.ndarray) -> np.ndarray:
+    return a.astype(np.float16).astype(np.float64)
+
+
+def linear_shapes(qtype: QType) -> list[tuple[int, int]]:
+    # 130 rows: a partial row tile; 4864 columns: K staged in several chunks for wide types and
+    # for 32-row tiles; 896 (not whole 256-value super-blocks) for the 32-value block types.
+    shapes = [(130, 768), (48, 4864)]
+    return shapes if quant_spec(qtype).block_elems == 256 else shapes + [(77, 896)]
+
+
+@pytest.mark.parametrize("qtype", ALL_TYPES, ids=lambda t: t.name)
+def test_linear_mma_matches_reference_and_is_batch_invariant(gpu, qtype):
+    drv, module, stream = gpu
+    dev, rng, linear = Device(drv), np.random.default_rng(400 + int(qtype)), LinearMmaOp(module)
+    tokens = 150
+    for rows, cols in linear_shapes(qtype):
+        weight, dense = upload_weight(dev, qtype, rows, cols, rng)
+        x = rng.standard_normal((tokens, cols), dtype=np.float32)
+
+        def run(x_part: np.ndarray, shape=None) -> np.ndarray:
+            y_ptr = dev.poisoned((len(x_part), rows))
+            linear(weight, dev.upload(x_part), y_ptr, len(x_part), stream, shape=shape)
+            return dev.read(y_ptr, (len(x_part), rows), stream)
+
+        y = run(x)
+        assert not np.isnan(y).any(), "an output element was not written"
+        error = rel_error(y, fp16_values(x) @ fp16_values(dense).T)
+        print(f"{qtype.name} [{rows}, {cols}]: rel error {error:.2e} vs the fp16-operand reference")
+        assert error <= LINEAR_MMA_TOLERANCE
+        for shape in SHAPES:   # every variant, on the whole batch and on a lone token
+            np.testing.assert_array_equal(run(x, shape), y, err_msg=f"variant {shape} differs")
+            np.testing.assert_array_equal(run(x[[5]], shape), y[[5]], err_msg=f"M=1 {shape} differs")
+        chunks = np.concatenate([run(x[:33]), run(x[33:40]), run(x[40:97]), run(x[97:])])
+        np.testing.assert_array_equal(chunks, y, err_msg="split into chunks changed results")
+        order = [7, 6, 5, 4, 3, 2, 1, 0, 149]
+        np.testing.assert_array_equal(run(x[order]), y[order], err_msg="token order changed results")
+
+
+EPILOGUE_TYPES = [QType.F16, QType.Q5_0, QType.Q8_0, QType.Q4_K, QType.Q6_K]
+
+
+@pytest.mark.parametrize("qtype", EPILOGUE_TYPES, ids=lambda t: t.name)
+def test_linear_mma_epilogues_match_reference(gpu, qtype):
+    """Residual accumulate (y += W x) and SwiGLU over interleaved gate/up rows, alone and batched."""
+    drv, module, stream = gpu
+    dev, rng, linear = Device(drv), np.random.default_rng(500 + int(qtype)), LinearMmaOp(module)
+    rows, cols, tokens = 260, 512, 70
+    weight, dense = upload_weight(dev, qtype, rows, cols, rng)
+    x = (3.0 * rng.standard_normal((tokens, cols))).astype(np.float32)
+    product = fp16_values(x) @ fp16_values(dense).T
+    residual = rng.standard_normal((tokens, rows), dtype=np.float32)
+    gate, up = product[:, 0::2], product[:, 1::2]
+    with np.errstate(over="ignore"):
+        silu = gate / (1 + np.exp(-gate))
+    expected = {"accumulate": residual + product, "swiglu": silu * up}
+    for epilogue, ref in expected.items():
+        out_rows = rows // 2 if epilogue == "swiglu" else rows
+        start = residual if epilogue == "accumulate" else np.full((tokens, out_rows), np.nan, np.float32)
+        outs = []
+        for order in (list(range(tokens)), [4], [9, 4, 1]):
+            y_ptr = dev.upload(start[order])
+            linear(weight, dev.upload(x[order]), y_ptr, len(order), stream, epilogue=epilogue)
+            outs.append(dev.read(y_ptr, (len(order), out_rows), stream))
+        assert not np.isnan(outs[0]).any()
+        assert rel_error(outs[0], ref) <= LINEAR_MMA_TOLERANCE, epilogue
+        np.testing.assert_array_equal(outs[1], outs[0][[4]], err_msg=f"{epilogue}: M=1 differs")
+        np.testing.assert_array_equal(outs[2], outs[0][[9, 4, 1]], err_msg=f"{epilogue}: M=3 differs")
