@@ -69,6 +69,7 @@ def summarize(records: list[dict[str, Any]], expected_tokens: int) -> dict[str, 
             count = r["token_counts"][i]
             gaps += [(r["token_times"][i] - r["token_times"][i - 1]) / count] * count
     num_tokens = sum(sum(r["token_counts"]) for r in records)
+    num_deltas = sum(len(r["token_counts"]) for r in records)
     wall = max(r["ended"] for r in records) - min(r["sent"] for r in records)
     # tokens after the first one / time from the first to the last delta (TTFT excluded)
     stream_rates = sorted((sum(r["token_counts"]) - r["token_counts"][0])
@@ -77,6 +78,8 @@ def summarize(records: list[dict[str, Any]], expected_tokens: int) -> dict[str, 
                           if len(r["token_times"]) > 1 and r["token_times"][-1] > r["token_times"][0])
     return {"requests": len(records), "ok": len(ok), "errors": sum(errors.values()), "error_kinds": errors,
             "output_tokens": num_tokens, "wall_s": wall,
+            # > 1 when the server sent tokens that were ready together in one message
+            "tokens_per_delta": num_tokens / num_deltas if num_deltas else None,
             "aggregate_tok_s": num_tokens / wall if wall > 0 else None,
             "ttft": percentiles_ms(ttft), "itl": percentiles_ms(gaps),
             "stream_decode_tok_s_median": stream_rates[len(stream_rates) // 2] if stream_rates else None}
