@@ -68,15 +68,19 @@ class Generation:
         self.last_token_ns = 0
         self.finished = False
 
-    def _observe_token(self) -> None:
+    def _observe_tokens(self, count: int) -> None:
+        """Time to first token, and the inter-token gaps of `count` tokens that arrived together: the
+        gap since the previous arrival is spread evenly over them (sum and count stay exact)."""
         now = time.monotonic_ns()
+        gaps, span_ns = count, now - self.last_token_ns
         if self.completion_tokens == 0:
             self.first_token_ns = now
             self.metrics.observe_ttft((now - self.job.arrival_ns) / 1e9)
-        else:
-            self.metrics.observe_itl((now - self.last_token_ns) / 1e9)
+            gaps, span_ns = count - 1, 0            # the rest of a first batch came with the first
+        if gaps > 0:
+            self.metrics.observe_itl(span_ns / gaps / 1e9, gaps)
         self.last_token_ns = now
-        self.completion_tokens += 1
+        self.completion_tokens += count
 
     def _finished(self, reason: FinishReason, matched_stop: str = "", queue_ns: int = 0) -> FinishedEvent:
         self.finished = True
@@ -91,30 +95,47 @@ class Generation:
     async def events(self) -> AsyncIterator[GenerationEvent]:
         job = self.job
         yield StartedEvent(job.request_id, job.model, len(job.prompt_ids), job.sampling.seed)
-        stream = self.worker.generate(job.worker_request_id, job.prompt_ids, job.sampling, job.stopping)
+        stream = self.worker.generate_batches(job.worker_request_id, job.prompt_ids, job.sampling, job.stopping)
         matched: str | None = None
         async with contextlib.aclosing(stream):
-            async for event in stream:
-                if isinstance(event, WorkerFinished):
-                    for tail in self._finish(event):
+            async for batch in stream:
+                finish = batch[-1] if isinstance(batch[-1], WorkerFinished) else None
+                tokens = batch[:-1] if finish is not None else batch
+                if tokens:
+                    delta, matched = self._on_tokens(tokens)
+                    yield delta
+                    if matched is not None:
+                        break
+                if finish is not None:
+                    for tail in self._finish(finish):
                         yield tail
                     return
-                delta, matched = self._on_token(event)
-                yield delta
-                if matched is not None:
-                    break
             else:
                 raise RuntimeError("the worker's event stream ended without a finished event")
         # A stop string matched: leaving the `async with` closed the worker stream, which aborts the
-        # request in the worker (WorkerClient.generate's contract) and frees its KV blocks.
+        # request in the worker (WorkerClient.generate_batches' contract) and frees its KV blocks.
         yield self._finished(FinishReason.STOP, matched_stop=matched or "")
 
-    def _on_token(self, event: WorkerToken) -> tuple[DeltaEvent, str | None]:
-        self._observe_token()
-        token_id = int(event.token_id)
-        text, matched = self.text.push(token_id)
-        entry = _logprob_entry(self.tools, token_id, event.logprobs)
-        return DeltaEvent(text, (token_id,), (entry,) if entry else ()), matched
+    def _on_tokens(self, events: list[WorkerToken]) -> tuple[DeltaEvent, str | None]:
+        """All tokens that arrived together become one delta (one gRPC message). A stop string that
+        matches ends the delta at the token that completed it; later tokens are dropped, as the
+        request is aborted."""
+        texts: list[str] = []
+        token_ids: list[int] = []
+        entries: list[TokenLogprob] = []
+        matched: str | None = None
+        for event in events:
+            token_id = int(event.token_id)
+            text, matched = self.text.push(token_id)
+            texts.append(text)
+            token_ids.append(token_id)
+            entry = _logprob_entry(self.tools, token_id, event.logprobs)
+            if entry is not None:
+                entries.append(entry)
+            if matched is not None:
+                break
+        self._observe_tokens(len(token_ids))
+        return DeltaEvent("".join(texts), tuple(token_ids), tuple(entries)), matched
 
     def _finish(self, event: WorkerFinished) -> list[GenerationEvent]:
         text, matched = self.text.finish()

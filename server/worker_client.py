@@ -11,6 +11,10 @@ API (used by server.servicer; everything runs on one asyncio loop):
         Raises WorkerUnavailable (worker down, or died mid-stream: at once for every in-flight
         request) or WorkerRequestError (the worker rejected it, e.g. prompt larger than the KV cache).
         Closing the generator early (client cancel) aborts the request in the worker.
+    async for batch in client.generate_batches(...same arguments...):
+        the same events, as lists: everything that arrived for the request since the consumer last
+        asked (one list per wake-up; at most one FinishedEvent, always last). What the servicer uses,
+        so that tokens that pile up while the front-end is busy leave in one gRPC message.
     await client.abort(request_id) -> bool   # False when not in flight; its stream ends "cancelled"
     await client.stats() -> dict             # kv_blocks_total/used/free, running, waiting, steps, ...
     client.latest_stats: dict                # the same, pushed by the worker once a second
@@ -25,10 +29,11 @@ EOS / stop-id tokens that end a request are not emitted as TokenEvents.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 from collections import deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -66,11 +71,41 @@ class FinishedEvent:
     decode_ns: int
 
 
+StreamItem = TokenEvent | FinishedEvent | BaseException
+
+
+class _Mailbox:
+    """One request's undelivered events. The reader takes all of them at once and is woken once per
+    delivery round, not once per token (asyncio.Queue would wake it, and be read, per item)."""
+
+    __slots__ = ("_waiter", "items")
+
+    def __init__(self) -> None:
+        self.items: list[StreamItem] = []
+        self._waiter: asyncio.Future[None] | None = None
+
+    def put(self, item: StreamItem) -> None:
+        self.items.append(item)
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def take_all(self) -> list[StreamItem]:
+        while not self.items:
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        items, self.items = self.items, []
+        return items
+
+
 @dataclass
 class _Stream:
     request_id: str
     key: int
-    queue: asyncio.Queue[TokenEvent | FinishedEvent | BaseException]
+    mailbox: _Mailbox
     finished: bool = False
 
 
@@ -147,24 +182,37 @@ class WorkerClient:
     # --- requests ------------------------------------------------------------------------------
     async def generate(self, request_id: str, prompt_ids: list[int], sampling: SamplingParams,
                        stopping: StoppingParams) -> AsyncIterator[TokenEvent | FinishedEvent]:
+        batches = self.generate_batches(request_id, prompt_ids, sampling, stopping)
+        async with contextlib.aclosing(batches):     # closing this one closes (and aborts) that one
+            async for batch in batches:
+                for event in batch:
+                    yield event
+
+    async def generate_batches(self, request_id: str, prompt_ids: list[int], sampling: SamplingParams,
+                               stopping: StoppingParams) -> AsyncGenerator[list[TokenEvent | FinishedEvent], None]:
         if not self._serving or self._conn is None:
             raise WorkerUnavailable("worker is not serving")
         if request_id in self._keys:
             raise ValueError(f"request id {request_id!r} is already in flight")
         key = next(self._key_counter)
         spec = RequestSpec(key, tuple(int(t) for t in prompt_ids), sampling, stopping)
-        stream = _Stream(request_id, key, asyncio.Queue())
+        stream = _Stream(request_id, key, _Mailbox())
         self._streams[key], self._keys[request_id] = stream, key
         conn = self._conn
         try:
             self._send(messages.SUBMIT, messages.encode_submit(spec))
             while True:
-                item = await stream.queue.get()
-                if isinstance(item, BaseException):
-                    raise item
-                yield item
-                if isinstance(item, FinishedEvent):
-                    return
+                batch: list[TokenEvent | FinishedEvent] = []
+                for item in await stream.mailbox.take_all():
+                    if isinstance(item, BaseException):
+                        if batch:
+                            yield batch          # the tokens that came before the failure first
+                        raise item
+                    batch.append(item)
+                    if isinstance(item, FinishedEvent):
+                        yield batch              # anything after it (a later worker loss) is moot
+                        return
+                yield batch
         finally:
             self._streams.pop(key, None)
             self._keys.pop(request_id, None)
@@ -215,10 +263,11 @@ class WorkerClient:
 
     def _dispatch(self, msg_type: int, payload: bytes) -> None:
         if msg_type == messages.TOKENS:
-            for tok in messages.decode_tokens(payload):
-                stream = self._streams.get(tok.request_key)
+            streams = self._streams
+            for key, token_id, logprobs in zip(*messages.decode_token_columns(payload)):
+                stream = streams.get(key)
                 if stream is not None:
-                    stream.queue.put_nowait(TokenEvent(tok.token_id, tok.logprobs))
+                    stream.mailbox.put(TokenEvent(token_id, logprobs))
         elif msg_type == messages.FINISHED:
             fin = messages.decode_finished(payload)
             stream = self._streams.get(fin.request_key)
@@ -226,9 +275,9 @@ class WorkerClient:
                 return
             stream.finished = True
             if fin.reason == "error":
-                stream.queue.put_nowait(WorkerRequestError(fin.message))
+                stream.mailbox.put(WorkerRequestError(fin.message))
             else:
-                stream.queue.put_nowait(FinishedEvent(fin.reason, fin.prompt_tokens, fin.completion_tokens,
+                stream.mailbox.put(FinishedEvent(fin.reason, fin.prompt_tokens, fin.completion_tokens,
                                                       fin.queue_ns, fin.ttft_ns, fin.decode_ns))
         elif msg_type == messages.STATS:
             stats = messages.decode_stats(payload)
@@ -259,7 +308,7 @@ class WorkerClient:
             conn.close(unlink=True)
         for stream in self._streams.values():
             stream.finished = True
-            stream.queue.put_nowait(type(error)(*error.args))   # one exception object per stream
+            stream.mailbox.put(type(error)(*error.args))   # one exception object per stream
         self._streams.clear()
         self._keys.clear()
         self._outbound.clear()

@@ -83,6 +83,20 @@ def test_histograms_bucket_observations(served_metrics):
     assert samples[(itl + "_bucket", (("le", "0.02"),))] == 1
 
 
+def test_itl_of_tokens_that_arrived_together_counts_each_gap():
+    """observe_itl(s, n) records exactly what n calls of observe_itl(s) record (count, sum, buckets)."""
+    together, alone = Metrics(), Metrics()
+    for seconds, count in ((0.004, 3), (0.2, 2), (9.0, 2), (0.0, 1)):
+        together.observe_itl(seconds, count)
+        for _ in range(count):
+            alone.observe_itl(seconds)
+    together.observe_itl(0.5, 0)
+    itl = b"qwen_serve:inter_token_latency_seconds"
+    lines = [[line for line in m.render().splitlines() if line.startswith(itl) and b"_created" not in line]
+             for m in (together, alone)]
+    assert lines[0] == lines[1] and itl + b"_count 8.0" in lines[0]
+
+
 def test_instances_are_independent():
     first, second = Metrics(), Metrics()
     first.add_tokens(prompt=1, generated=2)
@@ -116,6 +130,7 @@ def test_stop_closes_the_port():
         lambda m: m.add_tokens(prompt=0, generated=-2),
         lambda m: m.observe_ttft(-0.1),
         lambda m: m.observe_itl(-1.0),
+        lambda m: m.observe_itl(0.1, -1),
         lambda m: m.set_queue_depth(-1),
         lambda m: m.set_running(-3),
         lambda m: m.set_kv_blocks(used=-1, free=2),

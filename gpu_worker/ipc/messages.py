@@ -95,6 +95,12 @@ def encode_tokens(tokens: list[TokenOut]) -> bytes:
 
 
 def decode_tokens(payload: bytes) -> list[TokenOut]:
+    return [TokenOut(key, token_id, logprobs) for key, token_id, logprobs in zip(*decode_token_columns(payload))]
+
+
+def decode_token_columns(payload: bytes) -> tuple[list[int], list[int], list[TokenLogprobs | None]]:
+    """A TOKENS record as three parallel lists (keys, token ids, logprobs or None): the front-end
+    routes these straight to streams, without a TokenOut per token."""
     n, num_top = _TOKENS.unpack_from(payload)
     off = _TOKENS.size
     keys = np.frombuffer(payload, np.uint64, n, off)
@@ -108,16 +114,19 @@ def decode_tokens(payload: bytes) -> list[TokenOut]:
     top_ids = np.frombuffer(payload, np.int32, num_top, off)
     off += 4 * num_top
     counts = np.frombuffer(payload, np.uint8, n, off)
-    out, top_at = [], 0
-    for i in range(n):
-        logprobs = None
-        if not math.isnan(lps[i]):
-            c = int(counts[i])
-            top = tuple(zip(top_ids[top_at:top_at + c].tolist(), top_lps[top_at:top_at + c].tolist()))
-            logprobs = TokenLogprobs(int(ids[i]), float(lps[i]), top)
-            top_at += c
-        out.append(TokenOut(int(keys[i]), int(ids[i]), logprobs))
-    return out
+    id_list = ids.tolist()
+    has_logprobs = ~np.isnan(lps)
+    if not has_logprobs.any():                  # the common case: nobody asked for logprobs
+        return keys.tolist(), id_list, [None] * n
+    logprobs: list[TokenLogprobs | None] = [None] * n
+    top_id_list, top_lp_list, lp_list, count_list = top_ids.tolist(), top_lps.tolist(), lps.tolist(), counts.tolist()
+    top_at = 0
+    for i in np.flatnonzero(has_logprobs).tolist():
+        c = count_list[i]
+        top = tuple(zip(top_id_list[top_at:top_at + c], top_lp_list[top_at:top_at + c]))
+        logprobs[i] = TokenLogprobs(id_list[i], lp_list[i], top)
+        top_at += c
+    return keys.tolist(), id_list, logprobs
 
 
 def encode_finished(ev: FinishOut) -> bytes:
