@@ -6,11 +6,13 @@ Starts `benchmarks.free_forward_worker` (real engine and IPC, free forward; a be
 `serve` cannot reach) on a tiny synthetic GGUF carrying the real tokenizer when the default model
 is present (so detokenizing costs what it costs in production), attaches `qwen-serve serve` to it,
 and runs grpc_load's levels against it: the rates measured are the most the serving path can pass.
-Any grpc_load flag after `--` is passed on (e.g. `-- --max-tokens 256 --rounds 2`).
+Any grpc_load flag after `--` is passed on (e.g. `-- --max-tokens 256 --rounds 2`). With --json,
+the same requests then run through the same engine in-process ("engine alone": the ceiling for gRPC).
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import signal
 import subprocess
@@ -23,6 +25,35 @@ from typing import Self
 from benchmarks import grpc_load
 from benchmarks.common import REPO, parse_int_list
 from benchmarks.server_process import ServedModel
+
+
+def engine_alone(model: Path, levels: list[int], prompt_len: int, max_tokens: int,
+                 step_ms: float) -> dict[str, dict[str, float]]:
+    """N requests added at once to an in-process engine on the free forward: aggregate output tok/s
+    from the first add to the last finish (grpc_load's definition, minus gRPC and IPC)."""
+    from benchmarks.engine_measures import random_prompts
+    from benchmarks.free_forward_worker import FreeForwardBackend
+    from gpu_worker.engine.engine import TokenOut
+    from gpu_worker.engine.sequence import RequestSpec
+    from gpu_worker.model.gguf_loader import load_gguf
+    from gpu_worker.sampling.params import SamplingParams, StoppingParams
+    from gpu_worker.worker_main import create_engine
+
+    loaded = load_gguf(model)
+    results = {}
+    for n in levels:
+        engine = create_engine(loaded, FreeForwardBackend(loaded.config.vocab_size, step_ms / 1000),
+                               32_768, 16, max(levels), 2048)
+        stopping = StoppingParams(max_tokens=max_tokens, ignore_eos=True)
+        started, tokens = time.monotonic(), 0
+        for key, prompt in enumerate(random_prompts(n, prompt_len, loaded.config.vocab_size, seed=n), 1):
+            engine.add_request(RequestSpec(key, tuple(prompt), SamplingParams(temperature=0.0), stopping))
+        while engine.has_work:
+            tokens += sum(isinstance(event, TokenOut) for event in engine.step())
+        wall = time.monotonic() - started
+        results[f"concurrency_{n}"] = {"output_tokens": tokens, "wall_s": wall, "aggregate_tok_s": tokens / wall}
+        print(f"    engine alone, {n} requests: {tokens / wall:,.0f} tok/s", flush=True)
+    return results
 
 
 def tiny_model(directory: Path) -> Path:
@@ -101,7 +132,14 @@ def main(argv: list[str] | None = None) -> int:
                 load_argv = ["--target", served.target, "--concurrency", args.concurrency, *passed_on]
                 if args.json:
                     load_argv += ["--json", str(args.json)]
-                return grpc_load.main(load_argv)
+                status = grpc_load.main(load_argv)
+        if args.json:      # the ceiling, measured after the servers are gone (no CPU shared with them)
+            load_args = grpc_load.parse_args(load_argv)
+            ceiling = engine_alone(model, levels, load_args.prompt_len, load_args.max_tokens, args.step_ms)
+            data = json.loads(args.json.read_text())
+            data["serving_path"] = {"step_ms": args.step_ms, "engine_alone": ceiling}
+            args.json.write_text(json.dumps(data, indent=2))
+        return status
 
 
 if __name__ == "__main__":
