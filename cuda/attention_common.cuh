@@ -51,12 +51,30 @@ __device__ __forceinline__ void attn_tile_update(WarpAttnState& st, const float*
     st.acc0 *= correction;
     st.acc1 *= correction;
     const unsigned long long v_addr = reinterpret_cast<unsigned long long>(v_row);
-    for (int j = 0; j < num_valid; ++j) {
-        const float pj = __shfl_sync(0xffffffffu, p, j);
-        const __half* vj = reinterpret_cast<const __half*>(__shfl_sync(0xffffffffu, v_addr, j));
-        const float2 v2 = __half22float2(reinterpret_cast<const __half2*>(vj)[lane]);
-        st.acc0 = fmaf(pj, v2.x, st.acc0);
-        st.acc1 = fmaf(pj, v2.y, st.acc1);
+    if (num_valid == QS_ATTN_TILE) {
+        // A full tile: all 32 V loads in flight before the first FMA (the loop below waits for
+        // each load in turn). The FMAs run in the same order, so the result is bitwise the same.
+        __half2 v[QS_ATTN_TILE];
+#pragma unroll
+        for (int j = 0; j < QS_ATTN_TILE; ++j) {
+            const __half* vj = reinterpret_cast<const __half*>(__shfl_sync(0xffffffffu, v_addr, j));
+            v[j] = reinterpret_cast<const __half2*>(vj)[lane];
+        }
+#pragma unroll
+        for (int j = 0; j < QS_ATTN_TILE; ++j) {
+            const float pj = __shfl_sync(0xffffffffu, p, j);
+            const float2 v2 = __half22float2(v[j]);
+            st.acc0 = fmaf(pj, v2.x, st.acc0);
+            st.acc1 = fmaf(pj, v2.y, st.acc1);
+        }
+    } else {
+        for (int j = 0; j < num_valid; ++j) {
+            const float pj = __shfl_sync(0xffffffffu, p, j);
+            const __half* vj = reinterpret_cast<const __half*>(__shfl_sync(0xffffffffu, v_addr, j));
+            const float2 v2 = __half22float2(reinterpret_cast<const __half2*>(vj)[lane]);
+            st.acc0 = fmaf(pj, v2.x, st.acc0);
+            st.acc1 = fmaf(pj, v2.y, st.acc1);
+        }
     }
     st.m = m_new;
 }

@@ -2,31 +2,34 @@
 //
 // W: [N, K] in any GGUF format (quant_formats.cuh), x: [M, K] fp32, y: [M, N] fp32, K % 32 == 0.
 // Operands are rounded to fp16 (x as read, W after dequantization), products are summed in fp32 by
-// mma.sync m16n8k16: W rows are the mma's M (16 rows), tokens its N (8 tokens), so one kernel is
-// bandwidth-bound at a single token and compute-bound at thousands.
+// mma.sync m16n8k16: W rows are the mma's M (16 rows), tokens its N (8 tokens), so one arithmetic
+// is bandwidth-bound at a single token and compute-bound at thousands.
 //
-// A CTA (4 warps) owns 16 * R rows of W and 8 * NG tokens. It stages its rows' bytes
-// global -> shared with 16-byte cp.async in K chunks, double-buffered (the next chunk is in flight
-// while this one is multiplied). Warp w takes the 32-column sub-chunks c with c % 4 == w: each lane
-// dequantizes 8 consecutive values of 2 rows per m-tile (dequant8, the same unit every kernel uses)
-// and reads the same 8 columns of x for its token. The mma's 16 k slots are a fixed permutation of
-// the 32 columns (lane t's 8 columns feed slots {2t, 2t+1, 2t+8, 2t+9} of two mmas); A and B use the
-// same permutation, so the products are the same as in column order. The 4 warps' partial sums are
-// added in shared memory in warp order, then the epilogue stores, accumulates (y += W x: the
-// residual stream) or applies SwiGLU to interleaved gate/up rows (y[m, i] = silu(g_i) * u_i).
-//
-// Batch invariance: y[m, n] is the sum over warps 0..3 (in that order) of each warp's mma chain
-// over its sub-chunks in increasing k; that depends on (K, type) only, never on M, the token's
-// place in the tile, NG, R, the chunk width or the grid, so a token gets bitwise the same output
+// The arithmetic (what makes a result bitwise reproducible): K is cut into 32-column sub-chunks
+// c = 0, 1, ...; the sub-chunks with c % 4 == v feed accumulator v, in increasing c, each as two
+// mmas (lane t of a quad feeds its 8 columns to k slots {2t, 2t+1, 2t+8, 2t+9} of the two mmas:
+// a fixed permutation, the same for A and B, so the products are those of column order); then
+// y = ((acc0 + acc1) + acc2) + acc3. That depends on (K, type) only, never on M, the token's place
+// in a tile, the tile sizes, the K chunk width or the grid, so a token gets bitwise the same output
 // alone, batched or in a prefill chunk. (It is not bitwise equal to matvec.cu's fp32 result.)
 // Values of x beyond fp16's range (|x| > 65504) become inf, as in any fp16 GEMM.
+//
+// Two CTA layouts run that arithmetic (4 warps, 8 * NG tokens per CTA):
+// - linear_mma_*  (16 rows per CTA): warp w owns accumulator w of the CTA's 16 rows; the partial
+//   sums meet in shared memory. Many CTAs for few rows: decode steps of the small matrices.
+// - linear_mma_rows_* (64 rows per CTA): warp w owns rows 16w..16w+15 and all four accumulators.
+//   Each staged x value serves 4x the rows: large matrices and prefill.
+// Per K chunk a CTA stages its rows' bytes and its tokens' x values global -> shared with 16-byte
+// cp.async, double-buffered (the next chunk is in flight while this one is multiplied), so the
+// inner loop reads shared memory only.
 #include "quant_formats.cuh"
 
 namespace linear_mma_detail {
 
 constexpr int kWarps = 4;
 constexpr int kThreads = 32 * kWarps;
-constexpr int kSubK = 32;          // columns per warp step (two k16 mmas)
+constexpr int kSubK = 32;          // columns per sub-chunk (two k16 mmas)
+constexpr int kAccumulators = 4;   // sub-chunk c feeds accumulator c % 4
 enum Epilogue : int { kStore = 0, kAccumulate = 1, kSwiGLU = 2 };
 
 struct LinearArgs {
@@ -35,32 +38,68 @@ struct LinearArgs {
     int num_rows;           // N
     int num_cols;           // K
     int chunk_cols;         // K columns per staged chunk: K itself, or a multiple of 128 and of the block
-    int chunk_stride;       // shared bytes per staged row chunk (16-byte multiple, + 16 of alignment slack)
+    int chunk_stride;       // shared bytes per staged weight row chunk (16-byte multiple, + 16 of alignment
+                            // slack); row_bytes when chunk_cols == K (whole rows, copied flat)
+    int x_rows;             // token rows of the x buffer: min(8 * NG, M)
     const float* x;         // [M, K]
-    float* y;               // [M, N], or [M, N / 2] for SwiGLU
+    float* y;               // [M, y_stride]: columns [0, N), or [0, N / 2) for SwiGLU
     int num_tokens;         // M
+    int y_stride;           // floats per row of y
 };
 
-// Issues the cp.async copies of chunk `k0` (columns [k0, k0 + chunk_cols) clipped to K) of rows
-// [n0, n0 + rows) into buf, row r at buf + r * chunk_stride (from its 16-byte boundary below).
-template <int T>
-__device__ __forceinline__ void stage_chunk(const LinearArgs& a, int n0, int rows, int k0, uint8_t* buf) {
+__device__ __forceinline__ void copy16(uint8_t* dst, const void* src, int src_size) {
+    const unsigned d = static_cast<unsigned>(__cvta_generic_to_shared(dst));
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" :: "r"(d), "l"(src), "r"(src_size));
+}
+
+// Bytes of one token's x chunk in shared memory: 16 of padding keep the 8 tokens a warp reads
+// at once on different banks.
+__device__ __forceinline__ int x_stride(const LinearArgs& a) { return 4 * a.chunk_cols + 16; }
+
+// Whole rows in one stage (chunk_cols == K): the CTA's rows are one contiguous byte range, copied
+// flat (row r at (start % 16) + r * row_bytes, chunk_stride == row_bytes). Otherwise each row chunk
+// is copied on its own (row r at r * chunk_stride, from its 16-byte boundary below).
+__device__ __forceinline__ bool whole_rows(const LinearArgs& a) { return a.chunk_cols >= a.num_cols; }
+
+// Shared layout of one staging buffer: the weight bytes of ROWS rows, then x_rows token chunks.
+template <int ROWS>
+__device__ __forceinline__ int weight_bytes(const LinearArgs& a) {
+    return whole_rows(a) ? (ROWS * a.row_bytes + 31) / 16 * 16 : ROWS * a.chunk_stride;
+}
+template <int ROWS>
+__device__ __forceinline__ int buffer_bytes(const LinearArgs& a) {
+    return weight_bytes<ROWS>(a) + a.x_rows * x_stride(a);
+}
+
+// Issues the cp.async copies of chunk k0 (columns [k0, k0 + chunk_cols) clipped to K): rows
+// [n0, n0 + ROWS) of W, then the x values of tokens [m0, m0 + num_tokens) (token t at t * x_stride).
+// Loops are warp x lane strided: no index division on the issue path.
+template <int T, int ROWS>
+__device__ __forceinline__ void stage_chunk(const LinearArgs& a, int n0, int m0, int num_tokens, int k0,
+                                            uint8_t* buf) {
     constexpr int kValues = qformats::BlockInfo<T>::kValues, kBytes = qformats::BlockInfo<T>::kBytes;
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int num_cols = min(a.chunk_cols, a.num_cols - k0);
-    const long long chunk_offset = static_cast<long long>(k0 / kValues) * kBytes;
-    const long long chunk_bytes = static_cast<long long>(num_cols / kValues) * kBytes;
-    const int vecs_per_row = a.chunk_stride / 16;
-    for (int idx = threadIdx.x; idx < rows * vecs_per_row; idx += kThreads) {
-        const int r = idx / vecs_per_row, c = idx % vecs_per_row;
-        if (n0 + r >= a.num_rows) continue;
-        const long long begin = static_cast<long long>(n0 + r) * a.row_bytes + chunk_offset;
-        const long long end = begin + chunk_bytes;
-        const long long src = (begin & ~15LL) + 16LL * c;
-        if (src >= end) continue;
-        const int src_size = end - src >= 16 ? 16 : int(end - src);   // zero-fill past the chunk
-        const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(buf + r * a.chunk_stride + 16 * c));
-        asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n"
-                     :: "r"(dst), "l"(a.weight + src), "r"(src_size));
+    if (whole_rows(a)) {
+        const long long begin = static_cast<long long>(n0) * a.row_bytes;
+        const long long end = static_cast<long long>(min(n0 + ROWS, a.num_rows)) * a.row_bytes;
+        const long long first = begin & ~15LL;
+        for (long long src = first + 16LL * threadIdx.x; src < end; src += 16LL * kThreads)
+            copy16(buf + (src - first), a.weight + src, end - src >= 16 ? 16 : int(end - src));
+    } else {
+        const long long chunk_offset = static_cast<long long>(k0 / kValues) * kBytes;
+        const long long chunk_bytes = static_cast<long long>(num_cols / kValues) * kBytes;
+        for (int r = warp; r < ROWS && n0 + r < a.num_rows; r += kWarps) {
+            const long long begin = static_cast<long long>(n0 + r) * a.row_bytes + chunk_offset;
+            const long long end = begin + chunk_bytes, first = begin & ~15LL;
+            for (long long src = first + 16LL * lane; src < end; src += 16LL * 32)
+                copy16(buf + r * a.chunk_stride + (src - first), a.weight + src, end - src >= 16 ? 16 : int(end - src));
+        }
+    }
+    uint8_t* xs = buf + weight_bytes<ROWS>(a);
+    for (int t = warp; t < num_tokens; t += kWarps) {
+        const float* x_row = a.x + static_cast<long long>(m0 + t) * a.num_cols + k0;
+        for (int v = lane; v < num_cols / 4; v += 32) copy16(xs + t * x_stride(a) + 16 * v, x_row + 4 * v, 16);
     }
     asm volatile("cp.async.commit_group;\n" ::: "memory");
 }
@@ -79,154 +118,223 @@ __device__ __forceinline__ void mma_16x8x16(float acc[4], const uint32_t a[4], u
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
-// One warp's products over its sub-chunks of the staged chunk at k0.
-template <int T, int NG, int R>
-__device__ __forceinline__ void multiply_chunk(const LinearArgs& a, const uint8_t* buf, int n0, int m0,
-                                               int num_groups, int k0, float acc[R][NG][4]) {
+// What one warp needs to multiply 16 staged rows (tile rows row0..row0+15) by the staged tokens.
+struct WarpTile {
+    const uint8_t* rows[2];   // this lane's rows: row0 + group and row0 + group + 8
+    const uint8_t* xs;        // the x buffer
+};
+
+template <int T, int ROWS>
+__device__ __forceinline__ WarpTile warp_tile(const LinearArgs& a, const uint8_t* buf, int n0, int row0, int k0) {
     constexpr int kValues = qformats::BlockInfo<T>::kValues, kBytes = qformats::BlockInfo<T>::kBytes;
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, group = lane >> 2, quad = lane & 3;
-    const long long chunk_offset = static_cast<long long>(k0 / kValues) * kBytes;
-    // Rows 16 i + group and 16 i + group + 8 of the tile; rows past N read stale shared bytes,
-    // whose products land only in rows that are never stored.
-    const uint8_t* rows[R][2];
+    const int group = (threadIdx.x & 31) >> 2;
+    WarpTile tile;
+    // Rows past N read stale shared bytes (likewise tokens past M): their products land only in
+    // outputs that are never stored.
 #pragma unroll
-    for (int i = 0; i < R; ++i)
-#pragma unroll
-        for (int h = 0; h < 2; ++h) {
-            const int r = 16 * i + group + 8 * h;
-            const long long begin = static_cast<long long>(n0 + r) * a.row_bytes + chunk_offset;
-            rows[i][h] = buf + r * a.chunk_stride + (begin & 15);
+    for (int h = 0; h < 2; ++h) {
+        const int r = row0 + group + 8 * h;
+        if (whole_rows(a)) {
+            tile.rows[h] = buf + ((static_cast<long long>(n0) * a.row_bytes) & 15) + r * a.row_bytes;
+        } else {
+            const long long begin = static_cast<long long>(n0 + r) * a.row_bytes + static_cast<long long>(k0 / kValues) * kBytes;
+            tile.rows[h] = buf + r * a.chunk_stride + (begin & 15);
         }
-    const int num_sub = min(a.chunk_cols, a.num_cols - k0) / kSubK;
-#pragma unroll 2
-    for (int sub = warp; sub < num_sub; sub += kWarps) {
-        const int col = sub * kSubK + 8 * quad;   // this lane's 8 columns, relative to k0
-        uint32_t frag[R][2][4];
+    }
+    tile.xs = buf + weight_bytes<ROWS>(a);
+    return tile;
+}
+
+// acc[j] += rows x tokens 8j..8j+7 over sub-chunk `sub` (columns relative to the chunk start).
+template <int T, int NG>
+__device__ __forceinline__ void multiply_sub_chunk(const LinearArgs& a, const WarpTile& tile, int sub,
+                                                   int num_groups, float acc[NG][4]) {
+    const int lane = threadIdx.x & 31, group = lane >> 2;
+    const int col = sub * kSubK + 8 * (lane & 3);   // this lane's 8 columns
+    uint32_t frag[2][4];
+    if constexpr (T == qformats::kF16) {
+        // fp16 weights (e.g. an F16 conversion): the fragments are the stored halves, 16
+        // bytes per row (rows are 16-byte aligned: row_bytes = 2K, K % 32 == 0), no conversion.
+        const uint4 lo = *reinterpret_cast<const uint4*>(tile.rows[0] + 2 * col);
+        const uint4 hi = *reinterpret_cast<const uint4*>(tile.rows[1] + 2 * col);
+        frag[0][0] = lo.x; frag[0][1] = hi.x; frag[0][2] = lo.y; frag[0][3] = hi.y;
+        frag[1][0] = lo.z; frag[1][1] = hi.z; frag[1][2] = lo.w; frag[1][3] = hi.w;
+    } else {
+        float lo[8], hi[8];
+        qformats::dequant8<T>(tile.rows[0], col, lo);
+        qformats::dequant8<T>(tile.rows[1], col, hi);
 #pragma unroll
-        for (int i = 0; i < R; ++i) {
-            float lo[8], hi[8];   // rows group and group + 8
-            qformats::dequant8<T>(rows[i][0], col, lo);
-            qformats::dequant8<T>(rows[i][1], col, hi);
-#pragma unroll
-            for (int s = 0; s < 2; ++s) {
-                frag[i][s][0] = pack_half2(lo[4 * s], lo[4 * s + 1]);
-                frag[i][s][1] = pack_half2(hi[4 * s], hi[4 * s + 1]);
-                frag[i][s][2] = pack_half2(lo[4 * s + 2], lo[4 * s + 3]);
-                frag[i][s][3] = pack_half2(hi[4 * s + 2], hi[4 * s + 3]);
-            }
+        for (int s = 0; s < 2; ++s) {
+            frag[s][0] = pack_half2(lo[4 * s], lo[4 * s + 1]);
+            frag[s][1] = pack_half2(hi[4 * s], hi[4 * s + 1]);
+            frag[s][2] = pack_half2(lo[4 * s + 2], lo[4 * s + 3]);
+            frag[s][3] = pack_half2(hi[4 * s + 2], hi[4 * s + 3]);
         }
+    }
 #pragma unroll
-        for (int j = 0; j < NG; ++j) {
-            if (j >= num_groups) break;
-            const int token = min(m0 + 8 * j + group, a.num_tokens - 1);   // padding repeats a token
-            const float4* xp = reinterpret_cast<const float4*>(
-                a.x + static_cast<long long>(token) * a.num_cols + k0 + col);
-            const float4 x0 = __ldg(xp), x1 = __ldg(xp + 1);
-#pragma unroll
-            for (int i = 0; i < R; ++i) {
-                mma_16x8x16(acc[i][j], frag[i][0], pack_half2(x0.x, x0.y), pack_half2(x0.z, x0.w));
-                mma_16x8x16(acc[i][j], frag[i][1], pack_half2(x1.x, x1.y), pack_half2(x1.z, x1.w));
-            }
-        }
+    for (int j = 0; j < NG; ++j) {
+        if (j >= num_groups) break;
+        // Token 8j + group; a lane past the staged tokens reads the last one (never stored).
+        const int token = min(8 * j + group, a.x_rows - 1);
+        const float4* xp = reinterpret_cast<const float4*>(tile.xs + token * x_stride(a) + 4 * col);
+        const float4 x0 = xp[0], x1 = xp[1];
+        mma_16x8x16(acc[j], frag[0], pack_half2(x0.x, x0.y), pack_half2(x0.z, x0.w));
+        mma_16x8x16(acc[j], frag[1], pack_half2(x1.x, x1.y), pack_half2(x1.z, x1.w));
     }
 }
 
 template <int EPI>
 __device__ __forceinline__ void write_output(const LinearArgs& a, int m, int n, float total, float next_total) {
-    const long long m64 = m;
+    const long long row = static_cast<long long>(m) * a.y_stride;
     if (EPI == kStore) {
-        a.y[m64 * a.num_rows + n] = total;
+        a.y[row + n] = total;
     } else if (EPI == kAccumulate) {
-        a.y[m64 * a.num_rows + n] = __fadd_rn(a.y[m64 * a.num_rows + n], total);
+        a.y[row + n] = __fadd_rn(a.y[row + n], total);
     } else {   // SwiGLU: row n is gate_i, row n + 1 is up_i, i = n / 2
         const float silu = __fdiv_rn(total, __fadd_rn(1.0f, expf(-total)));
-        a.y[m64 * (a.num_rows / 2) + n / 2] = __fmul_rn(silu, next_total);
+        a.y[row + n / 2] = __fmul_rn(silu, next_total);
     }
 }
 
-template <int T, int NG, int R, int EPI>
-__device__ void linear_mma(const LinearArgs& a) {
+// Writes the CTA's [ROWS, num_tokens] totals (total_of(row, token)) through the epilogue; rows of
+// one thread are consecutive, so SwiGLU pairs (even row, odd row) meet in one thread.
+template <int EPI, int ROWS, typename TotalOf>
+__device__ __forceinline__ void write_tile(const LinearArgs& a, int n0, int m0, int num_tokens, TotalOf total_of) {
+    for (int idx = threadIdx.x; idx < ROWS * num_tokens; idx += kThreads) {
+        const int row = idx % ROWS, token = idx / ROWS, n = n0 + row;
+        if (n >= a.num_rows) continue;
+        if (EPI == kSwiGLU) {
+            if (row & 1) continue;
+            write_output<EPI>(a, m0 + token, n, total_of(row, token), total_of(row + 1, token));
+        } else {
+            write_output<EPI>(a, m0 + token, n, total_of(row, token), 0.0f);
+        }
+    }
+}
+
+// The K loop both layouts share: stage chunk c + 1 while chunk c is multiplied by `multiply`.
+template <int T, int ROWS, typename Multiply>
+__device__ __forceinline__ void for_each_chunk(const LinearArgs& a, int n0, int m0, int num_tokens, Multiply multiply) {
     extern __shared__ __align__(16) uint8_t smem[];
-    constexpr int kRows = 16 * R, kTokens = 8 * NG;
-    const int n0 = blockIdx.x * kRows, m0 = blockIdx.y * kTokens;
-    const int num_groups = min(NG, (a.num_tokens - m0 + 7) / 8);
+    uint8_t* buffers[2] = {smem, smem + buffer_bytes<ROWS>(a)};
     const int num_chunks = (a.num_cols + a.chunk_cols - 1) / a.chunk_cols;
-    uint8_t* buffers[2] = {smem, smem + kRows * a.chunk_stride};
-
-    float acc[R][NG][4];
-#pragma unroll
-    for (int i = 0; i < R; ++i)
-#pragma unroll
-        for (int j = 0; j < NG; ++j)
-#pragma unroll
-            for (int e = 0; e < 4; ++e) acc[i][j][e] = 0.0f;
-
-    stage_chunk<T>(a, n0, kRows, 0, buffers[0]);
+    stage_chunk<T, ROWS>(a, n0, m0, num_tokens, 0, buffers[0]);
     for (int c = 0; c < num_chunks; ++c) {
         if (c + 1 < num_chunks) {   // buffer (c + 1) & 1 was released by the barrier ending chunk c - 1
-            stage_chunk<T>(a, n0, kRows, (c + 1) * a.chunk_cols, buffers[(c + 1) & 1]);
+            stage_chunk<T, ROWS>(a, n0, m0, num_tokens, (c + 1) * a.chunk_cols, buffers[(c + 1) & 1]);
             asm volatile("cp.async.wait_group 1;\n" ::: "memory");
         } else {
             asm volatile("cp.async.wait_group 0;\n" ::: "memory");
         }
         __syncthreads();
-        multiply_chunk<T, NG, R>(a, buffers[c & 1], n0, m0, num_groups, c * a.chunk_cols, acc);
+        // k0 / 32 is a multiple of 4 (chunk_cols is K or a multiple of 128): a sub-chunk's index
+        // in the chunk and in K agree mod 4.
+        multiply(buffers[c & 1], c * a.chunk_cols, min(a.chunk_cols, a.num_cols - c * a.chunk_cols) / kSubK);
         __syncthreads();
     }
+}
 
-    // Per-warp partial sums -> shared [warp][row][token], then summed in warp order.
+// 16 rows per CTA; warp w runs accumulator w (sub-chunks w, w + 4, ...).
+template <int T, int NG, int EPI>
+__device__ void linear_mma_split_k(const LinearArgs& a) {
+    extern __shared__ __align__(16) uint8_t smem[];
+    constexpr int kRows = 16, kTokens = 8 * NG;
+    const int n0 = blockIdx.x * kRows, m0 = blockIdx.y * kTokens;
+    const int num_tokens = min(kTokens, a.num_tokens - m0), num_groups = (num_tokens + 7) / 8;
+    const int warp = threadIdx.x >> 5;
+    float acc[NG][4];
+#pragma unroll
+    for (int j = 0; j < NG; ++j)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) acc[j][e] = 0.0f;
+    for_each_chunk<T, kRows>(a, n0, m0, num_tokens, [&](const uint8_t* buf, int k0, int num_sub) {
+        const WarpTile tile = warp_tile<T, kRows>(a, buf, n0, 0, k0);
+#pragma unroll 2
+        for (int sub = warp; sub < num_sub; sub += kAccumulators)
+            multiply_sub_chunk<T, NG>(a, tile, sub, num_groups, acc);
+    });
+    // Accumulators -> shared [warp][row][token], then summed in accumulator order.
     float* partial = reinterpret_cast<float*>(smem);
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, group = lane >> 2, quad = lane & 3;
+    const int lane = threadIdx.x & 31, group = lane >> 2, quad = lane & 3;
 #pragma unroll
-    for (int i = 0; i < R; ++i)
+    for (int j = 0; j < NG; ++j) {
+        if (j >= num_groups) break;
 #pragma unroll
-        for (int j = 0; j < NG; ++j) {
-            if (j >= num_groups) break;
-#pragma unroll
-            for (int e = 0; e < 4; ++e) {
-                const int row = 16 * i + group + 8 * (e >> 1), token = 8 * j + 2 * quad + (e & 1);
-                partial[(warp * kRows + row) * kTokens + token] = acc[i][j][e];
-            }
-        }
+        for (int e = 0; e < 4; ++e)
+            partial[(warp * kRows + group + 8 * (e >> 1)) * kTokens + 8 * j + 2 * quad + (e & 1)] = acc[j][e];
+    }
     __syncthreads();
-    auto total_of = [&](int row, int token) {
+    write_tile<EPI, kRows>(a, n0, m0, num_tokens, [&](int row, int token) {
         float sum = partial[row * kTokens + token];
 #pragma unroll
-        for (int w = 1; w < kWarps; ++w) sum = __fadd_rn(sum, partial[(w * kRows + row) * kTokens + token]);
+        for (int w = 1; w < kAccumulators; ++w) sum = __fadd_rn(sum, partial[(w * kRows + row) * kTokens + token]);
         return sum;
-    };
-    for (int idx = threadIdx.x; idx < kRows * kTokens; idx += kThreads) {
-        const int row = idx % kRows, token = idx / kRows, n = n0 + row, m = m0 + token;
-        if (n >= a.num_rows || m >= a.num_tokens) continue;
-        if (EPI == kSwiGLU) {
-            if (row & 1) continue;
-            write_output<EPI>(a, m, n, total_of(row, token), total_of(row + 1, token));
-        } else {
-            write_output<EPI>(a, m, n, total_of(row, token), 0.0f);
+    });
+}
+
+// 64 rows per CTA; warp w owns rows 16w..16w+15 and runs all four accumulators itself.
+template <int T, int NG, int EPI>
+__device__ void linear_mma_rows(const LinearArgs& a) {
+    extern __shared__ __align__(16) uint8_t smem[];
+    constexpr int kRows = 16 * kWarps, kTokens = 8 * NG;
+    const int n0 = blockIdx.x * kRows, m0 = blockIdx.y * kTokens;
+    const int num_tokens = min(kTokens, a.num_tokens - m0), num_groups = (num_tokens + 7) / 8;
+    const int warp = threadIdx.x >> 5;
+    float acc[kAccumulators][NG][4];
+#pragma unroll
+    for (int v = 0; v < kAccumulators; ++v)
+#pragma unroll
+        for (int j = 0; j < NG; ++j)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) acc[v][j][e] = 0.0f;
+    for_each_chunk<T, kRows>(a, n0, m0, num_tokens, [&](const uint8_t* buf, int k0, int num_sub) {
+        const WarpTile tile = warp_tile<T, kRows>(a, buf, n0, 16 * warp, k0);
+        for (int sub0 = 0; sub0 < num_sub; sub0 += kAccumulators) {
+#pragma unroll
+            for (int v = 0; v < kAccumulators; ++v)
+                if (sub0 + v < num_sub) multiply_sub_chunk<T, NG>(a, tile, sub0 + v, num_groups, acc[v]);
+        }
+    });
+    // Totals -> shared [row][token] (the staging buffers are free after the last barrier).
+    float* totals = reinterpret_cast<float*>(smem);
+    const int lane = threadIdx.x & 31, group = lane >> 2, quad = lane & 3;
+#pragma unroll
+    for (int j = 0; j < NG; ++j) {
+        if (j >= num_groups) break;
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+            float sum = acc[0][j][e];
+#pragma unroll
+            for (int v = 1; v < kAccumulators; ++v) sum = __fadd_rn(sum, acc[v][j][e]);
+            totals[(16 * warp + group + 8 * (e >> 1)) * kTokens + 8 * j + 2 * quad + (e & 1)] = sum;
         }
     }
+    __syncthreads();
+    write_tile<EPI, kRows>(a, n0, m0, num_tokens, [&](int row, int token) { return totals[row * kTokens + token]; });
 }
 
 }  // namespace linear_mma_detail
 
-// Plain scalar parameters (PyCUDA prepared-call format "PiiiiiPPi"); names
-// linear_mma[_acc|_swiglu]_<type>_g<NG>_r<R>: NG token groups of 8, R row tiles of 16 per CTA.
-#define LINEAR_MMA_ENTRY(TYPE, NAME, PREFIX, EPI, NG, R)                                          \
-    extern "C" __global__ void __launch_bounds__(linear_mma_detail::kThreads)                     \
-    PREFIX##NAME##_g##NG##_r##R(const uint8_t* weight, int row_bytes, int num_rows, int num_cols, \
-                                int chunk_cols, int chunk_stride, const float* x, float* y,       \
-                                int num_tokens) {                                                 \
-        const linear_mma_detail::LinearArgs args{weight, row_bytes, num_rows, num_cols,           \
-                                                 chunk_cols, chunk_stride, x, y, num_tokens};     \
-        linear_mma_detail::linear_mma<TYPE, NG, R, EPI>(args);                                    \
+// Plain scalar parameters (PyCUDA prepared-call format "PiiiiiiPPii"); names
+// linear_mma[_rows][_acc|_swiglu]_<type>_g<NG>: NG token groups of 8 per CTA.
+#define LINEAR_MMA_ENTRY(TYPE, NAME, LAYOUT, PREFIX, EPI, NG)                                       \
+    extern "C" __global__ void __launch_bounds__(linear_mma_detail::kThreads)                       \
+    PREFIX##NAME##_g##NG(const uint8_t* weight, int row_bytes, int num_rows, int num_cols,          \
+                         int chunk_cols, int chunk_stride, int x_rows, const float* x, float* y,    \
+                         int num_tokens, int y_stride) {                                            \
+        const linear_mma_detail::LinearArgs args{weight, row_bytes, num_rows, num_cols, chunk_cols, \
+                                                 chunk_stride, x_rows, x, y, num_tokens, y_stride}; \
+        linear_mma_detail::LAYOUT<TYPE, NG, EPI>(args);                                             \
     }
-#define LINEAR_MMA_SHAPES(TYPE, NAME, PREFIX, EPI)  \
-    LINEAR_MMA_ENTRY(TYPE, NAME, PREFIX, EPI, 1, 1)  \
-    LINEAR_MMA_ENTRY(TYPE, NAME, PREFIX, EPI, 4, 1)  \
-    LINEAR_MMA_ENTRY(TYPE, NAME, PREFIX, EPI, 8, 2)
-#define LINEAR_MMA_ENTRIES(TYPE, NAME)                                              \
-    LINEAR_MMA_SHAPES(TYPE, NAME, linear_mma_, linear_mma_detail::kStore)           \
-    LINEAR_MMA_SHAPES(TYPE, NAME, linear_mma_acc_, linear_mma_detail::kAccumulate)  \
-    LINEAR_MMA_SHAPES(TYPE, NAME, linear_mma_swiglu_, linear_mma_detail::kSwiGLU)
+#define LINEAR_MMA_EPILOGUES(TYPE, NAME, LAYOUT, PREFIX, NG)                                        \
+    LINEAR_MMA_ENTRY(TYPE, NAME, LAYOUT, PREFIX##_, linear_mma_detail::kStore, NG)                   \
+    LINEAR_MMA_ENTRY(TYPE, NAME, LAYOUT, PREFIX##_acc_, linear_mma_detail::kAccumulate, NG)          \
+    LINEAR_MMA_ENTRY(TYPE, NAME, LAYOUT, PREFIX##_swiglu_, linear_mma_detail::kSwiGLU, NG)
+#define LINEAR_MMA_ENTRIES(TYPE, NAME)                                            \
+    LINEAR_MMA_EPILOGUES(TYPE, NAME, linear_mma_split_k, linear_mma, 1)           \
+    LINEAR_MMA_EPILOGUES(TYPE, NAME, linear_mma_split_k, linear_mma, 2)           \
+    LINEAR_MMA_EPILOGUES(TYPE, NAME, linear_mma_split_k, linear_mma, 4)           \
+    LINEAR_MMA_EPILOGUES(TYPE, NAME, linear_mma_rows, linear_mma_rows, 1)         \
+    LINEAR_MMA_EPILOGUES(TYPE, NAME, linear_mma_rows, linear_mma_rows, 4)
 
 QFORMATS_FOR_EACH_TYPE(LINEAR_MMA_ENTRIES)

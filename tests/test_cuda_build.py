@@ -40,7 +40,8 @@ def quant_kernel_entries(tmp_path_factory) -> set[str]:
         pytest.skip("nvcc not installed")
     out = tmp_path_factory.mktemp("ptx")
     source = out / "quant_kernels.cu"
-    source.write_text("".join(f'#include "{REPO / "cuda" / n}"\n' for n in ("matvec.cu", "embedding.cu", "gemm.cu", "linear_mma.cu")))
+    source.write_text("".join(f'#include "{REPO / "cuda" / n}"\n'
+                             for n in ("matvec.cu", "embedding.cu", "gemm.cu", "linear_mma.cu")))
     ptx = out / "quant_kernels.ptx"
     subprocess.run([NVCC, "--ptx", "-arch=sm_90", "-O3", "-std=c++17", "-o", str(ptx), str(source)], check=True)
     return set(re.findall(r"\.entry\s+(\w+)\(", ptx.read_text()))
@@ -56,8 +57,10 @@ def test_every_planned_kernel_exists(quant_kernel_entries):
         planned |= {plan_gemm(weight, 100, tile_m).kernel_name for tile_m in TILE_M_CHOICES}
         planned |= {linear_mma.plan_linear(weight, tokens, epilogue).kernel_name
                     for tokens in (1, 8, 9, 32, 33, 4096) for epilogue in linear_mma.KERNEL_PREFIXES}
+        planned |= {linear_mma.plan_linear(weight, 8, epilogue, tile).kernel_name
+                    for tile in linear_mma.PREFERENCE for epilogue in linear_mma.KERNEL_PREFIXES}
     per_type = (len(KERNEL_PREFIXES) * len(BATCH_VARIANTS) + 1 + len(TILE_M_CHOICES)
-                + len(linear_mma.KERNEL_PREFIXES) * len(linear_mma.SHAPES))
+                + len(linear_mma.KERNEL_PREFIXES) * len(linear_mma.PREFERENCE))
     assert len(planned) == len(SUPPORTED_TYPES) * per_type
     assert planned <= quant_kernel_entries, sorted(planned - quant_kernel_entries)
 
@@ -106,30 +109,46 @@ def test_matvec_fusion_validates():
 
 
 def test_linear_mma_plan_covers_rows_and_tokens_within_shared_memory():
-    """Every real shape (and F32 rows too wide for one stage) at decode and prefill sizes: the grid
-    covers every row and token, K chunks are whole blocks split evenly over the 4 warps, and
-    both staging buffers (or the partial sums) fit the opted-in shared memory."""
+    """Every real shape (and F32 rows too wide for one stage) at decode and prefill sizes, every
+    tile: the grid covers every row and token, K chunks are whole blocks split evenly over the 4
+    accumulators, and the staging buffers (or the final sums) fit the opted-in shared memory."""
     weights = list(weights_of_real_shapes()) + [DeviceWeight(0, 896, 32768, ptr=1 << 20)]
     for weight in weights:
         block = quant_spec(weight.qtype).block_elems
         for tokens in (1, 7, 8, 9, 32, 33, 64, 65, 512, 4096):
-            plan = linear_mma.plan_linear(weight, tokens)
-            groups, row_tiles = linear_mma.pick_shape(tokens)
-            assert plan.kernel_name.endswith(f"_g{groups}_r{row_tiles}")
-            assert plan.grid[0] * 16 * row_tiles >= weight.rows > (plan.grid[0] - 1) * 16 * row_tiles
-            assert plan.grid[1] * 8 * groups >= tokens > (plan.grid[1] - 1) * 8 * groups
-            assert plan.shared_bytes <= linear_mma.SHARED_BUDGET
-            if plan.chunk_cols < weight.cols:
-                assert plan.chunk_cols % linear_mma.WARP_SPLIT_COLS == 0 and plan.chunk_cols % block == 0
-                assert 2 * 16 * row_tiles * plan.chunk_stride <= plan.shared_bytes
-            assert plan.chunk_stride % 16 == 0
-            assert plan.chunk_stride >= linear_mma.chunk_stride(weight, min(plan.chunk_cols, weight.cols))
+            for tile in (None, *linear_mma.PREFERENCE):
+                if tile and not linear_mma.fits(weight, linear_mma.LAYOUTS[tile[0]][0], min(8 * tile[1], tokens)):
+                    assert weight.qtype == 0, "only wide F32 rows may not fit a tile"
+                    continue
+                plan = linear_mma.plan_linear(weight, tokens, tile=tile)
+                layout, groups = tile or linear_mma.pick_tile(weight, tokens)
+                rows_per_cta = linear_mma.LAYOUTS[layout][0]
+                assert plan.kernel_name.startswith(linear_mma.KERNEL_LAYOUT_NAMES[layout])
+                assert plan.kernel_name.endswith(f"_g{groups}")
+                assert plan.grid[0] * rows_per_cta >= weight.rows > (plan.grid[0] - 1) * rows_per_cta
+                assert plan.grid[1] * 8 * groups >= tokens > (plan.grid[1] - 1) * 8 * groups
+                assert plan.x_rows == min(8 * groups, tokens)
+                assert plan.shared_bytes <= linear_mma.SHARED_BUDGET
+                stage = linear_mma.stage_bytes(weight, plan.chunk_cols, rows_per_cta, plan.x_rows)
+                if plan.chunk_cols < weight.cols:
+                    assert plan.chunk_cols % linear_mma.WARP_SPLIT_COLS == 0 and plan.chunk_cols % block == 0
+                    assert 2 * stage <= plan.shared_bytes and plan.chunk_stride % 16 == 0
+                else:   # whole rows, copied flat
+                    assert stage <= plan.shared_bytes and plan.chunk_stride == weight.row_bytes
+
+
+def test_linear_mma_picks_large_tiles_only_when_the_gpu_stays_full():
+    q, gate_up = DeviceWeight(8, 896, 896, ptr=1 << 20), DeviceWeight(8, 9728, 896, ptr=1 << 20)
+    lm_head = DeviceWeight(8, 151936, 896, ptr=1 << 20)
+    assert [linear_mma.pick_tile(q, t) for t in (1, 64, 256)] == [("split_k", 1), ("split_k", 1), ("rows", 1)]
+    assert [linear_mma.pick_tile(gate_up, t) for t in (1, 9, 64)] == [("split_k", 1), ("rows", 1), ("rows", 4)]
+    assert [linear_mma.pick_tile(lm_head, t) for t in (1, 8, 32)] == [("rows", 1), ("rows", 1), ("rows", 4)]
 
 
 def test_linear_mma_rejects_bad_shapes():
     q8 = DeviceWeight(8, 896, 896, ptr=1 << 20)
     for bad in (lambda: linear_mma.plan_linear(q8, 0), lambda: linear_mma.plan_linear(q8, 1, "gelu"),
-                lambda: linear_mma.plan_linear(q8, 1, shape=(2, 1)),
+                lambda: linear_mma.plan_linear(q8, 1, tile=("rows", 2)),
                 lambda: linear_mma.plan_linear(DeviceWeight(0, 4, 48, ptr=1 << 20), 1),    # K % 32
                 lambda: linear_mma.plan_linear(DeviceWeight(8, 7, 64, ptr=1 << 20), 1, "swiglu")):
         with pytest.raises(ValueError):

@@ -104,7 +104,7 @@ def main() -> None:
     batches = [int(b) for b in args.batches.split(",")]
     start = time.perf_counter()
     model = load_gguf(args.model)
-    backend = CudaBackend(model, max_num_tokens=2048, max_num_seqs=max(batches), max_model_len=2048,
+    backend = CudaBackend(model, max_num_tokens=max(2048, 32 * max(batches)), max_num_seqs=max(batches), max_model_len=2048,
                           fused=args.fused, linear=args.linear)
     load_s = time.perf_counter() - start
     backend.allocate_kv_cache(backend.num_kv_blocks_for_budget(BLOCK, kv_cache_gb=4), BLOCK)

@@ -17,6 +17,7 @@ from batch_runner import run_batch  # noqa: E402
 from gpu_worker.backends.cuda.backend import CudaBackend  # noqa: E402
 from gpu_worker.backends.cuda.graphs import DecodeGraphs  # noqa: E402
 from gpu_worker.backends.cuda.ops.attention_decode import launch_attention_decode  # noqa: E402
+from gpu_worker.backends.cuda.ops.matvec import NO_FUSION, MatvecFusion  # noqa: E402
 from gpu_worker.backends.cuda.ops.rms_norm import launch_rms_norm  # noqa: E402
 from gpu_worker.backends.cuda.ops.rope_kv import launch_rope_kv  # noqa: E402
 from gpu_worker.backends.cuda.ops.swiglu import launch_swiglu  # noqa: E402
@@ -48,9 +49,10 @@ def main() -> None:
     parser.add_argument("model", type=Path)
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--context", type=int, default=256)
+    parser.add_argument("--linear", choices=("mma", "fp32"), help="linear kernels (QWEN_SERVE_CUDA_LINEAR)")
     args = parser.parse_args()
-    b = CudaBackend(load_gguf(args.model), max_num_tokens=max(1024, args.batch * args.context), max_num_seqs=64,
-                    max_model_len=2048)
+    b = CudaBackend(load_gguf(args.model), max_num_tokens=max(1024, args.batch * args.context), max_num_seqs=max(64, args.batch),
+                    max_model_len=2048, linear=args.linear)
     b.allocate_kv_cache(4096, 16)
     try:
         profile(b, args)
@@ -68,13 +70,20 @@ def profile(b, args) -> None:
     q3 = a.q.rows(0, n).view(n, cfg.num_heads, hd)
     kv3 = (a.k.rows(0, n).view(n, cfg.num_kv_heads, hd), a.v.rows(0, n).view(n, cfg.num_kv_heads, hd))
     rows = []
-    for name, weight, x, y in (("q", layer.q, a.normed, a.q), ("k", layer.k, a.normed, a.k), ("v", layer.v, a.normed, a.v),
-                               ("o", layer.o, a.attn, a.delta), ("gate", layer.gate, a.normed, a.gate),
-                               ("up", layer.up, a.normed, a.up), ("down", layer.down, a.gate, a.delta),
-                               ("lm_head", f.weights.lm_head, a.final, a.logits)):
-        us = time_us(d, lambda w=weight, x=x, y=y: f._linear(w, x.rows(0, n), y.rows(0, n)))
+    linears = [("q", layer.q, a.normed, a.q, NO_FUSION), ("k", layer.k, a.normed, a.k, NO_FUSION),
+               ("v", layer.v, a.normed, a.v, NO_FUSION), ("o", layer.o, a.attn, a.delta, NO_FUSION)]
+    if layer.gate_up is not None:   # one interleaved matrix with the SwiGLU epilogue
+        linears.append(("gate_up+swiglu", layer.gate_up, a.normed, a.gate, MatvecFusion(epilogue="swiglu")))
+    else:
+        linears += [("gate", layer.gate, a.normed, a.gate, NO_FUSION), ("up", layer.up, a.normed, a.up, NO_FUSION)]
+    linears += [("down", layer.down, a.gate, a.delta, NO_FUSION),
+                ("lm_head", f.weights.lm_head, a.final, a.logits, NO_FUSION)]
+    for name, weight, x, y, fusion in linears:
+        us = time_us(d, lambda w=weight, x=x, y=y, fu=fusion: f._linear(w, x.rows(0, n), y.rows(0, n), fu))
         gbs = weight.nbytes / us / 1e3
-        rows.append((f"matvec {name} {type_name(weight.qtype)} [{weight.rows}x{weight.cols}]", us, f"{gbs:,.0f} GB/s"))
+        rows.append((f"{f.linear} linear {name} {type_name(weight.qtype)} [{weight.rows}x{weight.cols}]", us,
+                     f"{gbs:,.0f} GB/s"))
+    num_linears = len(linears) - 1   # per layer, without the LM head
     res, normed = a.residual.rows(0, n), a.normed.rows(0, n)
     rows.append(("rms_norm", time_us(d, lambda: launch_rms_norm(d, res, layer.ffn_norm, normed, 1e-6,
                                                                  delta=a.delta.rows(0, n), write_residual=False)), ""))
@@ -93,11 +102,14 @@ def profile(b, args) -> None:
     end.record(d.stream)
     end.synchronize()
     rows.append((f"whole decode graph (bucket {bucket})", 1e3 * end.time_since(start) / 20, ""))
-    per_layer = sum(us for name, us, _ in rows[:7]) + 2 * rows[8][1] + sum(r[1] for r in rows[9:12])
+    norm, rope, attention, swiglu = (rows[num_linears + 1 + i][1] for i in range(4))
+    per_layer = (sum(us for _, us, _ in rows[:num_linears]) + 2 * norm + rope + attention
+                 + (0.0 if layer.gate_up is not None else swiglu))
     print(f"\n| op (batch {n}) | us per launch | bandwidth |\n|---|---|---|")
     for name, us, extra in rows:
         print(f"| {name} | {us:.1f} | {extra} |")
-    print(f"| sum of one layer's launches x {cfg.num_layers} + lm_head | {per_layer * cfg.num_layers + rows[7][1]:.0f} | |")
+    lm_head = rows[num_linears][1]
+    print(f"| sum of one layer's launches x {cfg.num_layers} + lm_head | {per_layer * cfg.num_layers + lm_head:.0f} | |")
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from gguf import GGMLQuantizationType as QType
 
-from gpu_worker.backends.cuda.ops.linear_mma import SHAPES, LinearMmaOp
+from gpu_worker.backends.cuda.ops.linear_mma import LAYOUTS, PREFERENCE, LinearMmaOp, fits
 from gpu_worker.model.quant_types import quant_spec
 
 from test_quant_kernels import ALL_TYPES, Device, gpu, rel_error, upload_weight  # noqa: F401 (gpu: fixture)
@@ -41,9 +41,9 @@ def test_linear_mma_matches_reference_and_is_batch_invariant(gpu, qtype):
         weight, dense = upload_weight(dev, qtype, rows, cols, rng)
         x = rng.standard_normal((tokens, cols), dtype=np.float32)
 
-        def run(x_part: np.ndarray, shape=None) -> np.ndarray:
+        def run(x_part: np.ndarray, tile=None) -> np.ndarray:
             y_ptr = dev.poisoned((len(x_part), rows))
-            linear(weight, dev.upload(x_part), y_ptr, len(x_part), stream, shape=shape)
+            linear(weight, dev.upload(x_part), y_ptr, len(x_part), stream, tile=tile)
             return dev.read(y_ptr, (len(x_part), rows), stream)
 
         y = run(x)
@@ -51,9 +51,11 @@ def test_linear_mma_matches_reference_and_is_batch_invariant(gpu, qtype):
         error = rel_error(y, fp16_values(x) @ fp16_values(dense).T)
         print(f"{qtype.name} [{rows}, {cols}]: rel error {error:.2e} vs the fp16-operand reference")
         assert error <= LINEAR_MMA_TOLERANCE
-        for shape in SHAPES:   # every variant, on the whole batch and on a lone token
-            np.testing.assert_array_equal(run(x, shape), y, err_msg=f"variant {shape} differs")
-            np.testing.assert_array_equal(run(x[[5]], shape), y[[5]], err_msg=f"M=1 {shape} differs")
+        for tile in PREFERENCE:   # every layout and token tile, on the whole batch and on a lone token
+            if not fits(weight, LAYOUTS[tile[0]][0], 8 * tile[1]):   # wide F32 rows
+                continue
+            np.testing.assert_array_equal(run(x, tile), y, err_msg=f"tile {tile} differs")
+            np.testing.assert_array_equal(run(x[[5]], tile), y[[5]], err_msg=f"M=1, tile {tile} differs")
         chunks = np.concatenate([run(x[:33]), run(x[33:40]), run(x[40:97]), run(x[97:])])
         np.testing.assert_array_equal(chunks, y, err_msg="split into chunks changed results")
         order = [7, 6, 5, 4, 3, 2, 1, 0, 149]
@@ -81,11 +83,15 @@ def test_linear_mma_epilogues_match_reference(gpu, qtype):
         out_rows = rows // 2 if epilogue == "swiglu" else rows
         start = residual if epilogue == "accumulate" else np.full((tokens, out_rows), np.nan, np.float32)
         outs = []
-        for order in (list(range(tokens)), [4], [9, 4, 1]):
+        runs = [(list(range(tokens)), ("rows", 4)), (list(range(tokens)), ("split_k", 4)),
+                ([4], None), ([9, 4, 1], ("rows", 1))]
+        for order, tile in runs:
             y_ptr = dev.upload(start[order])
-            linear(weight, dev.upload(x[order]), y_ptr, len(order), stream, epilogue=epilogue)
+            linear(weight, dev.upload(x[order]), y_ptr, len(order), stream, epilogue=epilogue, tile=tile)
             outs.append(dev.read(y_ptr, (len(order), out_rows), stream))
         assert not np.isnan(outs[0]).any()
         assert rel_error(outs[0], ref) <= LINEAR_MMA_TOLERANCE, epilogue
-        np.testing.assert_array_equal(outs[1], outs[0][[4]], err_msg=f"{epilogue}: M=1 differs")
-        np.testing.assert_array_equal(outs[2], outs[0][[9, 4, 1]], err_msg=f"{epilogue}: M=3 differs")
+        np.testing.assert_array_equal(outs[1], outs[0], err_msg=f"{epilogue}: the two layouts differ")
+        np.testing.assert_array_equal(outs[2], outs[0][[4]], err_msg=f"{epilogue}: M=1 differs")
+        np.testing.assert_array_equal(outs[3], outs[0][[9, 4, 1]], err_msg=f"{epilogue}: M=3 differs")
+

@@ -2,9 +2,9 @@
 fp32 sums) for any M, with an epilogue that stores, accumulates (y += W x) or applies SwiGLU to
 interleaved gate/up rows.
 
-The only place that checks these shapes and picks the kernel variant, the K chunk and the grid.
-None of those choices changes a result: a token's output depends only on (K, weight type), so one
-kernel serves decode steps and prefill chunks alike and batch invariance holds.
+The only place that checks these shapes and picks the CTA layout, the token tile, the K chunk and
+the grid. None of those choices changes a result: a token's output depends only on (K, weight
+type), so the same arithmetic serves decode steps and prefill chunks and batch invariance holds.
 """
 from __future__ import annotations
 
@@ -14,14 +14,20 @@ from typing import Any
 from gpu_worker.backends.cuda.ops.quant_weight import DeviceWeight, PreparedKernels, check_aligned_16
 from gpu_worker.model.quant_types import quant_spec
 
-KERNEL_PREFIXES = {"store": "linear_mma_", "accumulate": "linear_mma_acc_", "swiglu": "linear_mma_swiglu_"}
+KERNEL_PREFIXES = {"store": "", "accumulate": "acc_", "swiglu": "swiglu_"}
 THREADS = 128
 SUB_K = 32                          # columns per warp step; K must be a multiple
 WARP_SPLIT_COLS = 4 * SUB_K         # a multi-chunk K chunk is a multiple of this (warp w owns sub-chunk c % 4 == w)
 SHARED_BUDGET = 96 * 1024           # dynamic shared memory per CTA (fits sm_80 .. sm_90 opt-in limits)
 MAX_GRID_Y = 65535
-# (token groups of 8, row tiles of 16) per CTA: _g<NG>_r<R> kernels, picked by the token count.
-SHAPES = ((1, 1), (4, 1), (8, 2))
+MIN_CTAS = 264                      # 2 per SM on a 132-SM H100/H200: below that, smaller tiles
+# CTA layouts (cuda/linear_mma.cu) -> (rows per CTA, token groups of 8 per CTA it is built for):
+# "split_k" (linear_mma_*): the 4 warps split K over 16 rows; "rows" (linear_mma_rows_*): each
+# warp owns 16 of 64 rows. Tried in this order, largest tiles first: the first that still gives
+# MIN_CTAS CTAs wins (a larger tile stages each weight byte and each x value fewer times).
+LAYOUTS = {"split_k": (16, (1, 2, 4)), "rows": (64, (1, 4))}
+PREFERENCE = (("rows", 4), ("rows", 1), ("split_k", 4), ("split_k", 2), ("split_k", 1))
+KERNEL_LAYOUT_NAMES = {"split_k": "linear_mma_", "rows": "linear_mma_rows_"}
 
 
 @dataclass(frozen=True)
@@ -31,16 +37,44 @@ class LinearLaunch:
     block: tuple[int, int, int]
     chunk_cols: int
     chunk_stride: int
+    x_rows: int
     shared_bytes: int
 
 
-def pick_shape(num_tokens: int) -> tuple[int, int]:
-    """Fewest token groups that cover a decode batch; past 32 tokens, 64-token tiles of 32 rows
-    (each x fragment feeds two m-tiles, halving x traffic per weight byte)."""
-    for groups, row_tiles in SHAPES:
-        if num_tokens <= 8 * groups:
-            return groups, row_tiles
-    return SHAPES[-1]
+def pick_tile(weight: DeviceWeight, num_tokens: int) -> tuple[str, int]:
+    """(layout, token groups): the first of PREFERENCE whose grid has MIN_CTAS CTAs without a token
+    tile larger than the batch needs, else the one with the most CTAs."""
+    needed = -(-num_tokens // 8)
+    for layout, groups in PREFERENCE:
+        rows_per_cta = LAYOUTS[layout][0]
+        if groups > needed or not fits(weight, rows_per_cta, min(8 * groups, num_tokens)):
+            continue
+        if -(-weight.rows // rows_per_cta) * -(-needed // groups) >= MIN_CTAS:
+            return layout, groups
+    return "split_k", 1
+
+
+def fits(weight: DeviceWeight, rows_per_cta: int, x_rows: int) -> bool:
+    try:
+        plan_k_chunks(weight, rows_per_cta, x_rows)
+    except ValueError:
+        return False
+    return True
+
+
+def x_stride(chunk_cols: int) -> int:
+    """Shared bytes of one token's x chunk (fp32 + 16 bytes of bank padding), as in linear_mma.cu."""
+    return 4 * chunk_cols + 16
+
+
+def stage_bytes(weight: DeviceWeight, chunk_cols: int, rows_per_cta: int, x_rows: int) -> int:
+    """One staging buffer: the CTA's weight bytes (whole rows copied flat when chunk_cols covers K,
+    else one padded slot per row chunk), then x_rows token chunks of x; as in linear_mma.cu."""
+    if chunk_cols >= weight.cols:
+        weight_bytes = (rows_per_cta * weight.row_bytes + 31) // 16 * 16
+    else:
+        weight_bytes = rows_per_cta * chunk_stride(weight, chunk_cols)
+    return weight_bytes + x_rows * x_stride(chunk_cols)
 
 
 def chunk_stride(weight: DeviceWeight, chunk_cols: int) -> int:
@@ -51,20 +85,20 @@ def chunk_stride(weight: DeviceWeight, chunk_cols: int) -> int:
     return -(-(chunk_bytes + 15) // 16) * 16
 
 
-def plan_k_chunks(weight: DeviceWeight, rows_per_cta: int) -> tuple[int, int]:
-    """(chunk_cols, chunk_stride): the whole row in one stage when it fits the budget, else the
+def plan_k_chunks(weight: DeviceWeight, rows_per_cta: int, x_rows: int) -> int:
+    """Columns per staged chunk: the whole row in one stage when it fits the budget, else the
     widest chunk (a multiple of 128 columns and of the block) whose two buffers fit."""
-    if rows_per_cta * chunk_stride(weight, weight.cols) <= SHARED_BUDGET:
-        return weight.cols, chunk_stride(weight, weight.cols)
+    if stage_bytes(weight, weight.cols, rows_per_cta, x_rows) <= SHARED_BUDGET:
+        return weight.cols
     block = quant_spec(weight.qtype).block_elems
     unit = WARP_SPLIT_COLS * block // _gcd(WARP_SPLIT_COLS, block)
     cols = unit
-    while cols + unit < weight.cols and 2 * rows_per_cta * chunk_stride(weight, cols + unit) <= SHARED_BUDGET:
+    while cols + unit < weight.cols and 2 * stage_bytes(weight, cols + unit, rows_per_cta, x_rows) <= SHARED_BUDGET:
         cols += unit
-    if 2 * rows_per_cta * chunk_stride(weight, cols) > SHARED_BUDGET:
+    if 2 * stage_bytes(weight, cols, rows_per_cta, x_rows) > SHARED_BUDGET:
         raise ValueError(f"linear_mma: a {unit}-column chunk of {weight.kernel_suffix} rows exceeds "
                          f"the {SHARED_BUDGET}-byte shared budget")
-    return cols, chunk_stride(weight, cols)
+    return cols
 
 
 def _gcd(a: int, b: int) -> int:
@@ -74,9 +108,9 @@ def _gcd(a: int, b: int) -> int:
 
 
 def plan_linear(weight: DeviceWeight, num_tokens: int, epilogue: str = "store",
-                shape: tuple[int, int] | None = None) -> LinearLaunch:
-    """Kernel, grid and shared memory; ValueError for shapes it cannot run. `shape` overrides the
-    (token groups, row tiles) variant, for tests and benchmarks."""
+                tile: tuple[str, int] | None = None) -> LinearLaunch:
+    """Kernel, grid and shared memory; ValueError for shapes it cannot run. `tile` overrides the
+    (layout, token groups) choice, for tests and benchmarks."""
     if epilogue not in KERNEL_PREFIXES:
         raise ValueError(f"linear_mma epilogue must be one of {sorted(KERNEL_PREFIXES)}, got {epilogue!r}")
     if num_tokens <= 0:
@@ -85,22 +119,24 @@ def plan_linear(weight: DeviceWeight, num_tokens: int, epilogue: str = "store",
         raise ValueError(f"linear_mma needs cols a multiple of {SUB_K}, got {weight.cols}")
     if epilogue == "swiglu" and weight.rows % 2:
         raise ValueError(f"linear_mma swiglu needs interleaved gate/up rows (even count), got {weight.rows}")
-    groups, row_tiles = shape if shape is not None else pick_shape(num_tokens)
-    if (groups, row_tiles) not in SHAPES:
-        raise ValueError(f"linear_mma shape must be one of {SHAPES}, got {(groups, row_tiles)}")
-    rows_per_cta, tokens_per_cta = 16 * row_tiles, 8 * groups
+    layout, groups = pick_tile(weight, num_tokens) if tile is None else tile
+    if layout not in LAYOUTS or groups not in LAYOUTS[layout][1]:
+        raise ValueError(f"linear_mma tile must be a layout of {LAYOUTS} with its groups, got {tile}")
+    rows_per_cta, tokens_per_cta = LAYOUTS[layout][0], 8 * groups
     if -(-num_tokens // tokens_per_cta) > MAX_GRID_Y:
         raise ValueError(f"linear_mma num_tokens {num_tokens} exceeds {tokens_per_cta * MAX_GRID_Y}")
-    chunk_cols, stride = plan_k_chunks(weight, rows_per_cta)
+    x_rows = min(tokens_per_cta, num_tokens)
+    chunk_cols = plan_k_chunks(weight, rows_per_cta, x_rows)
     buffers = 1 if chunk_cols >= weight.cols else 2
-    partial_sums = 4 * rows_per_cta * tokens_per_cta * 4   # [warp][row][token] fp32 after the K loop
+    final_sums = 4 * rows_per_cta * tokens_per_cta * 4   # split_k: [warp][row][token]; rows: a quarter used
     return LinearLaunch(
-        kernel_name=f"{KERNEL_PREFIXES[epilogue]}{weight.kernel_suffix}_g{groups}_r{row_tiles}",
+        kernel_name=f"{KERNEL_LAYOUT_NAMES[layout]}{KERNEL_PREFIXES[epilogue]}{weight.kernel_suffix}_g{groups}",
         grid=(-(-weight.rows // rows_per_cta), -(-num_tokens // tokens_per_cta), 1),
         block=(THREADS, 1, 1),
         chunk_cols=chunk_cols,
-        chunk_stride=stride,
-        shared_bytes=max(buffers * rows_per_cta * stride, partial_sums),
+        chunk_stride=weight.row_bytes if chunk_cols >= weight.cols else chunk_stride(weight, chunk_cols),
+        x_rows=x_rows,
+        shared_bytes=max(buffers * stage_bytes(weight, chunk_cols, rows_per_cta, x_rows), final_sums),
     )
 
 
@@ -108,7 +144,7 @@ class LinearMmaOp:
     """Launches linear_mma kernels from a loaded module (pycuda.driver.Module) on a given stream."""
 
     def __init__(self, module: Any) -> None:
-        self._kernels = PreparedKernels(module, "PiiiiiPPi")
+        self._kernels = PreparedKernels(module, "PiiiiiiPPii")
         self._opted_in: set[str] = set()
 
     def _kernel(self, name: str) -> Any:
@@ -121,14 +157,15 @@ class LinearMmaOp:
         return kernel
 
     def __call__(self, weight: DeviceWeight, x_ptr: int, y_ptr: int, num_tokens: int, stream: Any,
-                 epilogue: str = "store", shape: tuple[int, int] | None = None) -> None:
+                 epilogue: str = "store", tile: tuple[str, int] | None = None) -> None:
         """x_ptr: [num_tokens, weight.cols] fp32; y_ptr: [num_tokens, weight.rows] fp32, or
         [num_tokens, weight.rows / 2] for "swiglu" (device addresses)."""
         check_aligned_16("linear_mma x", x_ptr)
-        plan = plan_linear(weight, num_tokens, epilogue, shape)
+        plan = plan_linear(weight, num_tokens, epilogue, tile)
+        y_stride = weight.rows // 2 if epilogue == "swiglu" else weight.rows
         self._kernel(plan.kernel_name).prepared_async_call(
             plan.grid, plan.block, stream,
             int(weight.ptr), weight.row_bytes, weight.rows, weight.cols, plan.chunk_cols, plan.chunk_stride,
-            int(x_ptr), int(y_ptr), num_tokens,
+            plan.x_rows, int(x_ptr), int(y_ptr), num_tokens, y_stride,
             shared_size=plan.shared_bytes,
         )

@@ -1,0 +1,62 @@
+"""Time of cuda/linear_mma.cu per layout / token tile at the real Qwen2.5-0.5B shapes and decode /
+prefill token counts (the launcher's pick marked *), with TFLOP/s and weight GB/s. A benchmark,
+not a test. Run on the GPU machine: `python tests/gpu/bench_linear_mma.py [out.json]`."""
+from __future__ import annotations
+
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import test_quant_kernels as kit  # noqa: E402
+from bench_quant_kernels import POOL_BYTES, Timer  # noqa: E402
+from gguf import GGMLQuantizationType as QType  # noqa: E402
+
+from gpu_worker.backends.cuda.ops.linear_mma import LAYOUTS, PREFERENCE, LinearMmaOp, fits, pick_tile  # noqa: E402
+from gpu_worker.backends.cuda.ops.quant_weight import DeviceWeight  # noqa: E402
+
+SHAPES = [("attn_q/o", 896, 896, QType.Q5_0), ("gate_up", 9728, 896, QType.Q5_0),
+          ("ffn_down", 896, 4864, QType.Q6_K), ("lm_head", 151936, 896, QType.Q8_0)]
+TOKENS = (1, 8, 64, 256, 512)
+
+
+def main() -> None:
+    drv = __import__("pycuda.driver", fromlist=["driver"])
+    import pycuda.autoinit  # noqa: F401
+    module = kit.load_quant_module(drv, Path(tempfile.mkdtemp()))
+    stream = drv.Stream()
+    timer = Timer(drv, stream)
+    linear, dev, rng = LinearMmaOp(module), kit.Device(drv), np.random.default_rng(0)
+    pool_allocation = drv.mem_alloc(POOL_BYTES)   # kept referenced: freed when collected
+    pool = int(pool_allocation)
+    results = []
+    print("| shape | tokens | layout/groups | us | TFLOP/s | weight GB/s |\n|---|---|---|---|---|---|")
+    for name, rows, cols, qtype in SHAPES:
+        nbytes = DeviceWeight(int(qtype), rows, cols, 1).nbytes
+        stride = -(-nbytes // 256) * 256
+        copies = max(2, min(32, POOL_BYTES // stride))
+        weights = [DeviceWeight(int(qtype), rows, cols, pool + i * stride) for i in range(copies)]
+        for tokens in TOKENS:
+            x = dev.upload(rng.standard_normal((tokens, cols), dtype=np.float32))
+            y = dev.poisoned((tokens, rows))
+            chosen = pick_tile(weights[0], tokens)
+            for tile in PREFERENCE:
+                if tile[1] > max(1, -(-tokens // 8)) or not fits(weights[0], LAYOUTS[tile[0]][0], min(8 * tile[1], tokens)):
+                    continue
+                us = timer.per_launch_us(lambda i, t=tile: linear(weights[i % copies], x, y, tokens, stream, tile=t),
+                                         2 * copies)
+                tflops = 2 * rows * cols * tokens / (us * 1e-6) / 1e12
+                mark = "*" if tile == chosen else ""
+                print(f"| {name} {qtype.name} | {tokens} | {tile[0]} g{tile[1]}{mark} | {us:.1f} | {tflops:.1f} | "
+                      f"{nbytes / (us * 1e-6) / 1e9:,.0f} |")
+                results.append(dict(shape=name, type=qtype.name, rows=rows, cols=cols, tokens=tokens,
+                                    layout=tile[0], groups=tile[1], chosen=tile == chosen, us=us, tflops=tflops))
+    if len(sys.argv) > 1:
+        Path(sys.argv[1]).write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
