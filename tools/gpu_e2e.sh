@@ -1,8 +1,8 @@
 #!/bin/bash
 # The real-model GPU run in one command (GPU machine, repository root, kernels prebuilt in cuda/build/):
 #   source .gpu-kit/setup.sh && bash tools/gpu_e2e.sh /tmp/model.gguf
-# 1. real-model correctness: CUDA backend vs the numpy reference (teacher-forced top-1, greedy 32 tokens,
-#    weight bytes), fused and unfused forwards;
+# 1. real-model correctness: CUDA backend vs the numpy reference of the same arithmetic (teacher-forced
+#    top-1, greedy 32 tokens, weight bytes): tensor-core (default), fp32 and fused fp32 forwards;
 # 2. the GPU sampler and the backend on synthetic real-shape weights (the last changes there);
 # 3. the worker process on the cuda backend (16 streams == alone, abort, kill -9);
 # 4. the service end to end: `qwen-serve serve --backend auto`, `qwen-client info`, the haiku;
@@ -34,7 +34,7 @@ ls -la cuda/build/qwen_kernels.fatbin || { echo "no fatbin: build it with make k
 section "GPU tests (one process per file)"
 for f in tests/gpu/test_cuda_real_model.py tests/gpu/test_sampling_kernels.py \
          tests/test_worker_cuda.py; do
-  timeout -k 5 "$(case $f in *real_model*) echo 150;; *worker*) echo 90;; *) echo 60;; esac)" $PY -m pytest "$f" -m gpu -v -s -p no:cacheprovider -p no:timeout 2>&1 \
+  timeout -k 5 "$(case $f in *real_model*) echo 300;; *worker*) echo 90;; *) echo 60;; esac)" $PY -m pytest "$f" -m gpu -v -s -p no:cacheprovider -p no:timeout 2>&1 \
     | tee -a "$OUT/gpu_tests.log" | grep -E "PASSED|FAILED|ERROR|SKIPPED|prompt [0-9]|weights on|agreement|identical|rel|passed|failed"
 done
 
@@ -53,6 +53,12 @@ echo; timeout 60 $PY -m qwen_client.cli chat "Write a haiku about autumn leaves"
   --temperature 0 --max-tokens 48 --json > "$OUT/haiku_gpu.jsonl"; tail -1 "$OUT/haiku_gpu.jsonl"
 kill -TERM $SERVER; wait $SERVER; echo "serve exit code: $?"
 grep -iE "backend|cuda|listening" "$OUT/serve.log" | head -5
+
+section "per-kernel time of a decode step on the real model (batch 1, 64, 256)"
+for cfg in "1 256" "64 256" "256 128"; do
+  set -- $cfg
+  timeout 100 $PY tests/gpu/profile_decode_step.py "$MODEL" --batch "$1" --context "$2" 2>&1 | grep "^|" | tee -a "$OUT/profile.log"
+done
 
 fi
 [ "${SKIP_BENCH:-0}" = "1" ] && { pack tests; exit 0; }
