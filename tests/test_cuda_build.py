@@ -58,9 +58,9 @@ def test_every_planned_kernel_exists(quant_kernel_entries):
         planned |= {linear_mma.plan_linear(weight, tokens, epilogue).kernel_name
                     for tokens in (1, 8, 9, 32, 33, 4096) for epilogue in linear_mma.KERNEL_PREFIXES}
         planned |= {linear_mma.plan_linear(weight, 8, epilogue, tile).kernel_name
-                    for tile in linear_mma.PREFERENCE for epilogue in linear_mma.KERNEL_PREFIXES}
+                    for tile in linear_mma.ALL_TILES for epilogue in linear_mma.KERNEL_PREFIXES}
     per_type = (len(KERNEL_PREFIXES) * len(BATCH_VARIANTS) + 1 + len(TILE_M_CHOICES)
-                + len(linear_mma.KERNEL_PREFIXES) * len(linear_mma.PREFERENCE))
+                + len(linear_mma.KERNEL_PREFIXES) * len(linear_mma.ALL_TILES))
     assert len(planned) == len(SUPPORTED_TYPES) * per_type
     assert planned <= quant_kernel_entries, sorted(planned - quant_kernel_entries)
 
@@ -116,7 +116,7 @@ def test_linear_mma_plan_covers_rows_and_tokens_within_shared_memory():
     for weight in weights:
         block = quant_spec(weight.qtype).block_elems
         for tokens in (1, 7, 8, 9, 32, 33, 64, 65, 512, 4096):
-            for tile in (None, *linear_mma.PREFERENCE):
+            for tile in (None, *linear_mma.ALL_TILES):
                 if tile and not linear_mma.fits(weight, linear_mma.LAYOUTS[tile[0]][0], min(8 * tile[1], tokens)):
                     assert weight.qtype == 0, "only wide F32 rows may not fit a tile"
                     continue
@@ -137,12 +137,15 @@ def test_linear_mma_plan_covers_rows_and_tokens_within_shared_memory():
                     assert stage <= plan.shared_bytes and plan.chunk_stride == weight.row_bytes
 
 
-def test_linear_mma_picks_large_tiles_only_when_the_gpu_stays_full():
+def test_linear_mma_picks_the_measured_fastest_tiles():
     q, gate_up = DeviceWeight(8, 896, 896, ptr=1 << 20), DeviceWeight(8, 9728, 896, ptr=1 << 20)
-    lm_head = DeviceWeight(8, 151936, 896, ptr=1 << 20)
-    assert [linear_mma.pick_tile(q, t) for t in (1, 64, 256)] == [("split_k", 1), ("split_k", 1), ("rows", 1)]
-    assert [linear_mma.pick_tile(gate_up, t) for t in (1, 9, 64)] == [("split_k", 1), ("rows", 1), ("rows", 4)]
-    assert [linear_mma.pick_tile(lm_head, t) for t in (1, 8, 32)] == [("rows", 1), ("rows", 1), ("rows", 4)]
+    down, lm_head = DeviceWeight(14, 896, 4864, ptr=1 << 20), DeviceWeight(8, 151936, 896, ptr=1 << 20)
+    assert [linear_mma.pick_tile(q, t) for t in (1, 8, 9, 512)] == [("split_k", 1)] * 2 + [("split_k", 2)] * 2
+    assert [linear_mma.pick_tile(gate_up, t) for t in (1, 64, 512)] == [("split_k", 1)] + [("split_k", 2)] * 2
+    assert [linear_mma.pick_tile(down, t) for t in (1, 64, 256)] == [("split_k", 1), ("split_k", 2), ("rows", 4)]
+    assert [linear_mma.pick_tile(lm_head, t) for t in (1, 31, 32)] == [("rows", 1), ("rows", 1), ("rows", 4)]
+    wide_f32 = DeviceWeight(0, 896, 32768, ptr=1 << 20)   # 64-row tiles do not fit: the next smaller
+    assert linear_mma.pick_tile(wide_f32, 512) in {("split_k", 2), ("split_k", 1)}
 
 
 def test_linear_mma_rejects_bad_shapes():

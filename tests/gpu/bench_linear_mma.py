@@ -1,9 +1,11 @@
 """Time of cuda/linear_mma.cu per layout / token tile at the real Qwen2.5-0.5B shapes and decode /
 prefill token counts (the launcher's pick marked *), with TFLOP/s and weight GB/s. A benchmark,
-not a test. Run on the GPU machine: `python tests/gpu/bench_linear_mma.py [out.json]`."""
+not a test. Run on the GPU machine: `python tests/gpu/bench_linear_mma.py [out.json]`;
+LINEAR_MMA_SHARED_KB=48 plans with a smaller shared-memory budget (more CTAs per SM)."""
 from __future__ import annotations
 
 import json
+import os
 import sys
 import tempfile
 from pathlib import Path
@@ -15,7 +17,7 @@ import test_quant_kernels as kit  # noqa: E402
 from bench_quant_kernels import POOL_BYTES, Timer  # noqa: E402
 from gguf import GGMLQuantizationType as QType  # noqa: E402
 
-from gpu_worker.backends.cuda.ops.linear_mma import LAYOUTS, PREFERENCE, LinearMmaOp, fits, pick_tile  # noqa: E402
+from gpu_worker.backends.cuda.ops.linear_mma import LAYOUTS, ALL_TILES, LinearMmaOp, fits, pick_tile  # noqa: E402
 from gpu_worker.backends.cuda.ops.quant_weight import DeviceWeight  # noqa: E402
 
 SHAPES = [("attn_q/o", 896, 896, QType.Q5_0), ("gate_up", 9728, 896, QType.Q5_0),
@@ -24,6 +26,9 @@ TOKENS = (1, 8, 64, 256, 512)
 
 
 def main() -> None:
+    if "LINEAR_MMA_SHARED_KB" in os.environ:
+        from gpu_worker.backends.cuda.ops import linear_mma
+        linear_mma.SHARED_BUDGET = int(os.environ["LINEAR_MMA_SHARED_KB"]) * 1024
     drv = __import__("pycuda.driver", fromlist=["driver"])
     import pycuda.autoinit  # noqa: F401
     module = kit.load_quant_module(drv, Path(tempfile.mkdtemp()))
@@ -43,7 +48,7 @@ def main() -> None:
             x = dev.upload(rng.standard_normal((tokens, cols), dtype=np.float32))
             y = dev.poisoned((tokens, rows))
             chosen = pick_tile(weights[0], tokens)
-            for tile in PREFERENCE:
+            for tile in ALL_TILES:
                 if tile[1] > max(1, -(-tokens // 8)) or not fits(weights[0], LAYOUTS[tile[0]][0], min(8 * tile[1], tokens)):
                     continue
                 us = timer.per_launch_us(lambda i, t=tile: linear(weights[i % copies], x, y, tokens, stream, tile=t),

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from gguf import GGMLQuantizationType as QType
 
-from gpu_worker.backends.cuda.ops.linear_mma import LAYOUTS, PREFERENCE, LinearMmaOp, fits
+from gpu_worker.backends.cuda.ops.linear_mma import LAYOUTS, ALL_TILES, LinearMmaOp, fits
 from gpu_worker.model.quant_types import quant_spec
 
 from test_quant_kernels import ALL_TYPES, Device, gpu, rel_error, upload_weight  # noqa: F401 (gpu: fixture)
@@ -51,7 +51,7 @@ def test_linear_mma_matches_reference_and_is_batch_invariant(gpu, qtype):
         error = rel_error(y, fp16_values(x) @ fp16_values(dense).T)
         print(f"{qtype.name} [{rows}, {cols}]: rel error {error:.2e} vs the fp16-operand reference")
         assert error <= LINEAR_MMA_TOLERANCE
-        for tile in PREFERENCE:   # every layout and token tile, on the whole batch and on a lone token
+        for tile in ALL_TILES:   # every layout and token tile, on the whole batch and on a lone token
             if not fits(weight, LAYOUTS[tile[0]][0], 8 * tile[1]):   # wide F32 rows
                 continue
             np.testing.assert_array_equal(run(x, tile), y, err_msg=f"tile {tile} differs")

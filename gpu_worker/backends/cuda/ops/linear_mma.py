@@ -20,13 +20,13 @@ SUB_K = 32                          # columns per warp step; K must be a multipl
 WARP_SPLIT_COLS = 4 * SUB_K         # a multi-chunk K chunk is a multiple of this (warp w owns sub-chunk c % 4 == w)
 SHARED_BUDGET = 96 * 1024           # dynamic shared memory per CTA (fits sm_80 .. sm_90 opt-in limits)
 MAX_GRID_Y = 65535
-MIN_CTAS = 264                      # 2 per SM on a 132-SM H100/H200: below that, smaller tiles
 # CTA layouts (cuda/linear_mma.cu) -> (rows per CTA, token groups of 8 per CTA it is built for):
 # "split_k" (linear_mma_*): the 4 warps split K over 16 rows; "rows" (linear_mma_rows_*): each
-# warp owns 16 of 64 rows. Tried in this order, largest tiles first: the first that still gives
-# MIN_CTAS CTAs wins (a larger tile stages each weight byte and each x value fewer times).
+# warp owns 16 of 64 rows.
 LAYOUTS = {"split_k": (16, (1, 2, 4)), "rows": (64, (1, 4))}
-PREFERENCE = (("rows", 4), ("rows", 1), ("split_k", 4), ("split_k", 2), ("split_k", 1))
+ALL_TILES = (("rows", 4), ("rows", 1), ("split_k", 4), ("split_k", 2), ("split_k", 1))
+WIDE_ROWS = 16384                   # N from which a matrix counts as LM-head-like
+LONG_COLS = 4096                    # K from which a matrix counts as down-projection-like
 KERNEL_LAYOUT_NAMES = {"split_k": "linear_mma_", "rows": "linear_mma_rows_"}
 
 
@@ -42,14 +42,22 @@ class LinearLaunch:
 
 
 def pick_tile(weight: DeviceWeight, num_tokens: int) -> tuple[str, int]:
-    """(layout, token groups): the first of PREFERENCE whose grid has MIN_CTAS CTAs without a token
-    tile larger than the batch needs, else the one with the most CTAs."""
-    needed = -(-num_tokens // 8)
-    for layout, groups in PREFERENCE:
-        rows_per_cta = LAYOUTS[layout][0]
-        if groups > needed or not fits(weight, rows_per_cta, min(8 * groups, num_tokens)):
-            continue
-        if -(-weight.rows // rows_per_cta) * -(-needed // groups) >= MIN_CTAS:
+    """(layout, token groups) by the fastest measured on an H200 at the real shapes
+    (docs/gpu_results/linear_mma_tiles_h200.md); every choice gives bitwise the same result.
+    LM-head-like (N >= 16384): 64-row tiles, 32 tokens per CTA from 32 tokens on. Others: 16-row
+    split-K tiles of 8 tokens up to 8 tokens (decode), of 16 tokens beyond; from 256 tokens on a
+    long-K matrix (the down projection) takes 64-row tiles of 32 tokens. A tile that does not fit
+    the shared budget (wide F32 rows) falls back to the next smaller one."""
+    if weight.rows >= WIDE_ROWS:
+        wanted = [("rows", 4), ("rows", 1)] if num_tokens >= 32 else [("rows", 1)]
+    elif num_tokens <= 8:
+        wanted = [("split_k", 1)]
+    elif num_tokens >= 256 and weight.cols >= LONG_COLS:
+        wanted = [("rows", 4), ("split_k", 2)]
+    else:
+        wanted = [("split_k", 2)]
+    for layout, groups in wanted + [("split_k", 1)]:
+        if fits(weight, LAYOUTS[layout][0], min(8 * groups, num_tokens)):
             return layout, groups
     return "split_k", 1
 
