@@ -117,7 +117,7 @@ def test_linear_mma_plan_covers_rows_and_tokens_within_shared_memory():
         block = quant_spec(weight.qtype).block_elems
         for tokens in (1, 7, 8, 9, 32, 33, 64, 65, 512, 4096):
             for tile in (None, *linear_mma.ALL_TILES):
-                if tile and not linear_mma.fits(weight, linear_mma.LAYOUTS[tile[0]][0], min(8 * tile[1], tokens)):
+                if tile and not linear_mma.tile_fits(weight, tile, tokens):
                     assert weight.qtype == 0, "only wide F32 rows may not fit a tile"
                     continue
                 plan = linear_mma.plan_linear(weight, tokens, tile=tile)

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from gguf import GGMLQuantizationType as QType
 
-from gpu_worker.backends.cuda.ops.linear_mma import LAYOUTS, ALL_TILES, LinearMmaOp, fits
+from gpu_worker.backends.cuda.ops.linear_mma import ALL_TILES, LinearMmaOp, tile_fits
 from gpu_worker.model.quant_types import quant_spec
 
 from test_quant_kernels import ALL_TYPES, Device, gpu, rel_error, upload_weight  # noqa: F401 (gpu: fixture)
@@ -52,7 +52,7 @@ def test_linear_mma_matches_reference_and_is_batch_invariant(gpu, qtype):
         print(f"{qtype.name} [{rows}, {cols}]: rel error {error:.2e} vs the fp16-operand reference")
         assert error <= LINEAR_MMA_TOLERANCE
         for tile in ALL_TILES:   # every layout and token tile, on the whole batch and on a lone token
-            if not fits(weight, LAYOUTS[tile[0]][0], 8 * tile[1]):   # wide F32 rows
+            if not tile_fits(weight, tile, tokens):   # wide F32 rows
                 continue
             np.testing.assert_array_equal(run(x, tile), y, err_msg=f"tile {tile} differs")
             np.testing.assert_array_equal(run(x[[5]], tile), y[[5]], err_msg=f"M=1, tile {tile} differs")

@@ -36,17 +36,16 @@ class CudaBackend(Backend):
         self.config = model.config
         self.max_num_tokens, self.max_num_seqs = max_num_tokens, max_num_seqs
         self.max_model_len = min(max_model_len or self.config.context_length, self.config.context_length)
-        # A shared device (tests) lends its context; the backend still counts its own memory.
-        self.device = device.child() if device is not None else CudaDevice(device_index, fatbin_path)
-        self.device_name = self.device.name
         # Linear kernels (forward.py): "mma" (tensor cores, the default) or "fp32" (mat-vec FMAs),
         # linear= or QWEN_SERVE_CUDA_LINEAR. The fused forward (fp32 only, fewer launches) is opt-in:
         # fused=True or QWEN_SERVE_CUDA_FUSED=1; it needs gate and up of one type per layer.
         want_fused = os.environ.get(FUSED_ENV, "0") == "1" if fused is None else fused
         self.linear = linear or os.environ.get(LINEAR_ENV) or ("fp32" if want_fused else "mma")
         if self.linear not in LINEAR_KERNELS:
-            self.device.close()
             raise ValueError(f"{LINEAR_ENV} / linear must be one of {LINEAR_KERNELS}, got {self.linear!r}")
+        # A shared device (tests) lends its context; the backend still counts its own memory.
+        self.device = device.child() if device is not None else CudaDevice(device_index, fatbin_path)
+        self.device_name = self.device.name
         self.fused = bool(want_fused and self.linear == "fp32" and can_interleave_gate_up(model))
         # Gate and up as one row-interleaved matrix: the fused mat-vec's and linear_mma's SwiGLU epilogue.
         interleave = can_interleave_gate_up(model) and (self.fused or self.linear == "mma")

@@ -56,15 +56,17 @@ def pick_tile(weight: DeviceWeight, num_tokens: int) -> tuple[str, int]:
         wanted = [("rows", 4), ("split_k", 2)]
     else:
         wanted = [("split_k", 2)]
-    for layout, groups in wanted + [("split_k", 1)]:
-        if fits(weight, LAYOUTS[layout][0], min(8 * groups, num_tokens)):
-            return layout, groups
+    for tile in wanted + [("split_k", 1)]:
+        if tile_fits(weight, tile, num_tokens):
+            return tile
     return "split_k", 1
 
 
-def fits(weight: DeviceWeight, rows_per_cta: int, x_rows: int) -> bool:
+def tile_fits(weight: DeviceWeight, tile: tuple[str, int], num_tokens: int) -> bool:
+    """Whether the (layout, token groups) tile's staging fits the shared budget for this weight."""
+    layout, groups = tile
     try:
-        plan_k_chunks(weight, rows_per_cta, x_rows)
+        plan_k_chunks(weight, LAYOUTS[layout][0], min(8 * groups, num_tokens))
     except ValueError:
         return False
     return True
