@@ -8,5 +8,5 @@
 #include "sampling.cu"
 #include "embedding.cu"
 #include "matvec.cu"
-#include "gemm.cu"
 #include "linear_mma.cu"
+#include "linear_mma_gemm.cu"

@@ -22,30 +22,9 @@
 // Per K chunk a CTA stages its rows' bytes and its tokens' x values global -> shared with 16-byte
 // cp.async, double-buffered (the next chunk is in flight while this one is multiplied), so the
 // inner loop reads shared memory only.
-#include "quant_formats.cuh"
+#include "linear_mma_common.cuh"
 
 namespace linear_mma_detail {
-
-constexpr int kWarps = 4;
-constexpr int kThreads = 32 * kWarps;
-constexpr int kSubK = 32;          // columns per sub-chunk (two k16 mmas)
-constexpr int kAccumulators = 4;   // sub-chunk c feeds accumulator c % 4
-enum Epilogue : int { kStore = 0, kAccumulate = 1, kSwiGLU = 2 };
-
-struct LinearArgs {
-    const uint8_t* weight;  // [N, row_bytes]
-    int row_bytes;
-    int num_rows;           // N
-    int num_cols;           // K
-    int chunk_cols;         // K columns per staged chunk: K itself, or a multiple of 128 and of the block
-    int chunk_stride;       // shared bytes per staged weight row chunk (16-byte multiple, + 16 of alignment
-                            // slack); row_bytes when chunk_cols == K (whole rows, copied flat)
-    int x_rows;             // token rows of the x buffer: min(8 * NG, M)
-    const float* x;         // [M, K]
-    float* y;               // [M, y_stride]: columns [0, N), or [0, N / 2) for SwiGLU
-    int num_tokens;         // M
-    int y_stride;           // floats per row of y
-};
 
 __device__ __forceinline__ void copy16(uint8_t* dst, const void* src, int src_size) {
     const unsigned d = static_cast<unsigned>(__cvta_generic_to_shared(dst));
@@ -102,20 +81,6 @@ __device__ __forceinline__ void stage_chunk(const LinearArgs& a, int n0, int m0,
         for (int v = lane; v < num_cols / 4; v += 32) copy16(xs + t * x_stride(a) + 16 * v, x_row + 4 * v, 16);
     }
     asm volatile("cp.async.commit_group;\n" ::: "memory");
-}
-
-__device__ __forceinline__ uint32_t pack_half2(float lo, float hi) {
-    const __half2 h = __floats2half2_rn(lo, hi);   // lo -> low 16 bits = the lower k slot
-    return *reinterpret_cast<const uint32_t*>(&h);
-}
-
-// acc += A (16 x 16, row-major fragments) * B (16 x 8, column fragments), fp32 accumulators.
-__device__ __forceinline__ void mma_16x8x16(float acc[4], const uint32_t a[4], uint32_t b0, uint32_t b1) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 "
-        "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
-        : "+f"(acc[0]), "+f"(acc[1]), "+f"(acc[2]), "+f"(acc[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
 // What one warp needs to multiply 16 staged rows (tile rows row0..row0+15) by the staged tokens.
@@ -180,35 +145,6 @@ __device__ __forceinline__ void multiply_sub_chunk(const LinearArgs& a, const Wa
         const float4 x0 = xp[0], x1 = xp[1];
         mma_16x8x16(acc[j], frag[0], pack_half2(x0.x, x0.y), pack_half2(x0.z, x0.w));
         mma_16x8x16(acc[j], frag[1], pack_half2(x1.x, x1.y), pack_half2(x1.z, x1.w));
-    }
-}
-
-template <int EPI>
-__device__ __forceinline__ void write_output(const LinearArgs& a, int m, int n, float total, float next_total) {
-    const long long row = static_cast<long long>(m) * a.y_stride;
-    if (EPI == kStore) {
-        a.y[row + n] = total;
-    } else if (EPI == kAccumulate) {
-        a.y[row + n] = __fadd_rn(a.y[row + n], total);
-    } else {   // SwiGLU: row n is gate_i, row n + 1 is up_i, i = n / 2
-        const float silu = __fdiv_rn(total, __fadd_rn(1.0f, expf(-total)));
-        a.y[row + n / 2] = __fmul_rn(silu, next_total);
-    }
-}
-
-// Writes the CTA's [ROWS, num_tokens] totals (total_of(row, token)) through the epilogue; rows of
-// one thread are consecutive, so SwiGLU pairs (even row, odd row) meet in one thread.
-template <int EPI, int ROWS, typename TotalOf>
-__device__ __forceinline__ void write_tile(const LinearArgs& a, int n0, int m0, int num_tokens, TotalOf total_of) {
-    for (int idx = threadIdx.x; idx < ROWS * num_tokens; idx += kThreads) {
-        const int row = idx % ROWS, token = idx / ROWS, n = n0 + row;
-        if (n >= a.num_rows) continue;
-        if (EPI == kSwiGLU) {
-            if (row & 1) continue;
-            write_output<EPI>(a, m0 + token, n, total_of(row, token), total_of(row + 1, token));
-        } else {
-            write_output<EPI>(a, m0 + token, n, total_of(row, token), 0.0f);
-        }
     }
 }
 
@@ -315,21 +251,7 @@ __device__ void linear_mma_rows(const LinearArgs& a) {
 
 }  // namespace linear_mma_detail
 
-// Plain scalar parameters (PyCUDA prepared-call format "PiiiiiiPPii"); names
-// linear_mma[_rows][_acc|_swiglu]_<type>_g<NG>: NG token groups of 8 per CTA.
-#define LINEAR_MMA_ENTRY(TYPE, NAME, LAYOUT, PREFIX, EPI, NG)                                       \
-    extern "C" __global__ void __launch_bounds__(linear_mma_detail::kThreads)                       \
-    PREFIX##NAME##_g##NG(const uint8_t* weight, int row_bytes, int num_rows, int num_cols,          \
-                         int chunk_cols, int chunk_stride, int x_rows, const float* x, float* y,    \
-                         int num_tokens, int y_stride) {                                            \
-        const linear_mma_detail::LinearArgs args{weight, row_bytes, num_rows, num_cols, chunk_cols, \
-                                                 chunk_stride, x_rows, x, y, num_tokens, y_stride}; \
-        linear_mma_detail::LAYOUT<TYPE, NG, EPI>(args);                                             \
-    }
-#define LINEAR_MMA_EPILOGUES(TYPE, NAME, LAYOUT, PREFIX, NG)                                        \
-    LINEAR_MMA_ENTRY(TYPE, NAME, LAYOUT, PREFIX##_, linear_mma_detail::kStore, NG)                   \
-    LINEAR_MMA_ENTRY(TYPE, NAME, LAYOUT, PREFIX##_acc_, linear_mma_detail::kAccumulate, NG)          \
-    LINEAR_MMA_ENTRY(TYPE, NAME, LAYOUT, PREFIX##_swiglu_, linear_mma_detail::kSwiGLU, NG)
+// Names linear_mma[_rows][_acc|_swiglu]_<type>_g<NG>: NG token groups of 8 per CTA.
 #define LINEAR_MMA_ENTRIES(TYPE, NAME)                                            \
     LINEAR_MMA_EPILOGUES(TYPE, NAME, linear_mma_split_k, linear_mma, 1)           \
     LINEAR_MMA_EPILOGUES(TYPE, NAME, linear_mma_split_k, linear_mma, 2)           \

@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 
 from gpu_worker.backends.cuda.ops.embedding import plan_embedding
-from gpu_worker.backends.cuda.ops.gemm import TILE_M_CHOICES, TILE_N, plan_gemm
 from gpu_worker.backends.cuda.ops import linear_mma
 from gpu_worker.backends.cuda.ops.matvec import (
     BATCH_VARIANTS, KERNEL_PREFIXES, MAX_SHARED_BYTES, MatvecFusion, plan_matvec,
@@ -35,13 +34,13 @@ def weights_of_real_shapes():
 
 @pytest.fixture(scope="module")
 def quant_kernel_entries(tmp_path_factory) -> set[str]:
-    """Names of the __global__ entry points in matvec.cu, embedding.cu, gemm.cu, linear_mma.cu (sm_90 PTX)."""
+    """Names of the __global__ entry points in matvec.cu, embedding.cu, linear_mma*.cu (sm_90 PTX)."""
     if NVCC is None:
         pytest.skip("nvcc not installed")
     out = tmp_path_factory.mktemp("ptx")
     source = out / "quant_kernels.cu"
     source.write_text("".join(f'#include "{REPO / "cuda" / n}"\n'
-                             for n in ("matvec.cu", "embedding.cu", "gemm.cu", "linear_mma.cu")))
+                             for n in ("matvec.cu", "embedding.cu", "linear_mma.cu", "linear_mma_gemm.cu")))
     ptx = out / "quant_kernels.ptx"
     subprocess.run([NVCC, "--ptx", "-arch=sm_90", "-O3", "-std=c++17", "-o", str(ptx), str(source)], check=True)
     return set(re.findall(r"\.entry\s+(\w+)\(", ptx.read_text()))
@@ -54,14 +53,15 @@ def test_every_planned_kernel_exists(quant_kernel_entries):
         planned |= {plan_matvec(weight, batch, None, epilogue).kernel_name
                     for batch in (1, 2, 3, 8, 64) for epilogue in KERNEL_PREFIXES}
         planned.add(plan_embedding(weight, 4).kernel_name)
-        planned |= {plan_gemm(weight, 100, tile_m).kernel_name for tile_m in TILE_M_CHOICES}
         planned |= {linear_mma.plan_linear(weight, tokens, epilogue).kernel_name
                     for tokens in (1, 8, 9, 32, 33, 4096) for epilogue in linear_mma.KERNEL_PREFIXES}
         planned |= {linear_mma.plan_linear(weight, 8, epilogue, tile).kernel_name
-                    for tile in linear_mma.ALL_TILES for epilogue in linear_mma.KERNEL_PREFIXES}
-    per_type = (len(KERNEL_PREFIXES) * len(BATCH_VARIANTS) + 1 + len(TILE_M_CHOICES)
+                    for tile in linear_mma.ALL_TILES for epilogue in linear_mma.KERNEL_PREFIXES
+                    if linear_mma.tile_fits(weight, tile, 8)}
+    per_type = (len(KERNEL_PREFIXES) * len(BATCH_VARIANTS) + 1
                 + len(linear_mma.KERNEL_PREFIXES) * len(linear_mma.ALL_TILES))
-    assert len(planned) == len(SUPPORTED_TYPES) * per_type
+    # F32 rows overflow the gemm layout's raw stages (its entry points exist but are never planned)
+    assert len(planned) == len(SUPPORTED_TYPES) * per_type - len(linear_mma.KERNEL_PREFIXES)
     assert planned <= quant_kernel_entries, sorted(planned - quant_kernel_entries)
 
 
@@ -129,6 +129,10 @@ def test_linear_mma_plan_covers_rows_and_tokens_within_shared_memory():
                 assert plan.grid[1] * 8 * groups >= tokens > (plan.grid[1] - 1) * 8 * groups
                 assert plan.x_rows == min(8 * groups, tokens)
                 assert plan.shared_bytes <= linear_mma.SHARED_BUDGET
+                if layout == "gemm":   # fixed 128-column chunks converted into fp16 tiles
+                    assert plan.chunk_cols == linear_mma.GEMM_CHUNK_COLS == linear_mma.WARP_SPLIT_COLS
+                    assert plan.shared_bytes == linear_mma.gemm_shared_bytes(weight) <= linear_mma.SHARED_BUDGET
+                    continue
                 stage = linear_mma.stage_bytes(weight, plan.chunk_cols, rows_per_cta, plan.x_rows)
                 if plan.chunk_cols < weight.cols:
                     assert plan.chunk_cols % linear_mma.WARP_SPLIT_COLS == 0 and plan.chunk_cols % block == 0
@@ -140,12 +144,35 @@ def test_linear_mma_plan_covers_rows_and_tokens_within_shared_memory():
 def test_linear_mma_picks_the_measured_fastest_tiles():
     q, gate_up = DeviceWeight(8, 896, 896, ptr=1 << 20), DeviceWeight(8, 9728, 896, ptr=1 << 20)
     down, lm_head = DeviceWeight(14, 896, 4864, ptr=1 << 20), DeviceWeight(8, 151936, 896, ptr=1 << 20)
-    assert [linear_mma.pick_tile(q, t) for t in (1, 8, 9, 512)] == [("split_k", 1)] * 2 + [("split_k", 2)] * 2
-    assert [linear_mma.pick_tile(gate_up, t) for t in (1, 64, 512)] == [("split_k", 1)] + [("split_k", 2)] * 2
-    assert [linear_mma.pick_tile(down, t) for t in (1, 64, 256)] == [("split_k", 1), ("split_k", 2), ("rows", 4)]
-    assert [linear_mma.pick_tile(lm_head, t) for t in (1, 31, 32)] == [("rows", 1), ("rows", 1), ("rows", 4)]
+    k = DeviceWeight(6, 128, 896, ptr=1 << 20)
+    assert [linear_mma.pick_tile(q, t) for t in (1, 8, 9, 511, 512)] == \
+        [("split_k", 1)] * 2 + [("split_k", 2)] * 2 + [("gemm", 8)]
+    assert [linear_mma.pick_tile(k, t) for t in (1, 512, 4096)] == [("split_k", 1)] + [("split_k", 2)] * 2
+    assert [linear_mma.pick_tile(gate_up, t) for t in (1, 63, 64, 512)] == \
+        [("split_k", 1), ("split_k", 2), ("gemm", 8), ("gemm", 8)]
+    assert [linear_mma.pick_tile(down, t) for t in (1, 64, 256, 512)] == \
+        [("split_k", 1), ("split_k", 2), ("rows", 4), ("gemm", 8)]
+    assert [linear_mma.pick_tile(lm_head, t) for t in (1, 31, 32, 64)] == \
+        [("rows", 1), ("rows", 1), ("rows", 4), ("gemm", 8)]
+    # without an fp16 scratch for x (allow_gemm=False) the next best of the other layouts
+    assert linear_mma.pick_tile(gate_up, 512, allow_gemm=False) == ("split_k", 2)
+    assert linear_mma.pick_tile(lm_head, 512, allow_gemm=False) == ("rows", 4)
     wide_f32 = DeviceWeight(0, 896, 32768, ptr=1 << 20)   # 64-row tiles do not fit: the next smaller
     assert linear_mma.pick_tile(wide_f32, 512) in {("split_k", 2), ("split_k", 1)}
+    f32_gate_up = DeviceWeight(0, 9728, 896, ptr=1 << 20)   # F32 raw rows overflow the gemm stages
+    assert not linear_mma.tile_fits(f32_gate_up, ("gemm", 8), 512)
+    assert linear_mma.pick_tile(f32_gate_up, 512) != ("gemm", 8)
+
+
+def test_linear_mma_gemm_shared_bytes_mirror_the_kernel():
+    """Two stages of (fp16 x tile of 64 tokens x 128 columns + 64 padding bytes per token, 64 raw
+    W rows: the blocks a 128-column chunk overlaps, from the 16-byte boundary below, rounded)."""
+    q5_0, q6_k, f16 = (DeviceWeight(t, 9728, 1024, ptr=1 << 20) for t in (6, 14, 1))
+    assert linear_mma.gemm_raw_stride(q5_0) == 112      # 4 blocks x 22 bytes + 15 -> 112
+    assert linear_mma.gemm_raw_stride(q6_k) == 240      # the whole 210-byte super-block
+    assert linear_mma.gemm_raw_stride(f16) == 272       # 256 bytes + 15 -> 272
+    assert linear_mma.gemm_shared_bytes(q6_k) == 2 * (64 * 320 + 64 * 240)
+    assert all(linear_mma.gemm_shared_bytes(w) <= linear_mma.SHARED_BUDGET for w in (q5_0, q6_k, f16))
 
 
 def test_linear_mma_rejects_bad_shapes():
@@ -156,13 +183,6 @@ def test_linear_mma_rejects_bad_shapes():
                 lambda: linear_mma.plan_linear(DeviceWeight(8, 7, 64, ptr=1 << 20), 1, "swiglu")):
         with pytest.raises(ValueError):
             bad()
-
-
-def test_gemm_plan_covers_output_tiles():
-    for weight in weights_of_real_shapes():
-        for tokens in (1, 64, 513, 4096):
-            plan = plan_gemm(weight, tokens)
-            assert plan.grid[:2] == (-(-weight.rows // TILE_N), -(-tokens // plan.tile_m))
 
 
 @pytest.mark.parametrize("bad", [
@@ -179,7 +199,7 @@ def test_device_weight_rejects_bad_shapes(bad):
 
 def test_launchers_reject_bad_batches_and_oversized_rows():
     q8 = DeviceWeight(8, 896, 896, ptr=1 << 20)
-    for plan in (lambda: plan_matvec(q8, 0), lambda: plan_gemm(q8, 0), lambda: plan_embedding(q8, 0)):
+    for plan in (lambda: plan_matvec(q8, 0), lambda: plan_embedding(q8, 0)):
         with pytest.raises(ValueError):
             plan()
     with pytest.raises(ValueError):   # one F32 row of 32768 values is 128 KiB: larger than a tile

@@ -22,7 +22,7 @@ from gpu_worker.backends.cuda.ops.quant_weight import DeviceWeight  # noqa: E402
 
 SHAPES = [("attn_q/o", 896, 896, QType.Q5_0), ("gate_up", 9728, 896, QType.Q5_0),
           ("ffn_down", 896, 4864, QType.Q6_K), ("lm_head", 151936, 896, QType.Q8_0)]
-TOKENS = (1, 8, 64, 256, 512)
+TOKENS = (1, 8, 64, 128, 256, 512)
 
 
 def main() -> None:
@@ -34,7 +34,9 @@ def main() -> None:
     module = kit.load_quant_module(drv, Path(tempfile.mkdtemp()))
     stream = drv.Stream()
     timer = Timer(drv, stream)
-    linear, dev, rng = LinearMmaOp(module), kit.Device(drv), np.random.default_rng(0)
+    dev, rng = kit.Device(drv), np.random.default_rng(0)
+    scratch_halves = max(TOKENS) * max(cols for _, _, cols, _ in SHAPES)
+    linear = LinearMmaOp(module, (dev.upload(np.zeros(scratch_halves, np.float16)), scratch_halves))
     pool_allocation = drv.mem_alloc(POOL_BYTES)   # kept referenced: freed when collected
     pool = int(pool_allocation)
     results = []

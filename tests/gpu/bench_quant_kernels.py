@@ -1,5 +1,5 @@
-"""Bandwidth of the quantized matvec (decode) and throughput of the GEMM (prefill) at the real
-Qwen2.5-0.5B shapes. Run on the GPU machine: `python tests/gpu/bench_quant_kernels.py [out.json]`.
+"""Bandwidth of the fp32 quantized matvec (decode; `QWEN_SERVE_CUDA_LINEAR=fp32`) at the real
+Qwen2.5-0.5B shapes (the tensor-core linear layers: bench_linear_mma.py). Run on the GPU machine: `python tests/gpu/bench_quant_kernels.py [out.json]`.
 
 Kernel time = replay of a CUDA graph of many launches (cuda.bindings, when present) / launches,
 so Python launch cost stays out; weights rotate over a 1 GiB pool so L2 (50 MB) cannot hold them.
@@ -18,7 +18,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import test_quant_kernels as kit  # noqa: E402  (module loader shared with the tests)
 from gguf import GGMLQuantizationType as QType  # noqa: E402
 
-from gpu_worker.backends.cuda.ops.gemm import GemmOp, plan_gemm  # noqa: E402
 from gpu_worker.backends.cuda.ops.matvec import (  # noqa: E402
     MAX_SHARED_BYTES, MatvecFusion, MatvecOp, plan_matvec,
 )
@@ -34,11 +33,6 @@ MATVEC_SHAPES = [
     ("ffn_gate/up", 4864, 896, QType.F16), ("ffn_down", 896, 4864, QType.F16),
     ("lm_head", 151936, 896, QType.F16),
 ]
-GEMM_SHAPES = [("attn_q/o", 896, 896, QType.Q5_0), ("ffn_gate/up", 4864, 896, QType.Q5_0),
-               ("ffn_down", 896, 4864, QType.Q6_K)]
-# GEMM at decode batch sizes (default tile), to compare with matvec when choosing the decode kernel.
-GEMM_DECODE_SHAPES = [("ffn_gate/up", 4864, 896, QType.Q5_0), ("lm_head", 151936, 896, QType.Q8_0)]
-GEMM_DECODE_TOKENS = (1, 8, 64, 256)
 
 
 class Timer:
@@ -136,30 +130,6 @@ def bench_fused(drv, module, stream, pool: int, timer: Timer) -> list[dict]:
     return results
 
 
-def bench_gemm(drv, module, stream, pool: int, timer: Timer, tokens: int = 512) -> list[dict]:
-    gemm, dev, rng = GemmOp(module), kit.Device(drv), np.random.default_rng(1)
-    results = []
-    for (name, rows, cols, qtype), tile_m in itertools.product(GEMM_SHAPES, (None, 64, 32)):
-        weight = DeviceWeight(int(qtype), rows, cols, pool)
-        x = dev.upload(rng.standard_normal((tokens, cols), dtype=np.float32))
-        y = dev.poisoned((tokens, rows))
-        plan = plan_gemm(weight, tokens, tile_m)
-        us = timer.per_launch_us(lambda i: gemm(weight, x, y, tokens, stream, tile_m), 20)
-        results.append(dict(kernel="gemm", shape=name, rows=rows, cols=cols, type=qtype.name, batch=tokens,
-                            variant=f"m{plan.tile_m}" + ("*" if tile_m is None else ""),
-                            us=us, tflops=2 * tokens * rows * cols / (us * 1e-6) / 1e12))
-    for (name, rows, cols, qtype), tokens in itertools.product(GEMM_DECODE_SHAPES, GEMM_DECODE_TOKENS):
-        weight = DeviceWeight(int(qtype), rows, cols, pool)
-        x = dev.upload(rng.standard_normal((tokens, cols), dtype=np.float32))
-        y = dev.poisoned((tokens, rows))
-        plan = plan_gemm(weight, tokens)
-        us = timer.per_launch_us(lambda i: gemm(weight, x, y, tokens, stream), 10)
-        results.append(dict(kernel="gemm", shape=name, rows=rows, cols=cols, type=qtype.name, batch=tokens,
-                            variant=f"m{plan.tile_m}*", us=us, gbs=weight.nbytes / (us * 1e-6) / 1e9,
-                            tflops=2 * tokens * rows * cols / (us * 1e-6) / 1e12))
-    return results
-
-
 def main() -> None:
     import pycuda.autoinit  # noqa: F401
     import pycuda.driver as drv
@@ -173,8 +143,7 @@ def main() -> None:
         drv.memcpy_htod(pool + offset, chunk)
     timer = Timer(drv, stream)
     copy_gbs = copy_bandwidth_gbs(drv, pool, timer)
-    rows = (bench_matvec(drv, module, stream, pool, timer) + bench_fused(drv, module, stream, pool, timer)
-            + bench_gemm(drv, module, stream, pool, timer))
+    rows = bench_matvec(drv, module, stream, pool, timer) + bench_fused(drv, module, stream, pool, timer)
     report = dict(card=card, graph_timing=timer.cu is not None, copy_gbs=copy_gbs, results=rows)
     if len(sys.argv) > 1:
         Path(sys.argv[1]).write_text(json.dumps(report, indent=1))

@@ -21,6 +21,11 @@ pytestmark = pytest.mark.gpu
 LINEAR_MMA_TOLERANCE = 1e-5
 
 
+def linear_op(dev: Device, module, halves: int = 1 << 22) -> LinearMmaOp:
+    """The launcher with a NaN-poisoned fp16 scratch for the gemm layout's copy of x."""
+    return LinearMmaOp(module, (dev.upload(np.full(halves, np.nan, np.float16)), halves))
+
+
 def fp16_values(a: np.ndarray) -> np.ndarray:
     return a.astype(np.float16).astype(np.float64)
 
@@ -35,7 +40,8 @@ def linear_shapes(qtype: QType) -> list[tuple[int, int]]:
 @pytest.mark.parametrize("qtype", ALL_TYPES, ids=lambda t: t.name)
 def test_linear_mma_matches_reference_and_is_batch_invariant(gpu, qtype):
     drv, module, stream = gpu
-    dev, rng, linear = Device(drv), np.random.default_rng(400 + int(qtype)), LinearMmaOp(module)
+    dev, rng = Device(drv), np.random.default_rng(400 + int(qtype))
+    linear = linear_op(dev, module)
     tokens = 150
     for rows, cols in linear_shapes(qtype):
         weight, dense = upload_weight(dev, qtype, rows, cols, rng)
@@ -69,7 +75,8 @@ EPILOGUE_TYPES = [QType.F16, QType.Q5_0, QType.Q8_0, QType.Q4_K, QType.Q6_K]
 def test_linear_mma_epilogues_match_reference(gpu, qtype):
     """Residual accumulate (y += W x) and SwiGLU over interleaved gate/up rows, alone and batched."""
     drv, module, stream = gpu
-    dev, rng, linear = Device(drv), np.random.default_rng(500 + int(qtype)), LinearMmaOp(module)
+    dev, rng = Device(drv), np.random.default_rng(500 + int(qtype))
+    linear = linear_op(dev, module)
     rows, cols, tokens = 260, 512, 70
     weight, dense = upload_weight(dev, qtype, rows, cols, rng)
     x = (3.0 * rng.standard_normal((tokens, cols))).astype(np.float32)
@@ -84,7 +91,7 @@ def test_linear_mma_epilogues_match_reference(gpu, qtype):
         start = residual if epilogue == "accumulate" else np.full((tokens, out_rows), np.nan, np.float32)
         outs = []
         runs = [(list(range(tokens)), ("rows", 4)), (list(range(tokens)), ("split_k", 4)),
-                ([4], None), ([9, 4, 1], ("rows", 1))]
+                ([4], None), ([9, 4, 1], ("rows", 1)), (list(range(tokens)), ("gemm", 8))]
         for order, tile in runs:
             y_ptr = dev.upload(start[order])
             linear(weight, dev.upload(x[order]), y_ptr, len(order), stream, epilogue=epilogue, tile=tile)
@@ -94,4 +101,5 @@ def test_linear_mma_epilogues_match_reference(gpu, qtype):
         np.testing.assert_array_equal(outs[1], outs[0], err_msg=f"{epilogue}: the two layouts differ")
         np.testing.assert_array_equal(outs[2], outs[0][[4]], err_msg=f"{epilogue}: M=1 differs")
         np.testing.assert_array_equal(outs[3], outs[0][[9, 4, 1]], err_msg=f"{epilogue}: M=3 differs")
+        np.testing.assert_array_equal(outs[4], outs[0], err_msg=f"{epilogue}: the gemm layout differs")
 

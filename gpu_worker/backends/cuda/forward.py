@@ -63,6 +63,9 @@ class Activations:
         self.gate = memory.tensor("activations", (max_tokens, config.intermediate_size), f32)
         self.up = memory.tensor("activations", (max_tokens, config.intermediate_size), f32)
         self.final = memory.tensor("activations", (max_seqs, h), f32)
+        # fp16 copy of a linear layer's input for the tensor-core gemm layout (ops/linear_mma.py)
+        widest_input = max(h, q_width, config.intermediate_size)
+        self.x16 = memory.tensor("activations", (max(max_tokens, max_seqs) * widest_input,), np.float16)
         self.logits = memory.tensor("logits", (max_seqs, config.vocab_size), f32)
 
 
@@ -104,7 +107,7 @@ class Qwen2Forward:
         device.cuda.memcpy_htod(self.rope.sin.ptr, sin)
         self.max_positions = max_positions
         self.matvec = MatvecOp(device.module)
-        self.linear_mma = LinearMmaOp(device.module)
+        self.linear_mma = LinearMmaOp(device.module, (self.acts.x16.ptr, self.acts.x16.shape[0]))
         self.embedding = EmbeddingOp(device.module)
         self.kv: list[tuple[DeviceTensor, DeviceTensor]] = []
         self.block_size = 0

@@ -20,14 +20,23 @@ SUB_K = 32                          # columns per warp step; K must be a multipl
 WARP_SPLIT_COLS = 4 * SUB_K         # a multi-chunk K chunk is a multiple of this (warp w owns sub-chunk c % 4 == w)
 SHARED_BUDGET = 96 * 1024           # dynamic shared memory per CTA (fits sm_80 .. sm_90 opt-in limits)
 MAX_GRID_Y = 65535
-# CTA layouts (cuda/linear_mma.cu) -> (rows per CTA, token groups of 8 per CTA it is built for):
+# CTA layouts -> (rows per CTA, token groups of 8 per CTA it is built for): in cuda/linear_mma.cu
 # "split_k" (linear_mma_*): the 4 warps split K over 16 rows; "rows" (linear_mma_rows_*): each
-# warp owns 16 of 64 rows.
-LAYOUTS = {"split_k": (16, (1, 2, 4)), "rows": (64, (1, 4))}
-ALL_TILES = (("rows", 4), ("rows", 1), ("split_k", 4), ("split_k", 2), ("split_k", 1))
+# warp owns 16 of 64 rows; in cuda/linear_mma_gemm.cu "gemm" (linear_mma_gemm_*): 64 rows x 64
+# tokens converted to fp16 tiles once per K chunk, warp w runs accumulator w.
+LAYOUTS = {"split_k": (16, (1, 2, 4)), "rows": (64, (1, 4)), "gemm": (64, (8,))}
+ALL_TILES = (("gemm", 8), ("rows", 4), ("rows", 1), ("split_k", 4), ("split_k", 2), ("split_k", 1))
+GEMM_CHUNK_COLS = 128                                    # linear_mma_gemm.cu: kGemmChunkCols
+GEMM_X_BYTES = 64 * (2 * GEMM_CHUNK_COLS + 64)           # one stage's fp16 x tile (64 tokens)
+GEMM_THREADS = 256                                       # 8 warps: 2 per accumulator
+CONVERT_THREADS = 256
 WIDE_ROWS = 16384                   # N from which a matrix counts as LM-head-like
+# The gemm layout (64 x 64 tiles) wins from 64 tokens on wide matrices (gate/up, LM head), from
+# 512 on 896-row ones (q, o, down: 14 row tiles, so few CTAs before that); never on k/v.
+GEMM_WIDE_ROWS, GEMM_WIDE_FROM_TOKENS = 4096, 64
+GEMM_ROWS, GEMM_FROM_TOKENS = 512, 512
 LONG_COLS = 4096                    # K from which a matrix counts as down-projection-like
-KERNEL_LAYOUT_NAMES = {"split_k": "linear_mma_", "rows": "linear_mma_rows_"}
+KERNEL_LAYOUT_NAMES = {"split_k": "linear_mma_", "rows": "linear_mma_rows_", "gemm": "linear_mma_gemm_"}
 
 
 @dataclass(frozen=True)
@@ -41,14 +50,17 @@ class LinearLaunch:
     shared_bytes: int
 
 
-def pick_tile(weight: DeviceWeight, num_tokens: int) -> tuple[str, int]:
+def pick_tile(weight: DeviceWeight, num_tokens: int, allow_gemm: bool = True) -> tuple[str, int]:
     """(layout, token groups) by the fastest measured on an H200 at the real shapes
     (docs/gpu_results/linear_mma_tiles_h200.md); every choice gives bitwise the same result.
+    The gemm layout where wants_gemm (and an fp16 scratch for x exists). Otherwise:
     LM-head-like (N >= 16384): 64-row tiles, 32 tokens per CTA from 32 tokens on. Others: 16-row
     split-K tiles of 8 tokens up to 8 tokens (decode), of 16 tokens beyond; from 256 tokens on a
     long-K matrix (the down projection) takes 64-row tiles of 32 tokens. A tile that does not fit
     the shared budget (wide F32 rows) falls back to the next smaller one."""
-    if weight.rows >= WIDE_ROWS:
+    if allow_gemm and wants_gemm(weight, num_tokens) and tile_fits(weight, ("gemm", 8), num_tokens):
+        wanted = [("gemm", 8)]
+    elif weight.rows >= WIDE_ROWS:
         wanted = [("rows", 4), ("rows", 1)] if num_tokens >= 32 else [("rows", 1)]
     elif num_tokens <= 8:
         wanted = [("split_k", 1)]
@@ -62,14 +74,36 @@ def pick_tile(weight: DeviceWeight, num_tokens: int) -> tuple[str, int]:
     return "split_k", 1
 
 
+def wants_gemm(weight: DeviceWeight, num_tokens: int) -> bool:
+    """Whether the gemm layout is the measured fastest (docs/gpu_results/linear_mma_tiles_h200.md)."""
+    if weight.rows >= GEMM_WIDE_ROWS:
+        return num_tokens >= GEMM_WIDE_FROM_TOKENS
+    return weight.rows >= GEMM_ROWS and num_tokens >= GEMM_FROM_TOKENS
+
+
 def tile_fits(weight: DeviceWeight, tile: tuple[str, int], num_tokens: int) -> bool:
     """Whether the (layout, token groups) tile's staging fits the shared budget for this weight."""
     layout, groups = tile
+    if layout == "gemm":
+        return gemm_shared_bytes(weight) <= SHARED_BUDGET
     try:
         plan_k_chunks(weight, LAYOUTS[layout][0], min(8 * groups, num_tokens))
     except ValueError:
         return False
     return True
+
+
+def gemm_raw_stride(weight: DeviceWeight) -> int:
+    """linear_mma_gemm.cu: shared bytes of one W row's raw blocks for a 128-column chunk (whole
+    blocks it overlaps, from the 16-byte boundary below, rounded up to 16)."""
+    spec = quant_spec(weight.qtype)
+    blocks = 1 if spec.block_elems >= GEMM_CHUNK_COLS else GEMM_CHUNK_COLS // spec.block_elems
+    return (blocks * spec.block_bytes + 15 + 15) // 16 * 16
+
+
+def gemm_shared_bytes(weight: DeviceWeight) -> int:
+    """linear_mma_gemm.cu: two stages of (fp16 x tile, 64 raw W rows)."""
+    return 2 * (GEMM_X_BYTES + 64 * gemm_raw_stride(weight))
 
 
 def x_stride(chunk_cols: int) -> int:
@@ -136,12 +170,20 @@ def plan_linear(weight: DeviceWeight, num_tokens: int, epilogue: str = "store",
     if -(-num_tokens // tokens_per_cta) > MAX_GRID_Y:
         raise ValueError(f"linear_mma num_tokens {num_tokens} exceeds {tokens_per_cta * MAX_GRID_Y}")
     x_rows = min(tokens_per_cta, num_tokens)
+    grid = (-(-weight.rows // rows_per_cta), -(-num_tokens // tokens_per_cta), 1)
+    name = f"{KERNEL_LAYOUT_NAMES[layout]}{KERNEL_PREFIXES[epilogue]}{weight.kernel_suffix}_g{groups}"
+    if layout == "gemm":   # fixed 128-column chunks and strides; x is an fp16 copy
+        if not tile_fits(weight, ("gemm", groups), num_tokens):
+            raise ValueError(f"linear_mma gemm tiles of {weight.kernel_suffix} rows exceed the shared budget")
+        return LinearLaunch(kernel_name=name,
+                            grid=grid, block=(GEMM_THREADS, 1, 1), chunk_cols=GEMM_CHUNK_COLS, chunk_stride=0,
+                            x_rows=x_rows, shared_bytes=gemm_shared_bytes(weight))
     chunk_cols = plan_k_chunks(weight, rows_per_cta, x_rows)
     buffers = 1 if chunk_cols >= weight.cols else 2
     final_sums = 4 * rows_per_cta * tokens_per_cta * 4   # split_k: [warp][row][token]; rows: a quarter used
     return LinearLaunch(
-        kernel_name=f"{KERNEL_LAYOUT_NAMES[layout]}{KERNEL_PREFIXES[epilogue]}{weight.kernel_suffix}_g{groups}",
-        grid=(-(-weight.rows // rows_per_cta), -(-num_tokens // tokens_per_cta), 1),
+        kernel_name=name,
+        grid=grid,
         block=(THREADS, 1, 1),
         chunk_cols=chunk_cols,
         chunk_stride=weight.row_bytes if chunk_cols >= weight.cols else chunk_stride(weight, chunk_cols),
@@ -151,11 +193,18 @@ def plan_linear(weight: DeviceWeight, num_tokens: int, epilogue: str = "store",
 
 
 class LinearMmaOp:
-    """Launches linear_mma kernels from a loaded module (pycuda.driver.Module) on a given stream."""
+    """Launches linear_mma kernels from a loaded module (pycuda.driver.Module) on a given stream.
 
-    def __init__(self, module: Any) -> None:
+    The gemm layout multiplies an fp16 copy of x: `fp16_scratch` = (device address, capacity in
+    halves) of a buffer for it (f32_to_f16 writes it before each gemm launch). Without one, or
+    when x does not fit it, the launcher picks among the other layouts."""
+
+    def __init__(self, module: Any, fp16_scratch: tuple[int, int] = (0, 0)) -> None:
         self._kernels = PreparedKernels(module, "PiiiiiiPPii")
+        self._convert = module.get_function("f32_to_f16")
+        self._convert.prepare("PPq")
         self._opted_in: set[str] = set()
+        self._scratch_ptr, self._scratch_elems = fp16_scratch
 
     def _kernel(self, name: str) -> Any:
         kernel = self._kernels[name]
@@ -166,12 +215,26 @@ class LinearMmaOp:
             self._opted_in.add(name)
         return kernel
 
+    def can_gemm(self, weight: DeviceWeight, num_tokens: int) -> bool:
+        return num_tokens * weight.cols <= self._scratch_elems
+
     def __call__(self, weight: DeviceWeight, x_ptr: int, y_ptr: int, num_tokens: int, stream: Any,
                  epilogue: str = "store", tile: tuple[str, int] | None = None) -> None:
         """x_ptr: [num_tokens, weight.cols] fp32; y_ptr: [num_tokens, weight.rows] fp32, or
         [num_tokens, weight.rows / 2] for "swiglu" (device addresses)."""
         check_aligned_16("linear_mma x", x_ptr)
+        if tile is None:
+            tile = pick_tile(weight, num_tokens, allow_gemm=self.can_gemm(weight, num_tokens))
+        elif tile[0] == "gemm" and not self.can_gemm(weight, num_tokens):
+            raise ValueError(f"linear_mma gemm needs an fp16 scratch of {num_tokens * weight.cols} halves, "
+                             f"has {self._scratch_elems}")
         plan = plan_linear(weight, num_tokens, epilogue, tile)
+        if tile[0] == "gemm":
+            count = num_tokens * weight.cols
+            blocks = min(-(-count // (8 * CONVERT_THREADS)), 4096)
+            self._convert.prepared_async_call((blocks, 1), (CONVERT_THREADS, 1, 1), stream,
+                                              int(x_ptr), self._scratch_ptr, count)
+            x_ptr = self._scratch_ptr
         y_stride = weight.rows // 2 if epilogue == "swiglu" else weight.rows
         self._kernel(plan.kernel_name).prepared_async_call(
             plan.grid, plan.block, stream,
