@@ -2,8 +2,7 @@
 // every op file is included here so PyCUDA loads one module with every extern "C" entry point.
 #include "rms_norm.cu"
 #include "rope_kv.cu"
-#include "attention_decode.cu"
-#include "attention_prefill.cu"
+#include "attention.cu"
 #include "swiglu.cu"
 #include "sampling.cu"
 #include "embedding.cu"

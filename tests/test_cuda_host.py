@@ -1,5 +1,5 @@
 """CPU-side checks of the CUDA backend's host code (runs in CI without a GPU): struct records that
-mirror the kernels' C structs, prefill query tiles, RoPE tables equal to the reference's, sampling
+mirror the kernels' C structs, RoPE tables equal to the reference's, sampling
 packing and step-batch validation."""
 from __future__ import annotations
 
@@ -8,8 +8,7 @@ import pytest
 
 from gpu_worker.backends.base import SampleRequest
 from gpu_worker.backends.cpu.sequence_runner import SequenceChunk, blocks_for, build_step
-from gpu_worker.backends.cuda.ops.attention_common import PARAMS_FIELDS as ATTENTION_FIELDS
-from gpu_worker.backends.cuda.ops.attention_prefill import QUERIES_PER_TILE, prefill_tiles
+from gpu_worker.backends.cuda.ops.attention import PARAMS_FIELDS as ATTENTION_FIELDS
 from gpu_worker.backends.cuda.ops.rope_kv import PARAMS_FIELDS as ROPE_FIELDS, rope_tables_host
 from gpu_worker.backends.cuda.ops.sampling import SAMPLE_ARGS_DTYPE
 from gpu_worker.backends.cuda.sampler import pack_sampling
@@ -19,22 +18,11 @@ from gpu_worker.sampling.params import SamplingParams
 
 
 def test_struct_records_have_the_c_layouts():
-    # AttentionParams: 9 pointers + 4 int64 + 2 floats; RopeKvParams: 12 pointers + 3 int64.
-    assert np.dtype(ATTENTION_FIELDS, align=True).itemsize == 9 * 8 + 4 * 8 + 8
+    # AttentionParams: 7 pointers + 4 int64 + 2 floats; RopeKvParams: 12 pointers + 3 int64.
+    assert np.dtype(ATTENTION_FIELDS, align=True).itemsize == 7 * 8 + 4 * 8 + 8
     assert np.dtype(ROPE_FIELDS, align=True).itemsize == 15 * 8
     assert SAMPLE_ARGS_DTYPE.itemsize == 88
     assert SAMPLE_ARGS_DTYPE.fields["top_p"][1] == 24 and SAMPLE_ARGS_DTYPE.fields["temperature"][1] == 40
-
-
-def test_prefill_tiles_cover_every_token_once_without_crossing_sequences():
-    starts = np.array([0, 1, 40, 57, 89])
-    first, count = prefill_tiles(starts)
-    covered = np.concatenate([np.arange(f, f + c) for f, c in zip(first, count)])
-    assert np.array_equal(covered, np.arange(89))
-    assert count.max() <= QUERIES_PER_TILE
-    seq_of = np.searchsorted(starts, covered, side="right") - 1
-    for f, c in zip(first, count):
-        assert len(set(seq_of[f:f + c])) == 1
 
 
 def test_rope_tables_equal_the_reference_angles():

@@ -50,7 +50,7 @@ def summarize(csv_path: str) -> None:
         if row.get("Metric Name") != "gpu__time_duration.sum":
             continue
         name = re.sub(r"\(.*", "", row["Kernel Name"]).strip()
-        totals[name] += float(row["Metric Value"]) / 1e3   # ns -> us
+        totals[name] += float(row["Metric Value"].replace(",", "")) / 1e3   # ns -> us
         counts[name] += 1
     total = sum(totals.values())
     print(f"| kernel | launches | us | share |\n|---|---|---|---|")

@@ -16,7 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from batch_runner import run_batch  # noqa: E402
 from gpu_worker.backends.cuda.backend import CudaBackend  # noqa: E402
 from gpu_worker.backends.cuda.graphs import DecodeGraphs  # noqa: E402
-from gpu_worker.backends.cuda.ops.attention_decode import launch_attention_decode  # noqa: E402
+from gpu_worker.backends.cuda.ops.attention import launch_attention  # noqa: E402
 from gpu_worker.backends.cuda.ops.matvec import NO_FUSION, MatvecFusion  # noqa: E402
 from gpu_worker.backends.cuda.ops.rms_norm import launch_rms_norm  # noqa: E402
 from gpu_worker.backends.cuda.ops.rope_kv import launch_rope_kv  # noqa: E402
@@ -90,7 +90,7 @@ def profile(b, args) -> None:
     rows.append(("rope_kv", time_us(d, lambda: launch_rope_kv(d, q3, *kv3, (layer.bias_q, layer.bias_k, layer.bias_v),
                                                               m.positions.view(n), m.slot_mapping.view(n), f.rope,
                                                               k_cache, v_cache)), ""))
-    rows.append((f"attention_decode ctx {args.context}", time_us(d, lambda: launch_attention_decode(
+    rows.append((f"attention ctx {args.context}", time_us(d, lambda: launch_attention(
         d, q3, a.attn.rows(0, n).view(n, cfg.num_heads, hd), k_cache, v_cache, m.block_tables, m.token_seq.view(n),
         m.positions.view(n), f.block_size)), ""))
     rows.append(("swiglu", time_us(d, lambda: launch_swiglu(d, a.gate.rows(0, n), a.up.rows(0, n), a.gate.rows(0, n))), ""))

@@ -1,12 +1,12 @@
-"""GPU checks of the decode and prefill attention kernels over a paged fp16 KV cache (GQA 14/2)
-against qwen2_reference.attend_one_query, and bitwise agreement of the two kernels."""
+"""GPU checks of cuda/attention.cu over a paged fp16 KV cache (GQA 14/2) against
+qwen2_reference.attend_one_query, and that a query's output is bitwise the same alone, batched
+or in any prompt chunk (its arithmetic depends on its context length only)."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from gpu_worker.backends.cuda.ops.attention_decode import launch_attention_decode
-from gpu_worker.backends.cuda.ops.attention_prefill import launch_attention_prefill, prefill_tiles
+from gpu_worker.backends.cuda.ops.attention import launch_attention
 from gpu_worker.model.qwen2_reference import attend_one_query
 
 pytestmark = pytest.mark.gpu
@@ -59,50 +59,50 @@ class PagedCase:
                 gpu.upload(self.token_seq), gpu.upload(self.positions))
 
 
-def run_decode(gpu, case):
+def run_attention(gpu, case):
     q, k, v, tables, token_seq, positions = case.device_args(gpu)
     out = gpu.poisoned(case.q.shape, np.float32)
-    launch_attention_decode(gpu.device, q, out, k, v, tables, token_seq, positions, BLOCK)
+    launch_attention(gpu.device, q, out, k, v, tables, token_seq, positions, BLOCK)
     return gpu.download(out)
 
 
-def run_prefill(gpu, case):
-    q, k, v, tables, token_seq, positions = case.device_args(gpu)
-    first, count = prefill_tiles(case.query_start_loc)
-    out = gpu.poisoned(case.q.shape, np.float32)
-    launch_attention_prefill(gpu.device, q, out, k, v, tables, token_seq, positions, BLOCK,
-                             gpu.upload(first), gpu.upload(count))
-    return gpu.download(out)
-
-
-def test_decode_attention_matches_reference(gpu):
+def test_attention_matches_reference(gpu):
+    """Decode-like queries: contexts from 1 position to several rounds of 4 segments of 64."""
     rng = np.random.default_rng()
-    case = PagedCase(rng, context_lens=[1, 31, 32, 33, 200, 777], chunk_lens=[1] * 6)
-    out = run_decode(gpu, case)
+    case = PagedCase(rng, context_lens=[1, 31, 32, 33, 64, 65, 200, 256, 257, 777, 1100], chunk_lens=[1] * 11,
+                     num_blocks=200)
+    out = run_attention(gpu, case)
     assert not np.isnan(out).any()
     assert rel_error(out, case.reference()) < 1e-5
 
 
-def test_prefill_attention_matches_reference_and_decode_bitwise(gpu):
+def test_prompt_chunks_match_reference_and_lone_queries_bitwise(gpu):
     rng = np.random.default_rng()
     case = PagedCase(rng, context_lens=[5, 40, 300, 129], chunk_lens=[5, 17, 45, 1])
-    out = run_prefill(gpu, case)
+    out = run_attention(gpu, case)
     assert not np.isnan(out).any()
     assert rel_error(out, case.reference()) < 1e-5
-    # The decode kernel runs any query token too: same arithmetic, so the same bits.
-    assert np.array_equal(out, run_decode(gpu, case))
+    # Each query alone (a batch of one) gives the same bits as inside the prompt batch.
+    for t in (0, 4, 5, 21, 22, 60, 66):
+        lone = PagedCase(rng, context_lens=[1], chunk_lens=[1])
+        seq = int(case.token_seq[t])
+        lone.k, lone.v, lone.tables = case.k, case.v, case.tables[[seq]]
+        lone.positions, lone.token_seq = case.positions[[t]], np.zeros(1, np.int32)
+        lone.q = case.q[[t]]
+        assert np.array_equal(run_attention(gpu, lone), out[[t]]), f"query {t} alone differs"
 
 
 def test_prefill_chunking_does_not_change_outputs(gpu):
     rng = np.random.default_rng()
-    whole = PagedCase(rng, context_lens=[150], chunk_lens=[150])
-    out_whole = run_prefill(gpu, whole)
-    # The same tokens split into chunks of 7 (as separate "sequences" sharing one block table).
-    chunks = [7] * 21 + [3]
-    split = PagedCase(rng, context_lens=[150], chunk_lens=[150])
-    split.k, split.v, split.tables, split.q = whole.k, whole.v, whole.tables, whole.q
-    split.query_start_loc = np.concatenate([[0], np.cumsum(chunks)]).astype(np.int32)
-    assert np.array_equal(run_prefill(gpu, split), out_whole)
+    whole = PagedCase(rng, context_lens=[300], chunk_lens=[300])
+    out_whole = run_attention(gpu, whole)
+    # The same tokens in chunks of 7 (as separate "sequences" sharing one block table).
+    chunks = [7] * 42 + [6]
+    split = PagedCase(rng, context_lens=[300], chunk_lens=[300])
+    split.k, split.v, split.q, split.positions = whole.k, whole.v, whole.q, whole.positions
+    split.tables = np.repeat(whole.tables, len(chunks), axis=0)
+    split.token_seq = np.repeat(np.arange(len(chunks)), chunks).astype(np.int32)
+    assert np.array_equal(run_attention(gpu, split), out_whole)
 
 
 def test_attention_rejects_head_dim_other_than_64(gpu):
@@ -110,4 +110,4 @@ def test_attention_rejects_head_dim_other_than_64(gpu):
     q = gpu.upload(np.zeros((1, HEADS, 32), np.float32))
     _, k, v, tables, token_seq, positions = case.device_args(gpu)
     with pytest.raises(ValueError, match="head_dim"):
-        launch_attention_decode(gpu.device, q, q, k, v, tables, token_seq, positions, BLOCK)
+        launch_attention(gpu.device, q, q, k, v, tables, token_seq, positions, BLOCK)

@@ -63,6 +63,16 @@ def rel_error(out, expected) -> float:
     return float(np.linalg.norm(np.asarray(out, np.float64) - expected) / np.linalg.norm(expected))
 
 
+def top1_agrees(gpu_logits: np.ndarray, cpu_logits: np.ndarray) -> bool:
+    """Same argmax in every row whose reference top-2 margin exceeds 10x that row's largest
+    |GPU - reference| difference (a closer race may flip on rounding alone: random weights and
+    prompts make near-ties). Rows that close are skipped; at least one row must be decisive."""
+    top2 = np.sort(cpu_logits, axis=-1)[:, -2:]
+    decisive = (top2[:, 1] - top2[:, 0]) > 10 * np.abs(gpu_logits - cpu_logits).max(axis=-1)
+    assert decisive.any(), "every row is a near-tie: the check would be empty"
+    return bool(np.array_equal(gpu_logits.argmax(-1)[decisive], cpu_logits.argmax(-1)[decisive]))
+
+
 def test_weight_bytes_are_the_file_tensor_bytes(backend, synthetic_model):
     file_bytes = sum(t.nbytes for t in synthetic_model.tensors.values())
     assert file_bytes <= backend.weight_bytes <= file_bytes + 256 * len(synthetic_model.tensors)
@@ -79,7 +89,7 @@ def test_logits_match_the_numpy_reference(backend, synthetic_model):
     prefill = build_step([SequenceChunk(tuple(p), 0, t) for p, t in zip(prompts, tables)], BLOCK)
     gpu_logits, cpu_logits = backend.logits(prefill), cpu.logits(prefill, prefill.query_start_loc[1:] - 1)
     errors = [rel_error(gpu_logits, cpu_logits)]
-    agree = [bool(np.array_equal(gpu_logits.argmax(-1), cpu_logits.argmax(-1)))]
+    agree = [top1_agrees(gpu_logits, cpu_logits)]
     tokens = gpu_logits.argmax(-1)
     for step in range(3):  # decode steps through step() (CUDA graph) vs the reference
         decode = build_step([SequenceChunk((int(tok),), len(p) + step, t)
@@ -87,7 +97,7 @@ def test_logits_match_the_numpy_reference(backend, synthetic_model):
         backend.step(decode)
         gpu_logits, cpu_logits = backend.last_logits(3), cpu.logits(decode, np.arange(3))
         errors.append(rel_error(gpu_logits, cpu_logits))
-        agree.append(bool(np.array_equal(gpu_logits.argmax(-1), cpu_logits.argmax(-1))))
+        agree.append(top1_agrees(gpu_logits, cpu_logits))
         tokens = gpu_logits.argmax(-1)
     print(f"logits rel error vs numpy reference per step: {['%.2e' % e for e in errors]}; top-1 {agree}")
     assert not np.isnan(gpu_logits).any()

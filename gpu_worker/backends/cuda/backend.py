@@ -15,7 +15,6 @@ from gpu_worker.backends.base import Backend, StepBatch, StepOutput, TokenLogpro
 from gpu_worker.backends.cuda.device import CudaBackendError, CudaDevice, CudaOutOfMemoryError, DeviceTensor
 from gpu_worker.backends.cuda.forward import LINEAR_KERNELS, Qwen2Forward
 from gpu_worker.backends.cuda.graphs import DEFAULT_BUCKETS, DecodeGraphs, graphs_available
-from gpu_worker.backends.cuda.ops.attention_prefill import prefill_tiles
 from gpu_worker.backends.cuda.sampler import GpuSampler, pack_sampling
 from gpu_worker.backends.cuda.step_inputs import StepInputs, check_step_batch
 from gpu_worker.backends.cuda.weights import can_interleave_gate_up, upload_weights
@@ -123,9 +122,9 @@ class CudaBackend(Backend):
         self.graphs = DecodeGraphs(self.device.stream, buckets)
         for bucket in reversed(buckets):
             self.inputs.upload_padding(bucket)   # valid inputs for a warm-up run of this shape
-            self.forward.run(bucket, bucket, 0, bucket, all_rows=True)
+            self.forward.run(bucket, bucket, all_rows=True)
             self.device.synchronize()
-            self.graphs.capture(bucket, lambda b: self.forward.run(b, b, 0, b, all_rows=True))
+            self.graphs.capture(bucket, lambda b: self.forward.run(b, b, all_rows=True))
         self.device.synchronize()
 
     def step(self, batch: StepBatch) -> StepOutput:
@@ -137,11 +136,11 @@ class CudaBackend(Backend):
         is_decode = batch.num_tokens == batch.num_seqs
         bucket = self.graphs.bucket_for(batch.num_seqs) if (self.graphs and is_decode) else None
         if bucket is not None:
-            self.inputs.upload(batch, pad_to=bucket, tiles=None, logit_rows=None)
+            self.inputs.upload(batch, pad_to=bucket, logit_rows=None)
             self.graphs.replay(bucket)
             rows = list(range(batch.num_seqs))
         else:
-            rows = self._eager_step(batch, is_decode)
+            rows = self._eager_step(batch)
         sampled = [i for i, req in enumerate(batch.sample) if req is not None]
         packed = pack_sampling([rows[i] for i in sampled], [batch.sample[i] for i in sampled],
                                self.config.vocab_size)
@@ -152,18 +151,16 @@ class CudaBackend(Backend):
             token_ids[seq], per_seq[seq] = tokens[j], logprobs[j]
         return StepOutput(token_ids=token_ids, logprobs=tuple(per_seq))
 
-    def _eager_step(self, batch: StepBatch, is_decode: bool, logit_rows: np.ndarray | None = None) -> list[int]:
+    def _eager_step(self, batch: StepBatch, logit_rows: np.ndarray | None = None) -> list[int]:
         """Runs without a graph; returns each sequence's logits row (valid where sampled)."""
-        tiles = None if is_decode else prefill_tiles(batch.query_start_loc)
         if logit_rows is None:
             logit_rows = np.asarray(batch.query_start_loc[1:]) - 1   # last token of each sequence
         logit_rows = np.asarray(logit_rows, np.int32)
         if not (0 < len(logit_rows) <= self.max_num_seqs) or logit_rows.min() < 0 \
                 or logit_rows.max() >= batch.num_tokens:
             raise ValueError(f"logit_rows must be 1..{self.max_num_seqs} token indices of the batch")
-        self.inputs.upload(batch, pad_to=None, tiles=tiles, logit_rows=logit_rows)
-        num_tiles = 0 if tiles is None else len(tiles[0])
-        self.forward.run(batch.num_tokens, batch.num_seqs, num_tiles, len(logit_rows), all_rows=False)
+        self.inputs.upload(batch, pad_to=None, logit_rows=logit_rows)
+        self.forward.run(batch.num_tokens, len(logit_rows), all_rows=False)
         return list(range(batch.num_seqs))
 
     def logits(self, batch: StepBatch, logit_rows: np.ndarray | None = None) -> np.ndarray:
@@ -174,7 +171,7 @@ class CudaBackend(Backend):
         check_step_batch(batch, self.config.vocab_size, self.num_blocks, self.block_size,
                          self.max_num_tokens, self.max_num_seqs, self.max_model_len,
                          self.inputs.max_blocks_per_seq)
-        self._eager_step(batch, batch.num_tokens == batch.num_seqs, logit_rows)
+        self._eager_step(batch, logit_rows)
         num_rows = batch.num_seqs if logit_rows is None else len(logit_rows)
         return self.last_logits(num_rows)
 

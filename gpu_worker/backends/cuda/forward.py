@@ -17,8 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from gpu_worker.backends.cuda.device import DeviceTensor
-from gpu_worker.backends.cuda.ops.attention_decode import launch_attention_decode
-from gpu_worker.backends.cuda.ops.attention_prefill import launch_attention_prefill
+from gpu_worker.backends.cuda.ops.attention import launch_attention
 from gpu_worker.backends.cuda.ops.embedding import EmbeddingOp
 from gpu_worker.backends.cuda.ops.linear_mma import LinearMmaOp
 from gpu_worker.backends.cuda.ops.matvec import NO_FUSION, MatvecFusion, MatvecOp
@@ -28,7 +27,7 @@ from gpu_worker.backends.cuda.ops.swiglu import launch_swiglu
 from gpu_worker.backends.cuda.weights import ModelWeights
 
 LINEAR_KERNELS = ("mma", "fp32")
-META_FIELDS = ("input_ids", "positions", "slot_mapping", "token_seq", "tile_first", "tile_count")
+META_FIELDS = ("input_ids", "positions", "slot_mapping", "token_seq")
 
 
 @dataclass(frozen=True)
@@ -39,8 +38,6 @@ class StepMeta:
     positions: DeviceTensor     # [max_tokens]
     slot_mapping: DeviceTensor  # [max_tokens]; -1 = no KV write (graph padding)
     token_seq: DeviceTensor     # [max_tokens] sequence index of each token
-    tile_first: DeviceTensor    # [max_tokens] prefill query tiles
-    tile_count: DeviceTensor    # [max_tokens]
     logit_rows: DeviceTensor    # [max_seqs] token index of each logits row
     block_tables: DeviceTensor  # [max_seqs, max_blocks_per_seq]
     base: DeviceTensor          # the whole buffer, flat int32
@@ -124,10 +121,9 @@ class Qwen2Forward:
         else:
             self.matvec(weight, x.ptr, y.ptr, x.shape[0], self.device.stream, fusion=fusion)
 
-    def run(self, num_tokens: int, num_seqs: int, num_tiles: int, num_logits: int, all_rows: bool) -> None:
-        """Enqueues the forward of `num_tokens` tokens of `num_seqs` sequences.
+    def run(self, num_tokens: int, num_logits: int, all_rows: bool) -> None:
+        """Enqueues the forward of `num_tokens` tokens (any mix of prompt chunks and decode tokens).
 
-        num_tiles > 0 selects the prefill attention kernel (tiles in meta.tile_*), 0 the decode one.
         Logits rows: meta.logit_rows[:num_logits], or every token when all_rows (decode graphs)."""
         a, m, cfg, dev = self.acts, self.meta, self.config, self.device
         t = num_tokens
@@ -135,23 +131,23 @@ class Qwen2Forward:
         residual, delta = a.residual.rows(0, t), a.delta.rows(0, t)
         for i, layer in enumerate(self.weights.layers):
             if self.fused:
-                self._layer_fused(i, layer, t, num_seqs, num_tiles)
+                self._layer_fused(i, layer, t)
             else:
-                self._layer(i, layer, t, num_seqs, num_tiles)
+                self._layer(i, layer, t)
         final = a.final.rows(0, num_logits)
         launch_rms_norm(dev, residual, self.weights.output_norm, final, cfg.rms_norm_eps,
                         delta=None if self.fused else delta,
                         row_ids=None if all_rows else m.logit_rows.view(num_logits))
         self._linear(self.weights.lm_head, final, a.logits.rows(0, num_logits))
 
-    def _layer(self, i: int, layer, t: int, num_seqs: int, num_tiles: int) -> None:
+    def _layer(self, i: int, layer, t: int) -> None:
         """residual += attn(norm(residual)) + mlp(norm(...)), the residual add fused into the norms."""
         a, cfg, dev = self.acts, self.config, self.device
         residual, delta, normed = a.residual.rows(0, t), a.delta.rows(0, t), a.normed.rows(0, t)
         launch_rms_norm(dev, residual, layer.attn_norm, normed, cfg.rms_norm_eps,
                         delta=delta if i else None, write_residual=True)
         self._qkv(layer, normed, t, NO_FUSION)
-        self._attention(i, layer, t, num_tiles)
+        self._attention(i, layer, t)
         self._linear(layer.o, a.attn.rows(0, t), delta)
         launch_rms_norm(dev, residual, layer.ffn_norm, normed, cfg.rms_norm_eps, delta=delta, write_residual=True)
         gate, up = a.gate.rows(0, t), a.up.rows(0, t)
@@ -163,11 +159,11 @@ class Qwen2Forward:
             launch_swiglu(dev, gate, up, gate)
         self._linear(layer.down, gate, delta)
 
-    def _layer_fused(self, i: int, layer, t: int, num_seqs: int, num_tiles: int) -> None:
+    def _layer_fused(self, i: int, layer, t: int) -> None:
         a, cfg = self.acts, self.config
         residual, gate = a.residual.rows(0, t), a.gate.rows(0, t)
         self._qkv(layer, residual, t, MatvecFusion(norm_weight_ptr=layer.attn_norm.ptr, norm_eps=cfg.rms_norm_eps))
-        self._attention(i, layer, t, num_tiles)
+        self._attention(i, layer, t)
         self._linear(layer.o, a.attn.rows(0, t), residual, MatvecFusion(epilogue="accumulate"))
         self._linear(layer.gate_up, residual, gate,
                      MatvecFusion(epilogue="swiglu", norm_weight_ptr=layer.ffn_norm.ptr, norm_eps=cfg.rms_norm_eps))
@@ -179,7 +175,7 @@ class Qwen2Forward:
         self._linear(layer.k, x, a.k.rows(0, t), fusion)
         self._linear(layer.v, x, a.v.rows(0, t), fusion)
 
-    def _attention(self, i: int, layer, t: int, num_tiles: int) -> None:
+    def _attention(self, i: int, layer, t: int) -> None:
         """RoPE + KV write of this chunk, then attention of q over each sequence's KV -> acts.attn."""
         a, m, cfg, dev = self.acts, self.meta, self.config, self.device
         hd = cfg.head_dim
@@ -191,9 +187,4 @@ class Qwen2Forward:
         launch_rope_kv(dev, q, k, v, (layer.bias_q, layer.bias_k, layer.bias_v), positions,
                        m.slot_mapping.view(t), self.rope, k_cache, v_cache)
         out = a.attn.rows(0, t).view(t, cfg.num_heads, hd)
-        tables = m.block_tables
-        if num_tiles:
-            launch_attention_prefill(dev, q, out, k_cache, v_cache, tables, token_seq, positions,
-                                     self.block_size, m.tile_first.view(num_tiles), m.tile_count.view(num_tiles))
-        else:
-            launch_attention_decode(dev, q, out, k_cache, v_cache, tables, token_seq, positions, self.block_size)
+        launch_attention(dev, q, out, k_cache, v_cache, m.block_tables, token_seq, positions, self.block_size)

@@ -36,8 +36,7 @@ class StepInputs:
         self.token_bytes = int(bounds[-1]) * 4
         self.tables = self.host[bounds[-1]:].reshape(max_seqs, max_blocks_per_seq)
 
-    def upload(self, batch: StepBatch, pad_to: int | None, tiles: tuple[np.ndarray, np.ndarray] | None,
-               logit_rows: np.ndarray | None) -> None:
+    def upload(self, batch: StepBatch, pad_to: int | None, logit_rows: np.ndarray | None) -> None:
         """pad_to: decode-graph bucket (rows past the batch get harmless inputs, no KV write)."""
         n, num_seqs = batch.num_tokens, batch.num_seqs
         v = self.views
@@ -49,8 +48,6 @@ class StepInputs:
         if pad_to is not None:
             self._pad(n, pad_to)
             rows = pad_to
-        if tiles is not None:
-            v["tile_first"][:len(tiles[0])], v["tile_count"][:len(tiles[1])] = tiles
         if logit_rows is not None:
             v["logit_rows"][:len(logit_rows)] = logit_rows
         width = min(batch.block_tables.shape[1], self.max_blocks_per_seq)

@@ -1,15 +1,15 @@
-"""What the two attention launchers share: the AttentionParams record and its checks."""
+"""Launcher of cuda/attention.cu: each query token (decode step or prompt chunk) over its paged
+KV context (GQA), with the AttentionParams record and its checks."""
 from __future__ import annotations
 
 import numpy as np
 
 from gpu_worker.backends.cuda.device import DeviceTensor
-from gpu_worker.backends.cuda.ops.launch import check_tensor, record
+from gpu_worker.backends.cuda.ops.launch import check_tensor, launch, record
 
 HEAD_DIM = 64          # the kernels are built for head_dim 64 (Qwen2.5-0.5B)
-MAX_GROUP = 8          # q heads per kv head: one warp each, block <= 256 threads
-_POINTERS = ("q", "out", "k_cache", "v_cache", "block_tables", "token_seq", "positions",
-             "tile_first_token", "tile_num_tokens")
+MAX_GROUP = 8          # q heads per kv head (QS_ATTN_MAX_GROUP): one warp each, block <= 256 threads
+_POINTERS = ("q", "out", "k_cache", "v_cache", "block_tables", "token_seq", "positions")
 PARAMS_FIELDS = [(name, "u8") for name in _POINTERS] + [
     ("max_blocks_per_seq", "i8"), ("num_heads", "i8"), ("num_kv_heads", "i8"), ("block_size", "i8"),
     ("scale", "f4"), ("pad_", "f4")]
@@ -17,7 +17,7 @@ PARAMS_FIELDS = [(name, "u8") for name in _POINTERS] + [
 
 def attention_params(q: DeviceTensor, out: DeviceTensor, k_cache: DeviceTensor, v_cache: DeviceTensor,
                      block_tables: DeviceTensor, token_seq: DeviceTensor, positions: DeviceTensor,
-                     block_size: int, tiles: tuple[DeviceTensor, DeviceTensor] | None = None) -> np.void:
+                     block_size: int) -> np.void:
     """Checks shapes and packs the kernel record.
 
     q, out: [T, num_heads, 64] f32; caches: [num_slots, num_kv_heads, 64] f16;
@@ -44,6 +44,16 @@ def attention_params(q: DeviceTensor, out: DeviceTensor, k_cache: DeviceTensor, 
         "block_tables": block_tables.ptr, "token_seq": token_seq.ptr, "positions": positions.ptr,
         "max_blocks_per_seq": block_tables.shape[1], "num_heads": num_heads,
         "num_kv_heads": num_kv_heads, "block_size": block_size, "scale": 1.0 / np.sqrt(head_dim)}
-    if tiles is not None:
-        values["tile_first_token"], values["tile_num_tokens"] = tiles[0].ptr, tiles[1].ptr
     return record(PARAMS_FIELDS, values)
+
+
+def launch_attention(device, q: DeviceTensor, out: DeviceTensor, k_cache: DeviceTensor, v_cache: DeviceTensor,
+                     block_tables: DeviceTensor, token_seq: DeviceTensor, positions: DeviceTensor,
+                     block_size: int) -> None:
+    """out[t, h] = softmax(q[t, h] K[0..pos_t]^T / 8) V over sequence token_seq[t]'s blocks, for
+    decode steps and prompt chunks alike. KV of every position <= pos_t must be written."""
+    params = attention_params(q, out, k_cache, v_cache, block_tables, token_seq, positions, block_size)
+    num_tokens, num_heads = q.shape[0], q.shape[1]
+    num_kv_heads = k_cache.shape[1]
+    launch(device.kernel("attention_f32"), (num_tokens, num_kv_heads),
+           (32 * (num_heads // num_kv_heads),), device.stream, params)
