@@ -6,21 +6,27 @@
 // no conversion in the loop. W stays quantized: its raw bytes are staged, and each warp
 // dequantizes exactly the sub-chunks it multiplies, so every weight is dequantized once per CTA.
 //
-// CTA: 64 W rows x 64 tokens, 8 warps. Warp w runs accumulator v = w % 4 (the sub-chunks c with
-// c % 4 == v, each the same two mmas as in linear_mma.cu) for rows 32 * (w / 4) .. + 31 and all
-// 64 tokens; the four accumulators then meet in shared memory in the fixed order
-// ((a0 + a1) + a2) + a3. (8 warps of 64 accumulator registers, not 4 of 128: twice the warps per
-// multiprocessor to hide the shared-memory and dequantization latencies.)
+// CTA: 64 (or 32) W rows x 64 tokens, 8 (or 4) warps. Warp w runs accumulator v = w % 4 (the
+// sub-chunks c with c % 4 == v, each the same two mmas as in linear_mma.cu) for rows
+// 32 * (w / 4) .. + 31 and all 64 tokens; the four accumulators then meet in shared memory in the
+// fixed order ((a0 + a1) + a2) + a3. (Warps of 32 rows and 64 accumulator registers, not 64 rows
+// and 128: more warps per multiprocessor to hide the shared-memory and dequantization latencies.)
 // K runs in chunks of 128 columns (so a sub-chunk's index in the chunk and in K agree mod 4),
 // double-buffered with cp.async: chunk c + 1 is in flight while chunk c is multiplied.
 #include "linear_mma_common.cuh"
 
 namespace linear_mma_detail {
 
-constexpr int kGemmRows = 64, kGemmTokens = 64;
-constexpr int kGemmWarps = 8, kGemmThreads = 32 * kGemmWarps;
-constexpr int kGemmWarpRows = kGemmRows / (kGemmWarps / kAccumulators);   // 32
-constexpr int kGemmWarpBlocks = kGemmWarpRows / 16;                        // 16-row mma blocks per warp
+constexpr int kGemmTokens = 64;
+constexpr int kGemmWarpRows = 32;                       // W rows per warp
+constexpr int kGemmWarpBlocks = kGemmWarpRows / 16;     // 16-row mma blocks per warp
+// ROWS W rows per CTA (64, or 32 for matrices with few rows: twice the CTAs): 4 warps (one per
+// accumulator) per 32 rows.
+template <int ROWS>
+struct GemmShape {
+    static_assert(ROWS % kGemmWarpRows == 0, "whole 32-row warp tiles");
+    static constexpr int kRows = ROWS, kWarps = kAccumulators * ROWS / kGemmWarpRows, kThreads = 32 * kWarps;
+};
 constexpr int kGemmChunkCols = 128;
 // Shared bytes per x row: 256 of fp16 values + 64 of padding. A lane reads 16 bytes at
 // (token g, 16 * quad + 64 * sub); with the stride = 64 (mod 128) the 8 lanes of a quarter-warp
@@ -37,8 +43,8 @@ __host__ __device__ constexpr int gemm_raw_stride() {
     constexpr int blocks = kValues >= kGemmChunkCols ? 1 : kGemmChunkCols / kValues;
     return (blocks * kBytes + 15 + 15) / 16 * 16;
 }
-template <int T>
-__host__ __device__ constexpr int gemm_stage_bytes() { return kGemmXBytes + kGemmRows * gemm_raw_stride<T>(); }
+template <int T, int ROWS>
+__host__ __device__ constexpr int gemm_stage_bytes() { return kGemmXBytes + ROWS * gemm_raw_stride<T>(); }
 
 __device__ __forceinline__ void copy16_async(uint8_t* dst, const void* src, int src_size) {
     const unsigned d = static_cast<unsigned>(__cvta_generic_to_shared(dst));
@@ -48,13 +54,13 @@ __device__ __forceinline__ void copy16_async(uint8_t* dst, const void* src, int 
 // Issues the copies of chunk k0 (num_cols columns) into `stage`: the x tile [token][column]
 // (tokens past M zero-filled), then each W row's raw bytes at row * raw_stride (rows past N are
 // not copied: their products land only in outputs that are never stored).
-template <int T>
+template <int T, int ROWS>
 __device__ __forceinline__ void stage_gemm_chunk(const LinearArgs& a, const __half* x16, int n0, int m0,
                                                  int num_tokens, int k0, int num_cols, uint8_t* stage) {
     constexpr int kValues = qformats::BlockInfo<T>::kValues, kBytes = qformats::BlockInfo<T>::kBytes;
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int units = num_cols / 8;   // 16-byte pieces of one token's chunk
-    for (int i = threadIdx.x; i < kGemmTokens * 16; i += kGemmThreads) {
+    for (int i = threadIdx.x; i < kGemmTokens * 16; i += GemmShape<ROWS>::kThreads) {
         const int t = i >> 4, u = i & 15;
         if (u >= units) continue;
         const bool real = t < num_tokens;
@@ -64,7 +70,7 @@ __device__ __forceinline__ void stage_gemm_chunk(const LinearArgs& a, const __ha
     uint8_t* raw = stage + kGemmXBytes;
     const long long first_block = k0 / kValues, last_block = (k0 + num_cols - 1) / kValues;
     const long long chunk_bytes = (last_block - first_block + 1) * kBytes;
-    for (int r = warp; r < kGemmRows && n0 + r < a.num_rows; r += kGemmWarps) {
+    for (int r = warp; r < ROWS && n0 + r < a.num_rows; r += GemmShape<ROWS>::kWarps) {
         const long long begin = static_cast<long long>(n0 + r) * a.row_bytes + first_block * kBytes;
         const long long end = begin + chunk_bytes, first = begin & ~15LL;
         for (long long src = first + 16LL * lane; src < end; src += 16LL * 32)
@@ -119,10 +125,10 @@ __device__ __forceinline__ void multiply_gemm_sub_chunk(const LinearArgs& a, con
     }
 }
 
-template <int T, int EPI>
+template <int T, int EPI, int ROWS>
 __device__ void linear_mma_gemm(const LinearArgs& a, const __half* x16) {
     extern __shared__ __align__(16) uint8_t smem[];
-    const int n0 = blockIdx.x * kGemmRows, m0 = blockIdx.y * kGemmTokens;
+    const int n0 = blockIdx.x * ROWS, m0 = blockIdx.y * kGemmTokens;
     const int num_tokens = min(kGemmTokens, a.num_tokens - m0);
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, group = lane >> 2, quad = lane & 3;
     const int accumulator = warp % kAccumulators, row0 = kGemmWarpRows * (warp / kAccumulators);
@@ -136,11 +142,11 @@ __device__ void linear_mma_gemm(const LinearArgs& a, const __half* x16) {
 
     const int num_chunks = (a.num_cols + kGemmChunkCols - 1) / kGemmChunkCols;
     auto cols_of = [&](int c) { return min(kGemmChunkCols, a.num_cols - c * kGemmChunkCols); };
-    auto stage = [&](int c) { return smem + (c & 1) * gemm_stage_bytes<T>(); };
-    stage_gemm_chunk<T>(a, x16, n0, m0, num_tokens, 0, cols_of(0), stage(0));
+    auto stage = [&](int c) { return smem + (c & 1) * gemm_stage_bytes<T, ROWS>(); };
+    stage_gemm_chunk<T, ROWS>(a, x16, n0, m0, num_tokens, 0, cols_of(0), stage(0));
     for (int c = 0; c < num_chunks; ++c) {
         if (c + 1 < num_chunks) {   // stage (c + 1) & 1 was released by the barrier ending chunk c - 1
-            stage_gemm_chunk<T>(a, x16, n0, m0, num_tokens, (c + 1) * kGemmChunkCols, cols_of(c + 1), stage(c + 1));
+            stage_gemm_chunk<T, ROWS>(a, x16, n0, m0, num_tokens, (c + 1) * kGemmChunkCols, cols_of(c + 1), stage(c + 1));
             asm volatile("cp.async.wait_group 1;\n" ::: "memory");
         } else {
             asm volatile("cp.async.wait_group 0;\n" ::: "memory");
@@ -170,7 +176,7 @@ __device__ void linear_mma_gemm(const LinearArgs& a, const __half* x16) {
         }
         __syncthreads();
     }
-    write_tile<EPI, kGemmRows, decltype(total_of), kGemmThreads>(a, n0, m0, num_tokens, total_of);
+    write_tile<EPI, ROWS, decltype(total_of), GemmShape<ROWS>::kThreads>(a, n0, m0, num_tokens, total_of);
 }
 
 }  // namespace linear_mma_detail
@@ -186,19 +192,26 @@ extern "C" __global__ void f32_to_f16(const float* x, __half* y, long long n) {
     }
 }
 
-// linear_mma_gemm[_acc|_swiglu]_<type>_g8 (8 token groups of 8): the linear_mma parameter list, with x ([M, K] fp16) in the
-// place of the fp32 x; chunk_cols, chunk_stride and x_rows are unused (fixed tiles).
-#define LINEAR_MMA_GEMM_ENTRY(TYPE, NAME, PREFIX, EPI)                                                 \
-    extern "C" __global__ void __launch_bounds__(linear_mma_detail::kGemmThreads, 2)                   \
-    PREFIX##NAME##_g8(const uint8_t* weight, int row_bytes, int num_rows, int num_cols, int chunk_cols, \
-                 int chunk_stride, int x_rows, const __half* x16, float* y, int num_tokens, int y_stride) { \
-        const linear_mma_detail::LinearArgs args{weight, row_bytes, num_rows, num_cols, chunk_cols,    \
+// linear_mma_gemm[32][_acc|_swiglu]_<type>_g8 (64 or 32 W rows, 8 token groups of 8 per CTA): the
+// linear_mma parameter list, with x ([M, K] fp16) in the place of the fp32 x; chunk_cols,
+// chunk_stride and x_rows are unused (fixed tiles). At most 128 registers per thread: 2048 threads'
+// worth of CTAs per multiprocessor.
+#define LINEAR_MMA_GEMM_ENTRY(TYPE, NAME, PREFIX, EPI, ROWS)                                            \
+    extern "C" __global__ void __launch_bounds__(linear_mma_detail::GemmShape<ROWS>::kThreads,          \
+                                                 512 / linear_mma_detail::GemmShape<ROWS>::kThreads)    \
+    PREFIX##NAME##_g8(const uint8_t* weight, int row_bytes, int num_rows, int num_cols, int chunk_cols,  \
+                      int chunk_stride, int x_rows, const __half* x16, float* y, int num_tokens,         \
+                      int y_stride) {                                                                    \
+        const linear_mma_detail::LinearArgs args{weight, row_bytes, num_rows, num_cols, chunk_cols,     \
                                                  chunk_stride, x_rows, nullptr, y, num_tokens, y_stride}; \
-        linear_mma_detail::linear_mma_gemm<TYPE, EPI>(args, x16);                                      \
+        linear_mma_detail::linear_mma_gemm<TYPE, EPI, ROWS>(args, x16);                                 \
     }
-#define LINEAR_MMA_GEMM_ENTRIES(TYPE, NAME)                                                  \
-    LINEAR_MMA_GEMM_ENTRY(TYPE, NAME, linear_mma_gemm_, linear_mma_detail::kStore)            \
-    LINEAR_MMA_GEMM_ENTRY(TYPE, NAME, linear_mma_gemm_acc_, linear_mma_detail::kAccumulate)   \
-    LINEAR_MMA_GEMM_ENTRY(TYPE, NAME, linear_mma_gemm_swiglu_, linear_mma_detail::kSwiGLU)
+#define LINEAR_MMA_GEMM_EPILOGUES(TYPE, NAME, PREFIX, ROWS)                                      \
+    LINEAR_MMA_GEMM_ENTRY(TYPE, NAME, PREFIX##_, linear_mma_detail::kStore, ROWS)                \
+    LINEAR_MMA_GEMM_ENTRY(TYPE, NAME, PREFIX##_acc_, linear_mma_detail::kAccumulate, ROWS)       \
+    LINEAR_MMA_GEMM_ENTRY(TYPE, NAME, PREFIX##_swiglu_, linear_mma_detail::kSwiGLU, ROWS)
+#define LINEAR_MMA_GEMM_ENTRIES(TYPE, NAME)                     \
+    LINEAR_MMA_GEMM_EPILOGUES(TYPE, NAME, linear_mma_gemm, 64)   \
+    LINEAR_MMA_GEMM_EPILOGUES(TYPE, NAME, linear_mma_gemm32, 32)
 
 QFORMATS_FOR_EACH_TYPE(LINEAR_MMA_GEMM_ENTRIES)

@@ -129,9 +129,11 @@ def test_linear_mma_plan_covers_rows_and_tokens_within_shared_memory():
                 assert plan.grid[1] * 8 * groups >= tokens > (plan.grid[1] - 1) * 8 * groups
                 assert plan.x_rows == min(8 * groups, tokens)
                 assert plan.shared_bytes <= linear_mma.SHARED_BUDGET
-                if layout == "gemm":   # fixed 128-column chunks converted into fp16 tiles
+                if layout in linear_mma.GEMM_LAYOUTS:   # fixed 128-column chunks of an fp16 copy of x
                     assert plan.chunk_cols == linear_mma.GEMM_CHUNK_COLS == linear_mma.WARP_SPLIT_COLS
-                    assert plan.shared_bytes == linear_mma.gemm_shared_bytes(weight) <= linear_mma.SHARED_BUDGET
+                    assert plan.block == (4 * rows_per_cta, 1, 1)   # 4 warps (one per accumulator) per 32 rows
+                    assert plan.shared_bytes == linear_mma.gemm_shared_bytes(weight, rows_per_cta)
+                    assert plan.shared_bytes <= linear_mma.SHARED_BUDGET
                     continue
                 stage = linear_mma.stage_bytes(weight, plan.chunk_cols, rows_per_cta, plan.x_rows)
                 if plan.chunk_cols < weight.cols:
@@ -148,17 +150,17 @@ def test_linear_mma_picks_the_measured_fastest_tiles():
     assert [linear_mma.pick_tile(q, t) for t in (1, 8, 9, 511, 512)] == \
         [("split_k", 1)] * 2 + [("split_k", 2)] * 2 + [("gemm", 8)]
     assert [linear_mma.pick_tile(k, t) for t in (1, 512, 4096)] == [("split_k", 1)] + [("split_k", 2)] * 2
-    assert [linear_mma.pick_tile(gate_up, t) for t in (1, 63, 64, 512)] == \
-        [("split_k", 1), ("split_k", 2), ("gemm", 8), ("gemm", 8)]
-    assert [linear_mma.pick_tile(down, t) for t in (1, 64, 256, 512)] == \
-        [("split_k", 1), ("split_k", 2), ("rows", 4), ("gemm", 8)]
+    assert [linear_mma.pick_tile(gate_up, t) for t in (1, 63, 64, 255, 256, 512)] == \
+        [("split_k", 1), ("split_k", 2), ("gemm32", 8), ("gemm32", 8), ("gemm", 8), ("gemm", 8)]
+    assert [linear_mma.pick_tile(down, t) for t in (1, 64, 255, 256, 512)] == \
+        [("split_k", 1), ("split_k", 2), ("split_k", 2), ("gemm32", 8), ("gemm", 8)]
     assert [linear_mma.pick_tile(lm_head, t) for t in (1, 31, 32, 64)] == \
         [("rows", 1), ("rows", 1), ("rows", 4), ("gemm", 8)]
     # without an fp16 scratch for x (allow_gemm=False) the next best of the other layouts
     assert linear_mma.pick_tile(gate_up, 512, allow_gemm=False) == ("split_k", 2)
     assert linear_mma.pick_tile(lm_head, 512, allow_gemm=False) == ("rows", 4)
     wide_f32 = DeviceWeight(0, 896, 32768, ptr=1 << 20)   # 64-row tiles do not fit: the next smaller
-    assert linear_mma.pick_tile(wide_f32, 512) in {("split_k", 2), ("split_k", 1)}
+    assert linear_mma.pick_tile(wide_f32, 512) in {("gemm32", 8), ("split_k", 2), ("split_k", 1)}
     f32_gate_up = DeviceWeight(0, 9728, 896, ptr=1 << 20)   # F32 raw rows overflow the gemm stages
     assert not linear_mma.tile_fits(f32_gate_up, ("gemm", 8), 512)
     assert linear_mma.pick_tile(f32_gate_up, 512) != ("gemm", 8)
@@ -172,6 +174,7 @@ def test_linear_mma_gemm_shared_bytes_mirror_the_kernel():
     assert linear_mma.gemm_raw_stride(q6_k) == 240      # the whole 210-byte super-block
     assert linear_mma.gemm_raw_stride(f16) == 272       # 256 bytes + 15 -> 272
     assert linear_mma.gemm_shared_bytes(q6_k) == 2 * (64 * 320 + 64 * 240)
+    assert linear_mma.gemm_shared_bytes(q6_k, 32) == 2 * (64 * 320 + 32 * 240)
     assert all(linear_mma.gemm_shared_bytes(w) <= linear_mma.SHARED_BUDGET for w in (q5_0, q6_k, f16))
 
 

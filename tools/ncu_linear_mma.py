@@ -35,7 +35,7 @@ def main() -> None:
     linear = LinearMmaOp(module, (dev.upload(np.zeros(tokens * cols, np.float16)), tokens * cols))
     x = dev.upload(rng.standard_normal((tokens, cols), dtype=np.float32))
     y = dev.poisoned((tokens, rows))
-    for tile in (("gemm", 8), ("rows", 4), ("split_k", 2)):
+    for tile in (("gemm", 8), ("gemm32", 8), ("rows", 4), ("split_k", 2)):
         linear(weight, x, y, tokens, stream, tile=tile)
     stream.synchronize()
 

@@ -53,7 +53,7 @@ def summarize(csv_path: str) -> None:
         totals[name] += float(row["Metric Value"].replace(",", "")) / 1e3   # ns -> us
         counts[name] += 1
     total = sum(totals.values())
-    print(f"| kernel | launches | us | share |\n|---|---|---|---|")
+    print("| kernel | launches | us | share |\n|---|---|---|---|")
     for name, us in sorted(totals.items(), key=lambda kv: -kv[1]):
         print(f"| {name} | {counts[name]} | {us:,.0f} | {us / total:.0%} |")
     print(f"| **all** | {sum(counts.values())} | {total:,.0f} | |")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import math
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -52,7 +53,7 @@ class DeviceTensor:
 
     @property
     def size(self) -> int:
-        return int(np.prod(self.shape, dtype=np.int64))
+        return math.prod(self.shape)   # math.prod: per-launch host path, numpy's prod costs ~5 us
 
     @property
     def nbytes(self) -> int:
@@ -60,7 +61,7 @@ class DeviceTensor:
 
     def view(self, *shape: int) -> DeviceTensor:
         """Same memory, another shape with at most as many elements (leading part)."""
-        if int(np.prod(shape, dtype=np.int64)) > self.size:
+        if math.prod(shape) > self.size:
             raise ValueError(f"view {shape} is larger than tensor {self.shape}")
         return DeviceTensor(self.ptr, tuple(shape), self.dtype)
 

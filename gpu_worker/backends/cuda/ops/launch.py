@@ -1,6 +1,8 @@
 """Shared launcher helpers: argument checks and the one checked launch call every op uses."""
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 from gpu_worker.backends.cuda.device import CudaBackendError, DeviceTensor
@@ -32,9 +34,14 @@ def launch(kernel, grid: tuple[int, ...], block: tuple[int, ...], stream, *args)
         raise CudaBackendError(f"launch of {getattr(kernel, 'function_name', kernel)} failed: {exc}") from exc
 
 
+@functools.cache
+def _record_dtype(fields: tuple[tuple[str, str], ...]) -> np.dtype:
+    return np.dtype(list(fields), align=True)
+
+
 def record(fields: list[tuple[str, str]], values: dict[str, object]) -> np.void:
     """A by-value struct argument: numpy record laid out like the C struct (align=True)."""
-    dtype = np.dtype(fields, align=True)
+    dtype = _record_dtype(tuple(fields))
     array = np.zeros(1, dtype)
     for key, value in values.items():
         array[key] = value

@@ -8,6 +8,8 @@ type), so the same arithmetic serves decode steps and prefill chunks and batch i
 """
 from __future__ import annotations
 
+import functools
+
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,21 +24,24 @@ SHARED_BUDGET = 96 * 1024           # dynamic shared memory per CTA (fits sm_80 
 MAX_GRID_Y = 65535
 # CTA layouts -> (rows per CTA, token groups of 8 per CTA it is built for): in cuda/linear_mma.cu
 # "split_k" (linear_mma_*): the 4 warps split K over 16 rows; "rows" (linear_mma_rows_*): each
-# warp owns 16 of 64 rows; in cuda/linear_mma_gemm.cu "gemm" (linear_mma_gemm_*): 64 rows x 64
-# tokens converted to fp16 tiles once per K chunk, warp w runs accumulator w.
-LAYOUTS = {"split_k": (16, (1, 2, 4)), "rows": (64, (1, 4)), "gemm": (64, (8,))}
-ALL_TILES = (("gemm", 8), ("rows", 4), ("rows", 1), ("split_k", 4), ("split_k", 2), ("split_k", 1))
+# warp owns 16 of 64 rows; in cuda/linear_mma_gemm.cu "gemm" / "gemm32" (linear_mma_gemm[32]_*):
+# 64 / 32 rows x 64 tokens of an fp16 copy of x, warp w runs accumulator w % 4 over 32 rows.
+LAYOUTS = {"split_k": (16, (1, 2, 4)), "rows": (64, (1, 4)), "gemm": (64, (8,)), "gemm32": (32, (8,))}
+GEMM_LAYOUTS = ("gemm", "gemm32")
+ALL_TILES = (("gemm", 8), ("gemm32", 8), ("rows", 4), ("rows", 1), ("split_k", 4), ("split_k", 2), ("split_k", 1))
 GEMM_CHUNK_COLS = 128                                    # linear_mma_gemm.cu: kGemmChunkCols
 GEMM_X_BYTES = 64 * (2 * GEMM_CHUNK_COLS + 64)           # one stage's fp16 x tile (64 tokens)
-GEMM_THREADS = 256                                       # 8 warps: 2 per accumulator
 CONVERT_THREADS = 256
 WIDE_ROWS = 16384                   # N from which a matrix counts as LM-head-like
-# The gemm layout (64 x 64 tiles) wins from 64 tokens on wide matrices (gate/up, LM head), from
-# 512 on 896-row ones (q, o, down: 14 row tiles, so few CTAs before that); never on k/v.
-GEMM_WIDE_ROWS, GEMM_WIDE_FROM_TOKENS = 4096, 64
-GEMM_ROWS, GEMM_FROM_TOKENS = 512, 512
+# Where the gemm layouts are the measured fastest (H200, linear_mma_tiles_h200.md): on wide
+# matrices (gate/up, LM head) from 64 tokens, 32-row tiles below 256 tokens; on 896-row ones
+# (q, o, down: 14 tiles of 64 rows) from 512 tokens, for the long-K down projection 32-row tiles
+# from 256; never on k/v (128 rows).
+GEMM_WIDE_ROWS, GEMM_WIDE_FROM_TOKENS, GEMM_WIDE_64_ROWS_FROM = 4096, 64, 256
+GEMM_ROWS, GEMM_FROM_TOKENS, GEMM_LONG_K_FROM_TOKENS = 512, 512, 256
 LONG_COLS = 4096                    # K from which a matrix counts as down-projection-like
-KERNEL_LAYOUT_NAMES = {"split_k": "linear_mma_", "rows": "linear_mma_rows_", "gemm": "linear_mma_gemm_"}
+KERNEL_LAYOUT_NAMES = {"split_k": "linear_mma_", "rows": "linear_mma_rows_", "gemm": "linear_mma_gemm_",
+                       "gemm32": "linear_mma_gemm32_"}
 
 
 @dataclass(frozen=True)
@@ -50,16 +55,18 @@ class LinearLaunch:
     shared_bytes: int
 
 
+@functools.lru_cache(maxsize=4096)
 def pick_tile(weight: DeviceWeight, num_tokens: int, allow_gemm: bool = True) -> tuple[str, int]:
     """(layout, token groups) by the fastest measured on an H200 at the real shapes
     (docs/gpu_results/linear_mma_tiles_h200.md); every choice gives bitwise the same result.
-    The gemm layout where wants_gemm (and an fp16 scratch for x exists). Otherwise:
+    A gemm tile where wanted_gemm says so (and an fp16 scratch for x exists). Otherwise:
     LM-head-like (N >= 16384): 64-row tiles, 32 tokens per CTA from 32 tokens on. Others: 16-row
     split-K tiles of 8 tokens up to 8 tokens (decode), of 16 tokens beyond; from 256 tokens on a
     long-K matrix (the down projection) takes 64-row tiles of 32 tokens. A tile that does not fit
     the shared budget (wide F32 rows) falls back to the next smaller one."""
-    if allow_gemm and wants_gemm(weight, num_tokens) and tile_fits(weight, ("gemm", 8), num_tokens):
-        wanted = [("gemm", 8)]
+    gemm = wanted_gemm(weight, num_tokens) if allow_gemm else None
+    if gemm is not None and tile_fits(weight, gemm, num_tokens):
+        wanted = [gemm]
     elif weight.rows >= WIDE_ROWS:
         wanted = [("rows", 4), ("rows", 1)] if num_tokens >= 32 else [("rows", 1)]
     elif num_tokens <= 8:
@@ -74,18 +81,28 @@ def pick_tile(weight: DeviceWeight, num_tokens: int, allow_gemm: bool = True) ->
     return "split_k", 1
 
 
-def wants_gemm(weight: DeviceWeight, num_tokens: int) -> bool:
-    """Whether the gemm layout is the measured fastest (docs/gpu_results/linear_mma_tiles_h200.md)."""
+def wanted_gemm(weight: DeviceWeight, num_tokens: int) -> tuple[str, int] | None:
+    """The gemm tile where one is the measured fastest (docs/gpu_results/linear_mma_tiles_h200.md)."""
+    if weight.rows >= WIDE_ROWS:   # LM head
+        return ("gemm", 8) if num_tokens >= GEMM_WIDE_FROM_TOKENS else None
     if weight.rows >= GEMM_WIDE_ROWS:
-        return num_tokens >= GEMM_WIDE_FROM_TOKENS
-    return weight.rows >= GEMM_ROWS and num_tokens >= GEMM_FROM_TOKENS
+        if num_tokens < GEMM_WIDE_FROM_TOKENS:
+            return None
+        return ("gemm", 8) if num_tokens >= GEMM_WIDE_64_ROWS_FROM else ("gemm32", 8)
+    if weight.rows < GEMM_ROWS:
+        return None
+    if num_tokens >= GEMM_FROM_TOKENS:
+        return ("gemm", 8)
+    if weight.cols >= LONG_COLS and num_tokens >= GEMM_LONG_K_FROM_TOKENS:
+        return ("gemm32", 8)
+    return None
 
 
 def tile_fits(weight: DeviceWeight, tile: tuple[str, int], num_tokens: int) -> bool:
     """Whether the (layout, token groups) tile's staging fits the shared budget for this weight."""
     layout, groups = tile
-    if layout == "gemm":
-        return gemm_shared_bytes(weight) <= SHARED_BUDGET
+    if layout in GEMM_LAYOUTS:
+        return gemm_shared_bytes(weight, LAYOUTS[layout][0]) <= SHARED_BUDGET
     try:
         plan_k_chunks(weight, LAYOUTS[layout][0], min(8 * groups, num_tokens))
     except ValueError:
@@ -101,9 +118,9 @@ def gemm_raw_stride(weight: DeviceWeight) -> int:
     return (blocks * spec.block_bytes + 15 + 15) // 16 * 16
 
 
-def gemm_shared_bytes(weight: DeviceWeight) -> int:
-    """linear_mma_gemm.cu: two stages of (fp16 x tile, 64 raw W rows)."""
-    return 2 * (GEMM_X_BYTES + 64 * gemm_raw_stride(weight))
+def gemm_shared_bytes(weight: DeviceWeight, rows_per_cta: int = 64) -> int:
+    """linear_mma_gemm.cu: two stages of (fp16 x tile, rows_per_cta raw W rows)."""
+    return 2 * (GEMM_X_BYTES + rows_per_cta * gemm_raw_stride(weight))
 
 
 def x_stride(chunk_cols: int) -> int:
@@ -151,6 +168,7 @@ def _gcd(a: int, b: int) -> int:
     return a
 
 
+@functools.lru_cache(maxsize=4096)   # per launch on the host path; the arguments are all hashable
 def plan_linear(weight: DeviceWeight, num_tokens: int, epilogue: str = "store",
                 tile: tuple[str, int] | None = None) -> LinearLaunch:
     """Kernel, grid and shared memory; ValueError for shapes it cannot run. `tile` overrides the
@@ -172,12 +190,12 @@ def plan_linear(weight: DeviceWeight, num_tokens: int, epilogue: str = "store",
     x_rows = min(tokens_per_cta, num_tokens)
     grid = (-(-weight.rows // rows_per_cta), -(-num_tokens // tokens_per_cta), 1)
     name = f"{KERNEL_LAYOUT_NAMES[layout]}{KERNEL_PREFIXES[epilogue]}{weight.kernel_suffix}_g{groups}"
-    if layout == "gemm":   # fixed 128-column chunks and strides; x is an fp16 copy
-        if not tile_fits(weight, ("gemm", groups), num_tokens):
-            raise ValueError(f"linear_mma gemm tiles of {weight.kernel_suffix} rows exceed the shared budget")
+    if layout in GEMM_LAYOUTS:   # fixed 128-column chunks and strides; x is an fp16 copy
+        if not tile_fits(weight, (layout, groups), num_tokens):
+            raise ValueError(f"linear_mma {layout} tiles of {weight.kernel_suffix} rows exceed the shared budget")
         return LinearLaunch(kernel_name=name,
-                            grid=grid, block=(GEMM_THREADS, 1, 1), chunk_cols=GEMM_CHUNK_COLS, chunk_stride=0,
-                            x_rows=x_rows, shared_bytes=gemm_shared_bytes(weight))
+                            grid=grid, block=(4 * rows_per_cta, 1, 1), chunk_cols=GEMM_CHUNK_COLS,
+                            chunk_stride=0, x_rows=x_rows, shared_bytes=gemm_shared_bytes(weight, rows_per_cta))
     chunk_cols = plan_k_chunks(weight, rows_per_cta, x_rows)
     buffers = 1 if chunk_cols >= weight.cols else 2
     final_sums = 4 * rows_per_cta * tokens_per_cta * 4   # split_k: [warp][row][token]; rows: a quarter used
@@ -225,11 +243,11 @@ class LinearMmaOp:
         check_aligned_16("linear_mma x", x_ptr)
         if tile is None:
             tile = pick_tile(weight, num_tokens, allow_gemm=self.can_gemm(weight, num_tokens))
-        elif tile[0] == "gemm" and not self.can_gemm(weight, num_tokens):
+        elif tile[0] in GEMM_LAYOUTS and not self.can_gemm(weight, num_tokens):
             raise ValueError(f"linear_mma gemm needs an fp16 scratch of {num_tokens * weight.cols} halves, "
                              f"has {self._scratch_elems}")
         plan = plan_linear(weight, num_tokens, epilogue, tile)
-        if tile[0] == "gemm":
+        if tile[0] in GEMM_LAYOUTS:
             count = num_tokens * weight.cols
             blocks = min(-(-count // (8 * CONVERT_THREADS)), 4096)
             self._convert.prepared_async_call((blocks, 1), (CONVERT_THREADS, 1, 1), stream,
