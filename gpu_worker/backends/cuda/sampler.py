@@ -36,46 +36,57 @@ def _check_ids(name: str, ids: np.ndarray, vocab: int) -> np.ndarray:
 
 
 def pack_sampling(rows: list[int], requests: list[SampleRequest], vocab: int) -> PackedSampling:
-    """One record per request; `rows[i]` is request i's row in the logits buffer."""
-    args = np.zeros(len(requests), SAMPLE_ARGS_DTYPE)
+    """One record per request; `rows[i]` is request i's row in the logits buffer.
+
+    Per step on the host path of every decode step (256 requests at a full batch): the scalar
+    fields are filled column by column, and only requests with a logit bias or penalties pay for
+    per-request numpy work."""
+    n = len(requests)
+    args = np.zeros(n, SAMPLE_ARGS_DTYPE)
+    params = [req.params for req in requests]
+    columns = {
+        "seed": [p.seed for p in params], "step": [req.step for req in requests], "row": list(rows),
+        "top_k": [p.top_k for p in params], "top_p": [p.top_p for p in params], "min_p": [p.min_p for p in params],
+        "temperature": [p.temperature for p in params],
+        "repetition_penalty": [p.repetition_penalty for p in params],
+        "frequency_penalty": [p.frequency_penalty for p in params],
+        "presence_penalty": [p.presence_penalty for p in params],
+        "num_top_logprobs": [min(p.top_logprobs, MAX_TOP_LOGPROBS) for p in params],
+        "want_logprobs": [int(p.logprobs or p.top_logprobs > 0) for p in params],
+    }
+    for name, values in columns.items():
+        if n:
+            args[name] = values
+    empty = np.zeros(0, np.int64)
     bias_ids, bias_values, seen, out_ids, out_counts = [], [], [], [], []
-    offsets = {"bias": 0, "seen": 0, "output": 0}
-    for i, (row, req) in enumerate(zip(rows, requests)):
-        p = args[i]
-        params = req.params
-        p["seed"], p["step"], p["row"] = params.seed, req.step, row
-        p["top_k"], p["top_p"], p["min_p"] = params.top_k, params.top_p, params.min_p
-        p["temperature"] = params.temperature
-        p["repetition_penalty"] = params.repetition_penalty
-        p["frequency_penalty"], p["presence_penalty"] = params.frequency_penalty, params.presence_penalty
-        p["num_top_logprobs"] = min(params.top_logprobs, MAX_TOP_LOGPROBS)
-        p["want_logprobs"] = int(params.logprobs or params.top_logprobs > 0)
-        ids = _check_ids("logit_bias", np.array([b[0] for b in params.logit_bias], np.int64), vocab)
-        bias_ids.append(ids)
-        bias_values.append(np.array([b[1] for b in params.logit_bias], np.float32))
-        p["bias_offset"], p["bias_count"] = offsets["bias"], len(ids)
-        offsets["bias"] += len(ids)
-        distinct_seen = (np.unique(_check_ids("seen_token_ids", req.seen_token_ids, vocab))
-                         if params.repetition_penalty != 1.0 else np.zeros(0, np.int64))
-        seen.append(distinct_seen)
-        p["seen_offset"], p["seen_count"] = offsets["seen"], len(distinct_seen)
-        offsets["seen"] += len(distinct_seen)
-        if params.frequency_penalty != 0.0 or params.presence_penalty != 0.0:
-            ids, counts = np.unique(_check_ids("output_token_ids", req.output_token_ids, vocab), return_counts=True)
-        else:
-            ids, counts = np.zeros(0, np.int64), np.zeros(0, np.int64)
-        out_ids.append(ids)
-        out_counts.append(counts)
-        p["output_offset"], p["output_count"] = offsets["output"], len(ids)
-        offsets["output"] += len(ids)
+    counts = {"bias": np.zeros(n, np.int64), "seen": np.zeros(n, np.int64), "output": np.zeros(n, np.int64)}
+    for i, (req, p) in enumerate(zip(requests, params)):
+        if p.logit_bias:
+            ids = _check_ids("logit_bias", np.array([b[0] for b in p.logit_bias], np.int64), vocab)
+            bias_ids.append(ids)
+            bias_values.append(np.array([b[1] for b in p.logit_bias], np.float32))
+            counts["bias"][i] = len(ids)
+        if p.repetition_penalty != 1.0:
+            distinct_seen = np.unique(_check_ids("seen_token_ids", req.seen_token_ids, vocab))
+            seen.append(distinct_seen)
+            counts["seen"][i] = len(distinct_seen)
+        if p.frequency_penalty != 0.0 or p.presence_penalty != 0.0:
+            ids, id_counts = np.unique(_check_ids("output_token_ids", req.output_token_ids, vocab), return_counts=True)
+            out_ids.append(ids)
+            out_counts.append(id_counts)
+            counts["output"][i] = len(ids)
+    for kind, count in counts.items():   # records lie back to back in request order
+        args[f"{kind}_count"] = count
+        args[f"{kind}_offset"] = np.cumsum(count) - count
+
     def flat(parts: list[np.ndarray], dtype) -> np.ndarray:
-        return np.concatenate(parts).astype(dtype) if parts else np.zeros(0, dtype)
+        return np.concatenate(parts).astype(dtype) if parts else empty.astype(dtype)
     return PackedSampling(
         args=args, bias_ids=flat(bias_ids, np.int32), bias_values=flat(bias_values, np.float32),
         seen_ids=flat(seen, np.int32), output_ids=flat(out_ids, np.int32),
         output_counts=flat(out_counts, np.int32),
-        needs_penalties=bool(offsets["bias"] or offsets["seen"] or offsets["output"]),
-        needs_logprobs=bool(args["want_logprobs"].any()) if len(args) else False)
+        needs_penalties=bool(sum(int(c.sum()) for c in counts.values())),
+        needs_logprobs=bool(args["want_logprobs"].any()) if n else False)
 
 
 class GpuSampler:
