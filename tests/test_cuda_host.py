@@ -3,6 +3,8 @@ mirror the kernels' C structs, RoPE tables equal to the reference's, sampling
 packing and step-batch validation."""
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 
@@ -59,3 +61,20 @@ def test_check_step_batch_names_the_bad_field():
                          256, 32)
     with pytest.raises(ValueError, match="exceeds"):
         check_step_batch(good, 100, 8, 16, 2, 4, 256, 16)
+
+
+def test_step_batch_check_names_the_first_bad_sequence():
+    chunks = [SequenceChunk((1,), 20, blocks_for(2 * i, 21, 16)) for i in range(3)]
+    good = build_step(chunks, 16)
+    good.check(100, 8, 16)
+    tables = good.block_tables.copy()
+    tables[1, 1] = 8                                    # sequence 1: a block past num_blocks
+    contexts = good.context_lens.copy()
+    contexts[2] = 5                                     # sequence 2: wrong context length
+    with pytest.raises(ValueError, match="sequence 1: block table"):
+        replace(good, block_tables=tables, context_lens=contexts).check(100, 8, 16)
+    with pytest.raises(ValueError, match="sequence 2: context_lens 5"):
+        replace(good, context_lens=contexts).check(100, 8, 16)
+    short = good.block_tables[:, :1]                    # 21 tokens need 2 blocks of 16
+    with pytest.raises(ValueError, match="sequence 0: block table does not cover 21"):
+        replace(good, block_tables=short).check(100, 8, 16)

@@ -66,14 +66,20 @@ class StepBatch:
             raise ValueError(f"input_ids must be in [0, {vocab_size})")
         if self.slot_mapping.min() < 0 or self.slot_mapping.max() >= num_blocks * block_size:
             raise ValueError(f"slot_mapping must be in [0, {num_blocks * block_size})")
-        for seq in range(num_seqs):
-            context = int(self.context_lens[seq])
-            if int(self.positions[starts[seq + 1] - 1]) + 1 != context:
-                raise ValueError(f"sequence {seq}: context_lens {context} != last position + 1")
-            used = -(-context // block_size)
-            table = self.block_tables[seq, :used]
-            if len(table) < used or table.min() < 0 or table.max() >= num_blocks:
-                raise ValueError(f"sequence {seq}: block table does not cover {context} tokens")
+        # Per sequence, vectorized (256 sequences per decode step); the first bad one is named.
+        contexts = np.asarray(self.context_lens, np.int64)
+        bad_context = np.asarray(self.positions)[starts[1:] - 1].astype(np.int64) + 1 != contexts
+        used = -(-contexts // block_size)
+        width = self.block_tables.shape[1]
+        covered = np.arange(width)[None, :] < used[:, None]
+        bad_entry = covered & ((self.block_tables < 0) | (self.block_tables >= num_blocks))
+        bad_table = (used > width) | bad_entry.any(axis=1)
+        bad = np.flatnonzero(bad_context | bad_table)
+        if len(bad):
+            seq = int(bad[0])
+            if bad_context[seq]:
+                raise ValueError(f"sequence {seq}: context_lens {int(contexts[seq])} != last position + 1")
+            raise ValueError(f"sequence {seq}: block table does not cover {int(contexts[seq])} tokens")
 
     @property
     def num_tokens(self) -> int:
