@@ -9,7 +9,6 @@ type), so the same arithmetic serves decode steps and prefill chunks and batch i
 from __future__ import annotations
 
 import functools
-
 from dataclasses import dataclass
 from typing import Any
 
