@@ -3,7 +3,8 @@
 #   source .gpu-kit/setup.sh && bash tools/gpu_e2e.sh /tmp/model.gguf
 # 1. real-model correctness: CUDA backend vs the numpy reference of the same arithmetic (teacher-forced
 #    top-1, greedy 32 tokens, weight bytes): tensor-core (default), fp32 and fused fp32 forwards;
-# 2. the GPU sampler and the backend on synthetic real-shape weights (the last changes there);
+# 2. the GPU sampler, the linear and attention kernels, and the backend on synthetic real-shape
+#    weights (every layout bitwise equal; prefill = decode = batched);
 # 3. the worker process on the cuda backend (16 streams == alone, abort, kill -9);
 # 4. the service end to end: `qwen-serve serve --backend auto`, `qwen-client info`, the haiku;
 # 5. the issue-5 benchmarks (benchmarks/run_all.sh), time-boxed.
@@ -33,6 +34,7 @@ ls -la cuda/build/qwen_kernels.fatbin || { echo "no fatbin: build it with make k
 
 section "GPU tests (one process per file)"
 for f in tests/gpu/test_cuda_real_model.py tests/gpu/test_sampling_kernels.py \
+         tests/gpu/test_linear_mma.py tests/gpu/test_attention_kernels.py tests/gpu/test_cuda_backend.py \
          tests/test_worker_cuda.py; do
   timeout -k 5 "$(case $f in *real_model*) echo 300;; *worker*) echo 90;; *) echo 60;; esac)" $PY -m pytest "$f" -m gpu -v -s -p no:cacheprovider -p no:timeout 2>&1 \
     | tee -a "$OUT/gpu_tests.log" | grep -E "PASSED|FAILED|ERROR|SKIPPED|prompt [0-9]|weights on|agreement|identical|rel|passed|failed"
