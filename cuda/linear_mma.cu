@@ -26,11 +26,6 @@
 
 namespace linear_mma_detail {
 
-__device__ __forceinline__ void copy16(uint8_t* dst, const void* src, int src_size) {
-    const unsigned d = static_cast<unsigned>(__cvta_generic_to_shared(dst));
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" :: "r"(d), "l"(src), "r"(src_size));
-}
-
 // Bytes of one token's x chunk in shared memory: 16 of padding keep the 8 tokens a warp reads
 // at once on different banks.
 __device__ __forceinline__ int x_stride(const LinearArgs& a) { return 4 * a.chunk_cols + 16; }
@@ -70,9 +65,7 @@ __device__ __forceinline__ void stage_chunk(const LinearArgs& a, int n0, int m0,
         const long long chunk_bytes = static_cast<long long>(num_cols / kValues) * kBytes;
         for (int r = warp; r < ROWS && n0 + r < a.num_rows; r += kWarps) {
             const long long begin = static_cast<long long>(n0 + r) * a.row_bytes + chunk_offset;
-            const long long end = begin + chunk_bytes, first = begin & ~15LL;
-            for (long long src = first + 16LL * lane; src < end; src += 16LL * 32)
-                copy16(buf + r * a.chunk_stride + (src - first), a.weight + src, end - src >= 16 ? 16 : int(end - src));
+            copy_bytes_warp(buf + r * a.chunk_stride, a.weight, begin, begin + chunk_bytes, lane);
         }
     }
     uint8_t* xs = buf + weight_bytes<ROWS>(a);
@@ -128,13 +121,7 @@ __device__ __forceinline__ void multiply_sub_chunk(const LinearArgs& a, const Wa
         float lo[8], hi[8];
         qformats::dequant8<T>(tile.rows[0], col, lo);
         qformats::dequant8<T>(tile.rows[1], col, hi);
-#pragma unroll
-        for (int s = 0; s < 2; ++s) {
-            frag[s][0] = pack_half2(lo[4 * s], lo[4 * s + 1]);
-            frag[s][1] = pack_half2(hi[4 * s], hi[4 * s + 1]);
-            frag[s][2] = pack_half2(lo[4 * s + 2], lo[4 * s + 3]);
-            frag[s][3] = pack_half2(hi[4 * s + 2], hi[4 * s + 3]);
-        }
+        pack_a_fragments(lo, hi, frag);
     }
 #pragma unroll
     for (int j = 0; j < NG; ++j) {

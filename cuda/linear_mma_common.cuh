@@ -33,6 +33,33 @@ __device__ __forceinline__ uint32_t pack_half2(float lo, float hi) {
     return *reinterpret_cast<const uint32_t*>(&h);
 }
 
+// 16 bytes global -> shared without registers; bytes past src_size are zero-filled.
+__device__ __forceinline__ void copy16(uint8_t* dst, const void* src, int src_size) {
+    const unsigned d = static_cast<unsigned>(__cvta_generic_to_shared(dst));
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" :: "r"(d), "l"(src), "r"(src_size));
+}
+
+// One warp (this thread is `lane`) copies bytes [begin, end) of `weight` to dst, starting from the
+// 16-byte boundary at or below begin (dst receives begin - (begin & ~15) leading bytes first).
+__device__ __forceinline__ void copy_bytes_warp(uint8_t* dst, const uint8_t* weight, long long begin, long long end,
+                                                int lane) {
+    const long long first = begin & ~15LL;
+    for (long long src = first + 16LL * lane; src < end; src += 16LL * 32)
+        copy16(dst + (src - first), weight + src, end - src >= 16 ? 16 : int(end - src));
+}
+
+// The A fragments of one 32-column sub-chunk from a lane's 8 dequantized values of rows g (lo) and
+// g + 8 (hi): the first four columns feed the first mma, the last four the second.
+__device__ __forceinline__ void pack_a_fragments(const float lo[8], const float hi[8], uint32_t frag[2][4]) {
+#pragma unroll
+    for (int s = 0; s < 2; ++s) {
+        frag[s][0] = pack_half2(lo[4 * s], lo[4 * s + 1]);
+        frag[s][1] = pack_half2(hi[4 * s], hi[4 * s + 1]);
+        frag[s][2] = pack_half2(lo[4 * s + 2], lo[4 * s + 3]);
+        frag[s][3] = pack_half2(hi[4 * s + 2], hi[4 * s + 3]);
+    }
+}
+
 // acc += A (16 x 16, row-major fragments) * B (16 x 8, column fragments), fp32 accumulators.
 __device__ __forceinline__ void mma_16x8x16(float acc[4], const uint32_t a[4], uint32_t b0, uint32_t b1) {
     asm volatile(

@@ -46,11 +46,6 @@ __host__ __device__ constexpr int gemm_raw_stride() {
 template <int T, int ROWS>
 __host__ __device__ constexpr int gemm_stage_bytes() { return kGemmXBytes + ROWS * gemm_raw_stride<T>(); }
 
-__device__ __forceinline__ void copy16_async(uint8_t* dst, const void* src, int src_size) {
-    const unsigned d = static_cast<unsigned>(__cvta_generic_to_shared(dst));
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" :: "r"(d), "l"(src), "r"(src_size));
-}
-
 // Issues the copies of chunk k0 (num_cols columns) into `stage`: the x tile [token][column]
 // (tokens past M zero-filled), then each W row's raw bytes at row * raw_stride (rows past N are
 // not copied: their products land only in outputs that are never stored).
@@ -65,17 +60,14 @@ __device__ __forceinline__ void stage_gemm_chunk(const LinearArgs& a, const __ha
         if (u >= units) continue;
         const bool real = t < num_tokens;
         const __half* src = x16 + static_cast<long long>(m0 + (real ? t : 0)) * a.num_cols + k0 + 8 * u;
-        copy16_async(stage + t * kGemmXStride + 16 * u, src, real ? 16 : 0);
+        copy16(stage + t * kGemmXStride + 16 * u, src, real ? 16 : 0);
     }
     uint8_t* raw = stage + kGemmXBytes;
     const long long first_block = k0 / kValues, last_block = (k0 + num_cols - 1) / kValues;
     const long long chunk_bytes = (last_block - first_block + 1) * kBytes;
     for (int r = warp; r < ROWS && n0 + r < a.num_rows; r += GemmShape<ROWS>::kWarps) {
         const long long begin = static_cast<long long>(n0 + r) * a.row_bytes + first_block * kBytes;
-        const long long end = begin + chunk_bytes, first = begin & ~15LL;
-        for (long long src = first + 16LL * lane; src < end; src += 16LL * 32)
-            copy16_async(raw + r * gemm_raw_stride<T>() + (src - first), a.weight + src,
-                         end - src >= 16 ? 16 : int(end - src));
+        copy_bytes_warp(raw + r * gemm_raw_stride<T>(), a.weight, begin, begin + chunk_bytes, lane);
     }
     asm volatile("cp.async.commit_group;\n" ::: "memory");
 }
@@ -110,13 +102,7 @@ __device__ __forceinline__ void multiply_gemm_sub_chunk(const LinearArgs& a, con
             const uint8_t* row = raw + r * gemm_raw_stride<T>() + (begin & 15) - first_block * kBytes;
             qformats::dequant8<T>(row, col, h ? hi : lo);
         }
-#pragma unroll
-        for (int s = 0; s < 2; ++s) {
-            frag[s][0] = pack_half2(lo[4 * s], lo[4 * s + 1]);
-            frag[s][1] = pack_half2(hi[4 * s], hi[4 * s + 1]);
-            frag[s][2] = pack_half2(lo[4 * s + 2], lo[4 * s + 3]);
-            frag[s][3] = pack_half2(hi[4 * s + 2], hi[4 * s + 3]);
-        }
+        pack_a_fragments(lo, hi, frag);
 #pragma unroll
         for (int j = 0; j < kGemmTokens / 8; ++j) {
             mma_16x8x16(acc[rb][j], frag[0], b[j][0], b[j][1]);
