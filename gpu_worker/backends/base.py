@@ -7,15 +7,17 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 
 from gpu_worker.sampling.params import SamplingParams
 
 
-@dataclass(frozen=True)
-class SampleRequest:
-    """What the sampler needs for one sequence at generation step `step` (0 = first new token)."""
+class SampleRequest(NamedTuple):
+    """What the sampler needs for one sequence at generation step `step` (0 = first new token).
+    A NamedTuple, not a frozen dataclass: the engine builds one per sequence per step (256 per
+    decode step), at half the cost; fields and construction are the same."""
 
     params: SamplingParams
     step: int

@@ -75,6 +75,8 @@ class KVBlockManager:
     def allocate(self, seq: Sequence, num_new_tokens: int) -> None:
         """Grow seq's block table for `num_new_tokens` more tokens of KV (all or nothing)."""
         needed = self.num_new_blocks_needed(seq, num_new_tokens)
+        if needed == 0:
+            return                 # the common decode step: room in the last block
         if needed > len(self._free):
             raise RuntimeError(f"KV exhausted: need {needed} blocks, {len(self._free)} free")
         for _ in range(needed):
@@ -130,6 +132,8 @@ class KVBlockManager:
         if not self.prefix_caching:
             return
         num_full = seq.num_computed_tokens // self.block_size
+        if num_full <= seq.num_registered_blocks:
+            return                 # no block filled up this step (15 of 16 decode steps)
         for index in range(seq.num_registered_blocks, num_full):
             self.cache.register(seq.block_key(index, self.block_size), seq.block_table[index])
         seq.num_registered_blocks = max(seq.num_registered_blocks, num_full)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 
@@ -16,9 +17,9 @@ from gpu_worker.engine.scheduler import ScheduledChunk, Scheduler
 from gpu_worker.engine.sequence import RequestSpec, Sequence
 
 
-@dataclass(frozen=True)
-class TokenOut:
-    """One new token of a request (EOS / stop ids that end it are not emitted)."""
+class TokenOut(NamedTuple):
+    """One new token of a request (EOS / stop ids that end it are not emitted). A NamedTuple, not
+    a frozen dataclass: one is built per token (256 per decode step), at half the cost."""
 
     request_key: int
     token_id: int
@@ -72,7 +73,7 @@ class Engine:
         bad += [t for t, _ in spec.sampling.logit_bias if not 0 <= t < self.vocab_size]
         if bad:
             return [self._error_finish(spec, f"token id {bad[0]} outside the vocabulary [0, {self.vocab_size})")]
-        seq = Sequence(spec)
+        seq = Sequence(spec, default_eos_ids=self.default_eos_ids)
         self._seqs[spec.request_key] = seq
         self.scheduler.add(seq)
         return []
@@ -115,13 +116,16 @@ class Engine:
     def _postprocess(self, chunks: list[ScheduledChunk], output: StepOutput) -> list[EngineEvent]:
         events: list[EngineEvent] = []
         now = time.monotonic_ns()
+        token_ids = output.token_ids.tolist()        # [num_seqs] ints, one conversion per step
+        logprobs = output.logprobs
+        cache_full_blocks = self.block_manager.cache_full_blocks
         for i, chunk in enumerate(chunks):
             seq = chunk.seq
             seq.num_computed_tokens += chunk.num_tokens
-            self.block_manager.cache_full_blocks(seq)      # before a finish frees them
-            if not chunk.samples:
-                continue
-            token_id = int(output.token_ids[i])
+            cache_full_blocks(seq)                       # before a finish frees them
+            if chunk.start + chunk.num_tokens != seq.num_tokens:
+                continue                                 # a prompt chunk that samples nothing
+            token_id = token_ids[i]
             if token_id < 0:
                 raise RuntimeError(f"backend sampled nothing for request {seq.key} that asked for a token")
             seq.append_token(token_id)
@@ -130,20 +134,18 @@ class Engine:
                 seq.first_token_ns = now
             reason = self._finish_reason(seq, token_id)
             if reason not in ("eos", "stop"):
-                events.append(TokenOut(seq.key, token_id, output.logprobs[i]))
+                events.append(TokenOut(seq.key, token_id, logprobs[i]))
             if reason is not None:
                 self.scheduler.finish(seq, reason)
                 events.append(self._finish_event(seq))
         return events
 
     def _finish_reason(self, seq: Sequence, token_id: int) -> str | None:
-        stopping = seq.spec.stopping
-        if token_id in stopping.stop_token_ids:
+        if token_id in seq.stop_ids:
             return "stop"
-        eos_ids = frozenset(stopping.eos_token_ids) or self.default_eos_ids
-        if not stopping.ignore_eos and token_id in eos_ids:
+        if token_id in seq.eos_ids:                      # empty with ignore_eos
             return "eos"
-        if seq.num_output_tokens >= stopping.max_tokens or seq.num_tokens >= self.context_length:
+        if seq.num_output_tokens >= seq.max_tokens or seq.num_tokens >= self.context_length:
             return "length"
         return None
 
@@ -175,27 +177,46 @@ class Engine:
 
 
 def build_step_batch(chunks: list[ScheduledChunk], block_size: int) -> StepBatch:
-    """Flatten scheduled chunks into the backend's explicit batch (shapes in base.StepBatch)."""
-    lens = np.array([c.num_tokens for c in chunks], dtype=np.int32)
-    query_start_loc = np.zeros(len(chunks) + 1, dtype=np.int32)
+    """Flatten scheduled chunks into the backend's explicit batch (shapes in base.StepBatch).
+
+    One Python pass gathers per-chunk scalars and views; the per-token and per-block arrays are
+    then built with whole-array numpy operations (a decode step has 256 chunks of one token)."""
+    num_seqs = len(chunks)
+    seqs = [c.seq for c in chunks]
+    lens = np.fromiter([c.num_tokens for c in chunks], np.int32, num_seqs)      # [num_seqs]
+    starts = np.fromiter([c.start for c in chunks], np.int32, num_seqs)         # [num_seqs]
+    query_start_loc = np.zeros(num_seqs + 1, dtype=np.int32)
     np.cumsum(lens, out=query_start_loc[1:])
-    input_ids = np.concatenate([c.seq.token_ids[c.start:c.start + c.num_tokens] for c in chunks])
-    positions = np.concatenate([np.arange(c.start, c.start + c.num_tokens, dtype=np.int32) for c in chunks])
-    max_blocks = max(len(c.seq.block_table) for c in chunks)
-    block_tables = np.full((len(chunks), max_blocks), -1, dtype=np.int32)   # [num_seqs, max_blocks]
-    for i, c in enumerate(chunks):
-        block_tables[i, :len(c.seq.block_table)] = c.seq.block_table
-    seq_index = np.repeat(np.arange(len(chunks)), lens)
+    num_tokens = int(query_start_loc[-1])
+    if num_tokens == num_seqs:         # one token each (a decode step): ints, not 256 tiny arrays
+        input_ids = np.fromiter([c.seq.token_id(c.start) for c in chunks], np.int32, num_seqs)
+    else:
+        input_ids = np.concatenate([c.seq.token_slice(c.start, c.start + c.num_tokens) for c in chunks])
+    # Token j of sequence i sits at position starts[i] + (j - query_start_loc[i]).
+    seq_index = np.repeat(np.arange(num_seqs), lens)                            # [num_tokens]
+    positions = (np.arange(num_tokens, dtype=np.int32)
+                 + (starts - query_start_loc[:-1])[seq_index])                  # [num_tokens]
+    block_tables = _block_tables(seqs)                                          # [num_seqs, max_blocks]
     slot_mapping = (block_tables[seq_index, positions // block_size] * block_size
                     + positions % block_size).astype(np.int32)
-    context_lens = np.array([c.start + c.num_tokens for c in chunks], dtype=np.int32)
-    sample = tuple(_sample_request(c) if c.samples else None for c in chunks)
+    context_lens = starts + lens
+    # (params, step, seen_token_ids, output_token_ids), positionally: 256 of these per decode step.
+    sample = tuple(SampleRequest(c.seq.spec.sampling, c.seq.num_output_tokens, c.seq.token_ids,
+                                 c.seq.output_token_ids)
+                   if c.start + c.num_tokens == c.seq.num_tokens else None for c in chunks)
     return StepBatch(input_ids=input_ids, positions=positions, query_start_loc=query_start_loc,
                      context_lens=context_lens, block_tables=block_tables, slot_mapping=slot_mapping,
                      sample=sample)
 
 
-def _sample_request(chunk: ScheduledChunk) -> SampleRequest:
-    seq = chunk.seq
-    return SampleRequest(params=seq.spec.sampling, step=seq.num_output_tokens,
-                         seen_token_ids=seq.token_ids, output_token_ids=seq.output_token_ids)
+def _block_tables(seqs: list[Sequence]) -> np.ndarray:
+    """The sequences' block tables as one -1 padded array # [num_seqs, max_blocks] int32: every
+    table's ids joined in one list, converted once, then scattered into the rows by a mask
+    (boolean-mask assignment fills row-major, i.e. table after table)."""
+    widths = np.fromiter([len(s.block_table) for s in seqs], np.int64, len(seqs))   # [num_seqs]
+    flat: list[int] = []
+    for s in seqs:
+        flat += s.block_table
+    block_tables = np.full((len(seqs), int(widths.max())), -1, dtype=np.int32)
+    block_tables[np.arange(block_tables.shape[1]) < widths[:, None]] = np.array(flat, dtype=np.int32)
+    return block_tables

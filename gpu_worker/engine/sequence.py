@@ -47,14 +47,23 @@ class Sequence:
     the KV and resets `num_computed_tokens` to 0; generated tokens stay and are re-prefilled.
     """
 
-    def __init__(self, spec: RequestSpec, arrival_ns: int | None = None) -> None:
+    def __init__(self, spec: RequestSpec, arrival_ns: int | None = None,
+                 default_eos_ids: frozenset[int] = frozenset()) -> None:
         self.spec = spec
         self.key = spec.request_key
         self.num_prompt_tokens = len(spec.prompt_token_ids)
+        # Ids that end the request, as sets built once (checked for every generated token):
+        # stop ids always; EOS ids (the request's own, else the model's) unless ignore_eos.
+        stopping = spec.stopping
+        self.stop_ids = frozenset(stopping.stop_token_ids)
+        self.eos_ids = frozenset() if stopping.ignore_eos else (frozenset(stopping.eos_token_ids)
+                                                                or default_eos_ids)
+        self.max_tokens = stopping.max_tokens
         # Prompt + generated ids in a growable buffer, so each step hands the sampler views instead
         # of converting a Python list (that cost grows with length x batch). # [capacity] int32
         self._ids = np.empty(max(16, 2 * self.num_prompt_tokens), dtype=np.int32)
         self._ids[:self.num_prompt_tokens] = spec.prompt_token_ids
+        self._readonly_ids = _readonly(self._ids)
         self._num_tokens = self.num_prompt_tokens
         self.num_computed_tokens = 0
         self.block_table: list[int] = []
@@ -77,19 +86,28 @@ class Sequence:
     def token_ids(self) -> np.ndarray:
         """Prompt + generated ids, a read-only view # [num_tokens] int32. Entries never change
         once written (appends go past the view; growth copies to a new buffer)."""
-        view = self._ids[:self._num_tokens]
-        view.flags.writeable = False
-        return view
+        return self._readonly_ids[:self._num_tokens]
 
     @property
     def output_token_ids(self) -> np.ndarray:
-        return self.token_ids[self.num_prompt_tokens:]
+        return self._readonly_ids[self.num_prompt_tokens:self._num_tokens]
+
+    def token_id(self, index: int) -> int:
+        """token_ids[index] as an int, without a view (index < num_tokens)."""
+        if not 0 <= index < self._num_tokens:
+            raise IndexError(f"token {index} of {self._num_tokens}")
+        return int(self._ids.item(index))
+
+    def token_slice(self, start: int, stop: int) -> np.ndarray:
+        """token_ids[start:stop] without the intermediate view (read-only) # [stop - start] int32."""
+        return self._readonly_ids[start:min(stop, self._num_tokens)]
 
     def append_token(self, token_id: int) -> None:
         if self._num_tokens == len(self._ids):
             grown = np.empty(2 * len(self._ids), dtype=np.int32)
             grown[:self._num_tokens] = self._ids[:self._num_tokens]
             self._ids = grown
+            self._readonly_ids = _readonly(grown)
         self._ids[self._num_tokens] = token_id
         self._num_tokens += 1
 
@@ -114,7 +132,7 @@ class Sequence:
     @property
     def num_uncomputed_tokens(self) -> int:
         """Tokens still to feed before the next sample (1 for a decode step)."""
-        return self.num_tokens - self.num_computed_tokens
+        return self._num_tokens - self.num_computed_tokens
 
     @property
     def is_finished(self) -> bool:
@@ -127,3 +145,11 @@ class Sequence:
         ttft_ns = (self.first_token_ns - self.arrival_ns) if self.first_token_ns else 0
         decode_ns = (end - self.first_token_ns) if self.first_token_ns else 0
         return queue_ns, ttft_ns, decode_ns
+
+
+def _readonly(buffer: np.ndarray) -> np.ndarray:
+    """A read-only view of `buffer`; its slices are read-only too, so views handed out per step
+    need no flag change of their own (that costs more than the slice)."""
+    view = buffer.view()
+    view.flags.writeable = False
+    return view
