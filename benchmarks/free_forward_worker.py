@@ -22,7 +22,7 @@ import numpy as np
 
 from gpu_worker.backends.base import Backend, StepBatch, StepOutput, TokenLogprobs
 from gpu_worker.ipc.worker_endpoint import WorkerEndpoint
-from gpu_worker.worker_main import create_engine, describe, warm_up
+from gpu_worker.worker_main import create_engine, describe, settle_heap, warm_up
 
 # Ids below this are ordinary text tokens in Qwen2.5's vocabulary (special tokens start at 151643).
 TEXT_TOKEN_LIMIT = 151_000
@@ -87,6 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     backend = FreeForwardBackend(model.config.vocab_size, args.step_ms / 1000)
     engine = create_engine(model, backend, args.num_kv_blocks, 16, args.max_batch, args.max_tokens_per_step)
     warm_up(engine)
+    settle_heap()
     info = describe(model, backend, args.model, args.num_kv_blocks, 16)
     endpoint = WorkerEndpoint(engine, args.socket_dir, info)
 

@@ -37,9 +37,10 @@ def engine_alone(model: Path, levels: list[int], prompt_len: int, max_tokens: in
     from gpu_worker.engine.sequence import RequestSpec
     from gpu_worker.model.gguf_loader import load_gguf
     from gpu_worker.sampling.params import SamplingParams, StoppingParams
-    from gpu_worker.worker_main import create_engine
+    from gpu_worker.worker_main import create_engine, settle_heap
 
     loaded = load_gguf(model)
+    settle_heap()               # as the worker does after start-up
     results = {}
     for n in levels:
         engine = create_engine(loaded, FreeForwardBackend(loaded.config.vocab_size, step_ms / 1000),

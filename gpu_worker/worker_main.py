@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import gc
 import logging
 import os
 import signal
@@ -44,6 +45,7 @@ def run_worker(model_path: str, backend: str = "auto", socket_dir: str = "/tmp/q
         raise ValueError(f"KV budget {kv_cache_gb} GiB holds no block of {block_size} tokens")
     engine = create_engine(model, be, num_kv_blocks, block_size, max_batch, max_tokens_per_step, prefix_cache)
     warm_up(engine)
+    settle_heap()
     info = describe(model, be, model_path, num_kv_blocks, block_size)
     log.info("worker ready in %.1f s: %s on %s, %d KV blocks", time.monotonic() - t0,
              info["architecture"], info["device_name"], num_kv_blocks)
@@ -82,6 +84,15 @@ def warm_up(engine: Engine) -> None:
         raise RuntimeError(f"warm-up step failed: {finish}")
     if engine.block_manager.num_used_blocks:
         raise RuntimeError("warm-up left KV blocks allocated")
+
+
+def settle_heap() -> None:
+    """Freeze what start-up left alive (model metadata, tokenizer tables, backend state) out of
+    the cyclic GC's generations. The engine allocates a few objects per sequence per step, so
+    collections run many times a second; the older generations would otherwise walk all of these
+    long-lived objects again each time (~12% of an engine-only run at 256 sequences)."""
+    gc.collect()
+    gc.freeze()
 
 
 def default_eos_ids(model: Any) -> tuple[int, ...]:

@@ -148,5 +148,8 @@ def test_tokens_and_finished_round_trip() -> None:
               TokenOut(5, 0, TokenLogprobs(0, -3.0, ())),
               TokenOut(6, 151935, None)]
     assert messages.decode_tokens(messages.encode_tokens(tokens)) == tokens
+    plain = [t for t in tokens if t.logprobs is None]          # the encoder's no-logprobs path
+    assert messages.decode_tokens(messages.encode_tokens(plain)) == plain
+    assert messages.decode_tokens(messages.encode_tokens([])) == []
     fin = FinishOut(9, "cancelled", 12, 3, 1000, 2000, 3000, "why: é")
     assert messages.decode_finished(messages.encode_finished(fin)) == fin

@@ -83,13 +83,20 @@ def encode_tokens(tokens: list[TokenOut]) -> bytes:
     """[n] keys u64 | [n] token ids i32 | [n] logprob f64 (NaN: none) | [n] top counts u8 |
     [num_top] top ids i32 | [num_top] top logprobs f64."""
     n = len(tokens)
-    keys = np.array([t.request_key for t in tokens], dtype=np.uint64)
-    ids = np.array([t.token_id for t in tokens], dtype=np.int32)
-    lps = np.array([t.logprobs.logprob if t.logprobs else math.nan for t in tokens], dtype=np.float64)
-    tops = [t.logprobs.top if t.logprobs else () for t in tokens]
-    counts = np.array([len(top) for top in tops], dtype=np.uint8)
-    top_ids = np.array([i for top in tops for i, _ in top], dtype=np.int32)
-    top_lps = np.array([v for top in tops for _, v in top], dtype=np.float64)
+    columns = tuple(zip(*tokens)) or ((), (), ())     # TokenOut is a NamedTuple: one transpose
+    key_list, id_list, logprob_list = columns
+    keys = np.array(key_list, dtype=np.uint64)
+    ids = np.array(id_list, dtype=np.int32)
+    if logprob_list.count(None) == n:           # the common case: nobody asked for logprobs
+        lps = np.full(n, math.nan)
+        counts = np.zeros(n, dtype=np.uint8)
+        top_ids, top_lps = np.zeros(0, dtype=np.int32), np.zeros(0, dtype=np.float64)
+    else:
+        lps = np.array([lp.logprob if lp else math.nan for lp in logprob_list], dtype=np.float64)
+        tops = [lp.top if lp else () for lp in logprob_list]
+        counts = np.array([len(top) for top in tops], dtype=np.uint8)
+        top_ids = np.array([i for top in tops for i, _ in top], dtype=np.int32)
+        top_lps = np.array([v for top in tops for _, v in top], dtype=np.float64)
     return b"".join((_TOKENS.pack(n, len(top_ids)), keys.tobytes(), lps.tobytes(), top_lps.tobytes(),
                      ids.tobytes(), top_ids.tobytes(), counts.tobytes()))
 
