@@ -119,11 +119,10 @@ class Engine:
         token_ids = output.token_ids.tolist()        # [num_seqs] ints, one conversion per step
         logprobs = output.logprobs
         cache_full_blocks = self.block_manager.cache_full_blocks
-        for i, chunk in enumerate(chunks):
-            seq = chunk.seq
-            seq.num_computed_tokens += chunk.num_tokens
+        for i, (seq, num_tokens, start) in enumerate(chunks):
+            seq.num_computed_tokens += num_tokens
             cache_full_blocks(seq)                       # before a finish frees them
-            if chunk.start + chunk.num_tokens != seq.num_tokens:
+            if start + num_tokens != seq.num_tokens:
                 continue                                 # a prompt chunk that samples nothing
             token_id = token_ids[i]
             if token_id < 0:
@@ -179,44 +178,44 @@ class Engine:
 def build_step_batch(chunks: list[ScheduledChunk], block_size: int) -> StepBatch:
     """Flatten scheduled chunks into the backend's explicit batch (shapes in base.StepBatch).
 
-    One Python pass gathers per-chunk scalars and views; the per-token and per-block arrays are
-    then built with whole-array numpy operations (a decode step has 256 chunks of one token)."""
+    One Python pass gathers per-chunk scalars, block ids and sample requests; the per-token and
+    per-block arrays are then built with whole-array numpy operations (a decode step has 256
+    chunks of one token, so per-chunk numpy calls would dominate)."""
     num_seqs = len(chunks)
-    seqs = [c.seq for c in chunks]
-    lens = np.fromiter([c.num_tokens for c in chunks], np.int32, num_seqs)      # [num_seqs]
-    starts = np.fromiter([c.start for c in chunks], np.int32, num_seqs)         # [num_seqs]
+    lens: list[int] = []
+    starts: list[int] = []
+    widths: list[int] = []
+    flat_blocks: list[int] = []            # every block table, one after the other
+    sample: list[SampleRequest | None] = []
+    for seq, num_tokens, start in chunks:
+        lens.append(num_tokens)
+        starts.append(start)
+        widths.append(len(seq.block_table))
+        flat_blocks += seq.block_table
+        if start + num_tokens == seq.num_tokens:       # reaches the last token: sample a new one
+            sample.append(SampleRequest(seq.spec.sampling, seq.num_output_tokens, seq.token_ids,
+                                        seq.output_token_ids))
+        else:
+            sample.append(None)
+    lens_array = np.array(lens, dtype=np.int32)                                 # [num_seqs]
+    starts_array = np.array(starts, dtype=np.int32)                             # [num_seqs]
     query_start_loc = np.zeros(num_seqs + 1, dtype=np.int32)
-    np.cumsum(lens, out=query_start_loc[1:])
+    np.cumsum(lens_array, out=query_start_loc[1:])
     num_tokens = int(query_start_loc[-1])
     if num_tokens == num_seqs:         # one token each (a decode step): ints, not 256 tiny arrays
-        input_ids = np.fromiter([c.seq.token_id(c.start) for c in chunks], np.int32, num_seqs)
+        input_ids = np.array([c.seq.token_id(c.start) for c in chunks], dtype=np.int32)
     else:
         input_ids = np.concatenate([c.seq.token_slice(c.start, c.start + c.num_tokens) for c in chunks])
     # Token j of sequence i sits at position starts[i] + (j - query_start_loc[i]).
-    seq_index = np.repeat(np.arange(num_seqs), lens)                            # [num_tokens]
+    seq_index = np.repeat(np.arange(num_seqs), lens_array)                      # [num_tokens]
     positions = (np.arange(num_tokens, dtype=np.int32)
-                 + (starts - query_start_loc[:-1])[seq_index])                  # [num_tokens]
-    block_tables = _block_tables(seqs)                                          # [num_seqs, max_blocks]
+                 + (starts_array - query_start_loc[:-1])[seq_index])            # [num_tokens]
+    # Boolean-mask assignment fills row-major, i.e. table after table.
+    widths_array = np.array(widths)                                             # [num_seqs]
+    block_tables = np.full((num_seqs, max(widths)), -1, dtype=np.int32)        # [num_seqs, max_blocks]
+    block_tables[np.arange(block_tables.shape[1]) < widths_array[:, None]] = np.array(flat_blocks, np.int32)
     slot_mapping = (block_tables[seq_index, positions // block_size] * block_size
                     + positions % block_size).astype(np.int32)
-    context_lens = starts + lens
-    # (params, step, seen_token_ids, output_token_ids), positionally: 256 of these per decode step.
-    sample = tuple(SampleRequest(c.seq.spec.sampling, c.seq.num_output_tokens, c.seq.token_ids,
-                                 c.seq.output_token_ids)
-                   if c.start + c.num_tokens == c.seq.num_tokens else None for c in chunks)
     return StepBatch(input_ids=input_ids, positions=positions, query_start_loc=query_start_loc,
-                     context_lens=context_lens, block_tables=block_tables, slot_mapping=slot_mapping,
-                     sample=sample)
-
-
-def _block_tables(seqs: list[Sequence]) -> np.ndarray:
-    """The sequences' block tables as one -1 padded array # [num_seqs, max_blocks] int32: every
-    table's ids joined in one list, converted once, then scattered into the rows by a mask
-    (boolean-mask assignment fills row-major, i.e. table after table)."""
-    widths = np.fromiter([len(s.block_table) for s in seqs], np.int64, len(seqs))   # [num_seqs]
-    flat: list[int] = []
-    for s in seqs:
-        flat += s.block_table
-    block_tables = np.full((len(seqs), int(widths.max())), -1, dtype=np.int32)
-    block_tables[np.arange(block_tables.shape[1]) < widths[:, None]] = np.array(flat, dtype=np.int32)
-    return block_tables
+                     context_lens=starts_array + lens_array, block_tables=block_tables,
+                     slot_mapping=slot_mapping, sample=tuple(sample))
