@@ -46,9 +46,7 @@ def worker_reason(reason: str) -> FinishReason:
     return _WORKER_REASONS[reason]
 
 
-def _logprob_entry(tools: TextTools, token_id: int, logprobs: Any) -> TokenLogprob | None:
-    if logprobs is None:
-        return None
+def _logprob_entry(tools: TextTools, token_id: int, logprobs: Any) -> TokenLogprob:
     top = tuple((int(alt_id), float(alt_logprob), tools.piece(int(alt_id)))
                 for alt_id, alt_logprob in logprobs.top)
     return TokenLogprob(token_id=token_id, logprob=float(logprobs.logprob), top=top)
@@ -124,14 +122,14 @@ class Generation:
         token_ids: list[int] = []
         entries: list[TokenLogprob] = []
         matched: str | None = None
-        for event in events:
-            token_id = int(event.token_id)
-            text, matched = self.text.push(token_id)
+        push = self.text.push
+        for token_id, logprobs in events:
+            token_id = int(token_id)
+            text, matched = push(token_id)
             texts.append(text)
             token_ids.append(token_id)
-            entry = _logprob_entry(self.tools, token_id, event.logprobs)
-            if entry is not None:
-                entries.append(entry)
+            if logprobs is not None:
+                entries.append(_logprob_entry(self.tools, token_id, logprobs))
             if matched is not None:
                 break
         self._observe_tokens(len(token_ids))

@@ -5,11 +5,12 @@ never emitted, not even its first characters. Everything before the match is emi
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import NamedTuple
 
 
-@dataclass(frozen=True)
-class StopMatch:
+class StopMatch(NamedTuple):
+    """One per generated token: a NamedTuple, cheaper to build than a frozen dataclass."""
+
     emit: str                  # text safe to send now
     matched: str | None        # the stop string that matched (generation ends), else None
 

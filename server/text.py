@@ -51,15 +51,18 @@ class OutputText:
     detokenizer: IncrementalDetokenizer = field(init=False)
     matcher: StopStringMatcher = field(init=False)
 
+    vocab_size: int = field(init=False)
+
     def __post_init__(self) -> None:
         self.detokenizer = IncrementalDetokenizer(self.tools.tokenizer)
         self.matcher = StopStringMatcher(self.stops)
+        self.vocab_size = self.tools.tokenizer.vocab_size     # read once, not per token
 
     def push(self, token_id: int) -> tuple[str, str | None]:
         """(text to emit, matched stop string or None)."""
         if token_id in self.hidden_ids:
             piece = ""
-        elif 0 <= token_id < self.tools.tokenizer.vocab_size:
+        elif 0 <= token_id < self.vocab_size:
             piece = self.detokenizer.push(token_id)
         else:   # a model row without a tokenizer entry (padded embedding): shown, not fatal
             piece = self.detokenizer.flush() + "\ufffd"
