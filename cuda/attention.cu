@@ -3,17 +3,30 @@
 // a decode step, alone or batched. The query at position pos attends to positions [0, pos] of its
 // sequence (its own K/V row was written by rope_kv before this launch).
 //
-// The arithmetic of one (query, head), fixed by the context alone: one warp visits the context in
-// tiles of 32 positions, in order, with an online softmax (running max m, running sum l); lane j
-// scores position tile_start + j by a fixed-order dot product; each lane accumulates output dims
-// 2*lane, 2*lane + 1 over the tile's positions in increasing order.
-// Block = (token, kv head), one warp per query head of the GQA group (the group's warps read the
-// same K/V rows: L1 hits).
+// The arithmetic of one (query, head), fixed by the context length alone:
+// - the context is cut into tiles of 32 positions; tile i belongs to split s = i % 4;
+// - each split runs an online softmax (running max m, running sum l) over its tiles in increasing
+//   order: lane j scores position tile_start + j by a fixed-order dot product, and each lane
+//   accumulates output dims 2*lane, 2*lane + 1 over the tile's positions in increasing order;
+// - the four split states are merged in split order, ((s0 + s1) + s2) + s3, then normalized.
+// One warp per (query head, split): the 4 splits run side by side. (A single warp walking all
+// tiles issued one dependent instruction every ~11 cycles: ~1.8 us per tile at batch 1.)
+//
+// Block = (token, kv head): 4 warps for each query head of the GQA group. All of them need the same
+// K/V rows, so the block stages them once in shared memory, one round of 4 tiles (128 positions)
+// at a time with cp.async, the next round in flight while this one is scored. Where a tile comes
+// from changes no value and no order of operations.
 #include "common.cuh"
 
 #define QS_ATTN_HEAD_DIM 64
 #define QS_ATTN_TILE 32
-#define QS_ATTN_MAX_GROUP 8     // query heads per kv head: block <= 256 threads
+#define QS_ATTN_SPLIT 4                                   // warps per query head; tile i -> split i % 4
+#define QS_ATTN_ROUND (QS_ATTN_SPLIT * QS_ATTN_TILE)      // positions staged together: 128
+#define QS_ATTN_MAX_GROUP 8                               // query heads per kv head: block <= 1024 threads
+#define QS_ATTN_ROW 72          // halves per staged row: 64 + 8 of padding, so the 16-byte loads of
+                                // lanes reading 32 different rows spread over the banks
+// Dynamic shared memory: two rounds of K rows, then two of V rows (mirrored by ops/attention.py).
+#define QS_ATTN_SHARED_BYTES (2 * 2 * QS_ATTN_ROUND * QS_ATTN_ROW * 2)
 
 // Every field 8 bytes wide (mirrored by ops/attention.py's numpy record).
 struct AttentionParams {
@@ -34,6 +47,8 @@ struct AttentionParams {
 
 namespace qs {
 
+typedef __half AttnRow[QS_ATTN_ROW];
+
 struct AttnState {
     float m;     // running max of scores (-inf before the first tile)
     float l;     // running sum of exp(score - m)
@@ -47,58 +62,57 @@ __device__ __forceinline__ AttnState attn_state_init() {
     return s;
 }
 
-// q: [64] fp32 (registers or shared memory), k_row: [64] fp16 (16-byte aligned). Fixed order.
+// q: [64] fp32 in shared memory (every lane reads the same value: a broadcast), k_row: [64] fp16
+// in shared memory (16-byte aligned). Fixed order: one FMA chain over dims 0..63.
 __device__ __forceinline__ float dot_q_k(const float* q, const __half* k_row) {
     float sum = 0.0f;
 #pragma unroll
     for (int c = 0; c < QS_ATTN_HEAD_DIM; c += 8) {
         float k8[8];
         load_half8(k_row + c, k8);
-#pragma unroll
-        for (int i = 0; i < 8; ++i) sum = fmaf(q[c + i], k8[i], sum);
+        const float4 qa = *reinterpret_cast<const float4*>(q + c);
+        const float4 qb = *reinterpret_cast<const float4*>(q + c + 4);
+        sum = fmaf(qa.x, k8[0], sum); sum = fmaf(qa.y, k8[1], sum);
+        sum = fmaf(qa.z, k8[2], sum); sum = fmaf(qa.w, k8[3], sum);
+        sum = fmaf(qb.x, k8[4], sum); sum = fmaf(qb.y, k8[5], sum);
+        sum = fmaf(qb.z, k8[6], sum); sum = fmaf(qb.w, k8[7], sum);
     }
     return sum;
 }
 
 // One tile of up to 32 positions; `num_valid` (1..32, warp-uniform) of them are < context length.
-// Lane j holds k_row / v_row of position tile_start + j (ignored when j >= num_valid).
-__device__ __forceinline__ void attn_tile_update(AttnState& st, const float* q, const __half* k_row,
-                                                 const __half* v_row, int num_valid, float scale) {
+// k_tile / v_tile: the tile's rows in shared memory (row j = position tile_start + j); rows past
+// num_valid hold stale bytes and are never read.
+__device__ __forceinline__ void attn_tile_update(AttnState& st, const float* q, const AttnRow* k_tile,
+                                                 const AttnRow* v_tile, int num_valid, float scale) {
     const int lane = threadIdx.x & 31;
-    const float score = lane < num_valid ? dot_q_k(q, k_row) * scale : -INFINITY;
+    const float score = lane < num_valid ? dot_q_k(q, k_tile[lane]) * scale : -INFINITY;
     const float m_new = fmaxf(st.m, warp_max(score));
     const float correction = expf(st.m - m_new);  // 0 on the first tile (m = -inf)
     const float p = lane < num_valid ? expf(score - m_new) : 0.0f;
     st.l = st.l * correction + warp_sum(p);
     st.acc0 *= correction;
     st.acc1 *= correction;
-    const unsigned long long v_addr = reinterpret_cast<unsigned long long>(v_row);
-    if (num_valid == QS_ATTN_TILE) {
-        // A full tile: all 32 V loads in flight before the first FMA (the loop below waits for
-        // each load in turn). The FMAs run in the same order, so the result is bitwise the same.
-        __half2 v[QS_ATTN_TILE];
 #pragma unroll
-        for (int j = 0; j < QS_ATTN_TILE; ++j) {
-            const __half* vj = reinterpret_cast<const __half*>(__shfl_sync(0xffffffffu, v_addr, j));
-            v[j] = reinterpret_cast<const __half2*>(vj)[lane];
-        }
-#pragma unroll
-        for (int j = 0; j < QS_ATTN_TILE; ++j) {
-            const float pj = __shfl_sync(0xffffffffu, p, j);
-            const float2 v2 = __half22float2(v[j]);
-            st.acc0 = fmaf(pj, v2.x, st.acc0);
-            st.acc1 = fmaf(pj, v2.y, st.acc1);
-        }
-    } else {
-        for (int j = 0; j < num_valid; ++j) {
-            const float pj = __shfl_sync(0xffffffffu, p, j);
-            const __half* vj = reinterpret_cast<const __half*>(__shfl_sync(0xffffffffu, v_addr, j));
-            const float2 v2 = __half22float2(reinterpret_cast<const __half2*>(vj)[lane]);
-            st.acc0 = fmaf(pj, v2.x, st.acc0);
-            st.acc1 = fmaf(pj, v2.y, st.acc1);
-        }
+    for (int j = 0; j < QS_ATTN_TILE; ++j) {
+        if (j >= num_valid) break;
+        const float pj = __shfl_sync(0xffffffffu, p, j);
+        const float2 v2 = __half22float2(reinterpret_cast<const __half2*>(v_tile[j])[lane]);
+        st.acc0 = fmaf(pj, v2.x, st.acc0);
+        st.acc1 = fmaf(pj, v2.y, st.acc1);
     }
     st.m = m_new;
+}
+
+// a <- a merged with state b (m_b = -inf: b saw no tile, and a is unchanged in value).
+// a.m is finite: split 0 always holds tile 0.
+__device__ __forceinline__ void attn_merge(AttnState& a, float m_b, float l_b, float acc0_b, float acc1_b) {
+    const float m = fmaxf(a.m, m_b);
+    const float ca = expf(a.m - m), cb = expf(m_b - m);
+    a.l = a.l * ca + l_b * cb;
+    a.acc0 = a.acc0 * ca + acc0_b * cb;
+    a.acc1 = a.acc1 * ca + acc1_b * cb;
+    a.m = m;
 }
 
 __device__ __forceinline__ void attn_store(const AttnState& st, float* out_head) {
@@ -112,35 +126,82 @@ __device__ __forceinline__ long long paged_slot(const int* block_table_row, int 
     return (long long)block_table_row[pos / block_size] * block_size + pos % block_size;
 }
 
+// Issues (and commits, as one cp.async group) the copies of round `round`'s K and V rows of
+// kv_head (positions [128 * round, 128 * round + 128) of the context) into one stage. 16 bytes per
+// copy, strided by thread; positions past the context are skipped.
+__device__ __forceinline__ void attn_stage_round(const AttentionParams& p, const int* table, int kv_head,
+                                                 int context_len, int round, AttnRow* k_stage, AttnRow* v_stage) {
+    constexpr int kPieces = QS_ATTN_HEAD_DIM / 8;               // 16-byte pieces per row
+    constexpr int kCopies = QS_ATTN_ROUND * kPieces;            // per cache
+    const int start = round * QS_ATTN_ROUND;
+    for (int c = threadIdx.x; c < 2 * kCopies; c += blockDim.x) {
+        const bool is_v = c >= kCopies;
+        const int row = (c % kCopies) / kPieces, piece = c % kPieces;
+        if (start + row >= context_len) continue;
+        const long long slot = paged_slot(table, start + row, (int)p.block_size);
+        const __half* src = (is_v ? p.v_cache : p.k_cache) + (slot * p.num_kv_heads + kv_head) * QS_ATTN_HEAD_DIM;
+        cp_async16((is_v ? v_stage : k_stage)[row] + 8 * piece, src + 8 * piece);
+    }
+    asm volatile("cp.async.commit_group;\n" ::: "memory");
+}
+
 }  // namespace qs
 
-// grid = (num_tokens, num_kv_heads), block = (32 * num_heads / num_kv_heads)
-extern "C" __global__ void __launch_bounds__(32 * QS_ATTN_MAX_GROUP) attention_f32(const AttentionParams p) {
+// grid = (num_tokens, num_kv_heads), block = 32 * 4 * (num_heads / num_kv_heads),
+// dynamic shared memory QS_ATTN_SHARED_BYTES.
+extern "C" __global__ void __launch_bounds__(32 * QS_ATTN_SPLIT * QS_ATTN_MAX_GROUP) attention_f32(const AttentionParams p) {
+    extern __shared__ __align__(16) uint8_t attn_smem[];
+    __shared__ __align__(16) float q_heads[QS_ATTN_MAX_GROUP][QS_ATTN_HEAD_DIM];
+    qs::AttnRow* k_stages = reinterpret_cast<qs::AttnRow*>(attn_smem);           // [2][128]
+    qs::AttnRow* v_stages = k_stages + 2 * QS_ATTN_ROUND;                         // [2][128]
     const int t = blockIdx.x, kv_head = blockIdx.y;
     const int group = (int)(p.num_heads / p.num_kv_heads);
-    const int head = kv_head * group + (threadIdx.x >> 5);
-    const int lane = threadIdx.x & 31;
-    const int nkv = (int)p.num_kv_heads, bs = (int)p.block_size;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int head_in_group = warp / QS_ATTN_SPLIT, split = warp % QS_ATTN_SPLIT;
+    const int head = kv_head * group + head_in_group;
     const int context_len = p.positions[t] + 1;
+    const int num_tiles = (context_len + QS_ATTN_TILE - 1) / QS_ATTN_TILE;
+    const int num_rounds = (context_len + QS_ATTN_ROUND - 1) / QS_ATTN_ROUND;
     const int* table = p.block_tables + (size_t)p.token_seq[t] * p.max_blocks_per_seq;
-    const float* q_src = p.q + ((size_t)t * p.num_heads + head) * QS_ATTN_HEAD_DIM;
-    float q[QS_ATTN_HEAD_DIM];
-#pragma unroll
-    for (int i = 0; i < QS_ATTN_HEAD_DIM; i += 4) {
-        const float4 v = reinterpret_cast<const float4*>(q_src)[i / 4];
-        q[i] = v.x; q[i + 1] = v.y; q[i + 2] = v.z; q[i + 3] = v.w;
-    }
+    qs::attn_stage_round(p, table, kv_head, context_len, 0, k_stages, v_stages);
+    const float* q_group = p.q + ((size_t)t * p.num_heads + kv_head * group) * QS_ATTN_HEAD_DIM;
+    for (int i = threadIdx.x; i < group * QS_ATTN_HEAD_DIM / 4; i += blockDim.x)
+        reinterpret_cast<float4*>(&q_heads[0][0])[i] = reinterpret_cast<const float4*>(q_group)[i];
     qs::AttnState st = qs::attn_state_init();
-    for (int start = 0; start < context_len; start += QS_ATTN_TILE) {
-        const int num_valid = min(QS_ATTN_TILE, context_len - start);
-        const __half* k_row = p.k_cache;
-        const __half* v_row = p.v_cache;
-        if (lane < num_valid) {
-            const long long slot = qs::paged_slot(table, start + lane, bs);
-            k_row = p.k_cache + (slot * nkv + kv_head) * QS_ATTN_HEAD_DIM;
-            v_row = p.v_cache + (slot * nkv + kv_head) * QS_ATTN_HEAD_DIM;
+    for (int round = 0; round < num_rounds; ++round) {
+        // Round + 1 goes to the stage round - 1 used; the barrier ending round - 1 freed it.
+        if (round + 1 < num_rounds) {
+            const int next = (round + 1) & 1;
+            qs::attn_stage_round(p, table, kv_head, context_len, round + 1, k_stages + next * QS_ATTN_ROUND,
+                                 v_stages + next * QS_ATTN_ROUND);
+            asm volatile("cp.async.wait_group 1;\n" ::: "memory");   // this round's group is done
+        } else {
+            asm volatile("cp.async.wait_group 0;\n" ::: "memory");
         }
-        qs::attn_tile_update(st, q, k_row, v_row, num_valid, p.scale);
+        __syncthreads();                                              // everyone's copies (and q)
+        const int tile = round * QS_ATTN_SPLIT + split;
+        if (tile < num_tiles) {
+            const int stage_row = (round & 1) * QS_ATTN_ROUND + split * QS_ATTN_TILE;
+            qs::attn_tile_update(st, q_heads[head_in_group], k_stages + stage_row, v_stages + stage_row,
+                                 min(QS_ATTN_TILE, context_len - tile * QS_ATTN_TILE), p.scale);
+        }
+        __syncthreads();
     }
-    qs::attn_store(st, p.out + ((size_t)t * p.num_heads + head) * QS_ATTN_HEAD_DIM);
+    // Splits 1..3 hand their states to split 0 through the (now free) stage memory.
+    float* states = reinterpret_cast<float*>(attn_smem);   // [group][split][2 + 64]
+    float* mine = states + (head_in_group * QS_ATTN_SPLIT + split) * (2 + QS_ATTN_HEAD_DIM);
+    if (split > 0) {
+        if (lane == 0) { mine[0] = st.m; mine[1] = st.l; }
+        mine[2 + 2 * lane] = st.acc0;
+        mine[3 + 2 * lane] = st.acc1;
+    }
+    __syncthreads();
+    if (split == 0) {
+#pragma unroll
+        for (int s = 1; s < QS_ATTN_SPLIT; ++s) {
+            const float* other = mine + s * (2 + QS_ATTN_HEAD_DIM);
+            qs::attn_merge(st, other[0], other[1], other[2 + 2 * lane], other[3 + 2 * lane]);
+        }
+        qs::attn_store(st, p.out + ((size_t)t * p.num_heads + head) * QS_ATTN_HEAD_DIM);
+    }
 }

@@ -59,4 +59,10 @@ __device__ __forceinline__ void load_half8(const __half* src, float* dst) {
     }
 }
 
+// 16 bytes global -> shared through cp.async (no registers); the caller commits and waits.
+__device__ __forceinline__ void cp_async16(void* dst_shared, const void* src) {
+    const unsigned d = static_cast<unsigned>(__cvta_generic_to_shared(dst_shared));
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" :: "r"(d), "l"(src) : "memory");
+}
+
 }  // namespace qs

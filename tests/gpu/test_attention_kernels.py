@@ -67,10 +67,11 @@ def run_attention(gpu, case):
 
 
 def test_attention_matches_reference(gpu):
-    """Decode-like queries: contexts from 1 position to several rounds of 4 segments of 64."""
+    """Decode-like queries: contexts from 1 position (splits 1..3 empty) to many rounds of 4 tiles
+    of 32 (128 positions), across every tile and round boundary."""
     rng = np.random.default_rng()
-    case = PagedCase(rng, context_lens=[1, 31, 32, 33, 64, 65, 200, 256, 257, 777, 1100], chunk_lens=[1] * 11,
-                     num_blocks=200)
+    lens = [1, 31, 32, 33, 64, 65, 96, 97, 127, 128, 129, 200, 256, 257, 777, 1100]
+    case = PagedCase(rng, context_lens=lens, chunk_lens=[1] * len(lens), num_blocks=260)
     out = run_attention(gpu, case)
     assert not np.isnan(out).any()
     assert rel_error(out, case.reference()) < 1e-5

@@ -141,12 +141,18 @@ class CudaDevice:
         other._owns_context = False
         return other
 
-    def kernel(self, name: str):
+    def kernel(self, name: str, dynamic_shared_bytes: int = 0):
+        """The fatbin's kernel `name`; one that launches with more than the default 48 KiB of
+        dynamic shared memory is opted in to `dynamic_shared_bytes` on first use."""
         if name not in self._kernels:
             try:
-                self._kernels[name] = self.module.get_function(name)
+                function = self.module.get_function(name)
             except self.cuda.LogicError as exc:
                 raise CudaBackendError(f"kernel {name} is not in the fatbin: rebuild with `make kernels`") from exc
+            if dynamic_shared_bytes > 48 * 1024:
+                function.set_attribute(self.cuda.function_attribute.MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                                       dynamic_shared_bytes)
+            self._kernels[name] = function
         return self._kernels[name]
 
     @contextlib.contextmanager

@@ -8,7 +8,10 @@ from gpu_worker.backends.cuda.device import DeviceTensor
 from gpu_worker.backends.cuda.ops.launch import check_tensor, launch, record
 
 HEAD_DIM = 64          # the kernels are built for head_dim 64 (Qwen2.5-0.5B)
-MAX_GROUP = 8          # q heads per kv head (QS_ATTN_MAX_GROUP): one warp each, block <= 256 threads
+MAX_GROUP = 8          # q heads per kv head (QS_ATTN_MAX_GROUP): 4 warps each, block <= 1024 threads
+SPLIT = 4              # warps per query head (QS_ATTN_SPLIT)
+ROUND, ROW = 128, 72   # positions staged per round, halves per staged row (QS_ATTN_ROUND, QS_ATTN_ROW)
+SHARED_BYTES = 2 * 2 * ROUND * ROW * 2   # two stages of K and V rounds (QS_ATTN_SHARED_BYTES)
 _POINTERS = ("q", "out", "k_cache", "v_cache", "block_tables", "token_seq", "positions")
 PARAMS_FIELDS = [(name, "u8") for name in _POINTERS] + [
     ("max_blocks_per_seq", "i8"), ("num_heads", "i8"), ("num_kv_heads", "i8"), ("block_size", "i8"),
@@ -55,5 +58,5 @@ def launch_attention(device, q: DeviceTensor, out: DeviceTensor, k_cache: Device
     params = attention_params(q, out, k_cache, v_cache, block_tables, token_seq, positions, block_size)
     num_tokens, num_heads = q.shape[0], q.shape[1]
     num_kv_heads = k_cache.shape[1]
-    launch(device.kernel("attention_f32"), (num_tokens, num_kv_heads),
-           (32 * (num_heads // num_kv_heads),), device.stream, params)
+    launch(device.kernel("attention_f32", SHARED_BYTES), (num_tokens, num_kv_heads),
+           (32 * SPLIT * (num_heads // num_kv_heads),), device.stream, params, shared=SHARED_BYTES)

@@ -22,14 +22,15 @@ def ptr(tensor: DeviceTensor | None) -> np.uintp:
     return np.uintp(0 if tensor is None else tensor.ptr)
 
 
-def launch(kernel, grid: tuple[int, ...], block: tuple[int, ...], stream, *args) -> None:
-    """Launches on `stream`; a launch the driver refuses becomes a CudaBackendError naming it."""
+def launch(kernel, grid: tuple[int, ...], block: tuple[int, ...], stream, *args, shared: int = 0) -> None:
+    """Launches on `stream` (with `shared` bytes of dynamic shared memory); a launch the driver
+    refuses becomes a CudaBackendError naming it."""
     if any(g <= 0 for g in grid):
         return  # nothing to do (empty batch)
     grid3 = tuple(grid) + (1,) * (3 - len(grid))
     block3 = tuple(block) + (1,) * (3 - len(block))
     try:
-        kernel(*args, grid=grid3, block=block3, stream=stream)
+        kernel(*args, grid=grid3, block=block3, stream=stream, shared=shared)
     except Exception as exc:  # pycuda.driver.Error subclasses; re-raised with the kernel named
         raise CudaBackendError(f"launch of {getattr(kernel, 'function_name', kernel)} failed: {exc}") from exc
 
