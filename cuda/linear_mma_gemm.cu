@@ -49,25 +49,43 @@ __host__ __device__ constexpr int gemm_stage_bytes() { return kGemmXBytes + ROWS
 // Issues the copies of chunk k0 (num_cols columns) into `stage`: the x tile [token][column]
 // (tokens past M zero-filled), then each W row's raw bytes at row * raw_stride (rows past N are
 // not copied: their products land only in outputs that are never stored).
+// Each thread's share is fixed by its index (its 16-byte piece u of every (kThreads / 16)-th token;
+// rows warp, warp + kWarps, ... of W), with loop counts known at compile time: this runs once per
+// chunk in every warp, and a generic strided loop cost more instructions than the multiply.
 template <int T, int ROWS>
 __device__ __forceinline__ void stage_gemm_chunk(const LinearArgs& a, const __half* x16, int n0, int m0,
                                                  int num_tokens, int k0, int num_cols, uint8_t* stage) {
     constexpr int kValues = qformats::BlockInfo<T>::kValues, kBytes = qformats::BlockInfo<T>::kBytes;
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    const int units = num_cols / 8;   // 16-byte pieces of one token's chunk
-    for (int i = threadIdx.x; i < kGemmTokens * 16; i += GemmShape<ROWS>::kThreads) {
-        const int t = i >> 4, u = i & 15;
-        if (u >= units) continue;
-        const bool real = t < num_tokens;
-        const __half* src = x16 + static_cast<long long>(m0 + (real ? t : 0)) * a.num_cols + k0 + 8 * u;
-        copy16(stage + t * kGemmXStride + 16 * u, src, real ? 16 : 0);
+    constexpr int kCtaThreads = GemmShape<ROWS>::kThreads, kCtaWarps = GemmShape<ROWS>::kWarps;
+    constexpr int kTokenStep = kCtaThreads / 16, kRowsPerWarp = ROWS / kCtaWarps;
+    constexpr int kRawStride = gemm_raw_stride<T>();
+    static_assert(kCtaThreads % 16 == 0 && kGemmTokens % kTokenStep == 0 && ROWS % kCtaWarps == 0, "fixed shares");
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, u = threadIdx.x & 15;
+    if (u < num_cols / 8) {
+        const __half* src = x16 + static_cast<long long>(m0) * a.num_cols + k0 + 8 * u;
+        uint8_t* dst = stage + 16 * u;
+#pragma unroll
+        for (int i = 0; i < kGemmTokens / kTokenStep; ++i) {
+            const int t = (threadIdx.x >> 4) + i * kTokenStep;
+            const bool real = t < num_tokens;
+            copy16(dst + t * kGemmXStride, real ? src + static_cast<long long>(t) * a.num_cols : src, real ? 16 : 0);
+        }
     }
     uint8_t* raw = stage + kGemmXBytes;
     const long long first_block = k0 / kValues, last_block = (k0 + num_cols - 1) / kValues;
-    const long long chunk_bytes = (last_block - first_block + 1) * kBytes;
-    for (int r = warp; r < ROWS && n0 + r < a.num_rows; r += GemmShape<ROWS>::kWarps) {
-        const long long begin = static_cast<long long>(n0 + r) * a.row_bytes + first_block * kBytes;
-        copy_bytes_warp(raw + r * gemm_raw_stride<T>(), a.weight, begin, begin + chunk_bytes, lane);
+    const int chunk_bytes = static_cast<int>((last_block - first_block + 1) * kBytes);
+    const uint8_t* chunk0 = a.weight + first_block * kBytes;   // row n's chunk: chunk0 + n * row_bytes
+#pragma unroll
+    for (int i = 0; i < kRowsPerWarp; ++i) {
+        const int r = warp + i * kCtaWarps;
+        if (n0 + r >= a.num_rows) break;
+        const uint8_t* begin = chunk0 + static_cast<long long>(n0 + r) * a.row_bytes;
+        const int lead = static_cast<int>(reinterpret_cast<uintptr_t>(begin) & 15);   // bytes before begin
+        // The row's bytes from its 16-byte boundary below: lead + chunk_bytes <= kRawStride bytes.
+        for (int off = 16 * lane; off < lead + chunk_bytes; off += 16 * 32) {
+            const int left = lead + chunk_bytes - off;
+            copy16(raw + r * kRawStride + off, begin - lead + off, left >= 16 ? 16 : left);
+        }
     }
     asm volatile("cp.async.commit_group;\n" ::: "memory");
 }
