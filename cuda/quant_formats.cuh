@@ -81,6 +81,27 @@ __device__ __forceinline__ void high_bits8(uint32_t qh, int i, int out[8]) {
     for (int j = 0; j < 8; ++j) out[j] |= int((qh >> (i + j)) & 1u) << 4;
 }
 
+// The same 8 bytes as two little-endian words (four 2-byte loads: only 2-byte alignment holds).
+__device__ __forceinline__ uint2 load8_words(const uint8_t* p) {
+    const uint16_t* h = reinterpret_cast<const uint16_t*>(p);
+    return make_uint2(uint32_t(h[0]) | (uint32_t(h[1]) << 16), uint32_t(h[2]) | (uint32_t(h[3]) << 16));
+}
+
+// Bits 0..3 of `bits` moved to bit 4 of bytes 0..3 (bit j -> bit 8j + 4): the fifth bits of four
+// 5-bit values. t * 0x00204081 puts bit j at 8j (and at positions that are no multiple of 8).
+__device__ __forceinline__ uint32_t spread4_to_bit4(uint32_t bits) {
+    return ((bits & 0xFu) * 0x00204081u & 0x01010101u) << 4;
+}
+
+// Byte j of `word` (an integer 0..255) minus `bias`, as float, exactly and without an int->float
+// conversion: 0x4B000000 | byte is the float 2^23 + byte, and subtracting 2^23 + bias is exact.
+// Bitwise the value float(byte - bias) that the plain conversion gives.
+template <int J>
+__device__ __forceinline__ float byte_minus(uint32_t word, float magic_plus_bias) {
+    return __fsub_rn(__int_as_float(__byte_perm(word, 0x4B000000u, 0x7440u | J)), magic_plus_bias);
+}
+constexpr float kMagic = 8388608.0f;   // 2^23
+
 template <int T> __device__ void dequant8(const uint8_t* row, int v0, float out[8]);
 
 template <> __device__ __forceinline__ void dequant8<kF32>(const uint8_t* row, int v0, float out[8]) {
@@ -120,12 +141,19 @@ template <> __device__ __forceinline__ void dequant8<kQ4_1>(const uint8_t* row, 
 }
 
 // Q5_0: { half d; uint8 qh[4]; uint8 qs[16]; }  x = d * (q - 16), q = nibble | qh bit << 4
+// (four values per word: nibbles masked, fifth bits spread in, bytes read as floats by byte_minus).
 template <> __device__ __forceinline__ void dequant8<kQ5_0>(const uint8_t* row, int v0, float out[8]) {
     int i; const uint8_t* b = block_of<kQ5_0>(row, v0, i);
     const float d = load_half(b);
-    int q[8]; nibbles8(b + 6, i, q); high_bits8(load_u32_unaligned(b + 2), i, q);
-#pragma unroll
-    for (int j = 0; j < 8; ++j) out[j] = __fmul_rn(d, float(q[j] - 16));
+    const uint2 w = load8_words(b + 6 + (i & 15));
+    const int shift = i < 16 ? 0 : 4;
+    const uint32_t qh = load_u32_unaligned(b + 2) >> i;   // bit j: fifth bit of value i + j
+    const uint32_t lo = ((w.x >> shift) & 0x0F0F0F0Fu) | spread4_to_bit4(qh);
+    const uint32_t hi = ((w.y >> shift) & 0x0F0F0F0Fu) | spread4_to_bit4(qh >> 4);
+    out[0] = __fmul_rn(d, byte_minus<0>(lo, kMagic + 16.0f)); out[1] = __fmul_rn(d, byte_minus<1>(lo, kMagic + 16.0f));
+    out[2] = __fmul_rn(d, byte_minus<2>(lo, kMagic + 16.0f)); out[3] = __fmul_rn(d, byte_minus<3>(lo, kMagic + 16.0f));
+    out[4] = __fmul_rn(d, byte_minus<0>(hi, kMagic + 16.0f)); out[5] = __fmul_rn(d, byte_minus<1>(hi, kMagic + 16.0f));
+    out[6] = __fmul_rn(d, byte_minus<2>(hi, kMagic + 16.0f)); out[7] = __fmul_rn(d, byte_minus<3>(hi, kMagic + 16.0f));
 }
 
 // Q5_1: { half d; half m; uint8 qh[4]; uint8 qs[16]; }  x = d * q + m
@@ -137,13 +165,16 @@ template <> __device__ __forceinline__ void dequant8<kQ5_1>(const uint8_t* row, 
     for (int j = 0; j < 8; ++j) out[j] = __fmaf_rn(d, float(q[j]), m);
 }
 
-// Q8_0: { half d; int8 qs[32]; }  x = d * q
+// Q8_0: { half d; int8 qs[32]; }  x = d * q  (q + 128 = the byte with its top bit flipped)
 template <> __device__ __forceinline__ void dequant8<kQ8_0>(const uint8_t* row, int v0, float out[8]) {
     int i; const uint8_t* b = block_of<kQ8_0>(row, v0, i);
     const float d = load_half(b);
-    int q[8]; load8_bytes(b + 2 + i, q);
-#pragma unroll
-    for (int j = 0; j < 8; ++j) out[j] = __fmul_rn(d, float(int(int8_t(q[j]))));
+    const uint2 w = load8_words(b + 2 + i);
+    const uint32_t lo = w.x ^ 0x80808080u, hi = w.y ^ 0x80808080u;
+    out[0] = __fmul_rn(d, byte_minus<0>(lo, kMagic + 128.0f)); out[1] = __fmul_rn(d, byte_minus<1>(lo, kMagic + 128.0f));
+    out[2] = __fmul_rn(d, byte_minus<2>(lo, kMagic + 128.0f)); out[3] = __fmul_rn(d, byte_minus<3>(lo, kMagic + 128.0f));
+    out[4] = __fmul_rn(d, byte_minus<0>(hi, kMagic + 128.0f)); out[5] = __fmul_rn(d, byte_minus<1>(hi, kMagic + 128.0f));
+    out[6] = __fmul_rn(d, byte_minus<2>(hi, kMagic + 128.0f)); out[7] = __fmul_rn(d, byte_minus<3>(hi, kMagic + 128.0f));
 }
 
 // 6-bit scale and min of sub-block s (0..7) from the 12 packed bytes of Q4_K / Q5_K.
@@ -165,10 +196,13 @@ template <> __device__ __forceinline__ void dequant8<kQ4_K>(const uint8_t* row, 
     int scale, min; scale_min_k4(b + 4, s, scale, min);
     const float d = __fmul_rn(load_half(b), float(scale));
     const float m = __fmul_rn(load_half(b + 2), float(min));
-    int q[8]; load8_bytes(b + 16 + 32 * (s / 2) + l, q);
+    const uint2 w = load8_words(b + 16 + 32 * (s / 2) + l);
     const int shift = (s & 1) * 4;
-#pragma unroll
-    for (int j = 0; j < 8; ++j) out[j] = __fmaf_rn(d, float((q[j] >> shift) & 0xF), -m);
+    const uint32_t lo = (w.x >> shift) & 0x0F0F0F0Fu, hi = (w.y >> shift) & 0x0F0F0F0Fu;
+    out[0] = __fmaf_rn(d, byte_minus<0>(lo, kMagic), -m); out[1] = __fmaf_rn(d, byte_minus<1>(lo, kMagic), -m);
+    out[2] = __fmaf_rn(d, byte_minus<2>(lo, kMagic), -m); out[3] = __fmaf_rn(d, byte_minus<3>(lo, kMagic), -m);
+    out[4] = __fmaf_rn(d, byte_minus<0>(hi, kMagic), -m); out[5] = __fmaf_rn(d, byte_minus<1>(hi, kMagic), -m);
+    out[6] = __fmaf_rn(d, byte_minus<2>(hi, kMagic), -m); out[7] = __fmaf_rn(d, byte_minus<3>(hi, kMagic), -m);
 }
 
 // Q5_K: { half d; half dmin; uint8 scales[12]; uint8 qh[32]; uint8 qs[128]; }
@@ -196,14 +230,15 @@ template <> __device__ __forceinline__ void dequant8<kQ6_K>(const uint8_t* row, 
     int i; const uint8_t* b = block_of<kQ6_K>(row, v0, i);
     const int h = i / 128, g = (i % 128) / 32, l = i % 32;
     const float d = __fmul_rn(load_half(b + 208), float(reinterpret_cast<const int8_t*>(b + 192)[i / 16]));
-    int ql[8]; load8_bytes(b + 64 * h + 32 * (g & 1) + l, ql);
-    int qh[8]; load8_bytes(b + 128 + 32 * h + l, qh);
+    const uint2 ql = load8_words(b + 64 * h + 32 * (g & 1) + l);
+    const uint2 qh = load8_words(b + 128 + 32 * h + l);
     const int lo_shift = (g >= 2) ? 4 : 0, hi_shift = 2 * g;
-#pragma unroll
-    for (int j = 0; j < 8; ++j) {
-        const int v = ((ql[j] >> lo_shift) & 0xF) | (((qh[j] >> hi_shift) & 3) << 4);
-        out[j] = __fmul_rn(d, float(v - 32));
-    }
+    const uint32_t lo = ((ql.x >> lo_shift) & 0x0F0F0F0Fu) | (((qh.x >> hi_shift) & 0x03030303u) << 4);
+    const uint32_t hi = ((ql.y >> lo_shift) & 0x0F0F0F0Fu) | (((qh.y >> hi_shift) & 0x03030303u) << 4);
+    out[0] = __fmul_rn(d, byte_minus<0>(lo, kMagic + 32.0f)); out[1] = __fmul_rn(d, byte_minus<1>(lo, kMagic + 32.0f));
+    out[2] = __fmul_rn(d, byte_minus<2>(lo, kMagic + 32.0f)); out[3] = __fmul_rn(d, byte_minus<3>(lo, kMagic + 32.0f));
+    out[4] = __fmul_rn(d, byte_minus<0>(hi, kMagic + 32.0f)); out[5] = __fmul_rn(d, byte_minus<1>(hi, kMagic + 32.0f));
+    out[6] = __fmul_rn(d, byte_minus<2>(hi, kMagic + 32.0f)); out[7] = __fmul_rn(d, byte_minus<3>(hi, kMagic + 32.0f));
 }
 
 }  // namespace qformats

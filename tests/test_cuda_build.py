@@ -131,8 +131,9 @@ def test_linear_mma_plan_covers_rows_and_tokens_within_shared_memory():
                 assert plan.shared_bytes <= linear_mma.SHARED_BUDGET
                 if layout in linear_mma.GEMM_LAYOUTS:   # fixed 128-column chunks of an fp16 copy of x
                     assert plan.chunk_cols == linear_mma.GEMM_CHUNK_COLS == linear_mma.WARP_SPLIT_COLS
-                    assert plan.block == (4 * rows_per_cta, 1, 1)   # 4 warps (one per accumulator) per 32 rows
-                    assert plan.shared_bytes == linear_mma.gemm_shared_bytes(weight, rows_per_cta)
+                    # 4 warps (one per accumulator) per warp tile of rows
+                    assert plan.block == (128 * rows_per_cta // linear_mma.GEMM_WARP_ROWS[layout], 1, 1)
+                    assert plan.shared_bytes == linear_mma.gemm_shared_bytes(weight, rows_per_cta, 8 * groups)
                     assert plan.shared_bytes <= linear_mma.SHARED_BUDGET
                     continue
                 stage = linear_mma.stage_bytes(weight, plan.chunk_cols, rows_per_cta, plan.x_rows)
@@ -147,13 +148,13 @@ def test_linear_mma_picks_the_measured_fastest_tiles():
     q, gate_up = DeviceWeight(8, 896, 896, ptr=1 << 20), DeviceWeight(8, 9728, 896, ptr=1 << 20)
     down, lm_head = DeviceWeight(14, 896, 4864, ptr=1 << 20), DeviceWeight(8, 151936, 896, ptr=1 << 20)
     k = DeviceWeight(6, 128, 896, ptr=1 << 20)
-    assert [linear_mma.pick_tile(q, t) for t in (1, 8, 9, 511, 512)] == \
-        [("split_k", 1)] * 2 + [("split_k", 2)] * 2 + [("gemm", 8)]
+    assert [linear_mma.pick_tile(q, t) for t in (1, 8, 9, 127, 128, 511, 512)] == \
+        [("split_k", 1)] * 2 + [("split_k", 2)] * 2 + [("gemm16", 4)] * 2 + [("gemm", 8)]
     assert [linear_mma.pick_tile(k, t) for t in (1, 512, 4096)] == [("split_k", 1)] + [("split_k", 2)] * 2
     assert [linear_mma.pick_tile(gate_up, t) for t in (1, 63, 64, 255, 256, 512)] == \
         [("split_k", 1), ("split_k", 2), ("gemm32", 8), ("gemm32", 8), ("gemm", 8), ("gemm", 8)]
-    assert [linear_mma.pick_tile(down, t) for t in (1, 64, 255, 256, 512)] == \
-        [("split_k", 1), ("split_k", 2), ("split_k", 2), ("gemm32", 8), ("gemm", 8)]
+    assert [linear_mma.pick_tile(down, t) for t in (1, 64, 127, 128, 256, 511, 512)] == \
+        [("split_k", 1), ("split_k", 2), ("split_k", 2), ("gemm16", 4), ("gemm16", 4), ("gemm16", 4), ("gemm", 8)]
     assert [linear_mma.pick_tile(lm_head, t) for t in (1, 31, 32, 64)] == \
         [("rows", 1), ("rows", 1), ("rows", 4), ("gemm", 8)]
     # without an fp16 scratch for x (allow_gemm=False) the next best of the other layouts
@@ -175,6 +176,7 @@ def test_linear_mma_gemm_shared_bytes_mirror_the_kernel():
     assert linear_mma.gemm_raw_stride(f16) == 272       # 256 bytes + 15 -> 272
     assert linear_mma.gemm_shared_bytes(q6_k) == 2 * (64 * 320 + 64 * 240)
     assert linear_mma.gemm_shared_bytes(q6_k, 32) == 2 * (64 * 320 + 32 * 240)
+    assert linear_mma.gemm_shared_bytes(q6_k, 16, 32) == 2 * (32 * 320 + 16 * 240)
     assert all(linear_mma.gemm_shared_bytes(w) <= linear_mma.SHARED_BUDGET for w in (q5_0, q6_k, f16))
 
 

@@ -92,7 +92,7 @@ def test_linear_mma_epilogues_match_reference(gpu, qtype):
         outs = []
         runs = [(list(range(tokens)), ("rows", 4)), (list(range(tokens)), ("split_k", 4)),
                 ([4], None), ([9, 4, 1], ("rows", 1)), (list(range(tokens)), ("gemm", 8)),
-                (list(range(tokens)), ("gemm32", 8))]
+                (list(range(tokens)), ("gemm32", 8)), (list(range(tokens)), ("gemm16", 4))]
         for order, tile in runs:
             y_ptr = dev.upload(start[order])
             linear(weight, dev.upload(x[order]), y_ptr, len(order), stream, epilogue=epilogue, tile=tile)
@@ -104,4 +104,5 @@ def test_linear_mma_epilogues_match_reference(gpu, qtype):
         np.testing.assert_array_equal(outs[3], outs[0][[9, 4, 1]], err_msg=f"{epilogue}: M=3 differs")
         np.testing.assert_array_equal(outs[4], outs[0], err_msg=f"{epilogue}: the gemm layout differs")
         np.testing.assert_array_equal(outs[5], outs[0], err_msg=f"{epilogue}: the gemm32 layout differs")
+        np.testing.assert_array_equal(outs[6], outs[0], err_msg=f"{epilogue}: the gemm16 layout differs")
 

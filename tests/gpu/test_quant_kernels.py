@@ -205,3 +205,39 @@ def test_embedding_gathers_exact_rows(gpu, qtype):
     assert rel_error(out[0], dense[3]) <= 1e-6 and np.isnan(out[1:]).all()
 
 
+
+
+def exact_dequant_reference(raw: np.ndarray, qtype: QType) -> np.ndarray:
+    """The dequantized values with the kernels' exact rounding. gguf's numpy dequantizer rounds
+    like dequant8 (one fp32 multiply) for Q5_0, Q8_0 and Q6_K; Q4_K is d*scale*q - dmin*min as
+    one fma, emulated in float64 (the product and the difference are exact there for these
+    scales: a few dozen significant bits) and rounded once to fp32."""
+    if qtype != QType.Q4_K:
+        return dequantize(raw, qtype)
+    from gguf.quants import Q4_K
+    blocks = raw.reshape(-1, quant_spec(qtype).block_bytes)
+    d = blocks[:, 0:2].copy().view(np.float16).astype(np.float32)
+    dmin = blocks[:, 2:4].copy().view(np.float16).astype(np.float32)
+    sc, mn = Q4_K.get_scale_min(blocks[:, 4:16].copy())
+    d_s = (d * sc.astype(np.float32)).astype(np.float64)[:, :, None]       # fp32 product, as the kernel
+    m_s = (dmin * mn.astype(np.float32)).astype(np.float64)[:, :, None]
+    qs = blocks[:, 16:].reshape(-1, 4, 1, 32) >> np.array([0, 4], np.uint8).reshape(1, 1, 2, 1)
+    q = (qs & 0x0F).reshape(-1, 8, 32).astype(np.float64)
+    return (d_s * q - m_s).astype(np.float32).reshape(raw.shape[0], -1)
+
+
+@pytest.mark.parametrize("qtype", [QType.Q5_0, QType.Q8_0, QType.Q4_K, QType.Q6_K], ids=lambda t: t.name)
+def test_dequant8_is_bitwise_exact(gpu, qtype):
+    """dequant8 (through the embedding gather, which only dequantizes) gives every value with the
+    exact rounding of its formula: the types of the default model, whose dequantization builds
+    floats from bytes with bit tricks rather than int->float conversions."""
+    drv, module, stream = gpu
+    dev, rng, embedding = Device(drv), np.random.default_rng(), EmbeddingOp(module)
+    vocab, cols = 64, 1024
+    raw = random_weight_bytes(qtype, vocab, cols, rng)
+    table = DeviceWeight(int(qtype), vocab, cols, dev.upload(raw))
+    ids = np.arange(vocab, dtype=np.int32)
+    out_ptr = dev.poisoned((vocab, cols))
+    embedding(table, dev.upload(ids), out_ptr, vocab, stream)
+    out = dev.read(out_ptr, (vocab, cols), stream)
+    np.testing.assert_array_equal(out.view(np.uint32), exact_dequant_reference(raw, qtype).view(np.uint32))

@@ -23,24 +23,28 @@ SHARED_BUDGET = 96 * 1024           # dynamic shared memory per CTA (fits sm_80 
 MAX_GRID_Y = 65535
 # CTA layouts -> (rows per CTA, token groups of 8 per CTA it is built for): in cuda/linear_mma.cu
 # "split_k" (linear_mma_*): the 4 warps split K over 16 rows; "rows" (linear_mma_rows_*): each
-# warp owns 16 of 64 rows; in cuda/linear_mma_gemm.cu "gemm" / "gemm32" (linear_mma_gemm[32]_*):
-# 64 / 32 rows x 64 tokens of an fp16 copy of x, warp w runs accumulator w % 4 over 32 rows.
-LAYOUTS = {"split_k": (16, (1, 2, 4)), "rows": (64, (1, 4)), "gemm": (64, (8,)), "gemm32": (32, (8,))}
-GEMM_LAYOUTS = ("gemm", "gemm32")
-ALL_TILES = (("gemm", 8), ("gemm32", 8), ("rows", 4), ("rows", 1), ("split_k", 4), ("split_k", 2), ("split_k", 1))
+# warp owns 16 of 64 rows; in cuda/linear_mma_gemm.cu "gemm" / "gemm32" / "gemm16"
+# (linear_mma_gemm[32|16]_*): 64 / 32 / 16 rows x 64 / 64 / 32 tokens of an fp16 copy of x, warp w
+# runs accumulator w % 4 over 32 / 32 / 16 rows.
+LAYOUTS = {"split_k": (16, (1, 2, 4)), "rows": (64, (1, 4)), "gemm": (64, (8,)), "gemm32": (32, (8,)),
+           "gemm16": (16, (4,))}
+GEMM_WARP_ROWS = {"gemm": 32, "gemm32": 32, "gemm16": 16}   # GemmShape's WARP_ROWS
+GEMM_LAYOUTS = tuple(GEMM_WARP_ROWS)
+ALL_TILES = (("gemm", 8), ("gemm32", 8), ("gemm16", 4), ("rows", 4), ("rows", 1), ("split_k", 4), ("split_k", 2),
+             ("split_k", 1))
 GEMM_CHUNK_COLS = 128                                    # linear_mma_gemm.cu: kGemmChunkCols
-GEMM_X_BYTES = 64 * (2 * GEMM_CHUNK_COLS + 64)           # one stage's fp16 x tile (64 tokens)
+GEMM_X_ROW_BYTES = 2 * GEMM_CHUNK_COLS + 64             # one token's fp16 x chunk + bank padding
 CONVERT_THREADS = 256
 WIDE_ROWS = 16384                   # N from which a matrix counts as LM-head-like
 # Where the gemm layouts are the measured fastest (H200, linear_mma_tiles_h200.md): on wide
 # matrices (gate/up, LM head) from 64 tokens, 32-row tiles below 256 tokens; on 896-row ones
-# (q, o, down: 14 tiles of 64 rows) from 512 tokens, for the long-K down projection 32-row tiles
-# from 256; never on k/v (128 rows).
+# (q, o, down) 16-row x 32-token tiles from 128 tokens (8x the CTAs of 32-row tiles), 64-row
+# tiles from 512; never on k/v (128 rows).
 GEMM_WIDE_ROWS, GEMM_WIDE_FROM_TOKENS, GEMM_WIDE_64_ROWS_FROM = 4096, 64, 256
-GEMM_ROWS, GEMM_FROM_TOKENS, GEMM_LONG_K_FROM_TOKENS = 512, 512, 256
+GEMM_ROWS, GEMM_FROM_TOKENS, GEMM16_FROM_TOKENS = 512, 512, 128
 LONG_COLS = 4096                    # K from which a matrix counts as down-projection-like
 KERNEL_LAYOUT_NAMES = {"split_k": "linear_mma_", "rows": "linear_mma_rows_", "gemm": "linear_mma_gemm_",
-                       "gemm32": "linear_mma_gemm32_"}
+                       "gemm32": "linear_mma_gemm32_", "gemm16": "linear_mma_gemm16_"}
 
 
 @dataclass(frozen=True)
@@ -92,8 +96,8 @@ def wanted_gemm(weight: DeviceWeight, num_tokens: int) -> tuple[str, int] | None
         return None
     if num_tokens >= GEMM_FROM_TOKENS:
         return ("gemm", 8)
-    if weight.cols >= LONG_COLS and num_tokens >= GEMM_LONG_K_FROM_TOKENS:
-        return ("gemm32", 8)
+    if num_tokens >= GEMM16_FROM_TOKENS:
+        return ("gemm16", 4)
     return None
 
 
@@ -101,7 +105,7 @@ def tile_fits(weight: DeviceWeight, tile: tuple[str, int], num_tokens: int) -> b
     """Whether the (layout, token groups) tile's staging fits the shared budget for this weight."""
     layout, groups = tile
     if layout in GEMM_LAYOUTS:
-        return gemm_shared_bytes(weight, LAYOUTS[layout][0]) <= SHARED_BUDGET
+        return gemm_shared_bytes(weight, LAYOUTS[layout][0], 8 * groups) <= SHARED_BUDGET
     try:
         plan_k_chunks(weight, LAYOUTS[layout][0], min(8 * groups, num_tokens))
     except ValueError:
@@ -117,9 +121,9 @@ def gemm_raw_stride(weight: DeviceWeight) -> int:
     return (blocks * spec.block_bytes + 15 + 15) // 16 * 16
 
 
-def gemm_shared_bytes(weight: DeviceWeight, rows_per_cta: int = 64) -> int:
+def gemm_shared_bytes(weight: DeviceWeight, rows_per_cta: int = 64, tokens_per_cta: int = 64) -> int:
     """linear_mma_gemm.cu: two stages of (fp16 x tile, rows_per_cta raw W rows)."""
-    return 2 * (GEMM_X_BYTES + rows_per_cta * gemm_raw_stride(weight))
+    return 2 * (tokens_per_cta * GEMM_X_ROW_BYTES + rows_per_cta * gemm_raw_stride(weight))
 
 
 def x_stride(chunk_cols: int) -> int:
@@ -193,8 +197,9 @@ def plan_linear(weight: DeviceWeight, num_tokens: int, epilogue: str = "store",
         if not tile_fits(weight, (layout, groups), num_tokens):
             raise ValueError(f"linear_mma {layout} tiles of {weight.kernel_suffix} rows exceed the shared budget")
         return LinearLaunch(kernel_name=name,
-                            grid=grid, block=(4 * rows_per_cta, 1, 1), chunk_cols=GEMM_CHUNK_COLS,
-                            chunk_stride=0, x_rows=x_rows, shared_bytes=gemm_shared_bytes(weight, rows_per_cta))
+                            grid=grid, block=(128 * rows_per_cta // GEMM_WARP_ROWS[layout], 1, 1),
+                            chunk_cols=GEMM_CHUNK_COLS, chunk_stride=0, x_rows=x_rows,
+                            shared_bytes=gemm_shared_bytes(weight, rows_per_cta, tokens_per_cta))
     chunk_cols = plan_k_chunks(weight, rows_per_cta, x_rows)
     buffers = 1 if chunk_cols >= weight.cols else 2
     final_sums = 4 * rows_per_cta * tokens_per_cta * 4   # split_k: [warp][row][token]; rows: a quarter used
