@@ -1,6 +1,6 @@
 """One launch of each linear_mma layout at a real shape, for Nsight Compute on the GPU machine:
   ncu --clock-control none --section SpeedOfLight --section WarpStateStats --section Occupancy \
-      python tools/ncu_linear_mma.py [gate_up|down|q] [tokens]
+      python tools/ncu_linear_mma.py [gate_up|down|q] [tokens] [layout:groups ...]
 Random weights and inputs; prints nothing but what ncu reports."""
 from __future__ import annotations
 
@@ -35,7 +35,9 @@ def main() -> None:
     linear = LinearMmaOp(module, (dev.upload(np.zeros(tokens * cols, np.float16)), tokens * cols))
     x = dev.upload(rng.standard_normal((tokens, cols), dtype=np.float32))
     y = dev.poisoned((tokens, rows))
-    for tile in (("gemm", 8), ("gemm32", 8), ("rows", 4), ("split_k", 2)):
+    tiles = [(t.split(":")[0], int(t.split(":")[1])) for t in sys.argv[3:]] or \
+        [("gemm", 8), ("gemm32", 8), ("rows", 4), ("split_k", 2)]
+    for tile in tiles:
         linear(weight, x, y, tokens, stream, tile=tile)
     stream.synchronize()
 
