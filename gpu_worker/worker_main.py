@@ -22,23 +22,30 @@ from gpu_worker.sampling.params import SamplingParams, StoppingParams
 log = logging.getLogger("qwen_serve.worker")
 
 WARMUP_KEY = 2**64 - 1
+# Token budget of one engine step when none is given. The GPU runs a 2048-token step (a whole batch
+# of prompts) in ~50 ms; with 256 the prompts of 256 new requests took 128 steps, shared with the
+# running decodes (first tokens up to 2.5 s late through gRPC at 256 streams on an H200). On the CPU
+# a step of 2048 prompt tokens would stall every running stream for seconds: 256 keeps it short.
+DEFAULT_TOKENS_PER_STEP = {"cuda": 2048, "cpu": 256}
 
 
 def run_worker(model_path: str, backend: str = "auto", socket_dir: str = "/tmp/qwen-serve",
                kv_cache_gb: float = 0.25, block_size: int = 16, max_batch: int = 64,
-               max_tokens_per_step: int = 256, num_kv_blocks: int | None = None,
+               max_tokens_per_step: int | None = None, num_kv_blocks: int | None = None,
                heartbeat_interval_s: float = 0.1, parent_pid: int | None = None,
                request_ring_bytes: int = 1 << 20, event_ring_bytes: int = 4 << 20,
                prefix_cache: bool = True) -> int:
-    """Serve until SHUTDOWN, SIGTERM/SIGINT, or (with parent_pid) the parent's exit. Returns 0."""
+    """Serve until SHUTDOWN, SIGTERM/SIGINT, or (with parent_pid) the parent's exit. Returns 0.
+    max_tokens_per_step None: DEFAULT_TOKENS_PER_STEP of the backend that started."""
     from gpu_worker.backends.factory import create_backend
     from gpu_worker.model.gguf_loader import load_gguf
 
     t0 = time.monotonic()
     model = load_gguf(model_path)
     # The cuda backend sizes its static step buffers (and CUDA graphs) from these; cpu ignores them.
-    be = create_backend(backend, model, max_num_tokens=max(max_tokens_per_step, max_batch),
-                        max_num_seqs=max_batch)
+    cuda_tokens = max_tokens_per_step or DEFAULT_TOKENS_PER_STEP["cuda"]
+    be = create_backend(backend, model, max_num_tokens=max(cuda_tokens, max_batch), max_num_seqs=max_batch)
+    max_tokens_per_step = tokens_per_step(max_tokens_per_step, be.name, max_batch)
     if num_kv_blocks is None:
         num_kv_blocks = int(kv_cache_gb * 2**30) // be.kv_bytes_per_block(block_size)
     if num_kv_blocks < 1:
@@ -60,6 +67,14 @@ def run_worker(model_path: str, backend: str = "auto", socket_dir: str = "/tmp/q
     endpoint.serve_forever()
     be.close()
     return 0
+
+
+def tokens_per_step(requested: int | None, backend_name: str, max_batch: int) -> int:
+    """The engine's token budget per step: the requested one, else the backend's default (never
+    below max_batch, so every running sequence can decode in one step)."""
+    if requested is not None:
+        return requested
+    return max(DEFAULT_TOKENS_PER_STEP.get(backend_name, DEFAULT_TOKENS_PER_STEP["cpu"]), max_batch)
 
 
 def create_engine(model: Any, backend: Backend, num_kv_blocks: int, block_size: int = 16,
@@ -140,7 +155,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--num-kv-blocks", type=int, default=None, help="exact block count (overrides the budget)")
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--max-batch", type=int, default=64, help="sequences per step")
-    p.add_argument("--max-tokens-per-step", type=int, default=256, help="token budget per step")
+    p.add_argument("--max-tokens-per-step", type=int, default=None,
+                   help=f"token budget per step (default by backend: {DEFAULT_TOKENS_PER_STEP})")
     p.add_argument("--heartbeat-interval", type=float, default=0.1, help="seconds")
     p.add_argument("--parent-pid", type=int, default=None, help="exit when this parent process is gone")
     p.add_argument("--request-ring-bytes", type=int, default=1 << 20, help="front-end -> worker ring")

@@ -51,6 +51,10 @@ def _add_serve_flags(parser: argparse.ArgumentParser) -> None:
         help="KV cache size in GiB (default: the worker picks from free memory) [QWEN_SERVE_KV_CACHE_GB]")
     add("--max-batch", type=int, default=int(str(_env("max-batch", 32))),
         help="most sequences in one engine step (default 32) [QWEN_SERVE_MAX_BATCH]")
+    add("--max-tokens-per-step", type=_optional_int,
+        default=_optional_int(str(_env("max-tokens-per-step", ""))),
+        help="token budget of one engine step: prompt chunks plus one token per decoding sequence "
+             "(default: 2048 on cuda, 256 on cpu) [QWEN_SERVE_MAX_TOKENS_PER_STEP]")
     add("--grace-period", type=float, default=float(str(_env("grace-period", 30.0))),
         help="seconds in-flight requests may run after SIGTERM (default 30) [QWEN_SERVE_GRACE_PERIOD]")
     add("--tls-cert", default=_env("tls-cert"),
@@ -100,7 +104,8 @@ def config_from_args(args: argparse.Namespace) -> ServeConfig:
     return ServeConfig(
         host=args.host, port=args.port, model_path=args.model, backend=args.backend,
         attach_dir=args.attach, max_queue=args.max_queue, kv_cache_gb=kv_cache_gb,
-        max_batch=args.max_batch, prefix_cache=not args.no_prefix_cache,
+        max_batch=args.max_batch, max_tokens_per_step=args.max_tokens_per_step,
+        prefix_cache=not args.no_prefix_cache,
         grace_period_s=args.grace_period, tls_cert=args.tls_cert,
         tls_key=args.tls_key, auth_token=args.auth_token, auth_exempt_health=not args.auth_health,
         metrics_port=args.metrics_port, log_json=args.log_json, log_requests=args.log_requests)

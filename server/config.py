@@ -17,6 +17,7 @@ class ServeConfig:
     max_queue: int = 64                    # requests admitted but not yet finished, beyond the batch
     kv_cache_gb: float | None = None       # None = the worker's own default
     max_batch: int = 32
+    max_tokens_per_step: int | None = None  # None = the worker's default for its backend
     prefix_cache: bool = True              # the spawned worker reuses KV of repeated prompt prefixes
     grace_period_s: float = 30.0
     tls_cert: str | None = None
@@ -37,6 +38,9 @@ class ServeConfig:
             raise ValueError(f"max_queue must be >= 1, got {self.max_queue}")
         if self.max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {self.max_batch}")
+        if self.max_tokens_per_step is not None and self.max_tokens_per_step < self.max_batch:
+            raise ValueError(f"max_tokens_per_step must be >= max_batch ({self.max_batch}), "
+                             f"got {self.max_tokens_per_step}")
         if self.kv_cache_gb is not None and not (self.kv_cache_gb > 0 and math.isfinite(self.kv_cache_gb)):
             raise ValueError(f"kv_cache_gb must be > 0, got {self.kv_cache_gb}")
         if not (self.grace_period_s >= 0 and math.isfinite(self.grace_period_s)):

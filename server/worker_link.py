@@ -145,6 +145,8 @@ def default_worker_factory(config: ServeConfig) -> Any:
         options["prefix_cache"] = False
     if config.kv_cache_gb is not None:
         options["kv_cache_gb"] = config.kv_cache_gb
+    if config.max_tokens_per_step is not None:
+        options["max_tokens_per_step"] = config.max_tokens_per_step
     if config.attach_dir:   # the worker already has its model; the path is informational here
         return WorkerClient(config.model_path or "", backend=config.backend, socket_dir=config.attach_dir,
                             attach=True, **options)

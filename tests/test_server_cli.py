@@ -16,7 +16,7 @@ from server.cli import build_parser
 from tests.live_server import REPO, LiveServer
 
 SERVE_FLAGS = ("--host", "--port", "--model", "--backend", "--attach", "--max-queue", "--kv-cache-gb",
-               "--max-batch", "--grace-period", "--tls-cert", "--tls-key", "--auth-token", "--auth-health",
+               "--max-batch", "--max-tokens-per-step", "--grace-period", "--tls-cert", "--tls-key", "--auth-token", "--auth-health",
                "--metrics-port", "--log-json", "--log-requests")
 
 
@@ -125,3 +125,30 @@ def test_no_prefix_cache_reaches_the_spawned_workers_command_line(monkeypatch: p
     assert "--no-prefix-cache" in worker_command(["--no-prefix-cache"])
     monkeypatch.setenv("QWEN_SERVE_NO_PREFIX_CACHE", "1")
     assert "--no-prefix-cache" in worker_command([])
+
+
+def test_max_tokens_per_step_reaches_the_worker_and_defaults_by_backend(monkeypatch: pytest.MonkeyPatch) -> None:
+    from gpu_worker.worker_main import DEFAULT_TOKENS_PER_STEP, tokens_per_step
+    from server.cli import config_from_args
+    from server.worker_link import default_worker_factory
+
+    def worker_command(cli_args: list[str]) -> list[str]:
+        config = config_from_args(build_parser().parse_args(["serve", "--model", "m.gguf", *cli_args]))
+        client = default_worker_factory(config)
+        try:
+            return client.process.command()
+        finally:
+            client.process.cleanup()
+
+    assert "--max-tokens-per-step" not in worker_command([])     # the worker picks by backend
+    command = worker_command(["--max-tokens-per-step", "512"])
+    assert command[command.index("--max-tokens-per-step") + 1] == "512"
+    monkeypatch.setenv("QWEN_SERVE_MAX_TOKENS_PER_STEP", "1024")
+    command = worker_command([])
+    assert command[command.index("--max-tokens-per-step") + 1] == "1024"
+    with pytest.raises(ValueError, match="max_tokens_per_step must be >= max_batch"):
+        config_from_args(build_parser().parse_args(["serve", "--max-batch", "64", "--max-tokens-per-step", "32"]))
+    assert tokens_per_step(None, "cuda", 64) == DEFAULT_TOKENS_PER_STEP["cuda"] == 2048
+    assert tokens_per_step(None, "cpu", 64) == DEFAULT_TOKENS_PER_STEP["cpu"] == 256
+    assert tokens_per_step(None, "cuda", 4096) == 4096                 # every sequence can decode
+    assert tokens_per_step(300, "cuda", 64) == 300
