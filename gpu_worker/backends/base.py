@@ -107,6 +107,9 @@ class Backend(ABC):
     name: str            # "cpu" or "cuda"
     device_name: str     # e.g. "numpy (2 CPU cores)" or "NVIDIA H100 80GB HBM3"
     weight_bytes: int    # bytes the weights occupy on the device (exact)
+    # Whether submit() takes inputs_from_previous=True, so that the engine can start decode step
+    # N + 1 before it has read step N's tokens (engine.py: overlapped decode steps).
+    supports_overlap: bool = False
 
     @abstractmethod
     def kv_bytes_per_block(self, block_size: int) -> int:
@@ -119,6 +122,21 @@ class Backend(ABC):
     @abstractmethod
     def step(self, batch: StepBatch) -> StepOutput:
         """Run the forward over `batch`, write its KV, sample where asked."""
+
+    def submit(self, batch: StepBatch, inputs_from_previous: bool = False) -> object:
+        """Start a step; `collect(handle)` returns its output. Steps run and are collected in submit
+        order; at most two are outstanding. inputs_from_previous (backends with supports_overlap):
+        `batch` is a decode step whose sequence i is row i of the previous submitted step, which
+        sampled every row; its input ids are those sampled tokens, taken on the device (the
+        batch's own input_ids are ignored). Default: step() at once."""
+        if inputs_from_previous:
+            raise NotImplementedError(f"the {self.name} backend cannot take inputs from the previous step")
+        return self.step(batch)
+
+    def collect(self, handle: object) -> StepOutput:
+        """The output of a submitted step, waiting for it. Default: submit's handle is the output."""
+        assert isinstance(handle, StepOutput)
+        return handle
 
     def close(self) -> None:
         """Release device memory."""

@@ -1,7 +1,17 @@
-"""The engine loop body: step() = schedule -> backend.step(StepBatch) -> postprocess.
+"""The engine loop body: step() = schedule -> backend.submit(StepBatch) -> collect -> postprocess.
 
-Single-threaded and synchronous: the worker calls add_request/abort between steps, so an abort
-takes effect before the next step and frees the request's KV at once.
+Single-threaded: the worker calls add_request/abort between steps, so an abort takes effect before
+the next step and frees the request's KV at once.
+
+Overlapped decode (backends with supports_overlap, i.e. cuda): in a steady decode phase (every
+running sequence decoding, nobody waiting, nobody about to reach its length limit, no penalties
+or logit bias) step() submits decode step N + 1 before it reads step N's tokens, so the host's
+postprocessing, event publishing and next batch building run while the GPU computes. Step N + 1
+feeds each sequence the token step N sampled for it straight from the device. A sequence that
+step N finishes (EOS, stop id, abort) had a wasted row in step N + 1, whose output for it is
+dropped; its blocks are freed at once, which is safe because every later step runs after step
+N + 1 on the device. Outputs are those of the synchronous engine: a sequence's tokens do not
+depend on the batch it is in (batch invariance), and events come in the same order.
 """
 from __future__ import annotations
 
@@ -15,6 +25,7 @@ from gpu_worker.backends.base import Backend, SampleRequest, StepBatch, StepOutp
 from gpu_worker.engine.block_manager import KVBlockManager
 from gpu_worker.engine.scheduler import ScheduledChunk, Scheduler
 from gpu_worker.engine.sequence import RequestSpec, Sequence
+from gpu_worker.sampling.params import SamplingParams
 
 
 class TokenOut(NamedTuple):
@@ -41,10 +52,17 @@ class FinishOut:
 EngineEvent = TokenOut | FinishOut
 
 
+class _Submitted(NamedTuple):
+    """A step handed to the backend and not collected yet."""
+
+    chunks: list[ScheduledChunk]
+    handle: object
+
+
 class Engine:
     def __init__(self, backend: Backend, num_blocks: int, block_size: int, max_batch: int,
                  max_tokens_per_step: int, context_length: int, eos_token_ids: tuple[int, ...],
-                 vocab_size: int, prefix_caching: bool = True) -> None:
+                 vocab_size: int, prefix_caching: bool = True, overlap: bool = True) -> None:
         if context_length < 2:
             raise ValueError(f"context_length must be >= 2, got {context_length}")
         self.backend = backend
@@ -57,10 +75,13 @@ class Engine:
         self.num_steps = 0
         self.num_generated_tokens = 0
         self.num_preemptions = 0
+        self.overlap = overlap and backend.supports_overlap
+        self.num_overlapped_steps = 0
+        self._inflight: _Submitted | None = None    # the decode step submitted ahead (overlap)
 
     @property
     def has_work(self) -> bool:
-        return self.scheduler.has_work
+        return self.scheduler.has_work or self._inflight is not None
 
     def add_request(self, spec: RequestSpec) -> list[EngineEvent]:
         """Queue a request; a duplicate key or an over-long prompt finishes at once with an error."""
@@ -92,26 +113,78 @@ class Engine:
         return events
 
     def step(self) -> list[EngineEvent]:
-        plan = self.scheduler.schedule()
-        events: list[EngineEvent] = [self._finish_event(s) for s in plan.finished]
-        self.num_preemptions += len(plan.preempted)
-        if not plan.chunks:
-            return events
-        now = time.monotonic_ns()
-        for chunk in plan.chunks:
-            if chunk.seq.first_scheduled_ns is None:
-                chunk.seq.first_scheduled_ns = now
-        batch = build_step_batch(plan.chunks, self.block_manager.block_size)
-        try:
-            output = self.backend.step(batch)
-        except Exception as exc:  # noqa: BLE001 -- a failed step must not take the worker down: fail its requests
+        events: list[EngineEvent] = []
+        current, self._inflight = self._inflight, None
+        if current is None:
+            plan = self.scheduler.schedule()
+            events += [self._finish_event(s) for s in plan.finished]
+            self.num_preemptions += len(plan.preempted)
+            if not plan.chunks:
+                return events
+            now = time.monotonic_ns()
             for chunk in plan.chunks:
-                self.scheduler.finish(chunk.seq, "error", f"backend step failed: {exc!r}")
-                events.append(self._finish_event(chunk.seq))
+                if chunk.seq.first_scheduled_ns is None:
+                    chunk.seq.first_scheduled_ns = now
+            current = self._submit(plan.chunks, build_step_batch(plan.chunks, self.block_manager.block_size),
+                                   False, events)
+            if current is None:
+                return events
+        if self.overlap:
+            self._inflight = self._submit_next_decode(current.chunks, events)
+        try:
+            output = self.backend.collect(current.handle)
+        except Exception as exc:  # noqa: BLE001 -- a failed step must not take the worker down: fail its requests
+            events += self._fail(current.chunks, exc)
             return events
         self.num_steps += 1
-        events += self._postprocess(plan.chunks, output)
+        events += self._postprocess(current.chunks, output)
         return events
+
+    def _submit(self, chunks: list[ScheduledChunk], batch: StepBatch, inputs_from_previous: bool,
+                events: list[EngineEvent]) -> _Submitted | None:
+        try:
+            handle = self.backend.submit(batch, inputs_from_previous=inputs_from_previous)
+        except Exception as exc:  # noqa: BLE001 -- as in step(): fail the step's requests, keep serving
+            events += self._fail(chunks, exc)
+            return None
+        return _Submitted(chunks, handle)
+
+    def _fail(self, chunks: list[ScheduledChunk], exc: Exception) -> list[EngineEvent]:
+        events: list[EngineEvent] = []
+        for chunk in chunks:
+            if not chunk.seq.is_finished:      # an overlapped step repeats the sequences of the one before
+                self.scheduler.finish(chunk.seq, "error", f"backend step failed: {exc!r}")
+                events.append(self._finish_event(chunk.seq))
+        return events
+
+    def _submit_next_decode(self, chunks: list[ScheduledChunk], events: list[EngineEvent]) -> _Submitted | None:
+        """Submits the decode step after `chunks` (not yet collected) when the overlap rule in the
+        module docstring holds: the same running sequences, in the same order, each decoding one
+        token and sure to go on after it (length), with no penalties or logit bias (their sample
+        inputs would need the token in flight)."""
+        running = self.scheduler.running
+        if self.scheduler.waiting or len(chunks) != len(running):
+            return None
+        bm = self.block_manager
+        new_blocks = 0
+        for (seq, num_tokens, start), running_seq in zip(chunks, running):
+            if seq is not running_seq or num_tokens != 1 or start + 1 != seq.num_tokens:
+                return None
+            if seq.num_output_tokens + 1 >= seq.max_tokens or seq.num_tokens + 1 >= self.context_length:
+                return None
+            if _needs_host_sampling_inputs(seq.spec.sampling):
+                return None
+            if len(seq.block_table) * bm.block_size <= seq.num_tokens:   # position num_tokens needs a block
+                new_blocks += 1
+        if new_blocks > bm.num_free_blocks:
+            return None
+        for seq in running:
+            bm.allocate(seq, 2)            # KV through position num_tokens (num_computed + 2 tokens)
+        next_chunks = [ScheduledChunk(seq, 1, seq.num_tokens) for seq in running]
+        submitted = self._submit(next_chunks, build_next_decode_batch(running, bm.block_size), True, events)
+        if submitted is not None:
+            self.num_overlapped_steps += 1
+        return submitted
 
     def _postprocess(self, chunks: list[ScheduledChunk], output: StepOutput) -> list[EngineEvent]:
         events: list[EngineEvent] = []
@@ -120,6 +193,8 @@ class Engine:
         logprobs = output.logprobs
         cache_full_blocks = self.block_manager.cache_full_blocks
         for i, (seq, num_tokens, start) in enumerate(chunks):
+            if seq.is_finished:
+                continue                                 # finished (or aborted) while this step ran ahead
             seq.num_computed_tokens += num_tokens
             cache_full_blocks(seq)                       # before a finish frees them
             if start + num_tokens != seq.num_tokens:
@@ -210,12 +285,43 @@ def build_step_batch(chunks: list[ScheduledChunk], block_size: int) -> StepBatch
     seq_index = np.repeat(np.arange(num_seqs), lens_array)                      # [num_tokens]
     positions = (np.arange(num_tokens, dtype=np.int32)
                  + (starts_array - query_start_loc[:-1])[seq_index])            # [num_tokens]
-    # Boolean-mask assignment fills row-major, i.e. table after table.
-    widths_array = np.array(widths)                                             # [num_seqs]
-    block_tables = np.full((num_seqs, max(widths)), -1, dtype=np.int32)        # [num_seqs, max_blocks]
-    block_tables[np.arange(block_tables.shape[1]) < widths_array[:, None]] = np.array(flat_blocks, np.int32)
+    block_tables = _block_tables(widths, flat_blocks)                            # [num_seqs, max_blocks]
     slot_mapping = (block_tables[seq_index, positions // block_size] * block_size
                     + positions % block_size).astype(np.int32)
     return StepBatch(input_ids=input_ids, positions=positions, query_start_loc=query_start_loc,
                      context_lens=starts_array + lens_array, block_tables=block_tables,
                      slot_mapping=slot_mapping, sample=tuple(sample))
+
+
+def _needs_host_sampling_inputs(params: SamplingParams) -> bool:
+    """Penalties read the tokens so far, the one in flight included; a logit bias is uploaded per
+    step from pageable memory, which can wait for the device: no overlap for either."""
+    return (params.repetition_penalty != 1.0 or params.presence_penalty != 0.0 or params.frequency_penalty != 0.0
+            or bool(params.logit_bias))
+
+
+def build_next_decode_batch(seqs: list[Sequence], block_size: int) -> StepBatch:
+    """The decode step after the one in flight, built before its tokens are read: sequence i
+    feeds the token being sampled for it now (at position num_tokens; the backend takes the id
+    from the device, so input_ids here are placeholders) and samples the one after it (generation
+    step num_output_tokens + 1). Its block table must already cover position num_tokens. The
+    sample requests' token views lack the token in flight: the overlap rule admits no penalties,
+    the only readers of those views."""
+    positions = np.array([seq.num_tokens for seq in seqs], dtype=np.int32)                # [num_seqs]
+    widths = [len(seq.block_table) for seq in seqs]
+    block_tables = _block_tables(widths, [b for seq in seqs for b in seq.block_table])
+    slot_mapping = (block_tables[np.arange(len(seqs)), positions // block_size] * block_size
+                    + positions % block_size).astype(np.int32)
+    sample = tuple(SampleRequest(seq.spec.sampling, seq.num_output_tokens + 1, seq.token_ids, seq.output_token_ids)
+                   for seq in seqs)
+    return StepBatch(input_ids=np.zeros(len(seqs), np.int32), positions=positions,
+                     query_start_loc=np.arange(len(seqs) + 1, dtype=np.int32), context_lens=positions + 1,
+                     block_tables=block_tables, slot_mapping=slot_mapping, sample=sample)
+
+
+def _block_tables(widths: list[int], flat_blocks: list[int]) -> np.ndarray:
+    """[num_seqs, max width] int32, -1 padded, from every table laid one after the other.
+    Boolean-mask assignment fills row-major, i.e. table after table."""
+    block_tables = np.full((len(widths), max(widths)), -1, dtype=np.int32)
+    block_tables[np.arange(block_tables.shape[1]) < np.array(widths)[:, None]] = np.array(flat_blocks, np.int32)
+    return block_tables

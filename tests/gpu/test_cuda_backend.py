@@ -141,3 +141,45 @@ def test_tokens_are_batch_invariant(backend):
     for chunk in (5, 16):
         assert run_batch(backend, [target], [params], new, prefill_chunk=chunk)[0] == alone, f"chunk {chunk}"
     print(f"batch invariance: {new} tokens identical alone / in 8 / in 64 / chunked 5 and 16: {alone}")
+
+
+def test_overlapped_engine_steps_equal_synchronous_ones(backend, synthetic_model):
+    """The engine submits decode step N + 1 before reading step N (its input ids copied on the
+    device from step N's samples): tokens, logprobs and finishes equal the synchronous engine's,
+    with an abort between steps."""
+    from gpu_worker.engine.engine import Engine, FinishOut, TokenOut
+    from gpu_worker.engine.sequence import RequestSpec
+    from gpu_worker.sampling.params import StoppingParams
+
+    rng = np.random.default_rng()
+    specs = []
+    for key in range(20):
+        prompt = tuple(int(t) for t in rng.integers(0, 151936, int(rng.integers(3, 60))))
+        params = SamplingParams(temperature=float(rng.choice([0.0, 0.8])), seed=int(rng.integers(0, 2**32)),
+                                top_k=int(rng.choice([0, 20])), logprobs=bool(key % 3 == 0), top_logprobs=key % 4)
+        specs.append(RequestSpec(key, prompt, params, StoppingParams(max_tokens=int(rng.integers(4, 24)),
+                                                                    ignore_eos=True)))
+
+    def run(overlap: bool):
+        engine = Engine(backend, 4096, BLOCK, 64, 512, 1024, (151645,), synthetic_model.config.vocab_size,
+                        overlap=overlap)
+        for s in specs:
+            assert engine.add_request(s) == []
+        tokens, finished, step = {}, {}, 0
+        while engine.has_work:
+            if step == 6:
+                finished.update({e.request_key: (e.reason, e.completion_tokens) for e in engine.abort(3)})
+            for event in engine.step():
+                if isinstance(event, TokenOut):
+                    tokens.setdefault(event.request_key, []).append((event.token_id, event.logprobs))
+                else:
+                    assert isinstance(event, FinishOut)
+                    finished[event.request_key] = (event.reason, event.completion_tokens)
+            step += 1
+        assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+        return (tokens, finished), engine.num_overlapped_steps
+
+    synchronous, none = run(False)
+    overlapped, count = run(True)
+    assert none == 0 and count > 5
+    assert overlapped == synchronous

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
+from typing import NamedTuple
 
 import numpy as np
 
@@ -15,7 +16,7 @@ from gpu_worker.backends.base import Backend, StepBatch, StepOutput, TokenLogpro
 from gpu_worker.backends.cuda.device import CudaBackendError, CudaDevice, CudaOutOfMemoryError, DeviceTensor
 from gpu_worker.backends.cuda.forward import LINEAR_KERNELS, Qwen2Forward
 from gpu_worker.backends.cuda.graphs import DEFAULT_BUCKETS, DecodeGraphs, graphs_available
-from gpu_worker.backends.cuda.sampler import GpuSampler, pack_sampling
+from gpu_worker.backends.cuda.sampler import GpuSampler, PendingSample, pack_sampling
 from gpu_worker.backends.cuda.step_inputs import StepInputs, check_step_batch
 from gpu_worker.backends.cuda.weights import can_interleave_gate_up, upload_weights
 
@@ -23,8 +24,17 @@ FUSED_ENV = "QWEN_SERVE_CUDA_FUSED"
 LINEAR_ENV = "QWEN_SERVE_CUDA_LINEAR"
 
 
+class PendingStep(NamedTuple):
+    """A submitted step: its sampling in flight, and which sequences it samples."""
+
+    sample: PendingSample
+    sampled: list[int]       # indices of the sequences with a SampleRequest
+    num_seqs: int
+
+
 class CudaBackend(Backend):
     name = "cuda"
+    supports_overlap = True   # submit() enqueues without waiting; see Backend.submit
 
     def __init__(self, model, *, device_index: int = 0, max_num_tokens: int = 2048, max_num_seqs: int = 256,
                  max_model_len: int | None = None, use_graphs: bool = True, fatbin_path: str | None = None,
@@ -111,8 +121,11 @@ class CudaBackend(Backend):
                                     max_blocks_per_seq, self.max_model_len, fused=self.fused,
                                     linear=self.linear)
         self.forward.set_kv_cache(kv, block_size)
-        self.inputs = StepInputs(self.device, self.forward.meta, self.max_num_tokens, self.max_num_seqs,
-                                 max_blocks_per_seq)
+        # Two pinned input mirrors, alternating per step: step N + 1's inputs are written while step
+        # N's copy may still wait in the stream.
+        self._input_mirrors = [StepInputs(self.device, self.forward.meta, self.max_num_tokens, self.max_num_seqs,
+                                          max_blocks_per_seq) for _ in range(2)]
+        self.inputs = self._input_mirrors[0]
         self.sampler = GpuSampler(self.device, self.forward.acts.logits, self.max_num_seqs)
         if self.use_graphs:
             self._capture_decode_graphs()
@@ -128,30 +141,51 @@ class CudaBackend(Backend):
         self.device.synchronize()
 
     def step(self, batch: StepBatch) -> StepOutput:
+        return self.collect(self.submit(batch))
+
+    def submit(self, batch: StepBatch, inputs_from_previous: bool = False) -> PendingStep:
+        """Enqueues the step (input copies, forward or decode graph, sampling, result copies)
+        without waiting for the device; collect() waits. See Backend.submit."""
         if self.forward is None:
             raise CudaBackendError("allocate_kv_cache() must be called before the first step")
         check_step_batch(batch, self.config.vocab_size, self.num_blocks, self.block_size,
                          self.max_num_tokens, self.max_num_seqs, self.max_model_len,
                          self.inputs.max_blocks_per_seq)
         is_decode = batch.num_tokens == batch.num_seqs
+        if inputs_from_previous and not is_decode:
+            raise ValueError("inputs_from_previous needs a decode step (one token per sequence)")
+        self.inputs = self._input_mirrors[1] if self.inputs is self._input_mirrors[0] else self._input_mirrors[0]
         bucket = self.graphs.bucket_for(batch.num_seqs) if (self.graphs and is_decode) else None
         if bucket is not None:
             self.inputs.upload(batch, pad_to=bucket, logit_rows=None)
+            if inputs_from_previous:
+                self._take_previous_tokens(batch.num_seqs)
             self.graphs.replay(bucket)
             rows = list(range(batch.num_seqs))
         else:
-            rows = self._eager_step(batch)
+            rows = self._eager_step(batch, inputs_from_previous=inputs_from_previous)
         sampled = [i for i, req in enumerate(batch.sample) if req is not None]
         packed = pack_sampling([rows[i] for i in sampled], [batch.sample[i] for i in sampled],
                                self.config.vocab_size)
-        tokens, logprobs = self.sampler.sample(packed)
-        token_ids = np.full(batch.num_seqs, -1, np.int32)
-        per_seq: list[TokenLogprobs | None] = [None] * batch.num_seqs
-        for j, seq in enumerate(sampled):
+        return PendingStep(self.sampler.launch(packed), sampled, batch.num_seqs)
+
+    def collect(self, handle: object) -> StepOutput:
+        assert isinstance(handle, PendingStep)
+        tokens, logprobs = self.sampler.finish(handle.sample)
+        token_ids = np.full(handle.num_seqs, -1, np.int32)
+        per_seq: list[TokenLogprobs | None] = [None] * handle.num_seqs
+        for j, seq in enumerate(handle.sampled):
             token_ids[seq], per_seq[seq] = tokens[j], logprobs[j]
         return StepOutput(token_ids=token_ids, logprobs=tuple(per_seq))
 
-    def _eager_step(self, batch: StepBatch, logit_rows: np.ndarray | None = None) -> list[int]:
+    def _take_previous_tokens(self, num_seqs: int) -> None:
+        """Input ids of this decode step = the tokens the previous step sampled, row for row
+        (still on the device: sampler.tokens), copied over the uploaded placeholders."""
+        self.device.cuda.memcpy_dtod_async(self.forward.meta.input_ids.ptr, self.sampler.tokens.ptr, 4 * num_seqs,
+                                           self.device.stream)
+
+    def _eager_step(self, batch: StepBatch, logit_rows: np.ndarray | None = None,
+                    inputs_from_previous: bool = False) -> list[int]:
         """Runs without a graph; returns each sequence's logits row (valid where sampled)."""
         if logit_rows is None:
             logit_rows = np.asarray(batch.query_start_loc[1:]) - 1   # last token of each sequence
@@ -160,6 +194,8 @@ class CudaBackend(Backend):
                 or logit_rows.max() >= batch.num_tokens:
             raise ValueError(f"logit_rows must be 1..{self.max_num_seqs} token indices of the batch")
         self.inputs.upload(batch, pad_to=None, logit_rows=logit_rows)
+        if inputs_from_previous:
+            self._take_previous_tokens(batch.num_seqs)
         self.forward.run(batch.num_tokens, len(logit_rows), all_rows=False)
         return list(range(batch.num_seqs))
 

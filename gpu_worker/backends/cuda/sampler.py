@@ -12,8 +12,7 @@ import numpy as np
 from gpu_worker.backends.base import SampleRequest, TokenLogprobs
 from gpu_worker.backends.cuda.device import DeviceTensor
 from gpu_worker.backends.cuda.ops import sampling as sampling_ops
-from gpu_worker.backends.cuda.ops.sampling import (HIST_BINS, MAX_TOP_LOGPROBS, NUM_SEGMENTS,
-                                                    SAMPLE_ARGS_DTYPE)
+from gpu_worker.backends.cuda.ops.sampling import HIST_BINS, MAX_TOP_LOGPROBS, NUM_SEGMENTS, SAMPLE_ARGS_DTYPE
 
 
 @dataclass(frozen=True)
@@ -106,6 +105,8 @@ class GpuSampler:
         self.seg_hist = mem.tensor("sampling", (max_sampled, NUM_SEGMENTS, HIST_BINS), np.int32)
         self._aux_capacity = 0
         self._aux: dict[str, DeviceTensor] = {}
+        self._slots = [HostSlot(device.cuda, max_sampled) for _ in range(2)]
+        self._next_slot = 0
 
     def _aux_tensor(self, name: str, host: np.ndarray) -> DeviceTensor:
         """Uploads a flat array into a growable buffer (grows by doubling; counted as 'sampling')."""
@@ -122,13 +123,21 @@ class GpuSampler:
         return tensor
 
     def sample(self, packed: PackedSampling) -> tuple[np.ndarray, tuple[TokenLogprobs | None, ...]]:
-        """Runs on the stream; returns tokens [num_sampled] int32 and per-record logprobs."""
+        """Runs on the stream and waits; tokens [num_sampled] int32 and per-record logprobs."""
+        return self.finish(self.launch(packed))
+
+    def launch(self, packed: PackedSampling) -> PendingSample:
+        """Enqueues the sampling kernels and the copies of their results into the next of two
+        pinned host slots, without waiting (a step in flight may still be running before them)."""
         n = len(packed.args)
-        cuda, stream = self.device.cuda, self.device.stream
+        slot = self._slots[self._next_slot]
+        self._next_slot ^= 1
         if n == 0:
-            return np.zeros(0, np.int32), ()
+            return PendingSample(slot, packed)
+        cuda, stream = self.device.cuda, self.device.stream
         args = self.args.view(n)
-        cuda.memcpy_htod_async(args.ptr, packed.args, stream)
+        slot.args[:n] = packed.args          # pinned: the copy does not wait for the stream
+        cuda.memcpy_htod_async(args.ptr, slot.args[:n], stream)
         if packed.needs_logprobs:
             cuda.memcpy_dtod_async(self.raw_logits.ptr, self.logits.ptr, self.logits.nbytes, stream)
         if packed.needs_penalties:
@@ -141,30 +150,51 @@ class GpuSampler:
         sampling_ops.launch_draw(self.device, self.logits, args, self.seg_best.view(n, NUM_SEGMENTS),
                                  self.seg_mass.view(n, NUM_SEGMENTS), self.seg_hist.view(n, NUM_SEGMENTS, HIST_BINS),
                                  tokens)
-        host_tokens = np.empty(n, np.int32)
-        cuda.memcpy_dtoh_async(host_tokens, tokens.ptr, stream)
-        if not packed.needs_logprobs:
-            self.device.synchronize()
-            return host_tokens, (None,) * n
-        return host_tokens, self._logprobs(packed, args, tokens, host_tokens)
+        cuda.memcpy_dtoh_async(slot.tokens[:n], tokens.ptr, stream)
+        if packed.needs_logprobs:
+            logprob, top_ids, top_lp = self.logprob.view(n), self.top_ids.view(n, MAX_TOP_LOGPROBS), \
+                self.top_logprobs.view(n, MAX_TOP_LOGPROBS)
+            sampling_ops.launch_logprobs(self.device, self.raw_logits, args, tokens, logprob, top_ids, top_lp)
+            for host, tensor in ((slot.logprob, logprob), (slot.top_ids, top_ids), (slot.top_logprobs, top_lp)):
+                cuda.memcpy_dtoh_async(host[:n], tensor.ptr, stream)
+        slot.done.record(stream)
+        return PendingSample(slot, packed)
 
-    def _logprobs(self, packed: PackedSampling, args: DeviceTensor, tokens: DeviceTensor,
-                  host_tokens: np.ndarray) -> tuple[TokenLogprobs | None, ...]:
+    def finish(self, pending: PendingSample) -> tuple[np.ndarray, tuple[TokenLogprobs | None, ...]]:
+        """Waits for a launch's copies; its tokens [num_sampled] int32 and per-record logprobs."""
+        packed, slot = pending.packed, pending.slot
         n = len(packed.args)
-        logprob, top_ids, top_lp = self.logprob.view(n), self.top_ids.view(n, MAX_TOP_LOGPROBS), \
-            self.top_logprobs.view(n, MAX_TOP_LOGPROBS)
-        sampling_ops.launch_logprobs(self.device, self.raw_logits, args, tokens, logprob, top_ids, top_lp)
-        host = [np.empty(n, np.float32), np.empty((n, MAX_TOP_LOGPROBS), np.int32),
-                np.empty((n, MAX_TOP_LOGPROBS), np.float32)]
-        for array, tensor in zip(host, (logprob, top_ids, top_lp)):
-            self.device.cuda.memcpy_dtoh_async(array, tensor.ptr, self.device.stream)
-        self.device.synchronize()
+        if n == 0:
+            return np.zeros(0, np.int32), ()
+        slot.done.synchronize()
+        tokens = slot.tokens[:n].copy()
+        if not packed.needs_logprobs:
+            return tokens, (None,) * n
         results: list[TokenLogprobs | None] = []
         for i, record in enumerate(packed.args):
             if not record["want_logprobs"]:
                 results.append(None)
                 continue
             k = int(record["num_top_logprobs"])
-            top = tuple((int(host[1][i, j]), float(host[2][i, j])) for j in range(k))
-            results.append(TokenLogprobs(token_id=int(host_tokens[i]), logprob=float(host[0][i]), top=top))
-        return tuple(results)
+            top = tuple((int(slot.top_ids[i, j]), float(slot.top_logprobs[i, j])) for j in range(k))
+            results.append(TokenLogprobs(token_id=int(tokens[i]), logprob=float(slot.logprob[i]), top=top))
+        return tokens, tuple(results)
+
+
+class HostSlot:
+    """Pinned host buffers for one step's sampling inputs and results, and the event after them.
+    Two alternate, so that step N + 1 can be launched while step N's results are still unread."""
+
+    def __init__(self, cuda, max_sampled: int) -> None:
+        self.args = cuda.pagelocked_empty(max_sampled * SAMPLE_ARGS_DTYPE.itemsize, np.uint8).view(SAMPLE_ARGS_DTYPE)
+        self.tokens = cuda.pagelocked_empty(max_sampled, np.int32)
+        self.logprob = cuda.pagelocked_empty(max_sampled, np.float32)
+        self.top_ids = cuda.pagelocked_empty((max_sampled, MAX_TOP_LOGPROBS), np.int32)
+        self.top_logprobs = cuda.pagelocked_empty((max_sampled, MAX_TOP_LOGPROBS), np.float32)
+        self.done = cuda.Event()
+
+
+@dataclass(frozen=True)
+class PendingSample:
+    slot: HostSlot
+    packed: PackedSampling
