@@ -138,3 +138,33 @@ def test_preemption_and_penalties_fall_back_to_synchronous_steps(model) -> None:
     engine = make(model, overlap=True)
     assert run(engine, penalized_only) == run(make(model, overlap=False), penalized_only)
     assert engine.num_overlapped_steps == 0
+
+
+class FailingAheadBackend(OverlapCpuBackend):
+    """Refuses the `fail_at`-th step submitted ahead (as a device error would)."""
+
+    def __init__(self, model, fail_at: int) -> None:
+        super().__init__(model)
+        self.fail_at, self.ahead = fail_at, 0
+
+    def submit(self, batch: StepBatch, inputs_from_previous: bool = False) -> object:
+        if inputs_from_previous:
+            self.ahead += 1
+            if self.ahead == self.fail_at:
+                raise RuntimeError("device error (test)")
+        return super().submit(batch, inputs_from_previous)
+
+
+def test_a_step_ahead_that_fails_fails_its_requests_after_the_current_tokens(model) -> None:
+    specs = [spec(k, max_tokens=20, seed=k, ignore_eos=True) for k in range(4)]
+    reference, _ = run(make(model, overlap=False), specs)
+    engine = create_engine(model, FailingAheadBackend(model, fail_at=3), 160, 4, 32, 64)
+    tokens, finished = run(engine, specs)
+    assert all(reason == "error" for reason, _ in finished.values())
+    # The prompt step, one synchronous decode step and the two steps ahead that started give 4
+    # tokens each, the reference's; the third step ahead fails after them.
+    for key, got in tokens.items():
+        assert got == reference[key][:4]
+        assert finished[key] == ("error", 4)
+    after = [spec(9, max_tokens=6, seed=2, ignore_eos=True)]   # the engine keeps serving
+    assert run(engine, after) == run(make(model, overlap=False), after)

@@ -125,25 +125,28 @@ class Engine:
             for chunk in plan.chunks:
                 if chunk.seq.first_scheduled_ns is None:
                     chunk.seq.first_scheduled_ns = now
-            current = self._submit(plan.chunks, build_step_batch(plan.chunks, self.block_manager.block_size),
-                                   False, events)
+            current = self._submit(plan.chunks, build_step_batch(plan.chunks, self.block_manager.block_size), events)
             if current is None:
                 return events
+        # A step ahead that fails to start fails its requests after this step's tokens, as the
+        # synchronous engine's next step would.
+        failed_ahead: list[tuple[list[ScheduledChunk], Exception]] = []
         if self.overlap:
-            self._inflight = self._submit_next_decode(current.chunks, events)
+            self._inflight = self._submit_next_decode(current.chunks, failed_ahead)
         try:
             output = self.backend.collect(current.handle)
         except Exception as exc:  # noqa: BLE001 -- a failed step must not take the worker down: fail its requests
             events += self._fail(current.chunks, exc)
-            return events
-        self.num_steps += 1
-        events += self._postprocess(current.chunks, output)
+        else:
+            self.num_steps += 1
+            events += self._postprocess(current.chunks, output)
+        for chunks, exc in failed_ahead:
+            events += self._fail(chunks, exc)
         return events
 
-    def _submit(self, chunks: list[ScheduledChunk], batch: StepBatch, inputs_from_previous: bool,
-                events: list[EngineEvent]) -> _Submitted | None:
+    def _submit(self, chunks: list[ScheduledChunk], batch: StepBatch, events: list[EngineEvent]) -> _Submitted | None:
         try:
-            handle = self.backend.submit(batch, inputs_from_previous=inputs_from_previous)
+            handle = self.backend.submit(batch)
         except Exception as exc:  # noqa: BLE001 -- as in step(): fail the step's requests, keep serving
             events += self._fail(chunks, exc)
             return None
@@ -157,7 +160,8 @@ class Engine:
                 events.append(self._finish_event(chunk.seq))
         return events
 
-    def _submit_next_decode(self, chunks: list[ScheduledChunk], events: list[EngineEvent]) -> _Submitted | None:
+    def _submit_next_decode(self, chunks: list[ScheduledChunk],
+                            failed: list[tuple[list[ScheduledChunk], Exception]]) -> _Submitted | None:
         """Submits the decode step after `chunks` (not yet collected) when the overlap rule in the
         module docstring holds: the same running sequences, in the same order, each decoding one
         token and sure to go on after it (length), with no penalties or logit bias (their sample
@@ -181,10 +185,13 @@ class Engine:
         for seq in running:
             bm.allocate(seq, 2)            # KV through position num_tokens (num_computed + 2 tokens)
         next_chunks = [ScheduledChunk(seq, 1, seq.num_tokens) for seq in running]
-        submitted = self._submit(next_chunks, build_next_decode_batch(running, bm.block_size), True, events)
-        if submitted is not None:
-            self.num_overlapped_steps += 1
-        return submitted
+        try:
+            handle = self.backend.submit(build_next_decode_batch(running, bm.block_size), inputs_from_previous=True)
+        except Exception as exc:  # noqa: BLE001 -- failed after the current step's tokens (step())
+            failed.append((next_chunks, exc))
+            return None
+        self.num_overlapped_steps += 1
+        return _Submitted(next_chunks, handle)
 
     def _postprocess(self, chunks: list[ScheduledChunk], output: StepOutput) -> list[EngineEvent]:
         events: list[EngineEvent] = []
