@@ -20,9 +20,9 @@ from gpu_worker.worker_main import create_engine
 
 
 class OverlapCpuBackend(CpuBackend):
-    """The numpy backend with the overlap contract of Backend.submit: an inputs_from_previous
-    step takes its input ids from the previous submitted step's samples (what the cuda backend
-    copies on the device). It checks the contract's preconditions as it goes."""
+    """The numpy backend with the overlap contract of Backend.submit: a step with previous_rows
+    takes its input ids from the previous submitted step's samples (what the cuda backend copies
+    on the device). It checks the contract's preconditions as it goes."""
 
     supports_overlap = True
 
@@ -31,14 +31,16 @@ class OverlapCpuBackend(CpuBackend):
         self.previous_tokens: np.ndarray | None = None
         self.previous_was_decode = False
         self.num_from_previous = 0
+        self.num_gathered = 0           # steps ahead whose rows skip finished sequences
 
-    def submit(self, batch: StepBatch, inputs_from_previous: bool = False) -> object:
-        if inputs_from_previous:
+    def submit(self, batch: StepBatch, previous_rows: np.ndarray | None = None) -> object:
+        if previous_rows is not None:
             assert self.previous_was_decode and self.previous_tokens is not None
-            assert len(self.previous_tokens) == batch.num_seqs == batch.num_tokens
+            assert len(previous_rows) == batch.num_seqs == batch.num_tokens
             assert (self.previous_tokens >= 0).all(), "the previous step must sample every row"
-            batch = dataclasses.replace(batch, input_ids=self.previous_tokens.astype(np.int32))
+            batch = dataclasses.replace(batch, input_ids=self.previous_tokens[previous_rows].astype(np.int32))
             self.num_from_previous += 1
+            self.num_gathered += int(not np.array_equal(previous_rows, np.arange(batch.num_seqs)))
         output = self.step(batch)
         self.previous_tokens = output.token_ids.copy()
         self.previous_was_decode = batch.num_tokens == batch.num_seqs
@@ -110,6 +112,7 @@ def test_overlapped_decode_equals_the_synchronous_engine(model) -> None:
     engine = make(model, overlap=True)
     assert run(engine, specs) == reference
     assert engine.num_overlapped_steps > 10 and engine.backend.num_from_previous == engine.num_overlapped_steps
+    assert engine.backend.num_gathered > 0      # steps ahead went on past sequences that finished
 
 
 def test_stop_ids_aborts_and_late_requests_between_overlapped_steps(model) -> None:
@@ -147,12 +150,12 @@ class FailingAheadBackend(OverlapCpuBackend):
         super().__init__(model)
         self.fail_at, self.ahead = fail_at, 0
 
-    def submit(self, batch: StepBatch, inputs_from_previous: bool = False) -> object:
-        if inputs_from_previous:
+    def submit(self, batch: StepBatch, previous_rows: np.ndarray | None = None) -> object:
+        if previous_rows is not None:
             self.ahead += 1
             if self.ahead == self.fail_at:
                 raise RuntimeError("device error (test)")
-        return super().submit(batch, inputs_from_previous)
+        return super().submit(batch, previous_rows)
 
 
 def test_a_step_ahead_that_fails_fails_its_requests_after_the_current_tokens(model) -> None:

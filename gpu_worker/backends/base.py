@@ -107,8 +107,8 @@ class Backend(ABC):
     name: str            # "cpu" or "cuda"
     device_name: str     # e.g. "numpy (2 CPU cores)" or "NVIDIA H100 80GB HBM3"
     weight_bytes: int    # bytes the weights occupy on the device (exact)
-    # Whether submit() takes inputs_from_previous=True, so that the engine can start decode step
-    # N + 1 before it has read step N's tokens (engine.py: overlapped decode steps).
+    # Whether submit() takes previous_rows, so that the engine can start decode step N + 1 before it
+    # has read step N's tokens (engine.py: overlapped decode steps).
     supports_overlap: bool = False
 
     @abstractmethod
@@ -123,13 +123,13 @@ class Backend(ABC):
     def step(self, batch: StepBatch) -> StepOutput:
         """Run the forward over `batch`, write its KV, sample where asked."""
 
-    def submit(self, batch: StepBatch, inputs_from_previous: bool = False) -> object:
+    def submit(self, batch: StepBatch, previous_rows: np.ndarray | None = None) -> object:
         """Start a step; `collect(handle)` returns its output. Steps run and are collected in submit
-        order; at most two are outstanding. inputs_from_previous (backends with supports_overlap):
-        `batch` is a decode step whose sequence i is row i of the previous submitted step, which
-        sampled every row; its input ids are those sampled tokens, taken on the device (the
-        batch's own input_ids are ignored). Default: step() at once."""
-        if inputs_from_previous:
+        order; at most two are outstanding. previous_rows (backends with supports_overlap): `batch`
+        is a decode step after a decode step that sampled every row, and sequence i's input id is
+        the token sampled in row previous_rows[i] of that previous submitted step, taken on the
+        device (the batch's own input_ids are ignored). Default: step() at once."""
+        if previous_rows is not None:
             raise NotImplementedError(f"the {self.name} backend cannot take inputs from the previous step")
         return self.step(batch)
 

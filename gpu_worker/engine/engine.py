@@ -4,14 +4,15 @@ Single-threaded: the worker calls add_request/abort between steps, so an abort t
 the next step and frees the request's KV at once.
 
 Overlapped decode (backends with supports_overlap, i.e. cuda): in a steady decode phase (every
-running sequence decoding, nobody waiting, nobody about to reach its length limit, no penalties
-or logit bias) step() submits decode step N + 1 before it reads step N's tokens, so the host's
-postprocessing, event publishing and next batch building run while the GPU computes. Step N + 1
-feeds each sequence the token step N sampled for it straight from the device. A sequence that
-step N finishes (EOS, stop id, abort) had a wasted row in step N + 1, whose output for it is
-dropped; its blocks are freed at once, which is safe because every later step runs after step
-N + 1 on the device. Outputs are those of the synchronous engine: a sequence's tokens do not
-depend on the batch it is in (batch invariance), and events come in the same order.
+running sequence decoding, nobody waiting, no penalties or logit bias) step() submits decode step
+N + 1 before it reads step N's tokens, so the host's postprocessing, event publishing and next
+batch building run while the GPU computes. Step N + 1 feeds each sequence the token step N
+sampled for it straight from the device. A sequence that step N ends by length is left out of
+step N + 1; one that step N ends otherwise (EOS, stop id, abort) had a wasted row in step N + 1,
+whose output for it is dropped, and is left out of step N + 2. Its blocks are freed at once,
+which is safe because every later step runs after step N + 1 on the device. Outputs are those of
+the synchronous engine: a sequence's tokens do not depend on the batch it is in (batch
+invariance), and events come in the same order.
 """
 from __future__ import annotations
 
@@ -163,30 +164,42 @@ class Engine:
     def _submit_next_decode(self, chunks: list[ScheduledChunk],
                             failed: list[tuple[list[ScheduledChunk], Exception]]) -> _Submitted | None:
         """Submits the decode step after `chunks` (not yet collected) when the overlap rule in the
-        module docstring holds: the same running sequences, in the same order, each decoding one
-        token and sure to go on after it (length), with no penalties or logit bias (their sample
-        inputs would need the token in flight)."""
+        module docstring holds: `chunks` is a decode step, every running sequence is in it, and
+        none uses penalties or a logit bias (their sample inputs would need the token in flight).
+        Left out of the step ahead: sequences of `chunks` that have finished since, and those that
+        their token in flight will end by length."""
         running = self.scheduler.running
-        if self.scheduler.waiting or len(chunks) != len(running):
+        if self.scheduler.waiting or not running:
             return None
-        bm = self.block_manager
-        new_blocks = 0
-        for (seq, num_tokens, start), running_seq in zip(chunks, running):
-            if seq is not running_seq or num_tokens != 1 or start + 1 != seq.num_tokens:
+        row_of: dict[int, int] = {}
+        for row, (seq, num_tokens, start) in enumerate(chunks):
+            if num_tokens != 1 or start + 1 != seq.num_tokens:
                 return None
-            if seq.num_output_tokens + 1 >= seq.max_tokens or seq.num_tokens + 1 >= self.context_length:
+            row_of[id(seq)] = row
+        bm = self.block_manager
+        rows: list[int] = []
+        going_on: list[Sequence] = []
+        new_blocks = 0
+        for seq in running:
+            row = row_of.get(id(seq))
+            if row is None:
                 return None
             if _needs_host_sampling_inputs(seq.spec.sampling):
                 return None
+            if seq.num_output_tokens + 1 >= seq.max_tokens or seq.num_tokens + 1 >= self.context_length:
+                continue                   # its token in flight ends it (length): not in the step ahead
+            rows.append(row)
+            going_on.append(seq)
             if len(seq.block_table) * bm.block_size <= seq.num_tokens:   # position num_tokens needs a block
                 new_blocks += 1
-        if new_blocks > bm.num_free_blocks:
+        if not going_on or new_blocks > bm.num_free_blocks:
             return None
-        for seq in running:
+        for seq in going_on:
             bm.allocate(seq, 2)            # KV through position num_tokens (num_computed + 2 tokens)
-        next_chunks = [ScheduledChunk(seq, 1, seq.num_tokens) for seq in running]
+        next_chunks = [ScheduledChunk(seq, 1, seq.num_tokens) for seq in going_on]
         try:
-            handle = self.backend.submit(build_next_decode_batch(running, bm.block_size), inputs_from_previous=True)
+            handle = self.backend.submit(build_next_decode_batch(going_on, bm.block_size),
+                                         previous_rows=np.array(rows, np.int32))
         except Exception as exc:  # noqa: BLE001 -- failed after the current step's tokens (step())
             failed.append((next_chunks, exc))
             return None

@@ -143,7 +143,7 @@ class CudaBackend(Backend):
     def step(self, batch: StepBatch) -> StepOutput:
         return self.collect(self.submit(batch))
 
-    def submit(self, batch: StepBatch, inputs_from_previous: bool = False) -> PendingStep:
+    def submit(self, batch: StepBatch, previous_rows: np.ndarray | None = None) -> PendingStep:
         """Enqueues the step (input copies, forward or decode graph, sampling, result copies)
         without waiting for the device; collect() waits. See Backend.submit."""
         if self.forward is None:
@@ -152,18 +152,18 @@ class CudaBackend(Backend):
                          self.max_num_tokens, self.max_num_seqs, self.max_model_len,
                          self.inputs.max_blocks_per_seq)
         is_decode = batch.num_tokens == batch.num_seqs
-        if inputs_from_previous and not is_decode:
-            raise ValueError("inputs_from_previous needs a decode step (one token per sequence)")
+        if previous_rows is not None and (not is_decode or len(previous_rows) != batch.num_seqs):
+            raise ValueError("previous_rows needs a decode step (one token per sequence) and one row each")
         self.inputs = self._input_mirrors[1] if self.inputs is self._input_mirrors[0] else self._input_mirrors[0]
         bucket = self.graphs.bucket_for(batch.num_seqs) if (self.graphs and is_decode) else None
         if bucket is not None:
             self.inputs.upload(batch, pad_to=bucket, logit_rows=None)
-            if inputs_from_previous:
-                self._take_previous_tokens(batch.num_seqs)
+            if previous_rows is not None:
+                self._take_previous_tokens(previous_rows)
             self.graphs.replay(bucket)
             rows = list(range(batch.num_seqs))
         else:
-            rows = self._eager_step(batch, inputs_from_previous=inputs_from_previous)
+            rows = self._eager_step(batch, previous_rows=previous_rows)
         sampled = [i for i, req in enumerate(batch.sample) if req is not None]
         packed = pack_sampling([rows[i] for i in sampled], [batch.sample[i] for i in sampled],
                                self.config.vocab_size)
@@ -178,14 +178,20 @@ class CudaBackend(Backend):
             token_ids[seq], per_seq[seq] = tokens[j], logprobs[j]
         return StepOutput(token_ids=token_ids, logprobs=tuple(per_seq))
 
-    def _take_previous_tokens(self, num_seqs: int) -> None:
-        """Input ids of this decode step = the tokens the previous step sampled, row for row
-        (still on the device: sampler.tokens), copied over the uploaded placeholders."""
-        self.device.cuda.memcpy_dtod_async(self.forward.meta.input_ids.ptr, self.sampler.tokens.ptr, 4 * num_seqs,
-                                           self.device.stream)
+    def _take_previous_tokens(self, previous_rows: np.ndarray) -> None:
+        """Input id i of this decode step = the token the previous step sampled in row
+        previous_rows[i] (still on the device: sampler.tokens), copied over the uploaded
+        placeholders: one device copy per run of consecutive rows (one run unless sequences
+        finished in between)."""
+        rows = np.asarray(previous_rows, np.int64)
+        breaks = np.flatnonzero(np.diff(rows) != 1) + 1
+        for start, end in zip(np.concatenate([[0], breaks]), np.concatenate([breaks, [len(rows)]])):
+            self.device.cuda.memcpy_dtod_async(self.forward.meta.input_ids.ptr + 4 * int(start),
+                                               self.sampler.tokens.ptr + 4 * int(rows[start]),
+                                               4 * int(end - start), self.device.stream)
 
     def _eager_step(self, batch: StepBatch, logit_rows: np.ndarray | None = None,
-                    inputs_from_previous: bool = False) -> list[int]:
+                    previous_rows: np.ndarray | None = None) -> list[int]:
         """Runs without a graph; returns each sequence's logits row (valid where sampled)."""
         if logit_rows is None:
             logit_rows = np.asarray(batch.query_start_loc[1:]) - 1   # last token of each sequence
@@ -194,8 +200,8 @@ class CudaBackend(Backend):
                 or logit_rows.max() >= batch.num_tokens:
             raise ValueError(f"logit_rows must be 1..{self.max_num_seqs} token indices of the batch")
         self.inputs.upload(batch, pad_to=None, logit_rows=logit_rows)
-        if inputs_from_previous:
-            self._take_previous_tokens(batch.num_seqs)
+        if previous_rows is not None:
+            self._take_previous_tokens(previous_rows)
         self.forward.run(batch.num_tokens, len(logit_rows), all_rows=False)
         return list(range(batch.num_seqs))
 
