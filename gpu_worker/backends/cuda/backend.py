@@ -226,6 +226,12 @@ class CudaBackend(Backend):
         return out
 
     def close(self) -> None:
+        # A step the engine submitted ahead may still run: let it finish before its graph, device
+        # buffers and pinned host buffers go (a faulted device has nothing left to finish).
+        try:
+            self.device.synchronize()
+        except CudaBackendError:
+            pass
         if self.graphs is not None:
             self.graphs.close()
             self.graphs = None
