@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 
 from gpu_worker.model.fetch import default_model_path
+from gpu_worker.model.gguf_loader import load_gguf
 from gpu_worker.model.synthetic import write_synthetic_gguf
 
 
@@ -28,3 +29,14 @@ def tiny_model_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("models") / "tiny-qwen2-q8_0.gguf"
     write_synthetic_gguf(path, seed=0, tokenizer_from=real if real.is_file() else None)
     return path
+
+
+@pytest.fixture(scope="session")
+def small_vocab_model(tmp_path_factory: pytest.TempPathFactory):
+    """The tiny random qwen2 with the 269-token byte vocabulary, loaded: engine tests sample a lot,
+    and sampling over 151936 ids costs ~14 ms a token in numpy."""
+    path = tmp_path_factory.mktemp("small-vocab") / "tiny-small-vocab.gguf"
+    write_synthetic_gguf(path, seed=0, tokenizer_from=None)
+    model = load_gguf(path)
+    yield model
+    model.close()

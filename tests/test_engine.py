@@ -7,21 +7,8 @@ import pytest
 from gpu_worker.backends.cpu.backend import CpuBackend
 from gpu_worker.engine.engine import Engine, FinishOut, TokenOut
 from gpu_worker.engine.sequence import RequestSpec
-from gpu_worker.model.gguf_loader import load_gguf
-from gpu_worker.model.synthetic import write_synthetic_gguf
 from gpu_worker.sampling.params import SamplingParams, StoppingParams
 from gpu_worker.worker_main import create_engine
-
-
-@pytest.fixture(scope="module")
-def small_vocab_model(tmp_path_factory: pytest.TempPathFactory):
-    """Tiny random qwen2 with the 269-token byte vocabulary: sampling over 151936 ids costs ~14 ms
-    a token in numpy, which would dominate these tests."""
-    path = tmp_path_factory.mktemp("engine") / "tiny-small-vocab.gguf"
-    write_synthetic_gguf(path, seed=0, tokenizer_from=None)
-    model = load_gguf(path)
-    yield model
-    model.close()
 
 
 def make_engine(model, num_blocks: int = 128, block_size: int = 4, max_batch: int = 32,

@@ -13,8 +13,6 @@ from gpu_worker.backends.base import StepBatch, StepOutput
 from gpu_worker.backends.cpu.backend import CpuBackend
 from gpu_worker.engine.engine import Engine, FinishOut, TokenOut
 from gpu_worker.engine.sequence import RequestSpec
-from gpu_worker.model.gguf_loader import load_gguf
-from gpu_worker.model.synthetic import write_synthetic_gguf
 from gpu_worker.sampling.params import SamplingParams, StoppingParams
 from gpu_worker.worker_main import create_engine
 
@@ -51,13 +49,10 @@ class OverlapCpuBackend(CpuBackend):
         return handle
 
 
-@pytest.fixture(scope="module")
-def model(tmp_path_factory: pytest.TempPathFactory):
-    path = tmp_path_factory.mktemp("overlap") / "tiny-small-vocab.gguf"
-    write_synthetic_gguf(path, seed=0, tokenizer_from=None)
-    loaded = load_gguf(path)
-    yield loaded
-    loaded.close()
+@pytest.fixture
+def model(small_vocab_model):
+    """The shared tiny model with the 269-token byte vocabulary (conftest.py)."""
+    return small_vocab_model
 
 
 def make(model, overlap: bool, num_blocks: int = 160, max_batch: int = 32) -> Engine:

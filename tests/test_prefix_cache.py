@@ -16,8 +16,6 @@ from gpu_worker.engine.block_manager import KVBlockManager
 from gpu_worker.engine.engine import Engine, FinishOut, TokenOut
 from gpu_worker.engine.scheduler import Scheduler
 from gpu_worker.engine.sequence import RequestSpec, Sequence
-from gpu_worker.model.gguf_loader import load_gguf
-from gpu_worker.model.synthetic import write_synthetic_gguf
 from gpu_worker.sampling.params import SamplingParams, StoppingParams
 from gpu_worker.worker_main import create_engine, parse_args
 
@@ -196,14 +194,10 @@ class CountingCpuBackend(CpuBackend):
         return super().step(batch)
 
 
-@pytest.fixture(scope="module")
-def model(tmp_path_factory: pytest.TempPathFactory):
-    """Tiny random qwen2 with the 269-token byte vocabulary (fast sampling)."""
-    path = tmp_path_factory.mktemp("prefix") / "tiny-small-vocab.gguf"
-    write_synthetic_gguf(path, seed=0, tokenizer_from=None)
-    loaded = load_gguf(path)
-    yield loaded
-    loaded.close()
+@pytest.fixture
+def model(small_vocab_model):
+    """The shared tiny model with the 269-token byte vocabulary (conftest.py)."""
+    return small_vocab_model
 
 
 def make_engine(model, prefix_cache: bool, num_blocks: int = 160, block_size: int = 4,

@@ -109,18 +109,20 @@ def test_convert_to_f16_writes_a_loadable_file_and_bad_input_is_one_line(tiny_mo
     assert missing.stderr.startswith("qwen-serve convert: ") and "Traceback" not in missing.stderr
 
 
-def test_no_prefix_cache_reaches_the_spawned_workers_command_line(monkeypatch: pytest.MonkeyPatch) -> None:
+def worker_command(cli_args: list[str]) -> list[str]:
+    """The command line `qwen-serve serve --model m.gguf *cli_args` would spawn its worker with."""
     from server.cli import config_from_args
     from server.worker_link import default_worker_factory
 
-    def worker_command(cli_args: list[str]) -> list[str]:
-        config = config_from_args(build_parser().parse_args(["serve", "--model", "m.gguf", *cli_args]))
-        client = default_worker_factory(config)
-        try:
-            return client.process.command()
-        finally:
-            client.process.cleanup()     # the temp socket dir it made
+    config = config_from_args(build_parser().parse_args(["serve", "--model", "m.gguf", *cli_args]))
+    client = default_worker_factory(config)
+    try:
+        return client.process.command()
+    finally:
+        client.process.cleanup()     # the temp socket dir it made
 
+
+def test_no_prefix_cache_reaches_the_spawned_workers_command_line(monkeypatch: pytest.MonkeyPatch) -> None:
     assert "--no-prefix-cache" not in worker_command([])
     assert "--no-prefix-cache" in worker_command(["--no-prefix-cache"])
     monkeypatch.setenv("QWEN_SERVE_NO_PREFIX_CACHE", "1")
@@ -130,15 +132,6 @@ def test_no_prefix_cache_reaches_the_spawned_workers_command_line(monkeypatch: p
 def test_max_tokens_per_step_reaches_the_worker_and_defaults_by_backend(monkeypatch: pytest.MonkeyPatch) -> None:
     from gpu_worker.worker_main import DEFAULT_TOKENS_PER_STEP, tokens_per_step
     from server.cli import config_from_args
-    from server.worker_link import default_worker_factory
-
-    def worker_command(cli_args: list[str]) -> list[str]:
-        config = config_from_args(build_parser().parse_args(["serve", "--model", "m.gguf", *cli_args]))
-        client = default_worker_factory(config)
-        try:
-            return client.process.command()
-        finally:
-            client.process.cleanup()
 
     assert "--max-tokens-per-step" not in worker_command([])     # the worker picks by backend
     command = worker_command(["--max-tokens-per-step", "512"])
