@@ -306,8 +306,7 @@ def build_step_batch(chunks: list[ScheduledChunk], block_size: int) -> StepBatch
     positions = (np.arange(num_tokens, dtype=np.int32)
                  + (starts_array - query_start_loc[:-1])[seq_index])            # [num_tokens]
     block_tables = _block_tables(widths, flat_blocks)                            # [num_seqs, max_blocks]
-    slot_mapping = (block_tables[seq_index, positions // block_size] * block_size
-                    + positions % block_size).astype(np.int32)
+    slot_mapping = _slot_mapping(block_tables, seq_index, positions, block_size)
     return StepBatch(input_ids=input_ids, positions=positions, query_start_loc=query_start_loc,
                      context_lens=starts_array + lens_array, block_tables=block_tables,
                      slot_mapping=slot_mapping, sample=tuple(sample))
@@ -330,13 +329,19 @@ def build_next_decode_batch(seqs: list[Sequence], block_size: int) -> StepBatch:
     positions = np.array([seq.num_tokens for seq in seqs], dtype=np.int32)                # [num_seqs]
     widths = [len(seq.block_table) for seq in seqs]
     block_tables = _block_tables(widths, [b for seq in seqs for b in seq.block_table])
-    slot_mapping = (block_tables[np.arange(len(seqs)), positions // block_size] * block_size
-                    + positions % block_size).astype(np.int32)
+    slot_mapping = _slot_mapping(block_tables, np.arange(len(seqs)), positions, block_size)
     sample = tuple(SampleRequest(seq.spec.sampling, seq.num_output_tokens + 1, seq.token_ids, seq.output_token_ids)
                    for seq in seqs)
     return StepBatch(input_ids=np.zeros(len(seqs), np.int32), positions=positions,
                      query_start_loc=np.arange(len(seqs) + 1, dtype=np.int32), context_lens=positions + 1,
                      block_tables=block_tables, slot_mapping=slot_mapping, sample=sample)
+
+
+def _slot_mapping(block_tables: np.ndarray, seq_index: np.ndarray, positions: np.ndarray,
+                  block_size: int) -> np.ndarray:
+    """KV slot of each token: block_table[pos // block_size] * block_size + pos % block_size of its
+    sequence (seq_index: the token's row of block_tables) # [num_tokens] int32."""
+    return (block_tables[seq_index, positions // block_size] * block_size + positions % block_size).astype(np.int32)
 
 
 def _block_tables(widths: list[int], flat_blocks: list[int]) -> np.ndarray:

@@ -53,10 +53,9 @@ def pack_sampling(rows: list[int], requests: list[SampleRequest], vocab: int) ->
         "num_top_logprobs": [min(p.top_logprobs, MAX_TOP_LOGPROBS) for p in params],
         "want_logprobs": [int(p.logprobs or p.top_logprobs > 0) for p in params],
     }
-    for name, values in columns.items():
-        if n:
+    if n:
+        for name, values in columns.items():
             args[name] = values
-    empty = np.zeros(0, np.int64)
     bias_ids, bias_values, seen, out_ids, out_counts = [], [], [], [], []
     counts = {"bias": np.zeros(n, np.int64), "seen": np.zeros(n, np.int64), "output": np.zeros(n, np.int64)}
     for i, (req, p) in enumerate(zip(requests, params)):
@@ -79,12 +78,12 @@ def pack_sampling(rows: list[int], requests: list[SampleRequest], vocab: int) ->
         args[f"{kind}_offset"] = np.cumsum(count) - count
 
     def flat(parts: list[np.ndarray], dtype) -> np.ndarray:
-        return np.concatenate(parts).astype(dtype) if parts else empty.astype(dtype)
+        return np.concatenate(parts).astype(dtype) if parts else np.zeros(0, dtype)
     return PackedSampling(
         args=args, bias_ids=flat(bias_ids, np.int32), bias_values=flat(bias_values, np.float32),
         seen_ids=flat(seen, np.int32), output_ids=flat(out_ids, np.int32),
         output_counts=flat(out_counts, np.int32),
-        needs_penalties=bool(sum(int(c.sum()) for c in counts.values())),
+        needs_penalties=any(c.any() for c in counts.values()),
         needs_logprobs=bool(args["want_logprobs"].any()) if n else False)
 
 
