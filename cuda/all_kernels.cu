@@ -9,3 +9,4 @@
 #include "matvec.cu"
 #include "linear_mma.cu"
 #include "linear_mma_gemm.cu"
+#include "linear_f16_gemm.cu"

@@ -40,7 +40,8 @@ def quant_kernel_entries(tmp_path_factory) -> set[str]:
     out = tmp_path_factory.mktemp("ptx")
     source = out / "quant_kernels.cu"
     source.write_text("".join(f'#include "{REPO / "cuda" / n}"\n'
-                             for n in ("matvec.cu", "embedding.cu", "linear_mma.cu", "linear_mma_gemm.cu")))
+                             for n in ("matvec.cu", "embedding.cu", "linear_mma.cu", "linear_mma_gemm.cu",
+                                       "linear_f16_gemm.cu")))
     ptx = out / "quant_kernels.ptx"
     subprocess.run([NVCC, "--ptx", "-arch=sm_90", "-O3", "-std=c++17", "-o", str(ptx), str(source)], check=True)
     return set(re.findall(r"\.entry\s+(\w+)\(", ptx.read_text()))
@@ -58,10 +59,14 @@ def test_every_planned_kernel_exists(quant_kernel_entries):
         planned |= {linear_mma.plan_linear(weight, 8, epilogue, tile).kernel_name
                     for tile in linear_mma.ALL_TILES for epilogue in linear_mma.KERNEL_PREFIXES
                     if linear_mma.tile_fits(weight, tile, 8)}
-    per_type = (len(KERNEL_PREFIXES) * len(BATCH_VARIANTS) + 1
-                + len(linear_mma.KERNEL_PREFIXES) * len(linear_mma.ALL_TILES))
+        planned.add(f"dequant_slots_{weight.kernel_suffix}")   # the f16gemm layout's W pass
+    # the f16gemm kernels (one per epilogue) serve every type: W comes dequantized
+    per_type = (len(KERNEL_PREFIXES) * len(BATCH_VARIANTS) + 2
+                + len(linear_mma.KERNEL_PREFIXES) * (len(linear_mma.ALL_TILES) - 1))
     # F32 rows overflow the gemm layout's raw stages (its entry points exist but are never planned)
-    assert len(planned) == len(SUPPORTED_TYPES) * per_type - len(linear_mma.KERNEL_PREFIXES)
+    assert len(planned) == (len(SUPPORTED_TYPES) * per_type - len(linear_mma.KERNEL_PREFIXES)
+                            + len(linear_mma.F16_GEMM_KERNELS))
+    assert {"f32_to_f16", "f32_to_f16_slots"} <= quant_kernel_entries
     assert planned <= quant_kernel_entries, sorted(planned - quant_kernel_entries)
 
 
@@ -123,6 +128,12 @@ def test_linear_mma_plan_covers_rows_and_tokens_within_shared_memory():
                 plan = linear_mma.plan_linear(weight, tokens, tile=tile)
                 layout, groups = tile or linear_mma.pick_tile(weight, tokens)
                 rows_per_cta = linear_mma.LAYOUTS[layout][0]
+                if layout == "f16gemm":   # fixed 64 x 64 tiles; the launcher grids each row slice itself
+                    assert plan.kernel_name in linear_mma.F16_GEMM_KERNELS.values()
+                    assert plan.grid[0] * 64 >= weight.rows and plan.grid[1] * 64 >= tokens
+                    assert plan.block == (256, 1, 1)
+                    assert plan.shared_bytes == 3 * 2 * 64 * 256 <= linear_mma.SHARED_BUDGET
+                    continue
                 assert plan.kernel_name.startswith(linear_mma.KERNEL_LAYOUT_NAMES[layout])
                 assert plan.kernel_name.endswith(f"_g{groups}")
                 assert plan.grid[0] * rows_per_cta >= weight.rows > (plan.grid[0] - 1) * rows_per_cta
@@ -162,6 +173,11 @@ def test_linear_mma_picks_the_measured_fastest_tiles():
     assert linear_mma.pick_tile(lm_head, 512, allow_gemm=False) == ("rows", 4)
     wide_f32 = DeviceWeight(0, 896, 32768, ptr=1 << 20)   # 64-row tiles do not fit: the next smaller
     assert linear_mma.pick_tile(wide_f32, 512) in {("gemm32", 8), ("split_k", 2), ("split_k", 1)}
+    # with a weight scratch (allow_f16gemm) every matrix takes f16gemm from F16_GEMM_FROM_TOKENS on
+    start = linear_mma.F16_GEMM_FROM_TOKENS
+    for weight in (q, k, gate_up, down, lm_head):
+        assert linear_mma.pick_tile(weight, start, allow_f16gemm=True) == ("f16gemm", 8)
+        assert linear_mma.pick_tile(weight, start - 1, allow_f16gemm=True) == linear_mma.pick_tile(weight, start - 1)
     f32_gate_up = DeviceWeight(0, 9728, 896, ptr=1 << 20)   # F32 raw rows overflow the gemm stages
     assert not linear_mma.tile_fits(f32_gate_up, ("gemm", 8), 512)
     assert linear_mma.pick_tile(f32_gate_up, 512) != ("gemm", 8)

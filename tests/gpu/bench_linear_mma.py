@@ -36,7 +36,9 @@ def main() -> None:
     timer = Timer(drv, stream)
     dev, rng = kit.Device(drv), np.random.default_rng(0)
     scratch_halves = max(TOKENS) * max(cols for _, _, cols, _ in SHAPES)
-    linear = LinearMmaOp(module, (dev.upload(np.zeros(scratch_halves, np.float16)), scratch_halves))
+    weight_halves = 9728 * 896   # the forward's f16gemm weight scratch: the largest layer matrix (gate/up)
+    linear = LinearMmaOp(module, (dev.upload(np.zeros(scratch_halves, np.float16)), scratch_halves),
+                         (dev.upload(np.zeros(weight_halves, np.float16)), weight_halves))
     pool_allocation = drv.mem_alloc(POOL_BYTES)   # kept referenced: freed when collected
     pool = int(pool_allocation)
     results = []

@@ -21,9 +21,11 @@ pytestmark = pytest.mark.gpu
 LINEAR_MMA_TOLERANCE = 1e-5
 
 
-def linear_op(dev: Device, module, halves: int = 1 << 22) -> LinearMmaOp:
-    """The launcher with a NaN-poisoned fp16 scratch for the gemm layout's copy of x."""
-    return LinearMmaOp(module, (dev.upload(np.full(halves, np.nan, np.float16)), halves))
+def linear_op(dev: Device, module, halves: int = 1 << 22, weight_halves: int = 1 << 19) -> LinearMmaOp:
+    """The launcher with NaN-poisoned fp16 scratches for the gemm layouts' copy of x and the
+    f16gemm layout's copy of W (1 << 19 halves: every test matrix in one slice)."""
+    return LinearMmaOp(module, (dev.upload(np.full(halves, np.nan, np.float16)), halves),
+                       (dev.upload(np.full(weight_halves, np.nan, np.float16)), weight_halves))
 
 
 def fp16_values(a: np.ndarray) -> np.ndarray:
@@ -79,6 +81,9 @@ def test_linear_mma_epilogues_match_reference(gpu, qtype):
     linear = linear_op(dev, module)
     rows, cols, tokens = 260, 512, 70
     weight, dense = upload_weight(dev, qtype, rows, cols, rng)
+    # f16gemm in 64-row slices (64, 64, 64, 64, 4): each slice's outputs land at its own rows
+    sliced = linear_op(dev, module, weight_halves=64 * cols + 100)
+    assert sliced.slice_rows(weight) == 64
     x = (3.0 * rng.standard_normal((tokens, cols))).astype(np.float32)
     product = fp16_values(x) @ fp16_values(dense).T
     residual = rng.standard_normal((tokens, rows), dtype=np.float32)
@@ -92,10 +97,12 @@ def test_linear_mma_epilogues_match_reference(gpu, qtype):
         outs = []
         runs = [(list(range(tokens)), ("rows", 4)), (list(range(tokens)), ("split_k", 4)),
                 ([4], None), ([9, 4, 1], ("rows", 1)), (list(range(tokens)), ("gemm", 8)),
-                (list(range(tokens)), ("gemm32", 8)), (list(range(tokens)), ("gemm16", 4))]
-        for order, tile in runs:
+                (list(range(tokens)), ("gemm32", 8)), (list(range(tokens)), ("gemm16", 4)),
+                (list(range(tokens)), ("f16gemm", 8)), (list(range(tokens)), ("f16gemm", 8))]
+        for i, (order, tile) in enumerate(runs):
             y_ptr = dev.upload(start[order])
-            linear(weight, dev.upload(x[order]), y_ptr, len(order), stream, epilogue=epilogue, tile=tile)
+            op = sliced if i == len(runs) - 1 else linear
+            op(weight, dev.upload(x[order]), y_ptr, len(order), stream, epilogue=epilogue, tile=tile)
             outs.append(dev.read(y_ptr, (len(order), out_rows), stream))
         assert not np.isnan(outs[0]).any()
         assert rel_error(outs[0], ref) <= LINEAR_MMA_TOLERANCE, epilogue
@@ -105,4 +112,6 @@ def test_linear_mma_epilogues_match_reference(gpu, qtype):
         np.testing.assert_array_equal(outs[4], outs[0], err_msg=f"{epilogue}: the gemm layout differs")
         np.testing.assert_array_equal(outs[5], outs[0], err_msg=f"{epilogue}: the gemm32 layout differs")
         np.testing.assert_array_equal(outs[6], outs[0], err_msg=f"{epilogue}: the gemm16 layout differs")
+        np.testing.assert_array_equal(outs[7], outs[0], err_msg=f"{epilogue}: the f16gemm layout differs")
+        np.testing.assert_array_equal(outs[8], outs[0], err_msg=f"{epilogue}: f16gemm in row slices differs")
 

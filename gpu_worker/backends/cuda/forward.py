@@ -46,7 +46,7 @@ class StepMeta:
 class Activations:
     """fp32 scratch for up to `max_tokens` tokens and `max_seqs` logits rows ("activations")."""
 
-    def __init__(self, memory, config, max_tokens: int, max_seqs: int) -> None:
+    def __init__(self, memory, config, max_tokens: int, max_seqs: int, weight_scratch_halves: int = 0) -> None:
         h, q_width = config.hidden_size, config.num_heads * config.head_dim
         kv_width = config.num_kv_heads * config.head_dim
         f32 = np.float32
@@ -63,7 +63,17 @@ class Activations:
         # fp16 copy of a linear layer's input for the tensor-core gemm layout (ops/linear_mma.py)
         widest_input = max(h, q_width, config.intermediate_size)
         self.x16 = memory.tensor("activations", (max(max_tokens, max_seqs) * widest_input,), np.float16)
+        # fp16 copy of a linear layer's W for the f16gemm layout (the LM head goes in row slices)
+        self.w16 = memory.tensor("activations", (max(weight_scratch_halves, 1),), np.float16)
         self.logits = memory.tensor("logits", (max_seqs, config.vocab_size), f32)
+
+
+def weight_scratch_halves(weights: ModelWeights) -> int:
+    """The f16gemm weight scratch: the largest layer matrix (gate/up: 17 MB at the real shapes),
+    so that every layer linear runs in one slice; the LM head runs in slices of that size."""
+    return max(w.rows * w.cols for layer in weights.layers
+               for w in (layer.q, layer.k, layer.v, layer.o, layer.gate, layer.up, layer.down, layer.gate_up)
+               if w is not None)
 
 
 def allocate_meta(memory, max_tokens: int, max_seqs: int, max_blocks_per_seq: int) -> StepMeta:
@@ -95,7 +105,8 @@ class Qwen2Forward:
         if fused and any(layer.gate_up is None for layer in weights.layers):
             raise ValueError("the fused forward needs interleaved gate/up weights")
         self.max_tokens, self.max_seqs = max_tokens, max_seqs
-        self.acts = Activations(device.memory, config, max_tokens, max_seqs)
+        self.acts = Activations(device.memory, config, max_tokens, max_seqs,
+                                weight_scratch_halves(weights) if linear == "mma" else 0)
         self.meta = allocate_meta(device.memory, max_tokens, max_seqs, max_blocks_per_seq)
         cos, sin = rope_tables_host(max_positions, config.head_dim, config.rope_freq_base)
         self.rope = RopeTables(device.memory.tensor("activations", cos.shape, np.float32),
@@ -104,7 +115,8 @@ class Qwen2Forward:
         device.cuda.memcpy_htod(self.rope.sin.ptr, sin)
         self.max_positions = max_positions
         self.matvec = MatvecOp(device.module)
-        self.linear_mma = LinearMmaOp(device.module, (self.acts.x16.ptr, self.acts.x16.shape[0]))
+        self.linear_mma = LinearMmaOp(device.module, (self.acts.x16.ptr, self.acts.x16.shape[0]),
+                                      (self.acts.w16.ptr, self.acts.w16.shape[0]))
         self.embedding = EmbeddingOp(device.module)
         self.kv: list[tuple[DeviceTensor, DeviceTensor]] = []
         self.block_size = 0

@@ -26,15 +26,21 @@ MAX_GRID_Y = 65535
 # warp owns 16 of 64 rows; in cuda/linear_mma_gemm.cu "gemm" / "gemm32" / "gemm16"
 # (linear_mma_gemm[32|16]_*): 64 / 32 / 16 rows x 64 / 64 / 32 tokens of an fp16 copy of x, warp w
 # runs accumulator w % 4 over 32 / 32 / 16 rows.
+# "f16gemm" (cuda/linear_f16_gemm.cu): 64 rows x 64 tokens of fp16 copies of W (dequantized by a
+# separate pass into a weight scratch, tall matrices in row slices) and of x, both in slot order.
 LAYOUTS = {"split_k": (16, (1, 2, 4)), "rows": (64, (1, 4)), "gemm": (64, (8,)), "gemm32": (32, (8,)),
-           "gemm16": (16, (4,))}
+           "gemm16": (16, (4,)), "f16gemm": (64, (8,))}
 GEMM_WARP_ROWS = {"gemm": 32, "gemm32": 32, "gemm16": 16}   # GemmShape's WARP_ROWS
 GEMM_LAYOUTS = tuple(GEMM_WARP_ROWS)
-ALL_TILES = (("gemm", 8), ("gemm32", 8), ("gemm16", 4), ("rows", 4), ("rows", 1), ("split_k", 4), ("split_k", 2),
+ALL_TILES = (("f16gemm", 8), ("gemm", 8), ("gemm32", 8), ("gemm16", 4), ("rows", 4), ("rows", 1), ("split_k", 4), ("split_k", 2),
              ("split_k", 1))
 GEMM_CHUNK_COLS = 128                                    # linear_mma_gemm.cu: kGemmChunkCols
 GEMM_X_ROW_BYTES = 2 * GEMM_CHUNK_COLS + 64             # one token's fp16 x chunk + bank padding
 CONVERT_THREADS = 256
+F16_GEMM_THREADS = 256
+F16_GEMM_SHARED_BYTES = 3 * 2 * 64 * 2 * GEMM_CHUNK_COLS   # linear_f16_gemm.cu: 3 stages of (W, x) tiles
+F16_GEMM_KERNELS = {"store": "linear_f16_gemm", "accumulate": "linear_f16_gemm_acc",
+                    "swiglu": "linear_f16_gemm_swiglu"}
 WIDE_ROWS = 16384                   # N from which a matrix counts as LM-head-like
 # Where the gemm layouts are the measured fastest (H200, linear_mma_tiles_h200.md): on wide
 # matrices (gate/up, LM head) from 64 tokens, 32-row tiles below 256 tokens; on 896-row ones
@@ -42,6 +48,7 @@ WIDE_ROWS = 16384                   # N from which a matrix counts as LM-head-li
 # tiles from 512; never on k/v (128 rows).
 GEMM_WIDE_ROWS, GEMM_WIDE_FROM_TOKENS, GEMM_WIDE_64_ROWS_FROM = 4096, 64, 256
 GEMM_ROWS, GEMM_FROM_TOKENS, GEMM16_FROM_TOKENS = 512, 512, 128
+F16_GEMM_FROM_TOKENS = 128          # f16gemm (fp16 copies of W and x) from this many tokens, any matrix
 LONG_COLS = 4096                    # K from which a matrix counts as down-projection-like
 KERNEL_LAYOUT_NAMES = {"split_k": "linear_mma_", "rows": "linear_mma_rows_", "gemm": "linear_mma_gemm_",
                        "gemm32": "linear_mma_gemm32_", "gemm16": "linear_mma_gemm16_"}
@@ -59,7 +66,8 @@ class LinearLaunch:
 
 
 @functools.lru_cache(maxsize=4096)
-def pick_tile(weight: DeviceWeight, num_tokens: int, allow_gemm: bool = True) -> tuple[str, int]:
+def pick_tile(weight: DeviceWeight, num_tokens: int, allow_gemm: bool = True,
+              allow_f16gemm: bool = False) -> tuple[str, int]:
     """(layout, token groups) by the fastest measured on an H200 at the real shapes
     (docs/gpu_results/linear_mma_tiles_h200.md); every choice gives bitwise the same result.
     A gemm tile where wanted_gemm says so (and an fp16 scratch for x exists). Otherwise:
@@ -67,6 +75,8 @@ def pick_tile(weight: DeviceWeight, num_tokens: int, allow_gemm: bool = True) ->
     split-K tiles of 8 tokens up to 8 tokens (decode), of 16 tokens beyond; from 256 tokens on a
     long-K matrix (the down projection) takes 64-row tiles of 32 tokens. A tile that does not fit
     the shared budget (wide F32 rows) falls back to the next smaller one."""
+    if allow_f16gemm and num_tokens >= F16_GEMM_FROM_TOKENS and tile_fits(weight, ("f16gemm", 8), num_tokens):
+        return "f16gemm", 8
     gemm = wanted_gemm(weight, num_tokens) if allow_gemm else None
     if gemm is not None and tile_fits(weight, gemm, num_tokens):
         wanted = [gemm]
@@ -104,6 +114,8 @@ def wanted_gemm(weight: DeviceWeight, num_tokens: int) -> tuple[str, int] | None
 def tile_fits(weight: DeviceWeight, tile: tuple[str, int], num_tokens: int) -> bool:
     """Whether the (layout, token groups) tile's staging fits the shared budget for this weight."""
     layout, groups = tile
+    if layout == "f16gemm":
+        return F16_GEMM_SHARED_BYTES <= SHARED_BUDGET
     if layout in GEMM_LAYOUTS:
         return gemm_shared_bytes(weight, LAYOUTS[layout][0], 8 * groups) <= SHARED_BUDGET
     try:
@@ -192,6 +204,13 @@ def plan_linear(weight: DeviceWeight, num_tokens: int, epilogue: str = "store",
         raise ValueError(f"linear_mma num_tokens {num_tokens} exceeds {tokens_per_cta * MAX_GRID_Y}")
     x_rows = min(tokens_per_cta, num_tokens)
     grid = (-(-weight.rows // rows_per_cta), -(-num_tokens // tokens_per_cta), 1)
+    if layout == "f16gemm":   # one kernel for every type (W comes dequantized); the grid is per row slice
+        if not tile_fits(weight, tile, num_tokens):
+            raise ValueError(f"linear_mma f16gemm needs {F16_GEMM_SHARED_BYTES} bytes of shared memory, "
+                             f"the budget is {SHARED_BUDGET}")
+        return LinearLaunch(kernel_name=F16_GEMM_KERNELS[epilogue], grid=grid, block=(F16_GEMM_THREADS, 1, 1),
+                            chunk_cols=GEMM_CHUNK_COLS, chunk_stride=0, x_rows=x_rows,
+                            shared_bytes=F16_GEMM_SHARED_BYTES)
     name = f"{KERNEL_LAYOUT_NAMES[layout]}{KERNEL_PREFIXES[epilogue]}{weight.kernel_suffix}_g{groups}"
     if layout in GEMM_LAYOUTS:   # fixed 128-column chunks and strides; x is an fp16 copy
         if not tile_fits(weight, (layout, groups), num_tokens):
@@ -217,19 +236,26 @@ def plan_linear(weight: DeviceWeight, num_tokens: int, epilogue: str = "store",
 class LinearMmaOp:
     """Launches linear_mma kernels from a loaded module (pycuda.driver.Module) on a given stream.
 
-    The gemm layout multiplies an fp16 copy of x: `fp16_scratch` = (device address, capacity in
-    halves) of a buffer for it (f32_to_f16 writes it before each gemm launch). Without one, or
-    when x does not fit it, the launcher picks among the other layouts."""
+    The gemm layouts multiply an fp16 copy of x: `fp16_scratch` = (device address, capacity in
+    halves) of a buffer for it (f32_to_f16 or f32_to_f16_slots writes it before each launch). The
+    f16gemm layout also needs `weight_scratch` (same form) for the dequantized W, at least 64 rows
+    of it; taller matrices run in row slices that fit. Without a scratch, or when x does not fit
+    it, the launcher picks among the other layouts."""
 
-    def __init__(self, module: Any, fp16_scratch: tuple[int, int] = (0, 0)) -> None:
+    def __init__(self, module: Any, fp16_scratch: tuple[int, int] = (0, 0),
+                 weight_scratch: tuple[int, int] = (0, 0)) -> None:
         self._kernels = PreparedKernels(module, "PiiiiiiPPii")
+        self._f16_gemms = PreparedKernels(module, "PPPiiii")
+        self._dequants = PreparedKernels(module, "PiiiP")
         self._convert = module.get_function("f32_to_f16")
         self._convert.prepare("PPq")
+        self._convert_slots = module.get_function("f32_to_f16_slots")
+        self._convert_slots.prepare("PPi")
         self._opted_in: set[str] = set()
         self._scratch_ptr, self._scratch_elems = fp16_scratch
+        self._weight_scratch_ptr, self._weight_scratch_elems = weight_scratch
 
-    def _kernel(self, name: str) -> Any:
-        kernel = self._kernels[name]
+    def _opt_in(self, kernel: Any, name: str) -> Any:
         if name not in self._opted_in:   # more than the default 48 KiB of dynamic shared memory
             import pycuda.driver as cuda
 
@@ -240,27 +266,65 @@ class LinearMmaOp:
     def can_gemm(self, weight: DeviceWeight, num_tokens: int) -> bool:
         return num_tokens * weight.cols <= self._scratch_elems
 
+    def can_f16gemm(self, weight: DeviceWeight, num_tokens: int) -> bool:
+        return self.can_gemm(weight, num_tokens) and self.slice_rows(weight) > 0
+
+    def slice_rows(self, weight: DeviceWeight) -> int:
+        """Rows of W per f16gemm slice: what the weight scratch holds, in whole 64-row tiles."""
+        rows_per_tile = LAYOUTS["f16gemm"][0]
+        return min(weight.rows, self._weight_scratch_elems // weight.cols // rows_per_tile * rows_per_tile)
+
     def __call__(self, weight: DeviceWeight, x_ptr: int, y_ptr: int, num_tokens: int, stream: Any,
                  epilogue: str = "store", tile: tuple[str, int] | None = None) -> None:
         """x_ptr: [num_tokens, weight.cols] fp32; y_ptr: [num_tokens, weight.rows] fp32, or
         [num_tokens, weight.rows / 2] for "swiglu" (device addresses)."""
         check_aligned_16("linear_mma x", x_ptr)
         if tile is None:
-            tile = pick_tile(weight, num_tokens, allow_gemm=self.can_gemm(weight, num_tokens))
+            tile = pick_tile(weight, num_tokens, allow_gemm=self.can_gemm(weight, num_tokens),
+                             allow_f16gemm=self.can_f16gemm(weight, num_tokens))
         elif tile[0] in GEMM_LAYOUTS and not self.can_gemm(weight, num_tokens):
             raise ValueError(f"linear_mma gemm needs an fp16 scratch of {num_tokens * weight.cols} halves, "
                              f"has {self._scratch_elems}")
+        elif tile[0] == "f16gemm" and not self.can_f16gemm(weight, num_tokens):
+            raise ValueError(f"linear_mma f16gemm needs an fp16 scratch of {num_tokens * weight.cols} halves "
+                             f"and a weight scratch of {LAYOUTS['f16gemm'][0] * weight.cols}, has "
+                             f"{self._scratch_elems} and {self._weight_scratch_elems}")
         plan = plan_linear(weight, num_tokens, epilogue, tile)
+        y_stride = weight.rows // 2 if epilogue == "swiglu" else weight.rows
+        if tile[0] == "f16gemm":
+            self._f16gemm(weight, x_ptr, y_ptr, num_tokens, stream, plan, y_stride, epilogue == "swiglu")
+            return
         if tile[0] in GEMM_LAYOUTS:
             count = num_tokens * weight.cols
             blocks = min(-(-count // (8 * CONVERT_THREADS)), 4096)
             self._convert.prepared_async_call((blocks, 1), (CONVERT_THREADS, 1, 1), stream,
                                               int(x_ptr), self._scratch_ptr, count)
             x_ptr = self._scratch_ptr
-        y_stride = weight.rows // 2 if epilogue == "swiglu" else weight.rows
-        self._kernel(plan.kernel_name).prepared_async_call(
+        kernel = self._opt_in(self._kernels[plan.kernel_name], plan.kernel_name)
+        kernel.prepared_async_call(
             plan.grid, plan.block, stream,
             int(weight.ptr), weight.row_bytes, weight.rows, weight.cols, plan.chunk_cols, plan.chunk_stride,
             plan.x_rows, int(x_ptr), int(y_ptr), num_tokens, y_stride,
             shared_size=plan.shared_bytes,
         )
+
+    def _f16gemm(self, weight: DeviceWeight, x_ptr: int, y_ptr: int, num_tokens: int, stream: Any,
+                 plan: LinearLaunch, y_stride: int, swiglu: bool) -> None:
+        """x -> fp16 slots, then per row slice: W slice -> fp16 slots (weight scratch), multiply."""
+        units = num_tokens * weight.cols // 8
+        self._convert_slots.prepared_async_call((-(-units // CONVERT_THREADS), 1), (CONVERT_THREADS, 1, 1), stream,
+                                                int(x_ptr), self._scratch_ptr, units)
+        dequant = self._dequants[f"dequant_slots_{weight.kernel_suffix}"]
+        gemm = self._opt_in(self._f16_gemms[plan.kernel_name], plan.kernel_name)
+        rows_per_tile, step = LAYOUTS["f16gemm"][0], self.slice_rows(weight)
+        for first in range(0, weight.rows, step):
+            rows = min(step, weight.rows - first)
+            units = rows * weight.cols // 8
+            dequant.prepared_async_call((-(-units // CONVERT_THREADS), 1), (CONVERT_THREADS, 1, 1), stream,
+                                        int(weight.ptr) + first * weight.row_bytes, weight.row_bytes, rows,
+                                        weight.cols, self._weight_scratch_ptr)
+            # a slice's outputs start at its first row (SwiGLU: its first gate/up pair; step is even)
+            y_first = int(y_ptr) + 4 * (first // 2 if swiglu else first)
+            gemm.prepared_async_call((-(-rows // rows_per_tile), plan.grid[1], 1), plan.block, stream,
+                                     self._weight_scratch_ptr, self._scratch_ptr, y_first, rows, weight.cols,
+                                     num_tokens, y_stride, shared_size=plan.shared_bytes)
