@@ -7,7 +7,8 @@
 // the pace. Here a memory-bound pass (dequant_slots_<type>) writes W as fp16 once per launch into a
 // scratch (the launcher cuts tall matrices such as the LM head into row slices that fit it), and
 // the multiply reads only fp16: ldmatrix fragments from swizzled shared tiles, a 3-stage cp.async
-// pipeline, one barrier per 128-column chunk.
+// pipeline (two CTAs per multiprocessor), one barrier per 128-column chunk. (6 stages, one CTA per
+// multiprocessor, measured no faster on an H200 even for grids of a few dozen CTAs.)
 //
 // "Slot order": both copies store each 32-column sub-chunk in the order in which the arithmetic
 // feeds the sub-chunk's columns to its two mmas (k slots 0..15 of the first, then of the second).
@@ -26,12 +27,14 @@ namespace linear_mma_detail {
 
 constexpr int kF16Rows = 64, kF16Tokens = 64, kF16Threads = 256;
 constexpr int kF16ChunkCols = 128;                        // one 32-column sub-chunk per accumulator
-constexpr int kF16Stages = 3;                             // chunks c + 1 and c + 2 in flight during c
 constexpr int kF16RowBytes = 2 * kF16ChunkCols;           // one tile row: 16 pieces of 16 bytes
 constexpr int kF16TileBytes = 64 * kF16RowBytes;          // 64 rows (W rows or tokens)
 constexpr int kF16StageBytes = 2 * kF16TileBytes;         // W tile, then x tile: 32 KB
-constexpr int kF16SharedBytes = kF16Stages * kF16StageBytes;   // 96 KB: two CTAs per sm_90 multiprocessor
-static_assert(kF16Rows * kF16Tokens * sizeof(float) <= kF16SharedBytes, "the totals reuse the stages");
+constexpr int kF16Stages = 3;                             // chunks c + 1 and c + 2 in flight during c
+// totals[token][row], 4 floats of padding per token: the accumulator stores (lanes: 8 rows x 4
+// token pairs) and write_tile's loads (consecutive rows) both hit 32 different banks.
+constexpr int kF16TotalsStride = kF16Rows + 4;
+static_assert(kF16Tokens * kF16TotalsStride * sizeof(float) <= kF16Stages * kF16StageBytes, "totals reuse stages");
 static_assert(kF16ChunkCols == kAccumulators * kSubK, "one sub-chunk per accumulator and chunk");
 
 // Writes one lane-quad's 8 values (natural columns 8q .. 8q + 7 of a sub-chunk) in slot order.
@@ -139,7 +142,7 @@ __device__ void linear_f16_gemm(const LinearArgs& a, const __half* w16, const __
     asm volatile("cp.async.wait_group 0;\n" ::: "memory");
     __syncthreads();
 
-    // totals[row][token] = ((a0 + a1) + a2) + a3: the warps of accumulator v add theirs in turn.
+    // totals[token][row] = ((a0 + a1) + a2) + a3: the warps of accumulator v add theirs in turn.
     float* totals = reinterpret_cast<float*>(smem);
     for (int v = 0; v < kAccumulators; ++v) {
         if (accumulator == v) {
@@ -150,14 +153,172 @@ __device__ void linear_f16_gemm(const LinearArgs& a, const __half* w16, const __
 #pragma unroll
                     for (int e = 0; e < 4; ++e) {
                         const int row = row0 + 16 * rb + group + 8 * (e >> 1);
-                        float& total = totals[row * kF16Tokens + 8 * j + 2 * quad + (e & 1)];
+                        float& total = totals[(8 * j + 2 * quad + (e & 1)) * kF16TotalsStride + row];
                         total = v == 0 ? acc[rb][j][e] : __fadd_rn(total, acc[rb][j][e]);
                     }
         }
         __syncthreads();
     }
-    auto total_of = [&](int row, int token) { return totals[row * kF16Tokens + token]; };
+    auto total_of = [&](int row, int token) { return totals[token * kF16TotalsStride + row]; };
     write_tile<EPI, kF16Rows, decltype(total_of), kF16Threads>(a, n0, m0, num_tokens, total_of);
+}
+
+// ---- The "f16wide" layout: 128 W rows x 32 * TOKEN_WARPS tokens, accumulator-major ----------------
+//
+// The 64 x 64 tile above keeps four accumulators per output (one warp each), which caps the tile
+// at what 4x the registers allow, and a small tile re-reads W and x from L2 for few products
+// (128 bytes per mma: L2 bandwidth, not the tensor cores, set its pace on wide matrices). Here
+// every warp owns a 32 x 32 output tile and runs the four accumulators one after another: pass v
+// multiplies the sub-chunks c = v, v + 4, ... in increasing c into a fresh accumulator, which is
+// then folded into the running total, total = ((a0 + a1) + a2) + a3 -- the same chains and the
+// same final sum as every layout, with 2x the outputs per register (total + one accumulator) and
+// 64-96 L2 bytes per mma. A stage holds two sub-chunks of one pass (64 columns, 128-byte rows).
+constexpr int kWideRows = 128, kWideStages = 4, kWideRowBytes = 128;
+constexpr int kWideTileBytes = kWideRows * kWideRowBytes;   // 16 KB per 128 rows (or tokens)
+
+template <int TOKEN_WARPS>
+struct WideShape {
+    static constexpr int kTokens = 32 * TOKEN_WARPS, kWarps = 4 * TOKEN_WARPS, kThreads = 32 * kWarps;
+    static constexpr int kStageBytes = kWideTileBytes + kTokens * kWideRowBytes;
+    static constexpr int kTotalsStride = kWideRows + 4;   // totals[token][row]: conflict-free, as above
+    static_assert(kTokens * kTotalsStride * 4 <= kWideStages * kStageBytes, "the totals reuse the stages");
+};
+
+__device__ __forceinline__ int wide_swizzled(int row, int piece) {   // 8 pieces per 128-byte row
+    return row * kWideRowBytes + ((piece ^ (row & 7)) << 4);
+}
+
+// Stage t of the sequence (pass 0's sub-chunk pairs, then pass 1's, ...): its pass, its first
+// sub-chunk and how many (1 or 2; a pass of an odd count ends with one), and whether it ends the pass.
+struct WideStage { int pass, first_sub, count; bool last_of_pass; };
+__device__ __forceinline__ WideStage wide_stage(int t, int num_subs) {
+    for (int v = 0; v < kAccumulators; ++v) {
+        const int subs = (num_subs - v + kAccumulators - 1) / kAccumulators;   // c = v, v + 4, ... < num_subs
+        const int pairs = (subs + 1) / 2;
+        if (t < pairs) {
+            const int i = 2 * t;
+            return {v, v + kAccumulators * i, min(2, subs - i), t == pairs - 1};
+        }
+        t -= pairs;
+    }
+    return {kAccumulators, 0, 0, false};   // past the end
+}
+__device__ __forceinline__ int wide_num_stages(int num_subs) {
+    int stages = 0;
+    for (int v = 0; v < kAccumulators; ++v) stages += ((num_subs - v + kAccumulators - 1) / kAccumulators + 1) / 2;
+    return stages;
+}
+
+// Issues the copies of stage `st` into a swizzled (W tile, x tile): row r's pieces 0-3 are
+// sub-chunk first_sub, pieces 4-7 sub-chunk first_sub + 4 (not copied when count == 1).
+template <typename S>
+__device__ __forceinline__ void stage_wide(uint8_t* stage, const __half* w16, const __half* x16, int n0, int m0,
+                                           int num_rows, int num_tokens, int K, const WideStage& st) {
+    const int piece = threadIdx.x & 7;
+    if (piece / 4 >= st.count) return;
+    const int col = kSubK * (st.first_sub + kAccumulators * (piece / 4)) + 8 * (piece % 4);
+    constexpr int kRowStep = S::kThreads / 8;
+#pragma unroll
+    for (int r = threadIdx.x / 8; r < kWideRows; r += kRowStep) {
+        const bool real = n0 + r < num_rows;
+        copy16(stage + wide_swizzled(r, piece), real ? w16 + static_cast<long long>(n0 + r) * K + col : w16,
+               real ? 16 : 0);
+    }
+#pragma unroll
+    for (int r = threadIdx.x / 8; r < S::kTokens; r += kRowStep) {
+        const bool real = m0 + r < num_tokens;
+        copy16(stage + kWideTileBytes + wide_swizzled(r, piece),
+               real ? x16 + static_cast<long long>(m0 + r) * K + col : x16, real ? 16 : 0);
+    }
+}
+
+template <int EPI, typename S>
+__device__ void linear_f16_wide(const LinearArgs& a, const __half* w16, const __half* x16) {
+    extern __shared__ __align__(16) uint8_t smem[];
+    const int n0 = blockIdx.x * kWideRows, m0 = blockIdx.y * S::kTokens;
+    const int num_tokens = min(S::kTokens, a.num_tokens - m0);
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, group = lane >> 2, quad = lane & 3;
+    const int row0 = 32 * (warp % 4), token0 = 32 * (warp / 4);
+    float acc[2][4][4], total[2][4][4];
+#pragma unroll
+    for (int rb = 0; rb < 2; ++rb)
+#pragma unroll
+        for (int j = 0; j < 4; ++j)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) acc[rb][j][e] = total[rb][j][e] = 0.0f;
+
+    const int num_subs = a.num_cols / kSubK, num_stages = wide_num_stages(num_subs);
+    auto buffer = [&](int t) { return smem + (t % kWideStages) * S::kStageBytes; };
+    auto issue = [&](int t) {   // always commits a group, so the wait count below is fixed
+        if (t < num_stages)
+            stage_wide<S>(buffer(t), w16, x16, n0, m0, a.num_rows, a.num_tokens, a.num_cols, wide_stage(t, num_subs));
+        asm volatile("cp.async.commit_group;\n" ::: "memory");
+    };
+#pragma unroll
+    for (int t = 0; t < kWideStages - 1; ++t) issue(t);
+    for (int t = 0; t < num_stages; ++t) {
+        asm volatile("cp.async.wait_group %0;\n" :: "n"(kWideStages - 2) : "memory");
+        __syncthreads();   // stage t landed for all; every warp is done with stage t - 1 (reused next)
+        issue(t + kWideStages - 1);
+        const WideStage st = wide_stage(t, num_subs);
+        const uint8_t* w_tile = buffer(t);
+        const uint8_t* x_tile = w_tile + kWideTileBytes;
+        for (int sub = 0; sub < st.count; ++sub) {
+#pragma unroll
+            for (int m = 0; m < 2; ++m) {   // the sub-chunk's two mmas, in order
+                const int piece = 4 * sub + 2 * m;
+                uint32_t af[2][4];
+#pragma unroll
+                for (int rb = 0; rb < 2; ++rb)
+                    ldmatrix_x4(af[rb], w_tile + wide_swizzled(row0 + 16 * rb + (lane & 15), piece + (lane >> 4)));
+#pragma unroll
+                for (int jj = 0; jj < 2; ++jj) {
+                    uint32_t b[4];
+                    const int token = token0 + 16 * jj + (lane & 7) + 8 * (lane >> 4);
+                    ldmatrix_x4(b, x_tile + wide_swizzled(token, piece + ((lane >> 3) & 1)));
+#pragma unroll
+                    for (int rb = 0; rb < 2; ++rb) {
+                        mma_16x8x16(acc[rb][2 * jj], af[rb], b[0], b[1]);
+                        mma_16x8x16(acc[rb][2 * jj + 1], af[rb], b[2], b[3]);
+                    }
+                }
+            }
+        }
+        if (st.last_of_pass) {   // total = ((a0 + a1) + a2) + a3, one accumulator at a time
+#pragma unroll
+            for (int rb = 0; rb < 2; ++rb)
+#pragma unroll
+                for (int j = 0; j < 4; ++j)
+#pragma unroll
+                    for (int e = 0; e < 4; ++e) {
+                        total[rb][j][e] = st.pass == 0 ? acc[rb][j][e] : __fadd_rn(total[rb][j][e], acc[rb][j][e]);
+                        acc[rb][j][e] = 0.0f;
+                    }
+        }
+    }
+    if (num_subs < kAccumulators) {   // K < 128: the accumulators without sub-chunks add their 0 (as a -0 total would)
+#pragma unroll
+        for (int rb = 0; rb < 2; ++rb)
+#pragma unroll
+            for (int j = 0; j < 4; ++j)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) total[rb][j][e] = __fadd_rn(total[rb][j][e], 0.0f);
+    }
+    asm volatile("cp.async.wait_group 0;\n" ::: "memory");
+    __syncthreads();
+    float* totals = reinterpret_cast<float*>(smem);
+#pragma unroll
+    for (int rb = 0; rb < 2; ++rb)
+#pragma unroll
+        for (int j = 0; j < 4; ++j)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const int row = row0 + 16 * rb + group + 8 * (e >> 1), token = token0 + 8 * j + 2 * quad + (e & 1);
+                totals[token * S::kTotalsStride + row] = total[rb][j][e];
+            }
+    __syncthreads();
+    auto total_of = [&](int row, int token) { return totals[token * S::kTotalsStride + row]; };
+    write_tile<EPI, kWideRows, decltype(total_of), S::kThreads>(a, n0, m0, num_tokens, total_of);
 }
 
 }  // namespace linear_mma_detail
@@ -189,7 +350,7 @@ QFORMATS_FOR_EACH_TYPE(DEQUANT_SLOTS_ENTRY)
 
 // linear_f16_gemm[_acc|_swiglu]: y (through the epilogue) = x16 @ w16.T with w16 [num_rows, K] and
 // x16 [num_tokens, K] fp16 in slot order; grid (ceil(num_rows / 64), ceil(num_tokens / 64)),
-// 256 threads, kF16SharedBytes of dynamic shared memory. PyCUDA prepared-call format "PPPiiii".
+// 256 threads, 96 KB of dynamic shared memory. PyCUDA prepared-call format "PPPiiii".
 #define LINEAR_F16_GEMM_ENTRY(NAME, EPI)                                                                  \
     extern "C" __global__ void __launch_bounds__(linear_mma_detail::kF16Threads, 2)                      \
     NAME(const __half* w16, const __half* x16, float* y, int num_rows, int num_cols, int num_tokens,     \
@@ -201,3 +362,22 @@ QFORMATS_FOR_EACH_TYPE(DEQUANT_SLOTS_ENTRY)
 LINEAR_F16_GEMM_ENTRY(linear_f16_gemm, linear_mma_detail::kStore)
 LINEAR_F16_GEMM_ENTRY(linear_f16_gemm_acc, linear_mma_detail::kAccumulate)
 LINEAR_F16_GEMM_ENTRY(linear_f16_gemm_swiglu, linear_mma_detail::kSwiGLU)
+
+// linear_f16_wide[_acc|_swiglu]_t<TOKENS>: the f16wide layout, 128 W rows x TOKENS tokens per CTA
+// (t64: 256 threads, 2 CTAs per SM; t128: 512 threads, 1 CTA per SM), 4 stages of (128 + TOKENS)
+// x 128 bytes of dynamic shared memory (96 / 128 KB); otherwise as linear_f16_gemm.
+#define LINEAR_F16_WIDE_ENTRY(NAME, EPI, TOKEN_WARPS)                                                     \
+    extern "C" __global__ void __launch_bounds__(linear_mma_detail::WideShape<TOKEN_WARPS>::kThreads,     \
+                                                 TOKEN_WARPS == 2 ? 2 : 1)                                \
+    NAME(const __half* w16, const __half* x16, float* y, int num_rows, int num_cols, int num_tokens,     \
+         int y_stride) {                                                                                  \
+        const linear_mma_detail::LinearArgs args{nullptr, 0, num_rows, num_cols, 0, 0, 0, nullptr, y,     \
+                                                 num_tokens, y_stride};                                   \
+        linear_mma_detail::linear_f16_wide<EPI, linear_mma_detail::WideShape<TOKEN_WARPS>>(args, w16, x16); \
+    }
+LINEAR_F16_WIDE_ENTRY(linear_f16_wide_t64, linear_mma_detail::kStore, 2)
+LINEAR_F16_WIDE_ENTRY(linear_f16_wide_acc_t64, linear_mma_detail::kAccumulate, 2)
+LINEAR_F16_WIDE_ENTRY(linear_f16_wide_swiglu_t64, linear_mma_detail::kSwiGLU, 2)
+LINEAR_F16_WIDE_ENTRY(linear_f16_wide_t128, linear_mma_detail::kStore, 4)
+LINEAR_F16_WIDE_ENTRY(linear_f16_wide_acc_t128, linear_mma_detail::kAccumulate, 4)
+LINEAR_F16_WIDE_ENTRY(linear_f16_wide_swiglu_t128, linear_mma_detail::kSwiGLU, 4)

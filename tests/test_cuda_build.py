@@ -60,12 +60,13 @@ def test_every_planned_kernel_exists(quant_kernel_entries):
                     for tile in linear_mma.ALL_TILES for epilogue in linear_mma.KERNEL_PREFIXES
                     if linear_mma.tile_fits(weight, tile, 8)}
         planned.add(f"dequant_slots_{weight.kernel_suffix}")   # the f16gemm layout's W pass
-    # the f16gemm kernels (one per epilogue) serve every type: W comes dequantized
+    # the f16 layouts' kernels (per tile and epilogue) serve every type: W comes dequantized
+    f16_tiles = sum(tile[0] in linear_mma.F16_LAYOUTS for tile in linear_mma.ALL_TILES)
     per_type = (len(KERNEL_PREFIXES) * len(BATCH_VARIANTS) + 2
-                + len(linear_mma.KERNEL_PREFIXES) * (len(linear_mma.ALL_TILES) - 1))
+                + len(linear_mma.KERNEL_PREFIXES) * (len(linear_mma.ALL_TILES) - f16_tiles))
     # F32 rows overflow the gemm layout's raw stages (its entry points exist but are never planned)
     assert len(planned) == (len(SUPPORTED_TYPES) * per_type - len(linear_mma.KERNEL_PREFIXES)
-                            + len(linear_mma.F16_GEMM_KERNELS))
+                            + f16_tiles * len(linear_mma.KERNEL_PREFIXES))
     assert {"f32_to_f16", "f32_to_f16_slots"} <= quant_kernel_entries
     assert planned <= quant_kernel_entries, sorted(planned - quant_kernel_entries)
 
@@ -132,7 +133,15 @@ def test_linear_mma_plan_covers_rows_and_tokens_within_shared_memory():
                     assert plan.kernel_name in linear_mma.F16_GEMM_KERNELS.values()
                     assert plan.grid[0] * 64 >= weight.rows and plan.grid[1] * 64 >= tokens
                     assert plan.block == (256, 1, 1)
+                    # 3 stages of (W, x) tiles of 64 x 128 halves
                     assert plan.shared_bytes == 3 * 2 * 64 * 256 <= linear_mma.SHARED_BUDGET
+                    continue
+                if layout == "f16wide":   # 128 rows x 64 / 128 tokens, 4 warps per 32 tokens
+                    assert plan.kernel_name.endswith(f"_t{8 * groups}")
+                    assert plan.grid[0] * 128 >= weight.rows and plan.grid[1] * 8 * groups >= tokens
+                    assert plan.block == (4 * 8 * groups, 1, 1)
+                    # 4 stages of 128-byte rows: 128 of W and one per token
+                    assert plan.shared_bytes == 4 * (128 + 8 * groups) * 128
                     continue
                 assert plan.kernel_name.startswith(linear_mma.KERNEL_LAYOUT_NAMES[layout])
                 assert plan.kernel_name.endswith(f"_g{groups}")

@@ -17,7 +17,7 @@ import test_quant_kernels as kit  # noqa: E402
 from bench_quant_kernels import POOL_BYTES, Timer  # noqa: E402
 from gguf import GGMLQuantizationType as QType  # noqa: E402
 
-from gpu_worker.backends.cuda.ops.linear_mma import ALL_TILES, LinearMmaOp, pick_tile, tile_fits  # noqa: E402
+from gpu_worker.backends.cuda.ops.linear_mma import ALL_TILES, LinearMmaOp  # noqa: E402
 from gpu_worker.backends.cuda.ops.quant_weight import DeviceWeight  # noqa: E402
 
 SHAPES = [("attn_q/o", 896, 896, QType.Q5_0), ("gate_up", 9728, 896, QType.Q5_0),
@@ -51,9 +51,9 @@ def main() -> None:
         for tokens in TOKENS:
             x = dev.upload(rng.standard_normal((tokens, cols), dtype=np.float32))
             y = dev.poisoned((tokens, rows))
-            chosen = pick_tile(weights[0], tokens)
+            chosen = linear.choose(weights[0], tokens)
             for tile in ALL_TILES:
-                if tile[1] > max(1, -(-tokens // 8)) or not tile_fits(weights[0], tile, tokens):
+                if tile[1] > max(1, -(-tokens // 8)) or not linear.can_run(weights[0], tokens, tile):
                     continue
                 us = timer.per_launch_us(lambda i, t=tile: linear(weights[i % copies], x, y, tokens, stream, tile=t),
                                          2 * copies)

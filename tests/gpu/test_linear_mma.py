@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from gguf import GGMLQuantizationType as QType
 
-from gpu_worker.backends.cuda.ops.linear_mma import ALL_TILES, LinearMmaOp, tile_fits
+from gpu_worker.backends.cuda.ops.linear_mma import ALL_TILES, LinearMmaOp
 from gpu_worker.model.quant_types import quant_spec
 
 from test_quant_kernels import ALL_TYPES, Device, gpu, rel_error, upload_weight  # noqa: F401 (gpu: fixture)
@@ -60,7 +60,7 @@ def test_linear_mma_matches_reference_and_is_batch_invariant(gpu, qtype):
         print(f"{qtype.name} [{rows}, {cols}]: rel error {error:.2e} vs the fp16-operand reference")
         assert error <= LINEAR_MMA_TOLERANCE
         for tile in ALL_TILES:   # every layout and token tile, on the whole batch and on a lone token
-            if not tile_fits(weight, tile, tokens):   # wide F32 rows
+            if not linear.can_run(weight, tokens, tile):   # wide F32 rows
                 continue
             np.testing.assert_array_equal(run(x, tile), y, err_msg=f"tile {tile} differs")
             np.testing.assert_array_equal(run(x[[5]], tile), y[[5]], err_msg=f"M=1, tile {tile} differs")
@@ -81,9 +81,9 @@ def test_linear_mma_epilogues_match_reference(gpu, qtype):
     linear = linear_op(dev, module)
     rows, cols, tokens = 260, 512, 70
     weight, dense = upload_weight(dev, qtype, rows, cols, rng)
-    # f16gemm in 64-row slices (64, 64, 64, 64, 4): each slice's outputs land at its own rows
-    sliced = linear_op(dev, module, weight_halves=64 * cols + 100)
-    assert sliced.slice_rows(weight) == 64
+    # f16 layouts in 128-row slices (128, 128, 4): each slice's outputs land at its own rows
+    sliced = linear_op(dev, module, weight_halves=128 * cols + 100)
+    assert sliced.slice_rows(weight) == 128
     x = (3.0 * rng.standard_normal((tokens, cols))).astype(np.float32)
     product = fp16_values(x) @ fp16_values(dense).T
     residual = rng.standard_normal((tokens, rows), dtype=np.float32)
@@ -98,7 +98,8 @@ def test_linear_mma_epilogues_match_reference(gpu, qtype):
         runs = [(list(range(tokens)), ("rows", 4)), (list(range(tokens)), ("split_k", 4)),
                 ([4], None), ([9, 4, 1], ("rows", 1)), (list(range(tokens)), ("gemm", 8)),
                 (list(range(tokens)), ("gemm32", 8)), (list(range(tokens)), ("gemm16", 4)),
-                (list(range(tokens)), ("f16gemm", 8)), (list(range(tokens)), ("f16gemm", 8))]
+                (list(range(tokens)), ("f16gemm", 8)), (list(range(tokens)), ("f16wide", 8)),
+                (list(range(tokens)), ("f16wide", 16)), (list(range(tokens)), ("f16gemm", 8))]
         for i, (order, tile) in enumerate(runs):
             y_ptr = dev.upload(start[order])
             op = sliced if i == len(runs) - 1 else linear
@@ -113,5 +114,33 @@ def test_linear_mma_epilogues_match_reference(gpu, qtype):
         np.testing.assert_array_equal(outs[5], outs[0], err_msg=f"{epilogue}: the gemm32 layout differs")
         np.testing.assert_array_equal(outs[6], outs[0], err_msg=f"{epilogue}: the gemm16 layout differs")
         np.testing.assert_array_equal(outs[7], outs[0], err_msg=f"{epilogue}: the f16gemm layout differs")
-        np.testing.assert_array_equal(outs[8], outs[0], err_msg=f"{epilogue}: f16gemm in row slices differs")
+        np.testing.assert_array_equal(outs[8], outs[0], err_msg=f"{epilogue}: the f16wide t64 layout differs")
+        np.testing.assert_array_equal(outs[9], outs[0], err_msg=f"{epilogue}: the f16wide t128 layout differs")
+        np.testing.assert_array_equal(outs[10], outs[0], err_msg=f"{epilogue}: f16gemm in row slices differs")
 
+
+
+def test_linear_mma_reuses_the_fp16_copy_of_x_only_when_it_holds_that_x(gpu):
+    """x_unchanged (q, k and v share their input) skips the conversion only when the scratch holds
+    the same x in the same order; another x, or a natural-order copy for an f16gemm, is converted."""
+    drv, module, stream = gpu
+    dev, rng = Device(drv), np.random.default_rng(600)
+    linear = linear_op(dev, module)
+    tokens, cols = 200, 896
+    w1, _ = upload_weight(dev, QType.Q5_0, 128, cols, rng)
+    w2, _ = upload_weight(dev, QType.Q8_0, 96, cols, rng)
+    x_a, x_b = (dev.upload(rng.standard_normal((tokens, cols), dtype=np.float32)) for _ in range(2))
+
+    def run(weight, x_ptr, tile, unchanged=False) -> np.ndarray:
+        y_ptr = dev.poisoned((tokens, weight.rows))
+        linear(weight, x_ptr, y_ptr, tokens, stream, tile=tile, x_unchanged=unchanged)
+        return dev.read(y_ptr, (tokens, weight.rows), stream)
+
+    reference = run(w2, x_b, ("split_k", 2))
+    for tile in (("f16gemm", 8), ("gemm", 8)):
+        run(w1, x_a, tile)
+        np.testing.assert_array_equal(run(w2, x_b, tile, unchanged=True), reference, err_msg=f"{tile}: another x")
+        np.testing.assert_array_equal(run(w2, x_b, tile, unchanged=True), reference, err_msg=f"{tile}: reused")
+    run(w1, x_b, ("gemm", 8))
+    np.testing.assert_array_equal(run(w2, x_b, ("f16gemm", 8), unchanged=True), reference,
+                                  err_msg="a natural-order copy served an f16gemm")

@@ -68,12 +68,17 @@ class Activations:
         self.logits = memory.tensor("logits", (max_seqs, config.vocab_size), f32)
 
 
+LM_HEAD_SLICE_ROWS = 16384   # 128 f16wide row tiles per LM head slice: about 2 waves of CTAs at 256 tokens
+
+
 def weight_scratch_halves(weights: ModelWeights) -> int:
-    """The f16gemm weight scratch: the largest layer matrix (gate/up: 17 MB at the real shapes),
-    so that every layer linear runs in one slice; the LM head runs in slices of that size."""
-    return max(w.rows * w.cols for layer in weights.layers
-               for w in (layer.q, layer.k, layer.v, layer.o, layer.gate, layer.up, layer.down, layer.gate_up)
-               if w is not None)
+    """The f16 layouts' weight scratch: the largest layer matrix (gate/up: 17 MB at the real shapes),
+    so that every layer linear runs in one slice, or 16384 LM head rows (29 MB) if more."""
+    largest = max(w.rows * w.cols for layer in weights.layers
+                  for w in (layer.q, layer.k, layer.v, layer.o, layer.gate, layer.up, layer.down, layer.gate_up)
+                  if w is not None)
+    lm_head = weights.lm_head
+    return max(largest, min(lm_head.rows, LM_HEAD_SLICE_ROWS) * lm_head.cols)
 
 
 def allocate_meta(memory, max_tokens: int, max_seqs: int, max_blocks_per_seq: int) -> StepMeta:
@@ -125,11 +130,14 @@ class Qwen2Forward:
         """Per layer (k_cache, v_cache), each [num_blocks * block_size, num_kv_heads, head_dim] f16."""
         self.kv, self.block_size = kv, block_size
 
-    def _linear(self, weight, x: DeviceTensor, y: DeviceTensor, fusion: MatvecFusion = NO_FUSION) -> None:
+    def _linear(self, weight, x: DeviceTensor, y: DeviceTensor, fusion: MatvecFusion = NO_FUSION,
+                x_unchanged: bool = False) -> None:
+        """x_unchanged: x is the previous call's input, not written since (its fp16 copy is reused)."""
         if self.linear == "mma":
             if fusion.norm_weight_ptr:
                 raise ValueError("linear_mma has no RMSNorm prologue")
-            self.linear_mma(weight, x.ptr, y.ptr, x.shape[0], self.device.stream, epilogue=fusion.epilogue)
+            self.linear_mma(weight, x.ptr, y.ptr, x.shape[0], self.device.stream, epilogue=fusion.epilogue,
+                            x_unchanged=x_unchanged)
         else:
             self.matvec(weight, x.ptr, y.ptr, x.shape[0], self.device.stream, fusion=fusion)
 
@@ -184,8 +192,8 @@ class Qwen2Forward:
     def _qkv(self, layer, x: DeviceTensor, t: int, fusion: MatvecFusion) -> None:
         a = self.acts
         self._linear(layer.q, x, a.q.rows(0, t), fusion)
-        self._linear(layer.k, x, a.k.rows(0, t), fusion)
-        self._linear(layer.v, x, a.v.rows(0, t), fusion)
+        self._linear(layer.k, x, a.k.rows(0, t), fusion, x_unchanged=True)
+        self._linear(layer.v, x, a.v.rows(0, t), fusion, x_unchanged=True)
 
     def _attention(self, i: int, layer, t: int) -> None:
         """RoPE + KV write of this chunk, then attention of q over each sequence's KV -> acts.attn."""

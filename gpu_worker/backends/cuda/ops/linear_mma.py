@@ -26,21 +26,28 @@ MAX_GRID_Y = 65535
 # warp owns 16 of 64 rows; in cuda/linear_mma_gemm.cu "gemm" / "gemm32" / "gemm16"
 # (linear_mma_gemm[32|16]_*): 64 / 32 / 16 rows x 64 / 64 / 32 tokens of an fp16 copy of x, warp w
 # runs accumulator w % 4 over 32 / 32 / 16 rows.
-# "f16gemm" (cuda/linear_f16_gemm.cu): 64 rows x 64 tokens of fp16 copies of W (dequantized by a
-# separate pass into a weight scratch, tall matrices in row slices) and of x, both in slot order.
+# "f16gemm" / "f16wide" (cuda/linear_f16_gemm.cu): 64 rows x 64 tokens / 128 rows x 64 or 128
+# tokens of fp16 copies of W (dequantized by a separate pass into a weight scratch, tall matrices
+# in row slices) and of x, both in slot order.
 LAYOUTS = {"split_k": (16, (1, 2, 4)), "rows": (64, (1, 4)), "gemm": (64, (8,)), "gemm32": (32, (8,)),
-           "gemm16": (16, (4,)), "f16gemm": (64, (8,))}
+           "gemm16": (16, (4,)), "f16gemm": (64, (8,)), "f16wide": (128, (8, 16))}
+F16_LAYOUTS = ("f16gemm", "f16wide")
+F16_SLICE_ROWS = 128                # row slices of the weight scratch: whole tiles of either f16 layout
 GEMM_WARP_ROWS = {"gemm": 32, "gemm32": 32, "gemm16": 16}   # GemmShape's WARP_ROWS
 GEMM_LAYOUTS = tuple(GEMM_WARP_ROWS)
-ALL_TILES = (("f16gemm", 8), ("gemm", 8), ("gemm32", 8), ("gemm16", 4), ("rows", 4), ("rows", 1), ("split_k", 4), ("split_k", 2),
-             ("split_k", 1))
+ALL_TILES = (("f16wide", 16), ("f16wide", 8), ("f16gemm", 8), ("gemm", 8), ("gemm32", 8), ("gemm16", 4),
+             ("rows", 4), ("rows", 1), ("split_k", 4), ("split_k", 2), ("split_k", 1))
 GEMM_CHUNK_COLS = 128                                    # linear_mma_gemm.cu: kGemmChunkCols
 GEMM_X_ROW_BYTES = 2 * GEMM_CHUNK_COLS + 64             # one token's fp16 x chunk + bank padding
 CONVERT_THREADS = 256
 F16_GEMM_THREADS = 256
-F16_GEMM_SHARED_BYTES = 3 * 2 * 64 * 2 * GEMM_CHUNK_COLS   # linear_f16_gemm.cu: 3 stages of (W, x) tiles
+# linear_f16_gemm.cu: 3 stages of a (W, x) pair of 64 x 128 fp16 tiles
+F16_GEMM_SHARED_BYTES = 3 * 2 * 64 * 2 * GEMM_CHUNK_COLS
 F16_GEMM_KERNELS = {"store": "linear_f16_gemm", "accumulate": "linear_f16_gemm_acc",
                     "swiglu": "linear_f16_gemm_swiglu"}
+F16_WIDE_KERNELS = {"store": "linear_f16_wide", "accumulate": "linear_f16_wide_acc", "swiglu": "linear_f16_wide_swiglu"}
+F16_WIDE_STAGES, F16_WIDE_ROW_BYTES = 4, 128   # 4 stages of (128 W rows + the tokens) x 64 columns
+OPT_IN_LIMIT_SM90 = 227 * 1024      # the most a block may opt in to (sm_90); the device is asked too
 WIDE_ROWS = 16384                   # N from which a matrix counts as LM-head-like
 # Where the gemm layouts are the measured fastest (H200, linear_mma_tiles_h200.md): on wide
 # matrices (gate/up, LM head) from 64 tokens, 32-row tiles below 256 tokens; on 896-row ones
@@ -70,12 +77,13 @@ def pick_tile(weight: DeviceWeight, num_tokens: int, allow_gemm: bool = True,
               allow_f16gemm: bool = False) -> tuple[str, int]:
     """(layout, token groups) by the fastest measured on an H200 at the real shapes
     (docs/gpu_results/linear_mma_tiles_h200.md); every choice gives bitwise the same result.
-    A gemm tile where wanted_gemm says so (and an fp16 scratch for x exists). Otherwise:
+    With scratches for fp16 copies of x and W (allow_f16gemm): f16gemm from F16_GEMM_FROM_TOKENS.
+    Else a gemm tile where wanted_gemm says so (and an fp16 scratch for x exists). Otherwise:
     LM-head-like (N >= 16384): 64-row tiles, 32 tokens per CTA from 32 tokens on. Others: 16-row
     split-K tiles of 8 tokens up to 8 tokens (decode), of 16 tokens beyond; from 256 tokens on a
     long-K matrix (the down projection) takes 64-row tiles of 32 tokens. A tile that does not fit
     the shared budget (wide F32 rows) falls back to the next smaller one."""
-    if allow_f16gemm and num_tokens >= F16_GEMM_FROM_TOKENS and tile_fits(weight, ("f16gemm", 8), num_tokens):
+    if allow_f16gemm and num_tokens >= F16_GEMM_FROM_TOKENS:
         return "f16gemm", 8
     gemm = wanted_gemm(weight, num_tokens) if allow_gemm else None
     if gemm is not None and tile_fits(weight, gemm, num_tokens):
@@ -116,6 +124,8 @@ def tile_fits(weight: DeviceWeight, tile: tuple[str, int], num_tokens: int) -> b
     layout, groups = tile
     if layout == "f16gemm":
         return F16_GEMM_SHARED_BYTES <= SHARED_BUDGET
+    if layout == "f16wide":
+        return f16_wide_shared_bytes(8 * groups) <= OPT_IN_LIMIT_SM90
     if layout in GEMM_LAYOUTS:
         return gemm_shared_bytes(weight, LAYOUTS[layout][0], 8 * groups) <= SHARED_BUDGET
     try:
@@ -123,6 +133,10 @@ def tile_fits(weight: DeviceWeight, tile: tuple[str, int], num_tokens: int) -> b
     except ValueError:
         return False
     return True
+
+
+def f16_wide_shared_bytes(tokens_per_cta: int) -> int:
+    return F16_WIDE_STAGES * (LAYOUTS["f16wide"][0] + tokens_per_cta) * F16_WIDE_ROW_BYTES
 
 
 def gemm_raw_stride(weight: DeviceWeight) -> int:
@@ -204,13 +218,14 @@ def plan_linear(weight: DeviceWeight, num_tokens: int, epilogue: str = "store",
         raise ValueError(f"linear_mma num_tokens {num_tokens} exceeds {tokens_per_cta * MAX_GRID_Y}")
     x_rows = min(tokens_per_cta, num_tokens)
     grid = (-(-weight.rows // rows_per_cta), -(-num_tokens // tokens_per_cta), 1)
-    if layout == "f16gemm":   # one kernel for every type (W comes dequantized); the grid is per row slice
-        if not tile_fits(weight, tile, num_tokens):
-            raise ValueError(f"linear_mma f16gemm needs {F16_GEMM_SHARED_BYTES} bytes of shared memory, "
-                             f"the budget is {SHARED_BUDGET}")
+    if layout == "f16gemm":   # one kernel for every type (W comes dequantized); grids per row slice
         return LinearLaunch(kernel_name=F16_GEMM_KERNELS[epilogue], grid=grid, block=(F16_GEMM_THREADS, 1, 1),
                             chunk_cols=GEMM_CHUNK_COLS, chunk_stride=0, x_rows=x_rows,
                             shared_bytes=F16_GEMM_SHARED_BYTES)
+    if layout == "f16wide":   # 4 warps of 32 rows per 32 tokens
+        return LinearLaunch(kernel_name=f"{F16_WIDE_KERNELS[epilogue]}_t{tokens_per_cta}", grid=grid,
+                            block=(128 * tokens_per_cta // 32, 1, 1), chunk_cols=2 * SUB_K, chunk_stride=0,
+                            x_rows=x_rows, shared_bytes=f16_wide_shared_bytes(tokens_per_cta))
     name = f"{KERNEL_LAYOUT_NAMES[layout]}{KERNEL_PREFIXES[epilogue]}{weight.kernel_suffix}_g{groups}"
     if layout in GEMM_LAYOUTS:   # fixed 128-column chunks and strides; x is an fp16 copy
         if not tile_fits(weight, (layout, groups), num_tokens):
@@ -233,12 +248,16 @@ def plan_linear(weight: DeviceWeight, num_tokens: int, epilogue: str = "store",
     )
 
 
+def plan_layout(plan: LinearLaunch) -> str:
+    return "f16wide" if plan.kernel_name.startswith("linear_f16_wide") else "f16gemm"
+
+
 class LinearMmaOp:
     """Launches linear_mma kernels from a loaded module (pycuda.driver.Module) on a given stream.
 
     The gemm layouts multiply an fp16 copy of x: `fp16_scratch` = (device address, capacity in
     halves) of a buffer for it (f32_to_f16 or f32_to_f16_slots writes it before each launch). The
-    f16gemm layout also needs `weight_scratch` (same form) for the dequantized W, at least 64 rows
+    f16gemm layout also needs `weight_scratch` (same form) for the dequantized W, at least 128 rows
     of it; taller matrices run in row slices that fit. Without a scratch, or when x does not fit
     it, the launcher picks among the other layouts."""
 
@@ -254,14 +273,33 @@ class LinearMmaOp:
         self._opted_in: set[str] = set()
         self._scratch_ptr, self._scratch_elems = fp16_scratch
         self._weight_scratch_ptr, self._weight_scratch_elems = weight_scratch
+        self._x16_holds: tuple | None = None   # (x_ptr, num_tokens, cols, slot order) of the last conversion
+        self._max_shared: int | None = None     # the device's opt-in limit, asked when first needed
 
-    def _opt_in(self, kernel: Any, name: str) -> Any:
+    def _opt_in(self, kernel: Any, name: str, shared_bytes: int) -> Any:
         if name not in self._opted_in:   # more than the default 48 KiB of dynamic shared memory
             import pycuda.driver as cuda
 
-            kernel.set_attribute(cuda.function_attribute.MAX_DYNAMIC_SHARED_SIZE_BYTES, SHARED_BUDGET)
+            kernel.set_attribute(cuda.function_attribute.MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                                 max(SHARED_BUDGET, shared_bytes))
             self._opted_in.add(name)
         return kernel
+
+    def choose(self, weight: DeviceWeight, num_tokens: int) -> tuple[str, int]:
+        """The tile pick_tile takes given this launcher's scratches."""
+        return pick_tile(weight, num_tokens, allow_gemm=self.can_gemm(weight, num_tokens),
+                         allow_f16gemm=self.can_f16gemm(weight, num_tokens))
+
+    def can_run(self, weight: DeviceWeight, num_tokens: int, tile: tuple[str, int]) -> bool:
+        """Whether this launcher (its scratches) can run `tile`."""
+        if not tile_fits(weight, tile, num_tokens):
+            return False
+        if tile[0] == "f16gemm":
+            return self.can_f16gemm(weight, num_tokens)
+        if tile[0] == "f16wide":
+            return (self.can_f16gemm(weight, num_tokens)
+                    and f16_wide_shared_bytes(8 * tile[1]) <= self.device_max_shared())
+        return tile[0] not in GEMM_LAYOUTS or self.can_gemm(weight, num_tokens)
 
     def can_gemm(self, weight: DeviceWeight, num_tokens: int) -> bool:
         return num_tokens * weight.cols <= self._scratch_elems
@@ -270,37 +308,40 @@ class LinearMmaOp:
         return self.can_gemm(weight, num_tokens) and self.slice_rows(weight) > 0
 
     def slice_rows(self, weight: DeviceWeight) -> int:
-        """Rows of W per f16gemm slice: what the weight scratch holds, in whole 64-row tiles."""
-        rows_per_tile = LAYOUTS["f16gemm"][0]
-        return min(weight.rows, self._weight_scratch_elems // weight.cols // rows_per_tile * rows_per_tile)
+        """Rows of W per f16 layout slice: what the weight scratch holds, in whole 128-row tiles."""
+        return min(weight.rows, self._weight_scratch_elems // weight.cols // F16_SLICE_ROWS * F16_SLICE_ROWS)
+
+    def device_max_shared(self) -> int:
+        if self._max_shared is None:
+            import pycuda.driver as cuda
+
+            self._max_shared = cuda.Context.get_device().get_attribute(
+                cuda.device_attribute.MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)
+        return self._max_shared
 
     def __call__(self, weight: DeviceWeight, x_ptr: int, y_ptr: int, num_tokens: int, stream: Any,
-                 epilogue: str = "store", tile: tuple[str, int] | None = None) -> None:
+                 epilogue: str = "store", tile: tuple[str, int] | None = None, x_unchanged: bool = False) -> None:
         """x_ptr: [num_tokens, weight.cols] fp32; y_ptr: [num_tokens, weight.rows] fp32, or
-        [num_tokens, weight.rows / 2] for "swiglu" (device addresses)."""
+        [num_tokens, weight.rows / 2] for "swiglu" (device addresses). x_unchanged: the caller
+        promises x has not been written since the previous call (q, k and v share their input), so
+        an fp16 copy of the same x in the same order is reused instead of converted again."""
         check_aligned_16("linear_mma x", x_ptr)
         if tile is None:
-            tile = pick_tile(weight, num_tokens, allow_gemm=self.can_gemm(weight, num_tokens),
-                             allow_f16gemm=self.can_f16gemm(weight, num_tokens))
-        elif tile[0] in GEMM_LAYOUTS and not self.can_gemm(weight, num_tokens):
-            raise ValueError(f"linear_mma gemm needs an fp16 scratch of {num_tokens * weight.cols} halves, "
-                             f"has {self._scratch_elems}")
-        elif tile[0] == "f16gemm" and not self.can_f16gemm(weight, num_tokens):
-            raise ValueError(f"linear_mma f16gemm needs an fp16 scratch of {num_tokens * weight.cols} halves "
-                             f"and a weight scratch of {LAYOUTS['f16gemm'][0] * weight.cols}, has "
-                             f"{self._scratch_elems} and {self._weight_scratch_elems}")
+            tile = self.choose(weight, num_tokens)
+        elif tile[0] in LAYOUTS and not self.can_run(weight, num_tokens, tile):
+            raise ValueError(f"linear_mma cannot run tile {tile} here: it needs an fp16 scratch of "
+                             f"{num_tokens * weight.cols} halves (has {self._scratch_elems}), the f16 layouts a weight "
+                             f"scratch of {F16_SLICE_ROWS * weight.cols} (has {self._weight_scratch_elems})")
         plan = plan_linear(weight, num_tokens, epilogue, tile)
         y_stride = weight.rows // 2 if epilogue == "swiglu" else weight.rows
-        if tile[0] == "f16gemm":
-            self._f16gemm(weight, x_ptr, y_ptr, num_tokens, stream, plan, y_stride, epilogue == "swiglu")
+        if tile[0] in F16_LAYOUTS or tile[0] in GEMM_LAYOUTS:
+            self._convert_x(x_ptr, num_tokens, weight.cols, tile[0] in F16_LAYOUTS, x_unchanged, stream)
+        if tile[0] in F16_LAYOUTS:
+            self._f16gemm(weight, y_ptr, num_tokens, stream, plan, y_stride, epilogue == "swiglu")
             return
         if tile[0] in GEMM_LAYOUTS:
-            count = num_tokens * weight.cols
-            blocks = min(-(-count // (8 * CONVERT_THREADS)), 4096)
-            self._convert.prepared_async_call((blocks, 1), (CONVERT_THREADS, 1, 1), stream,
-                                              int(x_ptr), self._scratch_ptr, count)
             x_ptr = self._scratch_ptr
-        kernel = self._opt_in(self._kernels[plan.kernel_name], plan.kernel_name)
+        kernel = self._opt_in(self._kernels[plan.kernel_name], plan.kernel_name, plan.shared_bytes)
         kernel.prepared_async_call(
             plan.grid, plan.block, stream,
             int(weight.ptr), weight.row_bytes, weight.rows, weight.cols, plan.chunk_cols, plan.chunk_stride,
@@ -308,15 +349,28 @@ class LinearMmaOp:
             shared_size=plan.shared_bytes,
         )
 
-    def _f16gemm(self, weight: DeviceWeight, x_ptr: int, y_ptr: int, num_tokens: int, stream: Any,
+    def _convert_x(self, x_ptr: int, num_tokens: int, cols: int, slots: bool, x_unchanged: bool,
+                   stream: Any) -> None:
+        """x -> the fp16 scratch (slot order for f16gemm), unless it already holds this x."""
+        source = (int(x_ptr), num_tokens, cols, slots)
+        if x_unchanged and self._x16_holds == source:
+            return
+        count = num_tokens * cols
+        if slots:
+            self._convert_slots.prepared_async_call((-(-count // (8 * CONVERT_THREADS)), 1), (CONVERT_THREADS, 1, 1),
+                                                    stream, int(x_ptr), self._scratch_ptr, count // 8)
+        else:
+            blocks = min(-(-count // (8 * CONVERT_THREADS)), 4096)
+            self._convert.prepared_async_call((blocks, 1), (CONVERT_THREADS, 1, 1), stream,
+                                              int(x_ptr), self._scratch_ptr, count)
+        self._x16_holds = source
+
+    def _f16gemm(self, weight: DeviceWeight, y_ptr: int, num_tokens: int, stream: Any,
                  plan: LinearLaunch, y_stride: int, swiglu: bool) -> None:
-        """x -> fp16 slots, then per row slice: W slice -> fp16 slots (weight scratch), multiply."""
-        units = num_tokens * weight.cols // 8
-        self._convert_slots.prepared_async_call((-(-units // CONVERT_THREADS), 1), (CONVERT_THREADS, 1, 1), stream,
-                                                int(x_ptr), self._scratch_ptr, units)
+        """Per row slice: W slice -> fp16 slots (weight scratch), then multiply by the x copy."""
         dequant = self._dequants[f"dequant_slots_{weight.kernel_suffix}"]
-        gemm = self._opt_in(self._f16_gemms[plan.kernel_name], plan.kernel_name)
-        rows_per_tile, step = LAYOUTS["f16gemm"][0], self.slice_rows(weight)
+        gemm = self._opt_in(self._f16_gemms[plan.kernel_name], plan.kernel_name, plan.shared_bytes)
+        rows_per_tile, step = LAYOUTS[plan_layout(plan)][0], self.slice_rows(weight)
         for first in range(0, weight.rows, step):
             rows = min(step, weight.rows - first)
             units = rows * weight.cols // 8

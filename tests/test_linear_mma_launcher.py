@@ -1,0 +1,108 @@
+"""The linear_mma launcher's host logic without a GPU: which kernels it enqueues, with which
+arguments, for the f16gemm layout (row slices, output offsets) and the reuse of x's fp16 copy.
+A recording stand-in replaces the PyCUDA module; the kernels themselves are checked on the GPU
+(tests/gpu/test_linear_mma.py)."""
+from __future__ import annotations
+
+import sys
+import types
+
+import pytest
+
+from gpu_worker.backends.cuda.ops.linear_mma import LinearMmaOp
+from gpu_worker.backends.cuda.ops.quant_weight import DeviceWeight
+
+X_SCRATCH, W_SCRATCH = 0x10000, 0x200000
+
+
+class RecordingFunction:
+    def __init__(self, name: str, calls: list) -> None:
+        self.name, self.calls = name, calls
+
+    def prepare(self, arg_types: str) -> None:
+        self.arg_types = arg_types
+
+    def set_attribute(self, attribute, value) -> None:
+        pass
+
+    def prepared_async_call(self, grid, block, stream, *args, shared_size: int = 0) -> None:
+        assert len(args) == len(self.arg_types), (self.name, args)
+        self.calls.append((self.name, grid, args))
+
+
+class RecordingModule:
+    def __init__(self) -> None:
+        self.calls: list = []
+
+    def get_function(self, name: str) -> RecordingFunction:
+        return RecordingFunction(name, self.calls)
+
+
+@pytest.fixture(autouse=True)
+def fake_pycuda(monkeypatch):
+    """The launcher imports pycuda.driver for the shared-memory opt-in attribute and limit only."""
+    device = types.SimpleNamespace(get_attribute=lambda attribute: 227 * 1024)   # an sm_90 device
+    driver = types.SimpleNamespace(function_attribute=types.SimpleNamespace(MAX_DYNAMIC_SHARED_SIZE_BYTES=8),
+                                   device_attribute=types.SimpleNamespace(MAX_SHARED_MEMORY_PER_BLOCK_OPTIN=81),
+                                   Context=types.SimpleNamespace(get_device=lambda: device))
+    package = types.ModuleType("pycuda")
+    package.driver = driver
+    monkeypatch.setitem(sys.modules, "pycuda", package)
+    monkeypatch.setitem(sys.modules, "pycuda.driver", driver)
+
+
+def launcher(weight_halves: int) -> tuple[LinearMmaOp, list]:
+    module = RecordingModule()
+    return LinearMmaOp(module, (X_SCRATCH, 1 << 24), (W_SCRATCH, weight_halves)), module.calls
+
+
+def test_f16gemm_runs_tall_matrices_in_row_slices_with_their_own_outputs():
+    lm_head = DeviceWeight(8, 1000, 896, ptr=1 << 30)          # Q8_0, 952 bytes per row
+    linear, calls = launcher(weight_halves=300 * 896)           # 256 rows per slice (whole 64-row tiles)
+    linear(lm_head, 0x1000, 0x8000000, 200, stream=None, tile=("f16gemm", 8))
+    names = [c[0] for c in calls]
+    assert names == ["f32_to_f16_slots"] + ["dequant_slots_q8_0", "linear_f16_gemm"] * 4
+    gemms = [c for c in calls if c[0] == "linear_f16_gemm"]
+    dequants = [c for c in calls if c[0] == "dequant_slots_q8_0"]
+    assert [d[2][0] - lm_head.ptr for d in dequants] == [r * 952 for r in (0, 256, 512, 768)]
+    assert [d[2][2] for d in dequants] == [256, 256, 256, 232]
+    assert [g[2][2] - 0x8000000 for g in gemms] == [4 * r for r in (0, 256, 512, 768)]   # y + first row
+    assert [g[1] for g in gemms] == [(4, 4, 1)] * 3 + [(4, 4, 1)]   # ceil(rows / 64), ceil(200 / 64)
+    assert all(g[2][:2] == (W_SCRATCH, X_SCRATCH) and g[2][3:] == (g[2][3], 896, 200, 1000) for g in gemms)
+
+
+def test_swiglu_slices_write_half_as_many_output_columns():
+    gate_up = DeviceWeight(6, 256, 512, ptr=1 << 30)
+    linear, calls = launcher(weight_halves=128 * 512)
+    linear(gate_up, 0x1000, 0x8000000, 128, stream=None, epilogue="swiglu", tile=("f16gemm", 8))
+    gemms = [c for c in calls if c[0] == "linear_f16_gemm_swiglu"]
+    assert [g[2][2] - 0x8000000 for g in gemms] == [0, 4 * 64]   # slice 2 starts at gate/up pair 64
+    assert all(g[2][-1] == 128 for g in gemms)                   # y stride: 256 / 2 outputs per token
+
+
+def test_x_copy_is_reused_only_for_the_same_x_in_the_same_order():
+    q, k = DeviceWeight(6, 896, 896, ptr=1 << 30), DeviceWeight(6, 128, 896, ptr=1 << 31)
+    linear, calls = launcher(weight_halves=896 * 896)
+
+    def conversions(*call_args, **kwargs) -> list[str]:
+        calls.clear()
+        linear(*call_args, stream=None, **kwargs)
+        return [c[0] for c in calls if c[0].startswith("f32_to_f16")]
+
+    assert conversions(q, 0x1000, 0x9000, 256) == ["f32_to_f16_slots"]
+    assert conversions(k, 0x1000, 0xa000, 256, x_unchanged=True) == []
+    assert conversions(k, 0x1000, 0xa000, 256) == ["f32_to_f16_slots"]            # not promised: converted
+    assert conversions(k, 0x2000, 0xa000, 256, x_unchanged=True) == ["f32_to_f16_slots"]   # another x
+    assert conversions(k, 0x2000, 0xa000, 200, x_unchanged=True) == ["f32_to_f16_slots"]   # other tokens
+    assert conversions(k, 0x2000, 0xa000, 200, tile=("gemm32", 8), x_unchanged=True) == ["f32_to_f16"]
+    assert conversions(k, 0x2000, 0xa000, 200, tile=("f16gemm", 8), x_unchanged=True) == ["f32_to_f16_slots"]
+
+
+def test_f16wide_grids_each_slice_in_128_row_tiles():
+    gate_up = DeviceWeight(6, 1000, 896, ptr=1 << 30)
+    linear, calls = launcher(weight_halves=512 * 896)
+    linear(gate_up, 0x1000, 0x8000000, 300, stream=None, tile=("f16wide", 16))
+    gemms = [c for c in calls if c[0].startswith("linear_f16_wide")]
+    assert [g[0] for g in gemms] == ["linear_f16_wide_t128"] * 2
+    assert [g[1] for g in gemms] == [(4, 3, 1), (4, 3, 1)]   # 512 and 488 rows; ceil(300 / 128) token tiles
+    assert [g[2][3] for g in gemms] == [512, 488]
