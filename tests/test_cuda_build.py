@@ -60,13 +60,12 @@ def test_every_planned_kernel_exists(quant_kernel_entries):
                     for tile in linear_mma.ALL_TILES for epilogue in linear_mma.KERNEL_PREFIXES
                     if linear_mma.tile_fits(weight, tile, 8)}
         planned.add(f"dequant_slots_{weight.kernel_suffix}")   # the f16gemm layout's W pass
-    # the f16 layouts' kernels (per tile and epilogue) serve every type: W comes dequantized
-    f16_tiles = sum(tile[0] in linear_mma.F16_LAYOUTS for tile in linear_mma.ALL_TILES)
+    # the f16gemm kernels (one per epilogue) serve every type: W comes dequantized
     per_type = (len(KERNEL_PREFIXES) * len(BATCH_VARIANTS) + 2
-                + len(linear_mma.KERNEL_PREFIXES) * (len(linear_mma.ALL_TILES) - f16_tiles))
+                + len(linear_mma.KERNEL_PREFIXES) * (len(linear_mma.ALL_TILES) - 1))
     # F32 rows overflow the gemm layout's raw stages (its entry points exist but are never planned)
     assert len(planned) == (len(SUPPORTED_TYPES) * per_type - len(linear_mma.KERNEL_PREFIXES)
-                            + f16_tiles * len(linear_mma.KERNEL_PREFIXES))
+                            + len(linear_mma.F16_GEMM_KERNELS))
     assert {"f32_to_f16", "f32_to_f16_slots"} <= quant_kernel_entries
     assert planned <= quant_kernel_entries, sorted(planned - quant_kernel_entries)
 
@@ -136,13 +135,6 @@ def test_linear_mma_plan_covers_rows_and_tokens_within_shared_memory():
                     # 3 stages of (W, x) tiles of 64 x 128 halves
                     assert plan.shared_bytes == 3 * 2 * 64 * 256 <= linear_mma.SHARED_BUDGET
                     continue
-                if layout == "f16wide":   # 128 rows x 64 / 128 tokens, 4 warps per 32 tokens
-                    assert plan.kernel_name.endswith(f"_t{8 * groups}")
-                    assert plan.grid[0] * 128 >= weight.rows and plan.grid[1] * 8 * groups >= tokens
-                    assert plan.block == (4 * 8 * groups, 1, 1)
-                    # 4 stages of 128-byte rows: 128 of W and one per token
-                    assert plan.shared_bytes == 4 * (128 + 8 * groups) * 128
-                    continue
                 assert plan.kernel_name.startswith(linear_mma.KERNEL_LAYOUT_NAMES[layout])
                 assert plan.kernel_name.endswith(f"_g{groups}")
                 assert plan.grid[0] * rows_per_cta >= weight.rows > (plan.grid[0] - 1) * rows_per_cta
@@ -182,9 +174,8 @@ def test_linear_mma_picks_the_measured_fastest_tiles():
     assert linear_mma.pick_tile(lm_head, 512, allow_gemm=False) == ("rows", 4)
     wide_f32 = DeviceWeight(0, 896, 32768, ptr=1 << 20)   # 64-row tiles do not fit: the next smaller
     assert linear_mma.pick_tile(wide_f32, 512) in {("gemm32", 8), ("split_k", 2), ("split_k", 1)}
-    # with a weight scratch (allow_f16gemm) every matrix takes f16gemm from F16_GEMM_FROM_TOKENS on
-    start = linear_mma.F16_GEMM_FROM_TOKENS
-    for weight in (q, k, gate_up, down, lm_head):
+    # with a weight scratch (allow_f16gemm): f16gemm from 128 tokens on, from 64 on gate/up
+    for weight, start in ((q, 128), (k, 128), (gate_up, 64), (down, 128), (lm_head, 128)):
         assert linear_mma.pick_tile(weight, start, allow_f16gemm=True) == ("f16gemm", 8)
         assert linear_mma.pick_tile(weight, start - 1, allow_f16gemm=True) == linear_mma.pick_tile(weight, start - 1)
     f32_gate_up = DeviceWeight(0, 9728, 896, ptr=1 << 20)   # F32 raw rows overflow the gemm stages

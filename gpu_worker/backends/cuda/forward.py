@@ -68,11 +68,11 @@ class Activations:
         self.logits = memory.tensor("logits", (max_seqs, config.vocab_size), f32)
 
 
-LM_HEAD_SLICE_ROWS = 16384   # 128 f16wide row tiles per LM head slice: about 2 waves of CTAs at 256 tokens
+LM_HEAD_SLICE_ROWS = 16384   # 256 f16gemm row tiles per LM head slice: 4 waves of CTAs at 256 tokens
 
 
 def weight_scratch_halves(weights: ModelWeights) -> int:
-    """The f16 layouts' weight scratch: the largest layer matrix (gate/up: 17 MB at the real shapes),
+    """The f16gemm weight scratch: the largest layer matrix (gate/up: 17 MB at the real shapes),
     so that every layer linear runs in one slice, or 16384 LM head rows (29 MB) if more."""
     largest = max(w.rows * w.cols for layer in weights.layers
                   for w in (layer.q, layer.k, layer.v, layer.o, layer.gate, layer.up, layer.down, layer.gate_up)

@@ -26,16 +26,14 @@ MAX_GRID_Y = 65535
 # warp owns 16 of 64 rows; in cuda/linear_mma_gemm.cu "gemm" / "gemm32" / "gemm16"
 # (linear_mma_gemm[32|16]_*): 64 / 32 / 16 rows x 64 / 64 / 32 tokens of an fp16 copy of x, warp w
 # runs accumulator w % 4 over 32 / 32 / 16 rows.
-# "f16gemm" / "f16wide" (cuda/linear_f16_gemm.cu): 64 rows x 64 tokens / 128 rows x 64 or 128
-# tokens of fp16 copies of W (dequantized by a separate pass into a weight scratch, tall matrices
-# in row slices) and of x, both in slot order.
+# "f16gemm" (cuda/linear_f16_gemm.cu): 64 rows x 64 tokens of fp16 copies of W (dequantized by a
+# separate pass into a weight scratch, tall matrices in row slices) and of x, both in slot order.
 LAYOUTS = {"split_k": (16, (1, 2, 4)), "rows": (64, (1, 4)), "gemm": (64, (8,)), "gemm32": (32, (8,)),
-           "gemm16": (16, (4,)), "f16gemm": (64, (8,)), "f16wide": (128, (8, 16))}
-F16_LAYOUTS = ("f16gemm", "f16wide")
-F16_SLICE_ROWS = 128                # row slices of the weight scratch: whole tiles of either f16 layout
+           "gemm16": (16, (4,)), "f16gemm": (64, (8,))}
+F16_SLICE_ROWS = 64                 # row slices of the weight scratch: whole f16gemm row tiles
 GEMM_WARP_ROWS = {"gemm": 32, "gemm32": 32, "gemm16": 16}   # GemmShape's WARP_ROWS
 GEMM_LAYOUTS = tuple(GEMM_WARP_ROWS)
-ALL_TILES = (("f16wide", 16), ("f16wide", 8), ("f16gemm", 8), ("gemm", 8), ("gemm32", 8), ("gemm16", 4),
+ALL_TILES = (("f16gemm", 8), ("gemm", 8), ("gemm32", 8), ("gemm16", 4),
              ("rows", 4), ("rows", 1), ("split_k", 4), ("split_k", 2), ("split_k", 1))
 GEMM_CHUNK_COLS = 128                                    # linear_mma_gemm.cu: kGemmChunkCols
 GEMM_X_ROW_BYTES = 2 * GEMM_CHUNK_COLS + 64             # one token's fp16 x chunk + bank padding
@@ -45,9 +43,6 @@ F16_GEMM_THREADS = 256
 F16_GEMM_SHARED_BYTES = 3 * 2 * 64 * 2 * GEMM_CHUNK_COLS
 F16_GEMM_KERNELS = {"store": "linear_f16_gemm", "accumulate": "linear_f16_gemm_acc",
                     "swiglu": "linear_f16_gemm_swiglu"}
-F16_WIDE_KERNELS = {"store": "linear_f16_wide", "accumulate": "linear_f16_wide_acc", "swiglu": "linear_f16_wide_swiglu"}
-F16_WIDE_STAGES, F16_WIDE_ROW_BYTES = 4, 128   # 4 stages of (128 W rows + the tokens) x 64 columns
-OPT_IN_LIMIT_SM90 = 227 * 1024      # the most a block may opt in to (sm_90); the device is asked too
 WIDE_ROWS = 16384                   # N from which a matrix counts as LM-head-like
 # Where the gemm layouts are the measured fastest (H200, linear_mma_tiles_h200.md): on wide
 # matrices (gate/up, LM head) from 64 tokens, 32-row tiles below 256 tokens; on 896-row ones
@@ -55,7 +50,9 @@ WIDE_ROWS = 16384                   # N from which a matrix counts as LM-head-li
 # tiles from 512; never on k/v (128 rows).
 GEMM_WIDE_ROWS, GEMM_WIDE_FROM_TOKENS, GEMM_WIDE_64_ROWS_FROM = 4096, 64, 256
 GEMM_ROWS, GEMM_FROM_TOKENS, GEMM16_FROM_TOKENS = 512, 512, 128
-F16_GEMM_FROM_TOKENS = 128          # f16gemm (fp16 copies of W and x) from this many tokens, any matrix
+# f16gemm (fp16 copies of W and x; linear_mma_tiles_h200.md) from 128 tokens on any matrix, from 64
+# on gate/up-like ones (4096 <= N < 16384: 20.7 us against gemm32's 30.4 at 64 tokens)
+F16_GEMM_FROM_TOKENS, F16_GEMM_WIDE_FROM_TOKENS = 128, 64
 LONG_COLS = 4096                    # K from which a matrix counts as down-projection-like
 KERNEL_LAYOUT_NAMES = {"split_k": "linear_mma_", "rows": "linear_mma_rows_", "gemm": "linear_mma_gemm_",
                        "gemm32": "linear_mma_gemm32_", "gemm16": "linear_mma_gemm16_"}
@@ -77,14 +74,17 @@ def pick_tile(weight: DeviceWeight, num_tokens: int, allow_gemm: bool = True,
               allow_f16gemm: bool = False) -> tuple[str, int]:
     """(layout, token groups) by the fastest measured on an H200 at the real shapes
     (docs/gpu_results/linear_mma_tiles_h200.md); every choice gives bitwise the same result.
-    With scratches for fp16 copies of x and W (allow_f16gemm): f16gemm from F16_GEMM_FROM_TOKENS.
+    With scratches for fp16 copies of x and W (allow_f16gemm): f16gemm from F16_GEMM_FROM_TOKENS,
+    or F16_GEMM_WIDE_FROM_TOKENS on gate/up-like matrices.
     Else a gemm tile where wanted_gemm says so (and an fp16 scratch for x exists). Otherwise:
     LM-head-like (N >= 16384): 64-row tiles, 32 tokens per CTA from 32 tokens on. Others: 16-row
     split-K tiles of 8 tokens up to 8 tokens (decode), of 16 tokens beyond; from 256 tokens on a
     long-K matrix (the down projection) takes 64-row tiles of 32 tokens. A tile that does not fit
     the shared budget (wide F32 rows) falls back to the next smaller one."""
-    if allow_f16gemm and num_tokens >= F16_GEMM_FROM_TOKENS:
-        return "f16gemm", 8
+    if allow_f16gemm:
+        gate_up_like = GEMM_WIDE_ROWS <= weight.rows < WIDE_ROWS
+        if num_tokens >= (F16_GEMM_WIDE_FROM_TOKENS if gate_up_like else F16_GEMM_FROM_TOKENS):
+            return "f16gemm", 8
     gemm = wanted_gemm(weight, num_tokens) if allow_gemm else None
     if gemm is not None and tile_fits(weight, gemm, num_tokens):
         wanted = [gemm]
@@ -124,8 +124,6 @@ def tile_fits(weight: DeviceWeight, tile: tuple[str, int], num_tokens: int) -> b
     layout, groups = tile
     if layout == "f16gemm":
         return F16_GEMM_SHARED_BYTES <= SHARED_BUDGET
-    if layout == "f16wide":
-        return f16_wide_shared_bytes(8 * groups) <= OPT_IN_LIMIT_SM90
     if layout in GEMM_LAYOUTS:
         return gemm_shared_bytes(weight, LAYOUTS[layout][0], 8 * groups) <= SHARED_BUDGET
     try:
@@ -133,10 +131,6 @@ def tile_fits(weight: DeviceWeight, tile: tuple[str, int], num_tokens: int) -> b
     except ValueError:
         return False
     return True
-
-
-def f16_wide_shared_bytes(tokens_per_cta: int) -> int:
-    return F16_WIDE_STAGES * (LAYOUTS["f16wide"][0] + tokens_per_cta) * F16_WIDE_ROW_BYTES
 
 
 def gemm_raw_stride(weight: DeviceWeight) -> int:
@@ -222,10 +216,6 @@ def plan_linear(weight: DeviceWeight, num_tokens: int, epilogue: str = "store",
         return LinearLaunch(kernel_name=F16_GEMM_KERNELS[epilogue], grid=grid, block=(F16_GEMM_THREADS, 1, 1),
                             chunk_cols=GEMM_CHUNK_COLS, chunk_stride=0, x_rows=x_rows,
                             shared_bytes=F16_GEMM_SHARED_BYTES)
-    if layout == "f16wide":   # 4 warps of 32 rows per 32 tokens
-        return LinearLaunch(kernel_name=f"{F16_WIDE_KERNELS[epilogue]}_t{tokens_per_cta}", grid=grid,
-                            block=(128 * tokens_per_cta // 32, 1, 1), chunk_cols=2 * SUB_K, chunk_stride=0,
-                            x_rows=x_rows, shared_bytes=f16_wide_shared_bytes(tokens_per_cta))
     name = f"{KERNEL_LAYOUT_NAMES[layout]}{KERNEL_PREFIXES[epilogue]}{weight.kernel_suffix}_g{groups}"
     if layout in GEMM_LAYOUTS:   # fixed 128-column chunks and strides; x is an fp16 copy
         if not tile_fits(weight, (layout, groups), num_tokens):
@@ -248,16 +238,12 @@ def plan_linear(weight: DeviceWeight, num_tokens: int, epilogue: str = "store",
     )
 
 
-def plan_layout(plan: LinearLaunch) -> str:
-    return "f16wide" if plan.kernel_name.startswith("linear_f16_wide") else "f16gemm"
-
-
 class LinearMmaOp:
     """Launches linear_mma kernels from a loaded module (pycuda.driver.Module) on a given stream.
 
     The gemm layouts multiply an fp16 copy of x: `fp16_scratch` = (device address, capacity in
     halves) of a buffer for it (f32_to_f16 or f32_to_f16_slots writes it before each launch). The
-    f16gemm layout also needs `weight_scratch` (same form) for the dequantized W, at least 128 rows
+    f16gemm layout also needs `weight_scratch` (same form) for the dequantized W, at least 64 rows
     of it; taller matrices run in row slices that fit. Without a scratch, or when x does not fit
     it, the launcher picks among the other layouts."""
 
@@ -274,7 +260,6 @@ class LinearMmaOp:
         self._scratch_ptr, self._scratch_elems = fp16_scratch
         self._weight_scratch_ptr, self._weight_scratch_elems = weight_scratch
         self._x16_holds: tuple | None = None   # (x_ptr, num_tokens, cols, slot order) of the last conversion
-        self._max_shared: int | None = None     # the device's opt-in limit, asked when first needed
 
     def _opt_in(self, kernel: Any, name: str, shared_bytes: int) -> Any:
         if name not in self._opted_in:   # more than the default 48 KiB of dynamic shared memory
@@ -296,9 +281,6 @@ class LinearMmaOp:
             return False
         if tile[0] == "f16gemm":
             return self.can_f16gemm(weight, num_tokens)
-        if tile[0] == "f16wide":
-            return (self.can_f16gemm(weight, num_tokens)
-                    and f16_wide_shared_bytes(8 * tile[1]) <= self.device_max_shared())
         return tile[0] not in GEMM_LAYOUTS or self.can_gemm(weight, num_tokens)
 
     def can_gemm(self, weight: DeviceWeight, num_tokens: int) -> bool:
@@ -308,16 +290,8 @@ class LinearMmaOp:
         return self.can_gemm(weight, num_tokens) and self.slice_rows(weight) > 0
 
     def slice_rows(self, weight: DeviceWeight) -> int:
-        """Rows of W per f16 layout slice: what the weight scratch holds, in whole 128-row tiles."""
+        """Rows of W per f16gemm slice: what the weight scratch holds, in whole 64-row tiles."""
         return min(weight.rows, self._weight_scratch_elems // weight.cols // F16_SLICE_ROWS * F16_SLICE_ROWS)
-
-    def device_max_shared(self) -> int:
-        if self._max_shared is None:
-            import pycuda.driver as cuda
-
-            self._max_shared = cuda.Context.get_device().get_attribute(
-                cuda.device_attribute.MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)
-        return self._max_shared
 
     def __call__(self, weight: DeviceWeight, x_ptr: int, y_ptr: int, num_tokens: int, stream: Any,
                  epilogue: str = "store", tile: tuple[str, int] | None = None, x_unchanged: bool = False) -> None:
@@ -330,13 +304,13 @@ class LinearMmaOp:
             tile = self.choose(weight, num_tokens)
         elif tile[0] in LAYOUTS and not self.can_run(weight, num_tokens, tile):
             raise ValueError(f"linear_mma cannot run tile {tile} here: it needs an fp16 scratch of "
-                             f"{num_tokens * weight.cols} halves (has {self._scratch_elems}), the f16 layouts a weight "
+                             f"{num_tokens * weight.cols} halves (has {self._scratch_elems}), f16gemm a weight "
                              f"scratch of {F16_SLICE_ROWS * weight.cols} (has {self._weight_scratch_elems})")
         plan = plan_linear(weight, num_tokens, epilogue, tile)
         y_stride = weight.rows // 2 if epilogue == "swiglu" else weight.rows
-        if tile[0] in F16_LAYOUTS or tile[0] in GEMM_LAYOUTS:
-            self._convert_x(x_ptr, num_tokens, weight.cols, tile[0] in F16_LAYOUTS, x_unchanged, stream)
-        if tile[0] in F16_LAYOUTS:
+        if tile[0] == "f16gemm" or tile[0] in GEMM_LAYOUTS:
+            self._convert_x(x_ptr, num_tokens, weight.cols, tile[0] == "f16gemm", x_unchanged, stream)
+        if tile[0] == "f16gemm":
             self._f16gemm(weight, y_ptr, num_tokens, stream, plan, y_stride, epilogue == "swiglu")
             return
         if tile[0] in GEMM_LAYOUTS:
@@ -370,7 +344,7 @@ class LinearMmaOp:
         """Per row slice: W slice -> fp16 slots (weight scratch), then multiply by the x copy."""
         dequant = self._dequants[f"dequant_slots_{weight.kernel_suffix}"]
         gemm = self._opt_in(self._f16_gemms[plan.kernel_name], plan.kernel_name, plan.shared_bytes)
-        rows_per_tile, step = LAYOUTS[plan_layout(plan)][0], self.slice_rows(weight)
+        rows_per_tile, step = LAYOUTS["f16gemm"][0], self.slice_rows(weight)
         for first in range(0, weight.rows, step):
             rows = min(step, weight.rows - first)
             units = rows * weight.cols // 8
