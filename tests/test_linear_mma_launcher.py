@@ -93,4 +93,8 @@ def test_x_copy_is_reused_only_for_the_same_x_in_the_same_order():
     assert conversions(k, 0x2000, 0xa000, 200, x_unchanged=True) == ["f32_to_f16_slots"]   # other tokens
     assert conversions(k, 0x2000, 0xa000, 200, tile=("gemm32", 8), x_unchanged=True) == ["f32_to_f16"]
     assert conversions(k, 0x2000, 0xa000, 200, tile=("f16gemm", 8), x_unchanged=True) == ["f32_to_f16_slots"]
+    # a call in between that reads x directly (split-K): the promise covers only that call, so the copy
+    # made before it is not trusted
+    conversions(q, 0x2000, 0x9000, 200, tile=("split_k", 2))
+    assert conversions(k, 0x2000, 0xa000, 200, tile=("f16gemm", 8), x_unchanged=True) == ["f32_to_f16_slots"]
 

@@ -310,6 +310,8 @@ class LinearMmaOp:
         y_stride = weight.rows // 2 if epilogue == "swiglu" else weight.rows
         if tile[0] == "f16gemm" or tile[0] in GEMM_LAYOUTS:
             self._convert_x(x_ptr, num_tokens, weight.cols, tile[0] == "f16gemm", x_unchanged, stream)
+        else:   # x_unchanged promises nothing about calls before this one: forget the copy
+            self._x16_holds = None
         if tile[0] == "f16gemm":
             self._f16gemm(weight, y_ptr, num_tokens, stream, plan, y_stride, epilogue == "swiglu")
             return
