@@ -60,12 +60,13 @@ def test_every_planned_kernel_exists(quant_kernel_entries):
                     for tile in linear_mma.ALL_TILES for epilogue in linear_mma.KERNEL_PREFIXES
                     if linear_mma.tile_fits(weight, tile, 8)}
         planned.add(f"dequant_slots_{weight.kernel_suffix}")   # the f16gemm layout's W pass
-    # the f16gemm kernels (one per epilogue) serve every type: W comes dequantized
+    # the f16 layouts' kernels (per tile and epilogue) serve every type: W comes dequantized
+    f16_tiles = sum(tile[0] in linear_mma.F16_LAYOUTS for tile in linear_mma.ALL_TILES)
     per_type = (len(KERNEL_PREFIXES) * len(BATCH_VARIANTS) + 2
-                + len(linear_mma.KERNEL_PREFIXES) * (len(linear_mma.ALL_TILES) - 1))
+                + len(linear_mma.KERNEL_PREFIXES) * (len(linear_mma.ALL_TILES) - f16_tiles))
     # F32 rows overflow the gemm layout's raw stages (its entry points exist but are never planned)
     assert len(planned) == (len(SUPPORTED_TYPES) * per_type - len(linear_mma.KERNEL_PREFIXES)
-                            + len(linear_mma.F16_GEMM_KERNELS))
+                            + f16_tiles * len(linear_mma.KERNEL_PREFIXES))
     assert {"f32_to_f16", "f32_to_f16_slots"} <= quant_kernel_entries
     assert planned <= quant_kernel_entries, sorted(planned - quant_kernel_entries)
 
@@ -128,12 +129,13 @@ def test_linear_mma_plan_covers_rows_and_tokens_within_shared_memory():
                 plan = linear_mma.plan_linear(weight, tokens, tile=tile)
                 layout, groups = tile or linear_mma.pick_tile(weight, tokens)
                 rows_per_cta = linear_mma.LAYOUTS[layout][0]
-                if layout == "f16gemm":   # fixed 64 x 64 tiles; the launcher grids each row slice itself
-                    assert plan.kernel_name in linear_mma.F16_GEMM_KERNELS.values()
-                    assert plan.grid[0] * 64 >= weight.rows and plan.grid[1] * 64 >= tokens
+                if layout in linear_mma.F16_LAYOUTS:   # fixed tiles; the launcher grids each row slice itself
+                    assert plan.kernel_name.startswith(linear_mma.F16_LAYOUTS[layout])
+                    assert plan.kernel_name.endswith(f"_g{groups}")
+                    assert plan.grid[0] * rows_per_cta >= weight.rows and plan.grid[1] * 8 * groups >= tokens
                     assert plan.block == (256, 1, 1)
-                    # 3 stages of (W, x) tiles of 64 x 128 halves
-                    assert plan.shared_bytes == 3 * 2 * 64 * 256 <= linear_mma.SHARED_BUDGET
+                    # 3 stages of swizzled tiles: 128 columns (256 bytes) of the CTA's W rows and tokens
+                    assert plan.shared_bytes == 3 * (rows_per_cta + 8 * groups) * 256 <= linear_mma.SHARED_BUDGET
                     continue
                 assert plan.kernel_name.startswith(linear_mma.KERNEL_LAYOUT_NAMES[layout])
                 assert plan.kernel_name.endswith(f"_g{groups}")
@@ -174,10 +176,15 @@ def test_linear_mma_picks_the_measured_fastest_tiles():
     assert linear_mma.pick_tile(lm_head, 512, allow_gemm=False) == ("rows", 4)
     wide_f32 = DeviceWeight(0, 896, 32768, ptr=1 << 20)   # 64-row tiles do not fit: the next smaller
     assert linear_mma.pick_tile(wide_f32, 512) in {("gemm32", 8), ("split_k", 2), ("split_k", 1)}
-    # with a weight scratch (allow_f16gemm): f16gemm from 128 tokens on, from 64 on gate/up
-    for weight, start in ((q, 128), (k, 128), (gate_up, 64), (down, 128), (lm_head, 128)):
-        assert linear_mma.pick_tile(weight, start, allow_f16gemm=True) == ("f16gemm", 8)
+    # with a weight scratch (allow_f16gemm): the f16 layouts from 128 tokens on, from 64 on gate/up and
+    # down; 64-row tiles from 512 on the 896-row matrices; never on k/v
+    for weight, start, tile in ((q, 128, ("f16gemm32", 4)), (gate_up, 64, ("f16gemm", 8)),
+                                (down, 64, ("f16gemm32", 4)), (lm_head, 128, ("f16gemm", 8))):
+        assert linear_mma.pick_tile(weight, start, allow_f16gemm=True) == tile
         assert linear_mma.pick_tile(weight, start - 1, allow_f16gemm=True) == linear_mma.pick_tile(weight, start - 1)
+    assert [linear_mma.pick_tile(w, t, allow_f16gemm=True) for w in (q, down) for t in (511, 512)] == \
+        [("f16gemm32", 4), ("f16gemm", 8)] * 2
+    assert all(linear_mma.pick_tile(k, t, allow_f16gemm=True) == linear_mma.pick_tile(k, t) for t in (128, 4096))
     f32_gate_up = DeviceWeight(0, 9728, 896, ptr=1 << 20)   # F32 raw rows overflow the gemm stages
     assert not linear_mma.tile_fits(f32_gate_up, ("gemm", 8), 512)
     assert linear_mma.pick_tile(f32_gate_up, 512) != ("gemm", 8)

@@ -58,8 +58,8 @@ def test_f16gemm_runs_tall_matrices_in_row_slices_with_their_own_outputs():
     linear, calls = launcher(weight_halves=300 * 896)           # 256 rows per slice (whole 64-row tiles)
     linear(lm_head, 0x1000, 0x8000000, 200, stream=None, tile=("f16gemm", 8))
     names = [c[0] for c in calls]
-    assert names == ["f32_to_f16_slots"] + ["dequant_slots_q8_0", "linear_f16_gemm"] * 4
-    gemms = [c for c in calls if c[0] == "linear_f16_gemm"]
+    assert names == ["f32_to_f16_slots"] + ["dequant_slots_q8_0", "linear_f16_gemm_g8"] * 4
+    gemms = [c for c in calls if c[0] == "linear_f16_gemm_g8"]
     dequants = [c for c in calls if c[0] == "dequant_slots_q8_0"]
     assert [d[2][0] - lm_head.ptr for d in dequants] == [r * 952 for r in (0, 256, 512, 768)]
     assert [d[2][2] for d in dequants] == [256, 256, 256, 232]
@@ -72,13 +72,13 @@ def test_swiglu_slices_write_half_as_many_output_columns():
     gate_up = DeviceWeight(6, 256, 512, ptr=1 << 30)
     linear, calls = launcher(weight_halves=128 * 512)
     linear(gate_up, 0x1000, 0x8000000, 128, stream=None, epilogue="swiglu", tile=("f16gemm", 8))
-    gemms = [c for c in calls if c[0] == "linear_f16_gemm_swiglu"]
+    gemms = [c for c in calls if c[0] == "linear_f16_gemm_swiglu_g8"]
     assert [g[2][2] - 0x8000000 for g in gemms] == [0, 4 * 64]   # slice 2 starts at gate/up pair 64
     assert all(g[2][-1] == 128 for g in gemms)                   # y stride: 256 / 2 outputs per token
 
 
 def test_x_copy_is_reused_only_for_the_same_x_in_the_same_order():
-    q, k = DeviceWeight(6, 896, 896, ptr=1 << 30), DeviceWeight(6, 128, 896, ptr=1 << 31)
+    q, o = DeviceWeight(6, 896, 896, ptr=1 << 30), DeviceWeight(6, 896, 896, ptr=1 << 31)
     linear, calls = launcher(weight_halves=896 * 896)
 
     def conversions(*call_args, **kwargs) -> list[str]:
@@ -87,14 +87,14 @@ def test_x_copy_is_reused_only_for_the_same_x_in_the_same_order():
         return [c[0] for c in calls if c[0].startswith("f32_to_f16")]
 
     assert conversions(q, 0x1000, 0x9000, 256) == ["f32_to_f16_slots"]
-    assert conversions(k, 0x1000, 0xa000, 256, x_unchanged=True) == []
-    assert conversions(k, 0x1000, 0xa000, 256) == ["f32_to_f16_slots"]            # not promised: converted
-    assert conversions(k, 0x2000, 0xa000, 256, x_unchanged=True) == ["f32_to_f16_slots"]   # another x
-    assert conversions(k, 0x2000, 0xa000, 200, x_unchanged=True) == ["f32_to_f16_slots"]   # other tokens
-    assert conversions(k, 0x2000, 0xa000, 200, tile=("gemm32", 8), x_unchanged=True) == ["f32_to_f16"]
-    assert conversions(k, 0x2000, 0xa000, 200, tile=("f16gemm", 8), x_unchanged=True) == ["f32_to_f16_slots"]
+    assert conversions(o, 0x1000, 0xa000, 256, x_unchanged=True) == []
+    assert conversions(o, 0x1000, 0xa000, 256) == ["f32_to_f16_slots"]            # not promised: converted
+    assert conversions(o, 0x2000, 0xa000, 256, x_unchanged=True) == ["f32_to_f16_slots"]   # another x
+    assert conversions(o, 0x2000, 0xa000, 200, x_unchanged=True) == ["f32_to_f16_slots"]   # other tokens
+    assert conversions(o, 0x2000, 0xa000, 200, tile=("gemm32", 8), x_unchanged=True) == ["f32_to_f16"]
+    assert conversions(o, 0x2000, 0xa000, 200, tile=("f16gemm", 8), x_unchanged=True) == ["f32_to_f16_slots"]
     # a call in between that reads x directly (split-K): the promise covers only that call, so the copy
     # made before it is not trusted
     conversions(q, 0x2000, 0x9000, 200, tile=("split_k", 2))
-    assert conversions(k, 0x2000, 0xa000, 200, tile=("f16gemm", 8), x_unchanged=True) == ["f32_to_f16_slots"]
+    assert conversions(o, 0x2000, 0xa000, 200, tile=("f16gemm", 8), x_unchanged=True) == ["f32_to_f16_slots"]
 

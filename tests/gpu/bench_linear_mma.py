@@ -1,7 +1,8 @@
 """Time of cuda/linear_mma.cu per layout / token tile at the real Qwen2.5-0.5B shapes and decode /
 prefill token counts (the launcher's pick marked *), with TFLOP/s and weight GB/s. A benchmark,
 not a test. Run on the GPU machine: `python tests/gpu/bench_linear_mma.py [out.json]`;
-LINEAR_MMA_SHARED_KB=48 plans with a smaller shared-memory budget (more CTAs per SM)."""
+LINEAR_MMA_SHARED_KB=48 plans with a smaller shared-memory budget (more CTAs per SM);
+BENCH_SHAPES=attn_k/v,ffn_down runs only those shapes."""
 from __future__ import annotations
 
 import json
@@ -20,8 +21,9 @@ from gguf import GGMLQuantizationType as QType  # noqa: E402
 from gpu_worker.backends.cuda.ops.linear_mma import ALL_TILES, LinearMmaOp  # noqa: E402
 from gpu_worker.backends.cuda.ops.quant_weight import DeviceWeight  # noqa: E402
 
-SHAPES = [("attn_q/o", 896, 896, QType.Q5_0), ("gate_up", 9728, 896, QType.Q5_0),
-          ("ffn_down", 896, 4864, QType.Q6_K), ("lm_head", 151936, 896, QType.Q8_0)]
+SHAPES = [("attn_q/o", 896, 896, QType.Q5_0), ("attn_k/v", 128, 896, QType.Q5_0),
+          ("gate_up", 9728, 896, QType.Q5_0), ("ffn_down", 896, 4864, QType.Q6_K),
+          ("lm_head", 151936, 896, QType.Q8_0)]
 TOKENS = (1, 8, 64, 128, 256, 512)
 
 
@@ -43,7 +45,10 @@ def main() -> None:
     pool = int(pool_allocation)
     results = []
     print("| shape | tokens | layout/groups | us | TFLOP/s | weight GB/s |\n|---|---|---|---|---|---|")
+    only = os.environ.get("BENCH_SHAPES")   # e.g. "attn_k/v,ffn_down": just those shapes
     for name, rows, cols, qtype in SHAPES:
+        if only and name not in only.split(","):
+            continue
         nbytes = DeviceWeight(int(qtype), rows, cols, 1).nbytes
         stride = -(-nbytes // 256) * 256
         copies = max(2, min(32, POOL_BYTES // stride))

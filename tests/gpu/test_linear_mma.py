@@ -98,7 +98,8 @@ def test_linear_mma_epilogues_match_reference(gpu, qtype):
         runs = [(list(range(tokens)), ("rows", 4)), (list(range(tokens)), ("split_k", 4)),
                 ([4], None), ([9, 4, 1], ("rows", 1)), (list(range(tokens)), ("gemm", 8)),
                 (list(range(tokens)), ("gemm32", 8)), (list(range(tokens)), ("gemm16", 4)),
-                (list(range(tokens)), ("f16gemm", 8)), (list(range(tokens)), ("f16gemm", 8))]
+                (list(range(tokens)), ("f16gemm", 8)), (list(range(tokens)), ("f16gemm32", 8)),
+                (list(range(tokens)), ("f16gemm32", 4)), (list(range(tokens)), ("f16gemm", 8))]
         for i, (order, tile) in enumerate(runs):
             y_ptr = dev.upload(start[order])
             op = sliced if i == len(runs) - 1 else linear
@@ -113,7 +114,9 @@ def test_linear_mma_epilogues_match_reference(gpu, qtype):
         np.testing.assert_array_equal(outs[5], outs[0], err_msg=f"{epilogue}: the gemm32 layout differs")
         np.testing.assert_array_equal(outs[6], outs[0], err_msg=f"{epilogue}: the gemm16 layout differs")
         np.testing.assert_array_equal(outs[7], outs[0], err_msg=f"{epilogue}: the f16gemm layout differs")
-        np.testing.assert_array_equal(outs[8], outs[0], err_msg=f"{epilogue}: f16gemm in row slices differs")
+        np.testing.assert_array_equal(outs[8], outs[0], err_msg=f"{epilogue}: the f16gemm32 g8 layout differs")
+        np.testing.assert_array_equal(outs[9], outs[0], err_msg=f"{epilogue}: the f16gemm32 g4 layout differs")
+        np.testing.assert_array_equal(outs[10], outs[0], err_msg=f"{epilogue}: f16gemm in row slices differs")
 
 
 

@@ -26,23 +26,23 @@ MAX_GRID_Y = 65535
 # warp owns 16 of 64 rows; in cuda/linear_mma_gemm.cu "gemm" / "gemm32" / "gemm16"
 # (linear_mma_gemm[32|16]_*): 64 / 32 / 16 rows x 64 / 64 / 32 tokens of an fp16 copy of x, warp w
 # runs accumulator w % 4 over 32 / 32 / 16 rows.
-# "f16gemm" (cuda/linear_f16_gemm.cu): 64 rows x 64 tokens of fp16 copies of W (dequantized by a
-# separate pass into a weight scratch, tall matrices in row slices) and of x, both in slot order.
+# "f16gemm" / "f16gemm32" (cuda/linear_f16_gemm.cu): 64 / 32 rows x 64 (or 32) tokens of fp16
+# copies of W (dequantized by a separate pass into a weight scratch, tall matrices in row slices)
+# and of x, both in slot order.
 LAYOUTS = {"split_k": (16, (1, 2, 4)), "rows": (64, (1, 4)), "gemm": (64, (8,)), "gemm32": (32, (8,)),
-           "gemm16": (16, (4,)), "f16gemm": (64, (8,))}
-F16_SLICE_ROWS = 64                 # row slices of the weight scratch: whole f16gemm row tiles
+           "gemm16": (16, (4,)), "f16gemm": (64, (8,)), "f16gemm32": (32, (4, 8))}
+F16_LAYOUTS = {"f16gemm": "linear_f16_gemm", "f16gemm32": "linear_f16_gemm32"}   # layout -> kernel stem
+F16_SLICE_ROWS = 64                 # row slices of the weight scratch: whole tiles of both f16 layouts
 GEMM_WARP_ROWS = {"gemm": 32, "gemm32": 32, "gemm16": 16}   # GemmShape's WARP_ROWS
 GEMM_LAYOUTS = tuple(GEMM_WARP_ROWS)
-ALL_TILES = (("f16gemm", 8), ("gemm", 8), ("gemm32", 8), ("gemm16", 4),
+ALL_TILES = (("f16gemm", 8), ("f16gemm32", 8), ("f16gemm32", 4), ("gemm", 8), ("gemm32", 8), ("gemm16", 4),
              ("rows", 4), ("rows", 1), ("split_k", 4), ("split_k", 2), ("split_k", 1))
 GEMM_CHUNK_COLS = 128                                    # linear_mma_gemm.cu: kGemmChunkCols
 GEMM_X_ROW_BYTES = 2 * GEMM_CHUNK_COLS + 64             # one token's fp16 x chunk + bank padding
 CONVERT_THREADS = 256
 F16_GEMM_THREADS = 256
-# linear_f16_gemm.cu: 3 stages of a (W, x) pair of 64 x 128 fp16 tiles
-F16_GEMM_SHARED_BYTES = 3 * 2 * 64 * 2 * GEMM_CHUNK_COLS
-F16_GEMM_KERNELS = {"store": "linear_f16_gemm", "accumulate": "linear_f16_gemm_acc",
-                    "swiglu": "linear_f16_gemm_swiglu"}
+F16_GEMM_STAGES = 3
+F16_EPILOGUE_SUFFIXES = {"store": "", "accumulate": "_acc", "swiglu": "_swiglu"}
 WIDE_ROWS = 16384                   # N from which a matrix counts as LM-head-like
 # Where the gemm layouts are the measured fastest (H200, linear_mma_tiles_h200.md): on wide
 # matrices (gate/up, LM head) from 64 tokens, 32-row tiles below 256 tokens; on 896-row ones
@@ -50,9 +50,12 @@ WIDE_ROWS = 16384                   # N from which a matrix counts as LM-head-li
 # tiles from 512; never on k/v (128 rows).
 GEMM_WIDE_ROWS, GEMM_WIDE_FROM_TOKENS, GEMM_WIDE_64_ROWS_FROM = 4096, 64, 256
 GEMM_ROWS, GEMM_FROM_TOKENS, GEMM16_FROM_TOKENS = 512, 512, 128
-# f16gemm (fp16 copies of W and x; linear_mma_tiles_h200.md) from 128 tokens on any matrix, from 64
-# on gate/up-like ones (4096 <= N < 16384: 20.7 us against gemm32's 30.4 at 64 tokens)
-F16_GEMM_FROM_TOKENS, F16_GEMM_WIDE_FROM_TOKENS = 128, 64
+# The f16 layouts (fp16 copies of W and x; linear_mma_tiles_h200.md): never on k/v (N < 512: split-K
+# is 2x faster there); f16gemm from 64 tokens on gate/up-like matrices (4096 <= N < 16384: 20.7 us
+# against gemm32's 30.4) and from 128 on the LM head; on the 896-row ones 32-row x 32-token
+# f16gemm32 tiles (4x the CTAs: each CTA's chain of chunks sets the time) from 128 tokens, from 64
+# on long-K ones (down: 22 us against split-K's 33), and f16gemm from 512
+F16_GEMM_FROM_TOKENS, F16_GEMM_WIDE_FROM_TOKENS, F16_GEMM_NARROW_64_ROWS_FROM = 128, 64, 512
 LONG_COLS = 4096                    # K from which a matrix counts as down-projection-like
 KERNEL_LAYOUT_NAMES = {"split_k": "linear_mma_", "rows": "linear_mma_rows_", "gemm": "linear_mma_gemm_",
                        "gemm32": "linear_mma_gemm32_", "gemm16": "linear_mma_gemm16_"}
@@ -74,17 +77,23 @@ def pick_tile(weight: DeviceWeight, num_tokens: int, allow_gemm: bool = True,
               allow_f16gemm: bool = False) -> tuple[str, int]:
     """(layout, token groups) by the fastest measured on an H200 at the real shapes
     (docs/gpu_results/linear_mma_tiles_h200.md); every choice gives bitwise the same result.
-    With scratches for fp16 copies of x and W (allow_f16gemm): f16gemm from F16_GEMM_FROM_TOKENS,
-    or F16_GEMM_WIDE_FROM_TOKENS on gate/up-like matrices.
+    With scratches for fp16 copies of x and W (allow_f16gemm), on matrices of >= GEMM_ROWS rows:
+    f16gemm from F16_GEMM_FROM_TOKENS (F16_GEMM_WIDE_FROM_TOKENS on gate/up-like ones); on the
+    narrower ones f16gemm32 with 32-token tiles (from 64 tokens when K is long), f16gemm from 512.
     Else a gemm tile where wanted_gemm says so (and an fp16 scratch for x exists). Otherwise:
     LM-head-like (N >= 16384): 64-row tiles, 32 tokens per CTA from 32 tokens on. Others: 16-row
     split-K tiles of 8 tokens up to 8 tokens (decode), of 16 tokens beyond; from 256 tokens on a
     long-K matrix (the down projection) takes 64-row tiles of 32 tokens. A tile that does not fit
     the shared budget (wide F32 rows) falls back to the next smaller one."""
-    if allow_f16gemm:
-        gate_up_like = GEMM_WIDE_ROWS <= weight.rows < WIDE_ROWS
+    if allow_f16gemm and weight.rows >= GEMM_WIDE_ROWS:
+        gate_up_like = weight.rows < WIDE_ROWS
         if num_tokens >= (F16_GEMM_WIDE_FROM_TOKENS if gate_up_like else F16_GEMM_FROM_TOKENS):
             return "f16gemm", 8
+    elif allow_f16gemm and weight.rows >= GEMM_ROWS:
+        if num_tokens >= F16_GEMM_NARROW_64_ROWS_FROM:
+            return "f16gemm", 8
+        if num_tokens >= (F16_GEMM_WIDE_FROM_TOKENS if weight.cols >= LONG_COLS else F16_GEMM_FROM_TOKENS):
+            return "f16gemm32", 4
     gemm = wanted_gemm(weight, num_tokens) if allow_gemm else None
     if gemm is not None and tile_fits(weight, gemm, num_tokens):
         wanted = [gemm]
@@ -122,8 +131,8 @@ def wanted_gemm(weight: DeviceWeight, num_tokens: int) -> tuple[str, int] | None
 def tile_fits(weight: DeviceWeight, tile: tuple[str, int], num_tokens: int) -> bool:
     """Whether the (layout, token groups) tile's staging fits the shared budget for this weight."""
     layout, groups = tile
-    if layout == "f16gemm":
-        return F16_GEMM_SHARED_BYTES <= SHARED_BUDGET
+    if layout in F16_LAYOUTS:
+        return f16_shared_bytes(LAYOUTS[layout][0], 8 * groups) <= SHARED_BUDGET
     if layout in GEMM_LAYOUTS:
         return gemm_shared_bytes(weight, LAYOUTS[layout][0], 8 * groups) <= SHARED_BUDGET
     try:
@@ -131,6 +140,11 @@ def tile_fits(weight: DeviceWeight, tile: tuple[str, int], num_tokens: int) -> b
     except ValueError:
         return False
     return True
+
+
+def f16_shared_bytes(rows_per_cta: int, tokens_per_cta: int) -> int:
+    """linear_f16_gemm.cu: 3 stages of swizzled fp16 tiles, 128 columns of the CTA's W rows and tokens."""
+    return F16_GEMM_STAGES * (rows_per_cta + tokens_per_cta) * 2 * GEMM_CHUNK_COLS
 
 
 def gemm_raw_stride(weight: DeviceWeight) -> int:
@@ -212,10 +226,10 @@ def plan_linear(weight: DeviceWeight, num_tokens: int, epilogue: str = "store",
         raise ValueError(f"linear_mma num_tokens {num_tokens} exceeds {tokens_per_cta * MAX_GRID_Y}")
     x_rows = min(tokens_per_cta, num_tokens)
     grid = (-(-weight.rows // rows_per_cta), -(-num_tokens // tokens_per_cta), 1)
-    if layout == "f16gemm":   # one kernel for every type (W comes dequantized); grids per row slice
-        return LinearLaunch(kernel_name=F16_GEMM_KERNELS[epilogue], grid=grid, block=(F16_GEMM_THREADS, 1, 1),
-                            chunk_cols=GEMM_CHUNK_COLS, chunk_stride=0, x_rows=x_rows,
-                            shared_bytes=F16_GEMM_SHARED_BYTES)
+    if layout in F16_LAYOUTS:   # one kernel for every type (W comes dequantized); grids per row slice
+        return LinearLaunch(kernel_name=f"{F16_LAYOUTS[layout]}{F16_EPILOGUE_SUFFIXES[epilogue]}_g{groups}",
+                            grid=grid, block=(F16_GEMM_THREADS, 1, 1), chunk_cols=GEMM_CHUNK_COLS, chunk_stride=0,
+                            x_rows=x_rows, shared_bytes=f16_shared_bytes(rows_per_cta, tokens_per_cta))
     name = f"{KERNEL_LAYOUT_NAMES[layout]}{KERNEL_PREFIXES[epilogue]}{weight.kernel_suffix}_g{groups}"
     if layout in GEMM_LAYOUTS:   # fixed 128-column chunks and strides; x is an fp16 copy
         if not tile_fits(weight, (layout, groups), num_tokens):
@@ -279,7 +293,7 @@ class LinearMmaOp:
         """Whether this launcher (its scratches) can run `tile`."""
         if not tile_fits(weight, tile, num_tokens):
             return False
-        if tile[0] == "f16gemm":
+        if tile[0] in F16_LAYOUTS:
             return self.can_f16gemm(weight, num_tokens)
         return tile[0] not in GEMM_LAYOUTS or self.can_gemm(weight, num_tokens)
 
@@ -308,12 +322,13 @@ class LinearMmaOp:
                              f"scratch of {F16_SLICE_ROWS * weight.cols} (has {self._weight_scratch_elems})")
         plan = plan_linear(weight, num_tokens, epilogue, tile)
         y_stride = weight.rows // 2 if epilogue == "swiglu" else weight.rows
-        if tile[0] == "f16gemm" or tile[0] in GEMM_LAYOUTS:
-            self._convert_x(x_ptr, num_tokens, weight.cols, tile[0] == "f16gemm", x_unchanged, stream)
+        if tile[0] in F16_LAYOUTS or tile[0] in GEMM_LAYOUTS:
+            self._convert_x(x_ptr, num_tokens, weight.cols, tile[0] in F16_LAYOUTS, x_unchanged, stream)
         else:   # x_unchanged promises nothing about calls before this one: forget the copy
             self._x16_holds = None
-        if tile[0] == "f16gemm":
-            self._f16gemm(weight, y_ptr, num_tokens, stream, plan, y_stride, epilogue == "swiglu")
+        if tile[0] in F16_LAYOUTS:
+            self._f16gemm(weight, y_ptr, num_tokens, stream, plan, LAYOUTS[tile[0]][0], y_stride,
+                          epilogue == "swiglu")
             return
         if tile[0] in GEMM_LAYOUTS:
             x_ptr = self._scratch_ptr
@@ -342,11 +357,11 @@ class LinearMmaOp:
         self._x16_holds = source
 
     def _f16gemm(self, weight: DeviceWeight, y_ptr: int, num_tokens: int, stream: Any,
-                 plan: LinearLaunch, y_stride: int, swiglu: bool) -> None:
+                 plan: LinearLaunch, rows_per_tile: int, y_stride: int, swiglu: bool) -> None:
         """Per row slice: W slice -> fp16 slots (weight scratch), then multiply by the x copy."""
         dequant = self._dequants[f"dequant_slots_{weight.kernel_suffix}"]
         gemm = self._opt_in(self._f16_gemms[plan.kernel_name], plan.kernel_name, plan.shared_bytes)
-        rows_per_tile, step = LAYOUTS["f16gemm"][0], self.slice_rows(weight)
+        step = self.slice_rows(weight)
         for first in range(0, weight.rows, step):
             rows = min(step, weight.rows - first)
             units = rows * weight.cols // 8
