@@ -98,3 +98,18 @@ def test_x_copy_is_reused_only_for_the_same_x_in_the_same_order():
     conversions(q, 0x2000, 0x9000, 200, tile=("split_k", 2))
     assert conversions(o, 0x2000, 0xa000, 200, tile=("f16gemm", 8), x_unchanged=True) == ["f32_to_f16_slots"]
 
+
+
+def test_weight_scratch_holds_the_largest_layer_matrix_or_16384_lm_head_rows():
+    from types import SimpleNamespace
+
+    from gpu_worker.backends.cuda.forward import weight_scratch_halves
+
+    def weights(vocab: int) -> SimpleNamespace:
+        w = lambda rows, cols: DeviceWeight(6, rows, cols, ptr=1 << 30)   # noqa: E731
+        layer = SimpleNamespace(q=w(896, 896), k=w(128, 896), v=w(128, 896), o=w(896, 896), gate=None, up=None,
+                                down=w(896, 4864), gate_up=w(9728, 896))
+        return SimpleNamespace(layers=(layer, layer), lm_head=w(vocab, 896))
+
+    assert weight_scratch_halves(weights(151936)) == 16384 * 896   # the real shapes: LM head slices of 16384 rows
+    assert weight_scratch_halves(weights(8000)) == 9728 * 896      # a small vocabulary: gate/up is the largest
