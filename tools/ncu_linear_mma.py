@@ -32,7 +32,7 @@ def main() -> None:
     module = kit.load_quant_module(drv, Path(tempfile.mkdtemp()))
     stream, dev, rng = drv.Stream(), kit.Device(drv), np.random.default_rng(0)
     weight, _ = kit.upload_weight(dev, qtype, rows, cols, rng)
-    weight_halves = 9728 * 896   # as the forward's f16gemm weight scratch
+    weight_halves = 9728 * 896   # the largest layer matrix (gate/up); the forward holds 16384 LM head rows
     linear = LinearMmaOp(module, (dev.upload(np.zeros(tokens * cols, np.float16)), tokens * cols),
                          (dev.upload(np.zeros(weight_halves, np.float16)), weight_halves))
     x = dev.upload(rng.standard_normal((tokens, cols), dtype=np.float32))

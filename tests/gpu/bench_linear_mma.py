@@ -38,7 +38,9 @@ def main() -> None:
     timer = Timer(drv, stream)
     dev, rng = kit.Device(drv), np.random.default_rng(0)
     scratch_halves = max(TOKENS) * max(cols for _, _, cols, _ in SHAPES)
-    weight_halves = 9728 * 896   # the forward's f16gemm weight scratch: the largest layer matrix (gate/up)
+    # 9728 rows, the largest layer matrix (gate/up); the forward holds 16384 LM head rows (forward.py:
+    # weight_scratch_halves), so there the LM head runs in 10 slices, not the 16 timed here
+    weight_halves = 9728 * 896
     linear = LinearMmaOp(module, (dev.upload(np.zeros(scratch_halves, np.float16)), scratch_halves),
                          (dev.upload(np.zeros(weight_halves, np.float16)), weight_halves))
     pool_allocation = drv.mem_alloc(POOL_BYTES)   # kept referenced: freed when collected
