@@ -134,6 +134,46 @@ def test_f16_layouts_leave_the_forward_bitwise_unchanged(backend):
     np.testing.assert_array_equal(with_f16, without_f16)
 
 
+@pytest.mark.parametrize("other_mode", ["pycuda", "driver"])
+def test_launch_modes_give_the_same_bits(backend, cuda_device, synthetic_model, other_mode):
+    """Programmatic dependent launch (the default on sm_90) lets each kernel start while the one
+    before it finishes (cuda/pdl.cuh). If a kernel read or wrote anything before waiting for its
+    predecessor, results would change from run to run: a prefill and three graph-replayed decode
+    steps must give bitwise the logits of PyCUDA's plain launches and of cuLaunchKernelEx without
+    the attribute."""
+    from gpu_worker.backends.cuda.backend import CudaBackend
+
+    if backend.device.launch_mode == other_mode:
+        pytest.skip(f"the backend already launches with {other_mode}")
+    rng = np.random.default_rng()
+    prompts = [rng.integers(0, 151936, n).tolist() for n in (7, 90, 200)]
+    tables = [blocks_for(300 + 20 * i, 230, BLOCK) for i in range(3)]
+    prefill = build_step([SequenceChunk(tuple(p), 0, t) for p, t in zip(prompts, tables)], BLOCK)
+    decodes = [build_step([SequenceChunk((int(rng.integers(0, 151936)),), len(p) + s, t)
+                           for p, t in zip(prompts, tables)], BLOCK) for s in range(3)]
+
+    def run(b):
+        outputs = [b.logits(prefill)]
+        for decode in decodes:
+            b.step(decode)   # graph replay (bucket 4)
+            outputs.append(b.last_logits(3))
+        return outputs
+
+    expected = run(backend)
+    device = cuda_device.child(launch_mode=other_mode)
+    other = CudaBackend(synthetic_model, max_num_tokens=4096, max_num_seqs=64, max_model_len=1024,
+                        device=device, fused=backend.fused, linear=backend.linear)
+    try:
+        assert other.device.launch_mode == other_mode
+        other.allocate_kv_cache(num_blocks=1024, block_size=BLOCK)
+        for got, want in zip(run(other), expected):
+            assert not np.isnan(want).any()
+            np.testing.assert_array_equal(got, want)
+    finally:
+        other.close()
+        device.close()
+
+
 def test_decode_graph_replay_equals_eager_step(backend):
     rng = np.random.default_rng()
     prompts = [rng.integers(0, 151936, n).tolist() for n in (5, 12, 30)]

@@ -111,7 +111,8 @@ class DeviceMemory:
 
 
 class CudaDevice:
-    """Context on one GPU + the kernel module. `kernel(name)` returns a PyCUDA function."""
+    """Context on one GPU + the kernel module. `kernel(name)` returns a kernel called like a PyCUDA
+    function; how it launches (launch_mode) is launcher.py's."""
 
     def __init__(self, device_index: int = 0, fatbin_path: str | os.PathLike[str] | None = None) -> None:
         import pycuda.driver as cuda  # imported here: the package works without PyCUDA
@@ -123,22 +124,44 @@ class CudaDevice:
         self.device = cuda.Device(device_index)
         self.context = self.device.make_context()
         self.name: str = self.device.name()
-        path = Path(fatbin_path) if fatbin_path else DEFAULT_FATBIN
-        if not path.is_file():
+        self.multiprocessors: int = self.device.get_attribute(cuda.device_attribute.MULTIPROCESSOR_COUNT)
+        self.fatbin_path = Path(fatbin_path) if fatbin_path else DEFAULT_FATBIN
+        if not self.fatbin_path.is_file():
             self.context.pop()
-            raise CudaBackendError(f"kernel fatbin {path} is missing: run `make kernels` (needs nvcc)")
-        self.module = cuda.module_from_file(str(path))
+            raise CudaBackendError(f"kernel fatbin {self.fatbin_path} is missing: run `make kernels` (needs nvcc)")
+        from gpu_worker.backends.cuda import launcher
+
+        try:
+            self.launch_mode = launcher.launch_mode(self.device.compute_capability())
+            self.module = self._load_module(self.launch_mode)
+        except Exception:
+            self.context.pop()
+            raise
         self.stream = cuda.Stream()
         self.memory = DeviceMemory(cuda)
         self._kernels: dict[str, object] = {}
-        self._owns_context = True
+        self._owns_context = self._owns_module = True
 
-    def child(self) -> CudaDevice:
-        """The same context, module and stream with its own counted memory (a backend that shares
-        a device, e.g. in tests); closing the child frees only its own allocations."""
+    def _load_module(self, launch_mode: str):
+        """The fatbin as PyCUDA's module, or as launcher.DriverModule (launch_mode "pdl" / "driver")."""
+        from gpu_worker.backends.cuda import launcher
+
+        if launch_mode not in launcher.LAUNCH_MODES:
+            raise CudaBackendError(f"launch mode {launch_mode!r}: must be one of {launcher.LAUNCH_MODES}")
+        if launch_mode == "pycuda":
+            return self.cuda.module_from_file(str(self.fatbin_path))
+        return launcher.DriverModule(self.fatbin_path, pdl=launch_mode == "pdl")
+
+    def child(self, launch_mode: str | None = None) -> CudaDevice:
+        """The same context and stream with its own counted memory (a backend that shares a device,
+        e.g. in tests); closing the child frees only its own allocations. With `launch_mode`, the
+        child launches that way through a module of its own (tests compare launch modes)."""
         other = copy.copy(self)
         other.memory = DeviceMemory(self.cuda)
-        other._owns_context = False
+        other._owns_context = other._owns_module = False
+        if launch_mode is not None and launch_mode != self.launch_mode:
+            other.module, other.launch_mode, other._kernels = self._load_module(launch_mode), launch_mode, {}
+            other._owns_module = True
         return other
 
     def kernel(self, name: str, dynamic_shared_bytes: int = 0):
@@ -147,7 +170,7 @@ class CudaDevice:
         if name not in self._kernels:
             try:
                 function = self.module.get_function(name)
-            except self.cuda.LogicError as exc:
+            except (self.cuda.LogicError, LookupError) as exc:
                 raise CudaBackendError(f"kernel {name} is not in the fatbin: rebuild with `make kernels`") from exc
             if dynamic_shared_bytes > 48 * 1024:
                 function.set_attribute(self.cuda.function_attribute.MAX_DYNAMIC_SHARED_SIZE_BYTES,
@@ -174,6 +197,8 @@ class CudaDevice:
 
     def close(self) -> None:
         self.memory.release()
+        if self._owns_module and hasattr(self.module, "unload"):   # launcher.DriverModule; PyCUDA's frees itself
+            self.module.unload()
         if self._owns_context:
             self.context.pop()
             self.context.detach()
