@@ -7,8 +7,6 @@
 #include <cuda_fp16.h>
 #include <stdint.h>
 
-#include "pdl.cuh"
-
 #define QS_WARP 32
 
 namespace qs {

@@ -40,7 +40,6 @@ __device__ void gather(const uint8_t* table, int row_bytes, int vocab, int num_c
     extern "C" __global__ void __launch_bounds__(256) embedding_##NAME(                        \
         const uint8_t* table, int row_bytes, int vocab, int num_cols, const int* ids,          \
         float* out) {                                                                          \
-        qs::pdl_enter();                                                                       \
         embedding_detail::gather<TYPE>(table, row_bytes, vocab, num_cols, ids, out);           \
     }
 

@@ -182,7 +182,6 @@ __device__ void linear_f16_gemm(const LinearArgs& a, const __half* w16, const __
 // y = fp16(x) in slot order: x [M, K] fp32, K % 32 == 0; one thread per 8 values (units = M * K / 8).
 // Rounded as every layout rounds x (round to nearest even; beyond 65504 -> inf).
 extern "C" __global__ void f32_to_f16_slots(const float* x, __half* y, int units) {
-    qs::pdl_enter();
     const int u = blockIdx.x * blockDim.x + threadIdx.x;
     if (u >= units) return;
     const float4 lo = reinterpret_cast<const float4*>(x)[2 * u], hi = reinterpret_cast<const float4*>(x)[2 * u + 1];
@@ -195,7 +194,6 @@ extern "C" __global__ void f32_to_f16_slots(const float* x, __half* y, int units
 #define DEQUANT_SLOTS_ENTRY(TYPE, NAME)                                                               \
     extern "C" __global__ void dequant_slots_##NAME(const uint8_t* weight, int row_bytes, int num_rows,  \
                                                     int num_cols, __half* w16) {                       \
-        qs::pdl_enter();   /* the previous multiply may still read the weight scratch */               \
         const int units_per_row = num_cols / 8;                                                        \
         const int u = blockIdx.x * blockDim.x + threadIdx.x;                                           \
         if (u >= num_rows * units_per_row) return;                                                     \
@@ -216,7 +214,6 @@ QFORMATS_FOR_EACH_TYPE(DEQUANT_SLOTS_ENTRY)
                  int num_tokens, int y_stride) {                                                          \
         const linear_mma_detail::LinearArgs args{nullptr, 0, num_rows, num_cols, 0, 0, 0, nullptr, y,     \
                                                  num_tokens, y_stride};                                   \
-        qs::pdl_enter();                                                                                  \
         linear_mma_detail::linear_f16_gemm<EPI, RB, TG>(args, w16, x16);                                  \
     }
 #define LINEAR_F16_GEMM_EPILOGUES(NAME, RB, TG)                                               \

@@ -45,10 +45,12 @@ __device__ __forceinline__ int buffer_bytes(const LinearArgs& a) {
     return weight_bytes<ROWS>(a) + a.x_rows * x_stride(a);
 }
 
-// Issues the cp.async copies of chunk k0's weights (columns [k0, k0 + chunk_cols) clipped to K):
-// rows [n0, n0 + ROWS) of W. Loops are warp x lane strided: no index division on the issue path.
+// Issues the cp.async copies of chunk k0 (columns [k0, k0 + chunk_cols) clipped to K): rows
+// [n0, n0 + ROWS) of W, then the x values of tokens [m0, m0 + num_tokens) (token t at t * x_stride).
+// Loops are warp x lane strided: no index division on the issue path.
 template <int T, int ROWS>
-__device__ __forceinline__ void stage_weights(const LinearArgs& a, int n0, int k0, uint8_t* buf) {
+__device__ __forceinline__ void stage_chunk(const LinearArgs& a, int n0, int m0, int num_tokens, int k0,
+                                            uint8_t* buf) {
     constexpr int kValues = qformats::BlockInfo<T>::kValues, kBytes = qformats::BlockInfo<T>::kBytes;
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int num_cols = min(a.chunk_cols, a.num_cols - k0);
@@ -66,27 +68,12 @@ __device__ __forceinline__ void stage_weights(const LinearArgs& a, int n0, int k
             copy_bytes_warp(buf + r * a.chunk_stride, a.weight, begin, begin + chunk_bytes, lane);
         }
     }
-}
-
-// Issues the cp.async copies of chunk k0's x values of tokens [m0, m0 + num_tokens) (token t at
-// t * x_stride, after the weights) and commits the chunk as one group.
-template <int ROWS>
-__device__ __forceinline__ void stage_x_and_commit(const LinearArgs& a, int m0, int num_tokens, int k0, uint8_t* buf) {
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    const int num_cols = min(a.chunk_cols, a.num_cols - k0);
     uint8_t* xs = buf + weight_bytes<ROWS>(a);
     for (int t = warp; t < num_tokens; t += kWarps) {
         const float* x_row = a.x + static_cast<long long>(m0 + t) * a.num_cols + k0;
         for (int v = lane; v < num_cols / 4; v += 32) copy16(xs + t * x_stride(a) + 16 * v, x_row + 4 * v, 16);
     }
     asm volatile("cp.async.commit_group;\n" ::: "memory");
-}
-
-template <int T, int ROWS>
-__device__ __forceinline__ void stage_chunk(const LinearArgs& a, int n0, int m0, int num_tokens, int k0,
-                                            uint8_t* buf) {
-    stage_weights<T, ROWS>(a, n0, k0, buf);
-    stage_x_and_commit<ROWS>(a, m0, num_tokens, k0, buf);
 }
 
 // What one warp needs to multiply 16 staged rows (tile rows row0..row0+15) by the staged tokens.
@@ -154,12 +141,7 @@ __device__ __forceinline__ void for_each_chunk(const LinearArgs& a, int n0, int 
     extern __shared__ __align__(16) uint8_t smem[];
     uint8_t* buffers[2] = {smem, smem + buffer_bytes<ROWS>(a)};
     const int num_chunks = (a.num_cols + a.chunk_cols - 1) / a.chunk_cols;
-    // Chunk 0's weights are requested before waiting for the previous kernel (cuda/pdl.cuh): no
-    // kernel writes weights, and their DRAM round trip overlaps that kernel's tail. x is its output.
-    qs::pdl_allow_next_kernel();
-    stage_weights<T, ROWS>(a, n0, 0, buffers[0]);
-    qs::pdl_wait_for_previous_kernel();
-    stage_x_and_commit<ROWS>(a, m0, num_tokens, 0, buffers[0]);
+    stage_chunk<T, ROWS>(a, n0, m0, num_tokens, 0, buffers[0]);
     for (int c = 0; c < num_chunks; ++c) {
         if (c + 1 < num_chunks) {   // buffer (c + 1) & 1 was released by the barrier ending chunk c - 1
             stage_chunk<T, ROWS>(a, n0, m0, num_tokens, (c + 1) * a.chunk_cols, buffers[(c + 1) & 1]);

@@ -190,7 +190,6 @@ __device__ void linear_mma_gemm(const LinearArgs& a, const __half* x16) {
 // y = fp16(x), n % 8 == 0, 16-byte aligned: the gemm layout's operand, rounded as every layout
 // rounds x (round to nearest even; beyond 65504 -> inf).
 extern "C" __global__ void f32_to_f16(const float* x, __half* y, long long n) {
-    qs::pdl_enter();
     for (long long i = 8LL * (blockIdx.x * blockDim.x + threadIdx.x); i < n; i += 8LL * gridDim.x * blockDim.x) {
         const float4 lo = *reinterpret_cast<const float4*>(x + i), hi = *reinterpret_cast<const float4*>(x + i + 4);
         *reinterpret_cast<uint4*>(y + i) = make_uint4(
@@ -210,7 +209,6 @@ extern "C" __global__ void f32_to_f16(const float* x, __half* y, long long n) {
                          int y_stride) {                                                                  \
         const linear_mma_detail::LinearArgs args{weight, row_bytes, num_rows, num_cols, chunk_cols,      \
                                                  chunk_stride, x_rows, nullptr, y, num_tokens, y_stride}; \
-        qs::pdl_enter();                                                                                 \
         linear_mma_detail::linear_mma_gemm<TYPE, EPI, SHAPE>(args, x16);                                 \
     }
 #define LINEAR_MMA_GEMM_EPILOGUES(TYPE, NAME, PREFIX, SHAPE, NG)                                      \

@@ -208,7 +208,6 @@ __device__ void matvec(const MatvecArgs& a) {
         const float* x, float* y, int batch, const float* norm_weight, float norm_eps) {         \
         const matvec_detail::MatvecArgs args{weight, row_bytes, num_rows, num_cols,              \
                                              rows_per_cta, x, y, batch, norm_weight, norm_eps};  \
-        qs::pdl_enter();                                                                         \
         matvec_detail::matvec<TYPE, MAX_B, EPI>(args);                                           \
     }
 #define QFORMATS_MATVEC_BATCHES(TYPE, NAME, PREFIX, EPI)  \

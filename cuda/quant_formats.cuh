@@ -15,8 +15,6 @@
 #include <cuda_fp16.h>
 #include <cuda_bf16.h>
 
-#include "pdl.cuh"
-
 namespace qformats {
 
 // GGML type ids (ggml.h enum ggml_type); the launchers pass these numbers to pick kernels.

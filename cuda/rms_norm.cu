@@ -44,6 +44,5 @@ rms_norm_f32(const float* delta,    // [num_rows, hidden] or null
              float* out,            // [num_out_rows, hidden]
              const int* row_ids,    // [num_out_rows] or null
              int hidden, float eps, int write_residual) {
-    qs::pdl_enter();
     qs::rms_norm_row<128>(delta, residual, weight, out, row_ids, hidden, eps, write_residual);
 }

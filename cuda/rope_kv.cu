@@ -44,7 +44,6 @@ __device__ __forceinline__ void rotate_pair(const float* src, const float* bias,
 
 // grid = (num_tokens), block = (256)
 extern "C" __global__ void __launch_bounds__(256) rope_kv_f32(const RopeKvParams p) {
-    qs::pdl_enter();
     const int t = blockIdx.x;
     const int hd = (int)p.head_dim, half_dim = hd / 2;
     const int nh = (int)p.num_heads, nkv = (int)p.num_kv_heads;

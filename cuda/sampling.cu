@@ -17,7 +17,6 @@ extern "C" __global__ void __launch_bounds__(256)
 sampling_penalties_f32(float* logits, int vocab, const SampleArgs* args, const int* bias_ids,
                        const float* bias_values, const int* seen_ids, const int* output_ids,
                        const int* output_counts) {
-    qs::pdl_enter();
     const SampleArgs a = args[blockIdx.x];
     float* row = logits + (size_t)a.row * vocab;
     if (threadIdx.x == 0) {  // the request's order matters when an id repeats
@@ -66,7 +65,6 @@ __device__ __forceinline__ unsigned long long best_key(const unsigned long long*
 // grid = (num_sampled, QS_SEGMENTS), block = (256); seg_best: [num_sampled, QS_SEGMENTS]
 extern "C" __global__ void __launch_bounds__(256)
 sampling_segment_best_f32(const float* logits, int vocab, const SampleArgs* args, unsigned long long* seg_best) {
-    qs::pdl_enter();
     __shared__ unsigned long long key_scratch[32];
     const SampleArgs a = args[blockIdx.x];
     const qs::SampleRow r = qs::row_of(logits, vocab, a, nullptr);
@@ -84,7 +82,6 @@ sampling_segment_best_f32(const float* logits, int vocab, const SampleArgs* args
 extern "C" __global__ void __launch_bounds__(256)
 sampling_segment_stats_f32(const float* logits, int vocab, const SampleArgs* args,
                            const unsigned long long* seg_best, double* seg_mass, int* seg_hist) {
-    qs::pdl_enter();
     __shared__ double scratch[32];
     __shared__ int bins[QS_HIST_BINS];
     const SampleArgs a = args[blockIdx.x];
@@ -114,7 +111,6 @@ sampling_segment_stats_f32(const float* logits, int vocab, const SampleArgs* arg
 extern "C" __global__ void __launch_bounds__(QS_SAMPLE_THREADS)
 sampling_draw_f32(const float* logits, int vocab, const SampleArgs* args, const unsigned long long* seg_best,
                   const double* seg_mass, const int* seg_hist, int* out_tokens) {
-    qs::pdl_enter();
     __shared__ double scratch[32];
     __shared__ unsigned long long key_scratch[32];
     __shared__ qs::HeadScratch head;
@@ -143,7 +139,6 @@ sampling_draw_f32(const float* logits, int vocab, const SampleArgs* args, const 
 // grid = (num_sampled), block = (QS_SAMPLE_THREADS)
 extern "C" __global__ void __launch_bounds__(QS_SAMPLE_THREADS)
 sampling_draw_bisect_f32(const float* logits, int vocab, const SampleArgs* args, int* out_tokens) {
-    qs::pdl_enter();
     __shared__ double scratch[32];
     __shared__ unsigned long long key_scratch[32];
     const SampleArgs a = args[blockIdx.x];
@@ -165,7 +160,6 @@ sampling_draw_bisect_f32(const float* logits, int vocab, const SampleArgs* args,
 extern "C" __global__ void __launch_bounds__(QS_SAMPLE_THREADS)
 sampling_logprobs_f32(const float* raw_logits, int vocab, const SampleArgs* args, const int* tokens,
                       float* out_logprob, int* out_top_ids, float* out_top_logprobs, int max_top) {
-    qs::pdl_enter();
     __shared__ double scratch[32];
     __shared__ unsigned long long key_scratch[32];
     const SampleArgs a = args[blockIdx.x];

@@ -8,7 +8,6 @@ swiglu_f32(const float* __restrict__ gate,  // [num_tokens, width]
            const float* __restrict__ up,    // [num_tokens, width]
            float* __restrict__ out,         // [num_tokens, width]
            long long count) {
-    qs::pdl_enter();
     const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= count) return;
     const float g = gate[i];

@@ -10,7 +10,8 @@ import pytest
 
 from gpu_worker.backends.base import SampleRequest
 from gpu_worker.backends.cpu.sequence_runner import SequenceChunk, blocks_for, build_step
-from gpu_worker.backends.cuda.ops.attention import PARAMS_FIELDS as ATTENTION_FIELDS, heads_per_block_for
+from gpu_worker.backends.cuda.device import DeviceTensor
+from gpu_worker.backends.cuda.ops.attention import PARAMS_FIELDS as ATTENTION_FIELDS
 from gpu_worker.backends.cuda.ops.rope_kv import PARAMS_FIELDS as ROPE_FIELDS, rope_tables_host
 from gpu_worker.backends.cuda.ops.sampling import SAMPLE_ARGS_DTYPE
 from gpu_worker.backends.cuda.sampler import pack_sampling
@@ -20,19 +21,11 @@ from gpu_worker.sampling.params import SamplingParams
 
 
 def test_struct_records_have_the_c_layouts():
-    # AttentionParams: 7 pointers + 5 int64 + 2 floats; RopeKvParams: 12 pointers + 3 int64.
-    assert np.dtype(ATTENTION_FIELDS, align=True).itemsize == 7 * 8 + 5 * 8 + 8
+    # AttentionParams: 7 pointers + 4 int64 + 2 floats; RopeKvParams: 12 pointers + 3 int64.
+    assert np.dtype(ATTENTION_FIELDS, align=True).itemsize == 7 * 8 + 4 * 8 + 8
     assert np.dtype(ROPE_FIELDS, align=True).itemsize == 15 * 8
     assert SAMPLE_ARGS_DTYPE.itemsize == 88
     assert SAMPLE_ARGS_DTYPE.fields["top_p"][1] == 24 and SAMPLE_ARGS_DTYPE.fields["temperature"][1] == 40
-
-
-def test_attention_spreads_heads_over_blocks_only_while_the_gpu_has_room():
-    # 14 query heads, 2 kv heads, 132 multiprocessors: whole GQA groups from 66 tokens (132 blocks).
-    assert heads_per_block_for(1, 14, 2, 132) == 1
-    assert heads_per_block_for(65, 14, 2, 132) == 1
-    assert heads_per_block_for(66, 14, 2, 132) == 7
-    assert heads_per_block_for(512, 14, 2, 132) == 7
 
 
 def test_rope_tables_equal_the_reference_angles():
@@ -86,3 +79,56 @@ def test_step_batch_check_names_the_first_bad_sequence():
     short = good.block_tables[:, :1]                    # 21 tokens need 2 blocks of 16
     with pytest.raises(ValueError, match="sequence 0: block table does not cover 21"):
         replace(good, block_tables=short).check(100, 8, 16)
+
+
+class LazyStreamCuda:
+    """Stands in for pycuda.driver: async copies run only when an event is waited for (a device
+    that is behind the host), reading the pinned mirror as it is then."""
+
+    def __init__(self):
+        self.pending, self.device = [], {}
+
+    def pagelocked_zeros(self, shape, dtype):
+        return np.zeros(shape, dtype)
+
+    def memcpy_htod_async(self, ptr, host, stream):
+        self.pending.append((ptr, host))   # a view: the copy reads it when the stream gets there
+
+    def run_stream(self):
+        for ptr, host in self.pending:
+            self.device[ptr] = host.copy()
+        self.pending.clear()
+
+    def Event(self):
+        cuda = self
+
+        class Event:
+            def record(self, stream):
+                pass
+
+            def synchronize(self):
+                cuda.run_stream()
+        return Event()
+
+
+def test_an_upload_waits_for_the_mirrors_previous_copies():
+    """Prompt-chunk steps sample nothing, so nobody waits for them: the next upload into the same
+    pinned mirror must not overwrite what the previous copy has not read yet."""
+    from types import SimpleNamespace
+
+    from gpu_worker.backends.cuda.forward import allocate_meta
+    from gpu_worker.backends.cuda.step_inputs import StepInputs
+
+    cuda = LazyStreamCuda()
+    addresses = iter(range(0x1000, 0x100000, 0x1000))
+    memory = SimpleNamespace(tensor=lambda purpose, shape, dtype: DeviceTensor(next(addresses), shape, np.dtype(dtype)))
+    meta = allocate_meta(memory, max_tokens=8, max_seqs=2, max_blocks_per_seq=4)
+    inputs = StepInputs(SimpleNamespace(cuda=cuda, stream=None), meta, 8, 2, 4)
+    first = build_step([SequenceChunk((11, 12, 13), 0, (0,))], 16)
+    second = build_step([SequenceChunk((21, 22, 23), 3, (0,))], 16)
+    inputs.upload(first, pad_to=None, logit_rows=np.array([2], np.int32))
+    inputs.upload(second, pad_to=None, logit_rows=np.array([2], np.int32))   # waits: the first copy runs now
+    copied_first = cuda.device[meta.base.ptr][:3].tolist()
+    cuda.run_stream()
+    assert copied_first == [11, 12, 13]
+    assert cuda.device[meta.base.ptr][:3].tolist() == [21, 22, 23]

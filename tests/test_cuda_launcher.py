@@ -1,7 +1,8 @@
-"""gpu_worker/backends/cuda/launcher.py on the CPU: the ctypes mirrors of cuda.h's launch structs,
-the kernel parameter layout, the launch-mode setting, and what reaches cuLaunchKernelEx (through a
-recording stand-in for libcuda). On the GPU, tests/gpu/test_cuda_backend.py checks that every
-launch mode gives bitwise the same forward."""
+"""gpu_worker/backends/cuda/launcher.py on the CPU: the ctypes mirror of cuda.h's launch config, the
+kernel parameter layout, the launch-mode setting, what reaches cuLaunchKernelEx, and recorded
+launches replayed (through a stand-in for libcuda that keeps what it is given). On the GPU,
+tests/gpu/test_cuda_backend.py checks that PyCUDA's launches, the driver's and replayed ones give
+bitwise the same forward."""
 from __future__ import annotations
 
 import ctypes
@@ -11,17 +12,15 @@ import numpy as np
 import pytest
 
 from gpu_worker.backends.cuda.device import CudaBackendError
-from gpu_worker.backends.cuda.launcher import (LAUNCH_ENV, DriverModule, KernelNotFound, LaunchAttribute,
-                                               LaunchConfig, launch_mode, pack_arguments)
+from gpu_worker.backends.cuda.launcher import (LAUNCH_ENV, DriverModule, KernelNotFound, LaunchConfig, launch_mode,
+                                               pack_arguments)
 
 
-def test_structs_match_cuda_h_layout():
+def test_launch_config_matches_cuda_h_layout():
     # CUlaunchConfig: 7 unsigned ints, the stream pointer at 32, attrs at 40, numAttrs at 48.
     assert ctypes.sizeof(LaunchConfig) == 56
     assert (LaunchConfig.stream.offset, LaunchConfig.attrs.offset, LaunchConfig.num_attrs.offset) == (32, 40, 48)
     assert LaunchConfig.shared_bytes.offset == 24
-    # CUlaunchAttribute: id, padding to 8, a 64-byte union.
-    assert ctypes.sizeof(LaunchAttribute) == 72 and LaunchAttribute.value.offset == 8
 
 
 def test_arguments_are_laid_out_like_c_parameters():
@@ -47,16 +46,12 @@ def test_python_ints_are_refused():
 
 def test_launch_mode_defaults_and_checks(monkeypatch):
     monkeypatch.delenv(LAUNCH_ENV, raising=False)
-    assert launch_mode((9, 0)) == "pdl"
-    assert launch_mode((8, 6)) == "driver"
+    assert launch_mode() == "driver"
     monkeypatch.setenv(LAUNCH_ENV, "pycuda")
-    assert launch_mode((9, 0)) == "pycuda"
-    monkeypatch.setenv(LAUNCH_ENV, "pdl")
-    with pytest.raises(CudaBackendError, match="compute capability 9.0"):
-        launch_mode((8, 0))
+    assert launch_mode() == "pycuda"
     monkeypatch.setenv(LAUNCH_ENV, "fast")
     with pytest.raises(CudaBackendError, match=LAUNCH_ENV):
-        launch_mode((9, 0))
+        launch_mode()
 
 
 class RecordingLibcuda:
@@ -84,10 +79,9 @@ class RecordingLibcuda:
         config = config_ref._obj
         assert kernel_params is None and extra[0] == 1 and extra[2] == 2 and extra[4] is None
         size = ctypes.c_size_t.from_address(extra[3]).value
-        attrs = [(config.attrs[i].id, config.attrs[i].value[0]) for i in range(config.num_attrs)]
         self.launches.append({"function": function, "grid": tuple(config.grid), "block": tuple(config.block),
-                              "shared": config.shared_bytes, "stream": config.stream, "attrs": attrs,
-                              "params": ctypes.string_at(extra[1], size)})
+                              "shared": config.shared_bytes, "stream": config.stream,
+                              "attrs": (config.attrs, config.num_attrs), "params": ctypes.string_at(extra[1], size)})
         return 0
 
     def cuModuleUnload(self, module):
@@ -102,12 +96,11 @@ class FakeStream:
     handle = 0x5000
 
 
-@pytest.mark.parametrize("pdl", [True, False])
-def test_launches_reach_culaunchkernelex_with_their_config(tmp_path, pdl):
+def test_launches_reach_culaunchkernelex_with_their_config(tmp_path):
     fatbin = tmp_path / "k.fatbin"
     fatbin.write_bytes(b"\x7fimage")
     lib = RecordingLibcuda()
-    module = DriverModule(fatbin, pdl=pdl, lib=lib)
+    module = DriverModule(fatbin, lib=lib)
     assert lib.image == b"\x7fimage"
     kernel = module.get_function("rms_norm_f32")
     kernel.set_attribute(8, 100_000)
@@ -120,17 +113,42 @@ def test_launches_reach_culaunchkernelex_with_their_config(tmp_path, pdl):
     assert second["grid"] == (5, 1, 1) and second["shared"] == 4096
     assert second["params"] == struct.pack("PiiP", 10, 11, 12, 13)
     assert lib.attributes == [(0x1000 + len("rms_norm_f32"), 8, 100_000)]
-    want_attrs = [(6, 1)] if pdl else []   # CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION = 1
-    assert first["attrs"] == want_attrs and second["attrs"] == want_attrs
+    assert first["attrs"] == (None, 0) and second["attrs"] == (None, 0)
     module.unload()
     module.unload()
     assert lib.unloaded == [0xABC]
 
 
+def test_recorded_launches_replay_in_order_with_the_same_arguments(tmp_path):
+    fatbin = tmp_path / "k.fatbin"
+    fatbin.write_bytes(b"x")
+    lib = RecordingLibcuda()
+    module = DriverModule(fatbin, lib=lib)
+    first, second = module.get_function("a"), module.get_function("bb").prepare("Pi")
+    with module.recording() as recorded:
+        first(np.int32(1), grid=(2,), block=(32,), stream=FakeStream())
+        second.prepared_async_call((3,), (64,), FakeStream(), 7, 8)
+    first(np.int32(99), grid=(1,), block=(32,), stream=FakeStream())   # after the block: not recorded
+    assert len(recorded) == 2 and len(lib.launches) == 3
+    recorded.replay()
+    recorded.replay()
+    assert lib.launches[3:] == lib.launches[:2] * 2
+
+
+def test_a_recording_does_not_nest(tmp_path):
+    fatbin = tmp_path / "k.fatbin"
+    fatbin.write_bytes(b"x")
+    module = DriverModule(fatbin, lib=RecordingLibcuda())
+    with module.recording():
+        with pytest.raises(CudaBackendError, match="nest"):
+            with module.recording():
+                pass
+
+
 def test_missing_kernels_and_unprepared_calls_are_named(tmp_path):
     fatbin = tmp_path / "k.fatbin"
     fatbin.write_bytes(b"x")
-    module = DriverModule(fatbin, pdl=True, lib=RecordingLibcuda())
+    module = DriverModule(fatbin, lib=RecordingLibcuda())
     with pytest.raises(KernelNotFound, match="missing"):
         module.get_function("missing")
     with pytest.raises(CudaBackendError, match="before prepare"):

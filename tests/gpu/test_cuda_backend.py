@@ -134,26 +134,34 @@ def test_f16_layouts_leave_the_forward_bitwise_unchanged(backend):
     np.testing.assert_array_equal(with_f16, without_f16)
 
 
-@pytest.mark.parametrize("other_mode", ["pycuda", "driver"])
-def test_launch_modes_give_the_same_bits(backend, cuda_device, synthetic_model, other_mode):
-    """Programmatic dependent launch (the default on sm_90) lets each kernel start while the one
-    before it finishes (cuda/pdl.cuh). If a kernel read or wrote anything before waiting for its
-    predecessor, results would change from run to run: a prefill and three graph-replayed decode
-    steps must give bitwise the logits of PyCUDA's plain launches and of cuLaunchKernelEx without
-    the attribute."""
+def test_launchers_and_replayed_launches_give_the_same_bits(backend, cuda_device, synthetic_model):
+    """The default launcher (cuLaunchKernelEx, launcher.py) records an eager forward's launches per
+    shape and replays them the next time: the same prefill replayed gives bitwise the recorded
+    one's logits, and a prefill of other prompts of the same shape (replayed) and graph-replayed
+    decode steps give bitwise what PyCUDA's own launches give."""
     from gpu_worker.backends.cuda.backend import CudaBackend
 
-    if backend.device.launch_mode == other_mode:
-        pytest.skip(f"the backend already launches with {other_mode}")
+    if backend.device.launch_mode != "driver":
+        pytest.skip("compares the driver launcher with PyCUDA's")
+    other_mode = "pycuda"
     rng = np.random.default_rng()
     prompts = [rng.integers(0, 151936, n).tolist() for n in (7, 90, 200)]
     tables = [blocks_for(300 + 20 * i, 230, BLOCK) for i in range(3)]
     prefill = build_step([SequenceChunk(tuple(p), 0, t) for p, t in zip(prompts, tables)], BLOCK)
+    other_prompts = [rng.integers(0, 151936, len(p)).tolist() for p in prompts]
+    other_prefill = build_step([SequenceChunk(tuple(p), 0, blocks_for(600 + 20 * i, 230, BLOCK))
+                                for i, p in enumerate(other_prompts)], BLOCK)
     decodes = [build_step([SequenceChunk((int(rng.integers(0, 151936)),), len(p) + s, t)
                            for p, t in zip(prompts, tables)], BLOCK) for s in range(3)]
 
     def run(b):
         outputs = [b.logits(prefill)]
+        if b.device.launch_mode != "pycuda":
+            shapes = b.forward.recorded_shapes
+            again = b.logits(prefill)   # the same KV rewritten by the replayed launches
+            assert b.forward.recorded_shapes == shapes, "the second prefill recorded again"
+            np.testing.assert_array_equal(again, outputs[0])
+        outputs.append(b.logits(other_prefill))   # replayed with other inputs on the driver launcher
         for decode in decodes:
             b.step(decode)   # graph replay (bucket 4)
             outputs.append(b.last_logits(3))

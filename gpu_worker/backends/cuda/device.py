@@ -124,7 +124,6 @@ class CudaDevice:
         self.device = cuda.Device(device_index)
         self.context = self.device.make_context()
         self.name: str = self.device.name()
-        self.multiprocessors: int = self.device.get_attribute(cuda.device_attribute.MULTIPROCESSOR_COUNT)
         self.fatbin_path = Path(fatbin_path) if fatbin_path else DEFAULT_FATBIN
         if not self.fatbin_path.is_file():
             self.context.pop()
@@ -132,7 +131,7 @@ class CudaDevice:
         from gpu_worker.backends.cuda import launcher
 
         try:
-            self.launch_mode = launcher.launch_mode(self.device.compute_capability())
+            self.launch_mode = launcher.launch_mode()
             self.module = self._load_module(self.launch_mode)
         except Exception:
             self.context.pop()
@@ -143,14 +142,14 @@ class CudaDevice:
         self._owns_context = self._owns_module = True
 
     def _load_module(self, launch_mode: str):
-        """The fatbin as PyCUDA's module, or as launcher.DriverModule (launch_mode "pdl" / "driver")."""
+        """The fatbin as PyCUDA's module ("pycuda"), or as launcher.DriverModule ("driver")."""
         from gpu_worker.backends.cuda import launcher
 
         if launch_mode not in launcher.LAUNCH_MODES:
             raise CudaBackendError(f"launch mode {launch_mode!r}: must be one of {launcher.LAUNCH_MODES}")
         if launch_mode == "pycuda":
             return self.cuda.module_from_file(str(self.fatbin_path))
-        return launcher.DriverModule(self.fatbin_path, pdl=launch_mode == "pdl")
+        return launcher.DriverModule(self.fatbin_path)
 
     def child(self, launch_mode: str | None = None) -> CudaDevice:
         """The same context and stream with its own counted memory (a backend that shares a device,

@@ -12,6 +12,7 @@ never depends on the batch and a prompt gives the same KV and logits alone, batc
 """
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import numpy as np
@@ -27,6 +28,7 @@ from gpu_worker.backends.cuda.ops.swiglu import launch_swiglu
 from gpu_worker.backends.cuda.weights import ModelWeights
 
 LINEAR_KERNELS = ("mma", "fp32")
+RECORDED_SHAPES = 64   # eager forwards kept as recorded launches (launcher.RecordedLaunches), least recent dropped
 META_FIELDS = ("input_ids", "positions", "slot_mapping", "token_seq")
 
 
@@ -125,10 +127,14 @@ class Qwen2Forward:
         self.embedding = EmbeddingOp(device.module)
         self.kv: list[tuple[DeviceTensor, DeviceTensor]] = []
         self.block_size = 0
+        # run()'s launches per shape, recorded the first time and replayed after: the ~530 launches
+        # of a prefill cost ~10 ms of Python on the GPU machine's host, their replay far less.
+        self._recorded: OrderedDict[tuple, object] = OrderedDict()
 
     def set_kv_cache(self, kv: list[tuple[DeviceTensor, DeviceTensor]], block_size: int) -> None:
         """Per layer (k_cache, v_cache), each [num_blocks * block_size, num_kv_heads, head_dim] f16."""
         self.kv, self.block_size = kv, block_size
+        self._recorded.clear()   # the recorded launches point at the old cache
 
     def _linear(self, weight, x: DeviceTensor, y: DeviceTensor, fusion: MatvecFusion = NO_FUSION,
                 x_unchanged: bool = False) -> None:
@@ -141,10 +147,35 @@ class Qwen2Forward:
         else:
             self.matvec(weight, x.ptr, y.ptr, x.shape[0], self.device.stream, fusion=fusion)
 
+    @property
+    def recorded_shapes(self) -> int:
+        return len(self._recorded)
+
     def run(self, num_tokens: int, num_logits: int, all_rows: bool) -> None:
         """Enqueues the forward of `num_tokens` tokens (any mix of prompt chunks and decode tokens).
 
-        Logits rows: meta.logit_rows[:num_logits], or every token when all_rows (decode graphs)."""
+        Logits rows: meta.logit_rows[:num_logits], or every token when all_rows (decode graphs).
+        Every launch reads its per-step inputs from the static buffers, so the launch sequence is
+        a function of the shape alone: with a module that records (launcher.DriverModule), a shape
+        seen before replays its recorded launches instead of running this Python again."""
+        record = getattr(self.device.module, "recording", None)
+        if record is None:
+            self._enqueue(num_tokens, num_logits, all_rows)
+            return
+        # The launcher's scratches decide its tiles (tests shrink them to force other layouts).
+        key = (num_tokens, num_logits, all_rows, self.linear_mma.scratch_sizes)
+        recorded = self._recorded.get(key)
+        if recorded is not None:
+            self._recorded.move_to_end(key)
+            recorded.replay()
+            return
+        with record() as recorded:
+            self._enqueue(num_tokens, num_logits, all_rows)
+        self._recorded[key] = recorded
+        if len(self._recorded) > RECORDED_SHAPES:
+            self._recorded.popitem(last=False)
+
+    def _enqueue(self, num_tokens: int, num_logits: int, all_rows: bool) -> None:
         a, m, cfg, dev = self.acts, self.meta, self.config, self.device
         t = num_tokens
         self.embedding(self.weights.token_embd, m.input_ids.ptr, a.residual.ptr, t, dev.stream)

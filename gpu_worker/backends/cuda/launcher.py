@@ -1,25 +1,28 @@
-"""Kernel launches through the CUDA driver's cuLaunchKernelEx, with programmatic dependent launch.
+"""Kernel launches through the CUDA driver (ctypes on libcuda), which can be recorded and replayed.
 
-PyCUDA owns the context, the memory and the streams, but it launches with cuLaunchKernel: no
-launch attributes, and 8-11 us of host time per launch. This module loads the same fatbin a second
-time through the driver API (ctypes on libcuda) and launches its kernels with cuLaunchKernelEx:
-- "pdl": with the programmatic-stream-serialization attribute (sm_90+). A kernel's CTAs start
-  while the kernel before it finishes; they prefetch what no kernel writes (weights), then wait
-  for it (cuda/pdl.cuh). A decode step is ~250 short dependent kernels, and the drain and ramp
-  between two of them is a large part of each one's time.
-- "driver": the same launch without the attribute (to measure what PDL alone brings).
-- "pycuda": PyCUDA's own module and launches.
-The ctypes launch costs less host time than PyCUDA's (one struct.pack, one foreign call), which
-prefill steps (~530 launches enqueued from Python) feel directly.
+PyCUDA owns the context, the memory and the streams. Launching through it costs the host 8-11 us
+per kernel, and the ops' Python around each launch (shape checks, tile plans, argument records)
+about as much again: an eager forward (~530 launches for a prefill) took 5-10 ms of host time on
+the GPU machine, more than the GPU needs for a prompt of a few hundred tokens.
 
-DriverModule mimics the slice of PyCUDA's Module / Function API the ops use (get_function,
-prepare, prepared_async_call, __call__, set_attribute), so every op launches through it unchanged.
+This module loads the same fatbin a second time with cuModuleLoadData and launches with
+cuLaunchKernelEx. Each launch is built once as a PreparedLaunch (packed arguments, launch config);
+DriverModule.recording() keeps the launches of a block, and RecordedLaunches.replay() enqueues
+them again with one foreign call each. Qwen2Forward records each eager shape once and replays it
+after (its launches read every per-step input from static buffers, as a CUDA graph's do).
+
+Launch modes (QWEN_SERVE_CUDA_LAUNCH): "driver" (the default) or "pycuda" (PyCUDA's own module
+and launches; nothing is recorded). DriverModule mimics the slice of PyCUDA's Module / Function
+API the ops use (get_function, prepare, prepared_async_call, __call__, set_attribute), so every op
+launches through either unchanged.
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import struct
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -27,39 +30,29 @@ import numpy as np
 from gpu_worker.backends.cuda.device import CudaBackendError
 
 LAUNCH_ENV = "QWEN_SERVE_CUDA_LAUNCH"
-LAUNCH_MODES = ("pdl", "driver", "pycuda")
+LAUNCH_MODES = ("driver", "pycuda")
 
 # From cuda.h (CUDA 12+).
 _CUDA_SUCCESS = 0
 _CUDA_ERROR_NOT_FOUND = 500
-_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION = 6   # CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION
 _PARAM_BUFFER_POINTER, _PARAM_BUFFER_SIZE, _PARAM_END = 1, 2, 0   # CU_LAUNCH_PARAM_*
 
 
-class LaunchAttribute(ctypes.Structure):
-    """CUlaunchAttribute: the id, padding to 8 bytes, a 64-byte value union (an int for PDL)."""
-    _fields_ = [("id", ctypes.c_int), ("pad", ctypes.c_char * 4), ("value", ctypes.c_int * 16)]
-
-
 class LaunchConfig(ctypes.Structure):
-    """CUlaunchConfig."""
+    """CUlaunchConfig (no launch attributes are used: attrs stays null)."""
     _fields_ = [("grid", ctypes.c_uint * 3), ("block", ctypes.c_uint * 3), ("shared_bytes", ctypes.c_uint),
-                ("stream", ctypes.c_void_p), ("attrs", ctypes.POINTER(LaunchAttribute)),
-                ("num_attrs", ctypes.c_uint)]
+                ("stream", ctypes.c_void_p), ("attrs", ctypes.c_void_p), ("num_attrs", ctypes.c_uint)]
 
 
 class KernelNotFound(CudaBackendError, LookupError):
     pass
 
 
-def launch_mode(compute_capability: tuple[int, int]) -> str:
-    """QWEN_SERVE_CUDA_LAUNCH if set, else "pdl" on sm_90+ and "driver" below (no PDL there)."""
-    mode = os.environ.get(LAUNCH_ENV, "").strip() or ("pdl" if compute_capability >= (9, 0) else "driver")
+def launch_mode() -> str:
+    """QWEN_SERVE_CUDA_LAUNCH if set, else "driver"."""
+    mode = os.environ.get(LAUNCH_ENV, "").strip() or "driver"
     if mode not in LAUNCH_MODES:
         raise CudaBackendError(f"{LAUNCH_ENV}={mode!r}: must be one of {', '.join(LAUNCH_MODES)}")
-    if mode == "pdl" and compute_capability < (9, 0):
-        raise CudaBackendError(f"{LAUNCH_ENV}=pdl needs compute capability 9.0+, this GPU has "
-                               f"{compute_capability[0]}.{compute_capability[1]}")
     return mode
 
 
@@ -94,12 +87,51 @@ def _error_name(lib, code: int) -> str:
     return f"CUresult {code}"
 
 
+class PreparedLaunch:
+    """One launch with its arguments packed and its CUlaunchConfig built: run() enqueues it."""
+
+    __slots__ = ("_lib", "_handle", "_name", "_config", "_params", "_size", "_extra")
+
+    def __init__(self, lib, handle: int, name: str, grid, block, stream, params: bytes, shared_bytes: int) -> None:
+        grid3 = tuple(grid) + (1,) * (3 - len(grid))
+        block3 = tuple(block) + (1,) * (3 - len(block))
+        self._lib, self._handle, self._name = lib, handle, name
+        self._params = ctypes.create_string_buffer(params, max(len(params), 1))
+        self._size = ctypes.c_size_t(len(params))
+        self._extra = (ctypes.c_void_p * 5)(_PARAM_BUFFER_POINTER, ctypes.addressof(self._params),
+                                            _PARAM_BUFFER_SIZE, ctypes.addressof(self._size), _PARAM_END)
+        self._config = LaunchConfig((ctypes.c_uint * 3)(*grid3), (ctypes.c_uint * 3)(*block3), shared_bytes,
+                                    0 if stream is None else stream.handle, None, 0)
+
+    def run(self) -> None:
+        code = self._lib.cuLaunchKernelEx(ctypes.byref(self._config), self._handle, None, self._extra)
+        if code != _CUDA_SUCCESS:
+            c = self._config
+            raise CudaBackendError(f"launch of {self._name} (grid {tuple(c.grid)}, block {tuple(c.block)}, "
+                                   f"{c.shared_bytes} B shared) failed: {_error_name(self._lib, code)}")
+
+
+class RecordedLaunches:
+    """Launches kept by DriverModule.recording(), replayed in order with the same arguments: the
+    host cost of a forward without any of its Python (a host-side analogue of a CUDA graph, for
+    shapes that come too seldom to capture one each)."""
+
+    def __init__(self) -> None:
+        self.launches: list[PreparedLaunch] = []
+
+    def __len__(self) -> int:
+        return len(self.launches)
+
+    def replay(self) -> None:
+        for launch in self.launches:
+            launch.run()
+
+
 class DriverKernel:
     """One kernel of a DriverModule, called like a PyCUDA Function."""
 
-    def __init__(self, lib, handle: int, name: str, attrs, num_attrs: int) -> None:
-        self._lib, self._handle, self.function_name = lib, handle, name
-        self._attrs, self._num_attrs = attrs, num_attrs
+    def __init__(self, module: DriverModule, handle: int, name: str) -> None:
+        self._module, self._lib, self._handle, self.function_name = module, module._lib, handle, name
         self._format: str | None = None
 
     def prepare(self, arg_format: str) -> DriverKernel:
@@ -124,34 +156,37 @@ class DriverKernel:
         self._launch(grid, block, stream, pack_arguments(args), shared)
 
     def _launch(self, grid, block, stream, params: bytes, shared_bytes: int) -> None:
-        grid3 = tuple(grid) + (1,) * (3 - len(grid))
-        block3 = tuple(block) + (1,) * (3 - len(block))
-        buffer = ctypes.create_string_buffer(params, max(len(params), 1))
-        size = ctypes.c_size_t(len(params))
-        extra = (ctypes.c_void_p * 5)(_PARAM_BUFFER_POINTER, ctypes.addressof(buffer), _PARAM_BUFFER_SIZE,
-                                      ctypes.addressof(size), _PARAM_END)
-        config = LaunchConfig((ctypes.c_uint * 3)(*grid3), (ctypes.c_uint * 3)(*block3), shared_bytes,
-                              0 if stream is None else stream.handle, self._attrs, self._num_attrs)
-        code = self._lib.cuLaunchKernelEx(ctypes.byref(config), self._handle, None, extra)
-        if code != _CUDA_SUCCESS:
-            raise CudaBackendError(f"launch of {self.function_name} (grid {grid3}, block {block3}, "
-                                   f"{shared_bytes} B shared) failed: {_error_name(self._lib, code)}")
+        launch = PreparedLaunch(self._lib, self._handle, self.function_name, grid, block, stream, params,
+                                shared_bytes)
+        launch.run()
+        if self._module._recording is not None:
+            self._module._recording.launches.append(launch)
 
 
 class DriverModule:
     """The fatbin loaded with cuModuleLoadData into the current (PyCUDA's) context."""
 
-    def __init__(self, path: str | os.PathLike[str], pdl: bool, lib=None) -> None:
+    def __init__(self, path: str | os.PathLike[str], lib=None) -> None:
         self._lib = lib if lib is not None else _libcuda()
-        self.path, self.pdl = Path(path), pdl
+        self.path = Path(path)
         handle = ctypes.c_void_p()
         code = self._lib.cuModuleLoadData(ctypes.byref(handle), self.path.read_bytes())
         if code != _CUDA_SUCCESS:
             raise CudaBackendError(f"cuModuleLoadData({self.path}) failed: {_error_name(self._lib, code)}")
         self._handle = handle.value
-        self._attrs = (LaunchAttribute * 1)()
-        self._attrs[0].id = _ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION
-        self._attrs[0].value[0] = 1   # programmaticStreamSerializationAllowed
+        self._recording: RecordedLaunches | None = None
+
+    @contextlib.contextmanager
+    def recording(self) -> Iterator[RecordedLaunches]:
+        """Launches made in the block run as usual and are also kept, in order, in the yielded
+        RecordedLaunches. What they read (pointers, sizes) is baked in, as in a graph capture."""
+        if self._recording is not None:
+            raise CudaBackendError("launch recordings do not nest")
+        self._recording = RecordedLaunches()
+        try:
+            yield self._recording
+        finally:
+            self._recording = None
 
     def get_function(self, name: str) -> DriverKernel:
         handle = ctypes.c_void_p()
@@ -160,7 +195,7 @@ class DriverModule:
             raise KernelNotFound(f"kernel {name} is not in {self.path}")
         if code != _CUDA_SUCCESS:
             raise CudaBackendError(f"cuModuleGetFunction({name}) failed: {_error_name(self._lib, code)}")
-        return DriverKernel(self._lib, handle.value, name, self._attrs if self.pdl else None, 1 if self.pdl else 0)
+        return DriverKernel(self, handle.value, name)
 
     def unload(self) -> None:
         if self._handle:

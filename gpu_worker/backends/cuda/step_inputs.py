@@ -23,7 +23,12 @@ def check_step_batch(batch: StepBatch, vocab_size: int, num_blocks: int, block_s
 
 
 class StepInputs:
-    """Pinned host mirror of StepMeta; `upload` enqueues the copies on the device stream."""
+    """Pinned host mirror of StepMeta; `upload` enqueues the copies on the device stream.
+
+    The copies are asynchronous: until the stream reaches them they read the mirror, so the next
+    upload into this mirror first waits for them (an event). The backend alternates two mirrors,
+    but a step that samples nothing (a prompt chunk) is never waited for, so with a fast host
+    several of those can be in flight at once."""
 
     def __init__(self, device, meta: StepMeta, max_tokens: int, max_seqs: int, max_blocks_per_seq: int) -> None:
         self.device, self.meta = device, meta
@@ -35,9 +40,17 @@ class StepInputs:
                       for i, name in enumerate((*META_FIELDS, "logit_rows"))}
         self.token_bytes = int(bounds[-1]) * 4
         self.tables = self.host[bounds[-1]:].reshape(max_seqs, max_blocks_per_seq)
+        self._copied = device.cuda.Event()   # recorded after this mirror's last copies
+        self._copies_pending = False
+
+    def _wait_for_previous_copies(self) -> None:
+        if self._copies_pending:
+            self._copied.synchronize()
+            self._copies_pending = False
 
     def upload(self, batch: StepBatch, pad_to: int | None, logit_rows: np.ndarray | None) -> None:
         """pad_to: decode-graph bucket (rows past the batch get harmless inputs, no KV write)."""
+        self._wait_for_previous_copies()
         n, num_seqs = batch.num_tokens, batch.num_seqs
         v = self.views
         v["input_ids"][:n] = batch.input_ids
@@ -66,6 +79,7 @@ class StepInputs:
 
     def upload_padding(self, bucket: int) -> None:
         """Inputs of an all-padding decode step of `bucket` rows (graph warm-up and capture)."""
+        self._wait_for_previous_copies()
         self._pad(0, bucket)
         self._copy(bucket)
 
@@ -74,3 +88,5 @@ class StepInputs:
         cuda.memcpy_htod_async(self.meta.base.ptr, self.host[:self.token_bytes // 4], stream)
         tables_bytes = table_rows * self.max_blocks_per_seq * 4
         cuda.memcpy_htod_async(self.meta.block_tables.ptr, self.tables.reshape(-1)[:tables_bytes // 4], stream)
+        self._copied.record(stream)
+        self._copies_pending = True

@@ -284,6 +284,11 @@ class LinearMmaOp:
             self._opted_in.add(name)
         return kernel
 
+    @property
+    def scratch_sizes(self) -> tuple[int, int]:
+        """(fp16 x scratch, weight scratch) capacities in halves: with the shapes, they fix every plan."""
+        return self._scratch_elems, self._weight_scratch_elems
+
     def choose(self, weight: DeviceWeight, num_tokens: int) -> tuple[str, int]:
         """The tile pick_tile takes given this launcher's scratches."""
         return pick_tile(weight, num_tokens, allow_gemm=self.can_gemm(weight, num_tokens),
