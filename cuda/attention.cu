@@ -12,10 +12,15 @@
 // One warp per (query head, split): the 4 splits run side by side. (A single warp walking all
 // tiles issued one dependent instruction every ~11 cycles: ~1.8 us per tile at batch 1.)
 //
-// Block = (token, kv head): 4 warps for each query head of the GQA group. All of them need the same
-// K/V rows, so the block stages them once in shared memory, one round of 4 tiles (128 positions)
-// at a time with cp.async, the next round in flight while this one is scored. Where a tile comes
-// from changes no value and no order of operations.
+// Block = (token, `heads_per_block` query heads of one GQA group): 4 warps per query head. They all
+// need the same K/V rows, so the block stages them once in shared memory, one round of 4 tiles
+// (128 positions) at a time with cp.async, the next round in flight while this one is scored.
+// heads_per_block is the whole group (7) when there are tokens enough to fill the GPU: the K/V
+// rows are read once per group. With few tokens (decode at small batches) it is 1: 14 small blocks
+// spread over 14 multiprocessors instead of 2 big ones whose 28 warps queue for 2 multiprocessors'
+// issue slots (ops/attention.py picks; ~10% faster at 1-16 tokens, 3x slower at 64).
+// Neither where a tile comes from nor which block runs a head changes a value or an order of
+// operations: the output is bitwise the same for every heads_per_block.
 #include "common.cuh"
 
 #define QS_ATTN_HEAD_DIM 64
@@ -41,6 +46,7 @@ struct AttentionParams {
     long long num_heads;
     long long num_kv_heads;
     long long block_size;
+    long long heads_per_block;  // query heads per block: divides num_heads / num_kv_heads
     float scale;
     float pad_;
 };
@@ -128,18 +134,30 @@ __device__ __forceinline__ long long paged_slot(const int* block_table_row, int 
 
 // Issues (and commits, as one cp.async group) the copies of round `round`'s K and V rows of
 // kv_head (positions [128 * round, 128 * round + 128) of the context) into one stage. 16 bytes per
-// copy, strided by thread; positions past the context are skipped.
+// copy, strided by thread; positions past the context are skipped. Every thread of the block calls
+// it (it has a barrier).
+// First each row's cache offset goes to `row_offsets` (-1 past the context): one block-table read
+// per row, all of them in flight at once. Read inside the copy loop instead, a thread's table
+// reads were waited for one after the other (the cp.async asm orders memory for the compiler):
+// with 4 warps per block that is 16 round trips per round.
 __device__ __forceinline__ void attn_stage_round(const AttentionParams& p, const int* table, int kv_head,
-                                                 int context_len, int round, AttnRow* k_stage, AttnRow* v_stage) {
+                                                 int context_len, int round, AttnRow* k_stage, AttnRow* v_stage,
+                                                 long long* row_offsets) {
     constexpr int kPieces = QS_ATTN_HEAD_DIM / 8;               // 16-byte pieces per row
     constexpr int kCopies = QS_ATTN_ROUND * kPieces;            // per cache
     const int start = round * QS_ATTN_ROUND;
+    for (int row = threadIdx.x; row < QS_ATTN_ROUND; row += blockDim.x) {
+        const int pos = start + row;
+        row_offsets[row] = pos < context_len
+            ? (paged_slot(table, pos, (int)p.block_size) * p.num_kv_heads + kv_head) * QS_ATTN_HEAD_DIM : -1;
+    }
+    __syncthreads();
     for (int c = threadIdx.x; c < 2 * kCopies; c += blockDim.x) {
         const bool is_v = c >= kCopies;
         const int row = (c % kCopies) / kPieces, piece = c % kPieces;
-        if (start + row >= context_len) continue;
-        const long long slot = paged_slot(table, start + row, (int)p.block_size);
-        const __half* src = (is_v ? p.v_cache : p.k_cache) + (slot * p.num_kv_heads + kv_head) * QS_ATTN_HEAD_DIM;
+        const long long offset = row_offsets[row];
+        if (offset < 0) continue;
+        const __half* src = (is_v ? p.v_cache : p.k_cache) + offset;
         cp_async16((is_v ? v_stage : k_stage)[row] + 8 * piece, src + 8 * piece);
     }
     asm volatile("cp.async.commit_group;\n" ::: "memory");
@@ -147,33 +165,35 @@ __device__ __forceinline__ void attn_stage_round(const AttentionParams& p, const
 
 }  // namespace qs
 
-// grid = (num_tokens, num_kv_heads), block = 32 * 4 * (num_heads / num_kv_heads),
+// grid = (num_tokens, num_heads / heads_per_block), block = 32 * 4 * heads_per_block,
 // dynamic shared memory QS_ATTN_SHARED_BYTES.
 extern "C" __global__ void __launch_bounds__(32 * QS_ATTN_SPLIT * QS_ATTN_MAX_GROUP) attention_f32(const AttentionParams p) {
     extern __shared__ __align__(16) uint8_t attn_smem[];
     __shared__ __align__(16) float q_heads[QS_ATTN_MAX_GROUP][QS_ATTN_HEAD_DIM];
+    __shared__ long long row_offsets[2][QS_ATTN_ROUND];   // round r's rows in row_offsets[r & 1]
     qs::AttnRow* k_stages = reinterpret_cast<qs::AttnRow*>(attn_smem);           // [2][128]
     qs::AttnRow* v_stages = k_stages + 2 * QS_ATTN_ROUND;                         // [2][128]
-    const int t = blockIdx.x, kv_head = blockIdx.y;
+    const int t = blockIdx.x;
     const int group = (int)(p.num_heads / p.num_kv_heads);
+    const int first_head = blockIdx.y * (int)p.heads_per_block, kv_head = first_head / group;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    const int head_in_group = warp / QS_ATTN_SPLIT, split = warp % QS_ATTN_SPLIT;
-    const int head = kv_head * group + head_in_group;
+    const int head_in_block = warp / QS_ATTN_SPLIT, split = warp % QS_ATTN_SPLIT;
+    const int head = first_head + head_in_block;
     const int context_len = p.positions[t] + 1;
     const int num_tiles = (context_len + QS_ATTN_TILE - 1) / QS_ATTN_TILE;
     const int num_rounds = (context_len + QS_ATTN_ROUND - 1) / QS_ATTN_ROUND;
     const int* table = p.block_tables + (size_t)p.token_seq[t] * p.max_blocks_per_seq;
-    qs::attn_stage_round(p, table, kv_head, context_len, 0, k_stages, v_stages);
-    const float* q_group = p.q + ((size_t)t * p.num_heads + kv_head * group) * QS_ATTN_HEAD_DIM;
-    for (int i = threadIdx.x; i < group * QS_ATTN_HEAD_DIM / 4; i += blockDim.x)
-        reinterpret_cast<float4*>(&q_heads[0][0])[i] = reinterpret_cast<const float4*>(q_group)[i];
+    qs::attn_stage_round(p, table, kv_head, context_len, 0, k_stages, v_stages, row_offsets[0]);
+    const float* q_block = p.q + ((size_t)t * p.num_heads + first_head) * QS_ATTN_HEAD_DIM;
+    for (int i = threadIdx.x; i < (int)p.heads_per_block * QS_ATTN_HEAD_DIM / 4; i += blockDim.x)
+        reinterpret_cast<float4*>(&q_heads[0][0])[i] = reinterpret_cast<const float4*>(q_block)[i];
     qs::AttnState st = qs::attn_state_init();
     for (int round = 0; round < num_rounds; ++round) {
         // Round + 1 goes to the stage round - 1 used; the barrier ending round - 1 freed it.
         if (round + 1 < num_rounds) {
             const int next = (round + 1) & 1;
             qs::attn_stage_round(p, table, kv_head, context_len, round + 1, k_stages + next * QS_ATTN_ROUND,
-                                 v_stages + next * QS_ATTN_ROUND);
+                                 v_stages + next * QS_ATTN_ROUND, row_offsets[next]);
             asm volatile("cp.async.wait_group 1;\n" ::: "memory");   // this round's group is done
         } else {
             asm volatile("cp.async.wait_group 0;\n" ::: "memory");
@@ -182,14 +202,14 @@ extern "C" __global__ void __launch_bounds__(32 * QS_ATTN_SPLIT * QS_ATTN_MAX_GR
         const int tile = round * QS_ATTN_SPLIT + split;
         if (tile < num_tiles) {
             const int stage_row = (round & 1) * QS_ATTN_ROUND + split * QS_ATTN_TILE;
-            qs::attn_tile_update(st, q_heads[head_in_group], k_stages + stage_row, v_stages + stage_row,
+            qs::attn_tile_update(st, q_heads[head_in_block], k_stages + stage_row, v_stages + stage_row,
                                  min(QS_ATTN_TILE, context_len - tile * QS_ATTN_TILE), p.scale);
         }
         __syncthreads();
     }
     // Splits 1..3 hand their states to split 0 through the (now free) stage memory.
-    float* states = reinterpret_cast<float*>(attn_smem);   // [group][split][2 + 64]
-    float* mine = states + (head_in_group * QS_ATTN_SPLIT + split) * (2 + QS_ATTN_HEAD_DIM);
+    float* states = reinterpret_cast<float*>(attn_smem);   // [heads_per_block][split][2 + 64]
+    float* mine = states + (head_in_block * QS_ATTN_SPLIT + split) * (2 + QS_ATTN_HEAD_DIM);
     if (split > 0) {
         if (lane == 0) { mine[0] = st.m; mine[1] = st.l; }
         mine[2 + 2 * lane] = st.acc0;

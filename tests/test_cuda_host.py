@@ -11,7 +11,7 @@ import pytest
 from gpu_worker.backends.base import SampleRequest
 from gpu_worker.backends.cpu.sequence_runner import SequenceChunk, blocks_for, build_step
 from gpu_worker.backends.cuda.device import DeviceTensor
-from gpu_worker.backends.cuda.ops.attention import PARAMS_FIELDS as ATTENTION_FIELDS
+from gpu_worker.backends.cuda.ops.attention import PARAMS_FIELDS as ATTENTION_FIELDS, heads_per_block_for
 from gpu_worker.backends.cuda.ops.rope_kv import PARAMS_FIELDS as ROPE_FIELDS, rope_tables_host
 from gpu_worker.backends.cuda.ops.sampling import SAMPLE_ARGS_DTYPE
 from gpu_worker.backends.cuda.sampler import pack_sampling
@@ -21,11 +21,20 @@ from gpu_worker.sampling.params import SamplingParams
 
 
 def test_struct_records_have_the_c_layouts():
-    # AttentionParams: 7 pointers + 4 int64 + 2 floats; RopeKvParams: 12 pointers + 3 int64.
-    assert np.dtype(ATTENTION_FIELDS, align=True).itemsize == 7 * 8 + 4 * 8 + 8
+    # AttentionParams: 7 pointers + 5 int64 + 2 floats; RopeKvParams: 12 pointers + 3 int64.
+    assert np.dtype(ATTENTION_FIELDS, align=True).itemsize == 7 * 8 + 5 * 8 + 8
     assert np.dtype(ROPE_FIELDS, align=True).itemsize == 15 * 8
     assert SAMPLE_ARGS_DTYPE.itemsize == 88
     assert SAMPLE_ARGS_DTYPE.fields["top_p"][1] == 24 and SAMPLE_ARGS_DTYPE.fields["temperature"][1] == 40
+
+
+def test_attention_spreads_heads_over_blocks_only_while_the_gpu_has_room():
+    # 14 query heads, 2 kv heads, 132 multiprocessors: one head per block up to 18 tokens (252
+    # blocks <= 264), whole GQA groups from 19.
+    assert heads_per_block_for(1, 14, 2, 132) == 1
+    assert heads_per_block_for(18, 14, 2, 132) == 1
+    assert heads_per_block_for(19, 14, 2, 132) == 7
+    assert heads_per_block_for(512, 14, 2, 132) == 7
 
 
 def test_rope_tables_equal_the_reference_angles():

@@ -90,9 +90,11 @@ def profile(b, args) -> None:
     rows.append(("rope_kv", time_us(d, lambda: launch_rope_kv(d, q3, *kv3, (layer.bias_q, layer.bias_k, layer.bias_v),
                                                               m.positions.view(n), m.slot_mapping.view(n), f.rope,
                                                               k_cache, v_cache)), ""))
-    rows.append((f"attention ctx {args.context}", time_us(d, lambda: launch_attention(
-        d, q3, a.attn.rows(0, n).view(n, cfg.num_heads, hd), k_cache, v_cache, m.block_tables, m.token_seq.view(n),
-        m.positions.view(n), f.block_size)), ""))
+    for heads_per_block in (None, cfg.num_heads // cfg.num_kv_heads):   # the launcher's pick, then whole groups
+        label = f"attention ctx {args.context}" + (" (whole GQA group per block)" if heads_per_block else "")
+        rows.append((label, time_us(d, lambda: launch_attention(
+            d, q3, a.attn.rows(0, n).view(n, cfg.num_heads, hd), k_cache, v_cache, m.block_tables,
+            m.token_seq.view(n), m.positions.view(n), f.block_size, heads_per_block=heads_per_block)), ""))
     rows.append(("swiglu", time_us(d, lambda: launch_swiglu(d, a.gate.rows(0, n), a.up.rows(0, n), a.gate.rows(0, n))), ""))
     bucket = b.graphs.bucket_for(n)
     start, end = d.cuda.Event(), d.cuda.Event()

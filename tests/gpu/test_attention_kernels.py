@@ -59,10 +59,10 @@ class PagedCase:
                 gpu.upload(self.token_seq), gpu.upload(self.positions))
 
 
-def run_attention(gpu, case):
+def run_attention(gpu, case, heads_per_block=None):
     q, k, v, tables, token_seq, positions = case.device_args(gpu)
     out = gpu.poisoned(case.q.shape, np.float32)
-    launch_attention(gpu.device, q, out, k, v, tables, token_seq, positions, BLOCK)
+    launch_attention(gpu.device, q, out, k, v, tables, token_seq, positions, BLOCK, heads_per_block=heads_per_block)
     return gpu.download(out)
 
 
@@ -104,6 +104,26 @@ def test_prefill_chunking_does_not_change_outputs(gpu):
     split.tables = np.repeat(whole.tables, len(chunks), axis=0)
     split.token_seq = np.repeat(np.arange(len(chunks)), chunks).astype(np.int32)
     assert np.array_equal(run_attention(gpu, split), out_whole)
+
+
+@pytest.mark.parametrize("heads_per_block", [1, HEADS // KV_HEADS])
+def test_every_heads_per_block_gives_the_same_bits(gpu, heads_per_block):
+    """One query head per block (few tokens) or the whole GQA group (many): the same values, in
+    the same order of operations, so bitwise the same output; and both match the reference."""
+    rng = np.random.default_rng()
+    case = PagedCase(rng, context_lens=[1, 33, 129, 300, 700], chunk_lens=[1, 1, 20, 1, 3], num_blocks=200)
+    out = run_attention(gpu, case, heads_per_block)
+    assert not np.isnan(out).any()
+    assert rel_error(out, case.reference()) < 1e-5
+    other = HEADS // KV_HEADS if heads_per_block == 1 else 1
+    assert np.array_equal(out, run_attention(gpu, case, other))
+
+
+def test_attention_rejects_heads_per_block_that_does_not_divide_the_group(gpu):
+    case = PagedCase(np.random.default_rng(), [4], [1])
+    q, k, v, tables, token_seq, positions = case.device_args(gpu)
+    with pytest.raises(ValueError, match="heads_per_block 2"):
+        launch_attention(gpu.device, q, q, k, v, tables, token_seq, positions, BLOCK, heads_per_block=2)
 
 
 def test_attention_rejects_head_dim_other_than_64(gpu):

@@ -124,6 +124,7 @@ class CudaDevice:
         self.device = cuda.Device(device_index)
         self.context = self.device.make_context()
         self.name: str = self.device.name()
+        self.multiprocessors: int = self.device.get_attribute(cuda.device_attribute.MULTIPROCESSOR_COUNT)
         self.fatbin_path = Path(fatbin_path) if fatbin_path else DEFAULT_FATBIN
         if not self.fatbin_path.is_file():
             self.context.pop()
