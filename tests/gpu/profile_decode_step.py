@@ -69,33 +69,40 @@ def profile(b, args) -> None:
     hd = cfg.head_dim
     q3 = a.q.rows(0, n).view(n, cfg.num_heads, hd)
     kv3 = (a.k.rows(0, n).view(n, cfg.num_kv_heads, hd), a.v.rows(0, n).view(n, cfg.num_kv_heads, hd))
-    rows = []
-    linears = [("q", layer.q, a.normed, a.q, NO_FUSION), ("k", layer.k, a.normed, a.k, NO_FUSION),
-               ("v", layer.v, a.normed, a.v, NO_FUSION), ("o", layer.o, a.attn, a.delta, NO_FUSION)]
+    rows, used = [], {}   # used: the time of each launch a layer of this step makes, by role
+    eps = cfg.rms_norm_eps
+    # (role, name, weight, x, y, fusion)
+    linears = [("q", "q", layer.q, a.normed, a.q, NO_FUSION), ("k", "k", layer.k, a.normed, a.k, NO_FUSION),
+               ("v", "v", layer.v, a.normed, a.v, NO_FUSION), ("o", "o", layer.o, a.attn, a.delta, NO_FUSION)]
     if layer.gate_up is not None:   # one interleaved matrix with the SwiGLU epilogue
-        linears.append(("gate_up+swiglu", layer.gate_up, a.normed, a.gate, MatvecFusion(epilogue="swiglu")))
+        linears.append(("gate_up", "gate_up+swiglu", layer.gate_up, a.normed, a.gate, MatvecFusion(epilogue="swiglu")))
     else:
-        linears += [("gate", layer.gate, a.normed, a.gate, NO_FUSION), ("up", layer.up, a.normed, a.up, NO_FUSION)]
-    linears += [("down", layer.down, a.gate, a.delta, NO_FUSION),
-                ("lm_head", f.weights.lm_head, a.final, a.logits, NO_FUSION)]
-    for name, weight, x, y, fusion in linears:
+        linears += [("gate", "gate", layer.gate, a.normed, a.gate, NO_FUSION),
+                    ("up", "up", layer.up, a.normed, a.up, NO_FUSION)]
+    linears.append(("down", "down", layer.down, a.gate, a.delta, NO_FUSION))
+    linears.append(("lm_head", "lm_head", f.weights.lm_head, a.final, a.logits, NO_FUSION))
+    for role, name, weight, x, y, fusion in linears:
         us = time_us(d, lambda w=weight, x=x, y=y, fu=fusion: f._linear(w, x.rows(0, n), y.rows(0, n), fu))
+        used[role] = us
         gbs = weight.nbytes / us / 1e3
         rows.append((f"{f.linear} linear {name} {type_name(weight.qtype)} [{weight.rows}x{weight.cols}]", us,
                      f"{gbs:,.0f} GB/s"))
-    num_linears = len(linears) - 1   # per layer, without the LM head
     res, normed = a.residual.rows(0, n), a.normed.rows(0, n)
-    rows.append(("rms_norm", time_us(d, lambda: launch_rms_norm(d, res, layer.ffn_norm, normed, 1e-6,
-                                                                 delta=a.delta.rows(0, n), write_residual=False)), ""))
-    rows.append(("rope_kv", time_us(d, lambda: launch_rope_kv(d, q3, *kv3, (layer.bias_q, layer.bias_k, layer.bias_v),
-                                                              m.positions.view(n), m.slot_mapping.view(n), f.rope,
-                                                              k_cache, v_cache)), ""))
-    for heads_per_block in (None, cfg.num_heads // cfg.num_kv_heads):   # the launcher's pick, then whole groups
+    used["rms_norm"] = time_us(d, lambda: launch_rms_norm(d, res, layer.ffn_norm, normed, eps,
+                                                          delta=a.delta.rows(0, n), write_residual=False))
+    rows.append(("rms_norm", used["rms_norm"], ""))
+    used["rope_kv"] = time_us(d, lambda: launch_rope_kv(d, q3, *kv3, (layer.bias_q, layer.bias_k, layer.bias_v),
+                                                       m.positions.view(n), m.slot_mapping.view(n), f.rope,
+                                                       k_cache, v_cache))
+    rows.append(("rope_kv", used["rope_kv"], ""))
+    for heads_per_block in (cfg.num_heads // cfg.num_kv_heads, None):   # whole groups, then the launcher's pick
         label = f"attention ctx {args.context}" + (" (whole GQA group per block)" if heads_per_block else "")
-        rows.append((label, time_us(d, lambda: launch_attention(
+        used["attention"] = time_us(d, lambda: launch_attention(
             d, q3, a.attn.rows(0, n).view(n, cfg.num_heads, hd), k_cache, v_cache, m.block_tables,
-            m.token_seq.view(n), m.positions.view(n), f.block_size, heads_per_block=heads_per_block)), ""))
-    rows.append(("swiglu", time_us(d, lambda: launch_swiglu(d, a.gate.rows(0, n), a.up.rows(0, n), a.gate.rows(0, n))), ""))
+            m.token_seq.view(n), m.positions.view(n), f.block_size, heads_per_block=heads_per_block))
+        rows.append((label, used["attention"], ""))
+    used["swiglu"] = time_us(d, lambda: launch_swiglu(d, a.gate.rows(0, n), a.up.rows(0, n), a.gate.rows(0, n)))
+    rows.append(("swiglu", used["swiglu"], ""))
     bucket = b.graphs.bucket_for(n)
     start, end = d.cuda.Event(), d.cuda.Event()
     start.record(d.stream)
@@ -104,14 +111,14 @@ def profile(b, args) -> None:
     end.record(d.stream)
     end.synchronize()
     rows.append((f"whole decode graph (bucket {bucket})", 1e3 * end.time_since(start) / 20, ""))
-    norm, rope, attention, swiglu = (rows[num_linears + 1 + i][1] for i in range(4))
-    per_layer = (sum(us for _, us, _ in rows[:num_linears]) + 2 * norm + rope + attention
-                 + (0.0 if layer.gate_up is not None else swiglu))
-    print(f"\n| op (batch {n}) | us per launch | bandwidth |\n|---|---|---|")
+    per_layer = (sum(used[role] for role in ("q", "k", "v", "o", "gate_up", "gate", "up", "down") if role in used)
+                 + 2 * used["rms_norm"] + used["rope_kv"] + used["attention"]
+                 + (0.0 if layer.gate_up is not None else used["swiglu"]))
+    print(f"\n| op (batch {n}) | us per launch | note |\n|---|---|---|")
     for name, us, extra in rows:
         print(f"| {name} | {us:.1f} | {extra} |")
-    lm_head = rows[num_linears][1]
-    print(f"| sum of one layer's launches x {cfg.num_layers} + lm_head | {per_layer * cfg.num_layers + lm_head:.0f} | |")
+    print(f"| sum of one layer's launches x {cfg.num_layers} + lm_head | "
+          f"{per_layer * cfg.num_layers + used['lm_head']:.0f} | |")
 
 
 if __name__ == "__main__":
