@@ -5,8 +5,8 @@ per kernel, and the ops' Python around each launch (shape checks, tile plans, ar
 about as much again: an eager forward (~530 launches for a prefill) took 5-10 ms of host time on
 the GPU machine, more than the GPU needs for a prompt of a few hundred tokens.
 
-This module loads the same fatbin a second time with cuModuleLoadData and launches with
-cuLaunchKernelEx. Each launch is built once as a PreparedLaunch (packed arguments, launch config);
+This module loads the fatbin with cuModuleLoadData (into PyCUDA's context, instead of PyCUDA's
+own module) and launches with cuLaunchKernelEx. Each launch is built once as a PreparedLaunch (packed arguments, launch config);
 DriverModule.recording() keeps the launches of a block, and RecordedLaunches.replay() enqueues
 them again with one foreign call each. Qwen2Forward records each eager shape once and replays it
 after (its launches read every per-step input from static buffers, as a CUDA graph's do).
