@@ -2,7 +2,7 @@
 prefill token counts (the launcher's pick marked *), with TFLOP/s and weight GB/s. A benchmark,
 not a test. Run on the GPU machine: `python tests/gpu/bench_linear_mma.py [out.json]`;
 LINEAR_MMA_SHARED_KB=48 plans with a smaller shared-memory budget (more CTAs per SM);
-BENCH_SHAPES=attn_k/v,ffn_down runs only those shapes."""
+BENCH_SHAPES=attn_k/v,ffn_down runs only those shapes, BENCH_TOKENS=1,8 only those token counts."""
 from __future__ import annotations
 
 import json
@@ -55,7 +55,7 @@ def main() -> None:
         stride = -(-nbytes // 256) * 256
         copies = max(2, min(32, POOL_BYTES // stride))
         weights = [DeviceWeight(int(qtype), rows, cols, pool + i * stride) for i in range(copies)]
-        for tokens in TOKENS:
+        for tokens in [int(t) for t in os.environ.get("BENCH_TOKENS", "").split(",") if t] or TOKENS:
             x = dev.upload(rng.standard_normal((tokens, cols), dtype=np.float32))
             y = dev.poisoned((tokens, rows))
             chosen = linear.choose(weights[0], tokens)
