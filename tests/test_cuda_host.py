@@ -94,6 +94,8 @@ class LazyStreamCuda:
     """Stands in for pycuda.driver: async copies run only when an event is waited for (a device
     that is behind the host), reading the pinned mirror as it is then."""
 
+    Error = RuntimeError
+
     def __init__(self):
         self.pending, self.device = [], {}
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from gpu_worker.backends.base import StepBatch
+from gpu_worker.backends.cuda.device import CudaBackendError
 from gpu_worker.backends.cuda.forward import META_FIELDS, StepMeta
 
 
@@ -45,7 +46,10 @@ class StepInputs:
 
     def _wait_for_previous_copies(self) -> None:
         if self._copies_pending:
-            self._copied.synchronize()
+            try:
+                self._copied.synchronize()
+            except self.device.cuda.Error as exc:   # a fault of an earlier launch surfaces here
+                raise CudaBackendError(f"CUDA error while waiting for the step input copies: {exc}") from exc
             self._copies_pending = False
 
     def upload(self, batch: StepBatch, pad_to: int | None, logit_rows: np.ndarray | None) -> None:
