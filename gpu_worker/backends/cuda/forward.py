@@ -131,6 +131,7 @@ class Qwen2Forward:
         # ~530 launches of a prefill took 5-10 ms of Python on the GPU machine's host, their
         # replay 1.5-2.8 ms (H200 host, 2026-11-28).
         self._recorded: OrderedDict[tuple, object] = OrderedDict()
+        self.replayed_runs = 0   # runs served by a recording (tests, diagnostics)
 
     def set_kv_cache(self, kv: list[tuple[DeviceTensor, DeviceTensor]], block_size: int) -> None:
         """Per layer (k_cache, v_cache), each [num_blocks * block_size, num_kv_heads, head_dim] f16."""
@@ -147,10 +148,6 @@ class Qwen2Forward:
                             x_unchanged=x_unchanged)
         else:
             self.matvec(weight, x.ptr, y.ptr, x.shape[0], self.device.stream, fusion=fusion)
-
-    @property
-    def recorded_shapes(self) -> int:
-        return len(self._recorded)
 
     def run(self, num_tokens: int, num_logits: int, all_rows: bool) -> None:
         """Enqueues the forward of `num_tokens` tokens (any mix of prompt chunks and decode tokens).
@@ -169,6 +166,7 @@ class Qwen2Forward:
         if recorded is not None:
             self._recorded.move_to_end(key)
             recorded.replay()
+            self.replayed_runs += 1
             return
         with record() as recorded:
             self._enqueue(num_tokens, num_logits, all_rows)
