@@ -145,6 +145,16 @@ def test_a_recording_does_not_nest(tmp_path):
                 pass
 
 
+def test_a_driver_without_culaunchkernelex_names_the_fallback(tmp_path, monkeypatch):
+    def no_library(name):
+        raise OSError(f"{name}: cannot open shared object file")
+    monkeypatch.setattr(ctypes, "CDLL", no_library)
+    fatbin = tmp_path / "k.fatbin"
+    fatbin.write_bytes(b"x")
+    with pytest.raises(CudaBackendError, match=f"{LAUNCH_ENV}=pycuda"):
+        DriverModule(fatbin)
+
+
 def test_missing_kernels_and_unprepared_calls_are_named(tmp_path):
     fatbin = tmp_path / "k.fatbin"
     fatbin.write_bytes(b"x")

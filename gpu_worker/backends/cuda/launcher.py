@@ -69,7 +69,12 @@ def pack_arguments(args: tuple) -> bytes:
 
 
 def _libcuda():
-    lib = ctypes.CDLL("libcuda.so.1")
+    try:
+        lib = ctypes.CDLL("libcuda.so.1")
+        lib.cuLaunchKernelEx   # noqa: B018 (CUDA 12+ drivers export it)
+    except (OSError, AttributeError) as exc:
+        raise CudaBackendError(f"the CUDA driver library cannot launch through cuLaunchKernelEx ({exc}); "
+                               f"{LAUNCH_ENV}=pycuda launches through PyCUDA instead") from exc
     lib.cuModuleLoadData.argtypes = [ctypes.POINTER(ctypes.c_void_p), ctypes.c_char_p]
     lib.cuModuleGetFunction.argtypes = [ctypes.POINTER(ctypes.c_void_p), ctypes.c_void_p, ctypes.c_char_p]
     lib.cuModuleUnload.argtypes = [ctypes.c_void_p]
@@ -179,7 +184,8 @@ class DriverModule:
     @contextlib.contextmanager
     def recording(self) -> Iterator[RecordedLaunches]:
         """Launches made in the block run as usual and are also kept, in order, in the yielded
-        RecordedLaunches. What they read (pointers, sizes) is baked in, as in a graph capture."""
+        RecordedLaunches. What they read (pointers, sizes) and their stream are baked in, as in a
+        graph capture."""
         if self._recording is not None:
             raise CudaBackendError("launch recordings do not nest")
         self._recording = RecordedLaunches()
