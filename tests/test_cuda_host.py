@@ -143,3 +143,26 @@ def test_an_upload_waits_for_the_mirrors_previous_copies():
     cuda.run_stream()
     assert copied_first == [11, 12, 13]
     assert cuda.device[meta.base.ptr][:3].tolist() == [21, 22, 23]
+
+
+def test_eager_padding_tokens_write_no_kv_and_stay_in_sequence_0():
+    """Tokens past an eager step's batch (its bucketed token count): id 0 at position 0 of sequence
+    0 (a valid block-table row), slot -1 (no KV write)."""
+    from types import SimpleNamespace
+
+    from gpu_worker.backends.cuda.forward import allocate_meta
+    from gpu_worker.backends.cuda.step_inputs import StepInputs
+
+    cuda = LazyStreamCuda()
+    addresses = iter(range(0x1000, 0x100000, 0x1000))
+    memory = SimpleNamespace(tensor=lambda purpose, shape, dtype: DeviceTensor(next(addresses), shape, np.dtype(dtype)))
+    meta = allocate_meta(memory, max_tokens=8, max_seqs=2, max_blocks_per_seq=4)
+    inputs = StepInputs(SimpleNamespace(cuda=cuda, stream=None), meta, 8, 2, 4)
+    step = build_step([SequenceChunk((11, 12), 0, (3,)), SequenceChunk((21, 22, 23), 5, (4,))], 16)
+    inputs.upload(step, pad_to=None, logit_rows=np.array([1, 4], np.int32), pad_tokens_to=8)
+    cuda.run_stream()
+    fields = cuda.device[meta.base.ptr]
+    ids, positions, slots, token_seq = (fields[8 * i:8 * i + 8].tolist() for i in range(4))
+    assert ids == [11, 12, 21, 22, 23, 0, 0, 0] and positions == [0, 1, 5, 6, 7, 0, 0, 0]
+    assert slots[5:] == [-1, -1, -1] and min(slots[:5]) >= 0
+    assert token_seq == [0, 0, 1, 1, 1, 0, 0, 0]

@@ -28,7 +28,7 @@ from gpu_worker.backends.cuda.ops.swiglu import launch_swiglu
 from gpu_worker.backends.cuda.weights import ModelWeights
 
 LINEAR_KERNELS = ("mma", "fp32")
-RECORDED_SHAPES = 64   # eager forwards kept as recorded launches (launcher.RecordedLaunches), least recent dropped
+RECORDED_SHAPES = 128  # eager forwards kept as recorded launches (launcher.RecordedLaunches), least recent dropped
 META_FIELDS = ("input_ids", "positions", "slot_mapping", "token_seq")
 
 

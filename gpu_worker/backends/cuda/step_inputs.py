@@ -52,8 +52,11 @@ class StepInputs:
                 raise CudaBackendError(f"CUDA error while waiting for the step input copies: {exc}") from exc
             self._copies_pending = False
 
-    def upload(self, batch: StepBatch, pad_to: int | None, logit_rows: np.ndarray | None) -> None:
-        """pad_to: decode-graph bucket (rows past the batch get harmless inputs, no KV write)."""
+    def upload(self, batch: StepBatch, pad_to: int | None, logit_rows: np.ndarray | None,
+               pad_tokens_to: int | None = None) -> None:
+        """pad_to: decode-graph bucket (rows past the batch get harmless inputs, no KV write).
+        pad_tokens_to: an eager step's bucketed token count; the tokens past the batch are
+        sequence 0's position 0 again, without a KV write (their outputs are never read)."""
         self._wait_for_previous_copies()
         n, num_seqs = batch.num_tokens, batch.num_seqs
         v = self.views
@@ -65,6 +68,9 @@ class StepInputs:
         if pad_to is not None:
             self._pad(n, pad_to)
             rows = pad_to
+        if pad_tokens_to is not None:
+            for name, value in (("input_ids", 0), ("positions", 0), ("slot_mapping", -1), ("token_seq", 0)):
+                v[name][n:pad_tokens_to] = value
         if logit_rows is not None:
             v["logit_rows"][:len(logit_rows)] = logit_rows
         width = min(batch.block_tables.shape[1], self.max_blocks_per_seq)
