@@ -24,7 +24,8 @@ FUSED_ENV = "QWEN_SERVE_CUDA_FUSED"
 LINEAR_ENV = "QWEN_SERVE_CUDA_LINEAR"
 # Eager steps (prefill, mixed) run on token counts rounded up to a multiple of EAGER_TOKEN_BUCKET and
 # logits rows rounded up to one of EAGER_LOGITS_BUCKET: up to 31 padding tokens of work buys a shape
-# seen before, whose recorded launches replay (~2 ms of host time instead of ~5-6 ms).
+# seen before, whose recorded launches replay. A shape never seen pays its tile plans and its
+# recording: prompts of new lengths took a median 19.9 ms unbucketed, 4.4 ms bucketed (H200, 33..511 tokens).
 EAGER_TOKEN_BUCKET, EAGER_LOGITS_BUCKET = 32, 8
 
 
