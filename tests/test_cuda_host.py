@@ -122,9 +122,8 @@ class LazyStreamCuda:
         return Event()
 
 
-def test_an_upload_waits_for_the_mirrors_previous_copies():
-    """Prompt-chunk steps sample nothing, so nobody waits for them: the next upload into the same
-    pinned mirror must not overwrite what the previous copy has not read yet."""
+def lazy_step_inputs():
+    """(LazyStreamCuda, StepMeta, StepInputs) for 8 tokens, 2 sequences, 4 blocks per sequence."""
     from types import SimpleNamespace
 
     from gpu_worker.backends.cuda.forward import allocate_meta
@@ -134,7 +133,13 @@ def test_an_upload_waits_for_the_mirrors_previous_copies():
     addresses = iter(range(0x1000, 0x100000, 0x1000))
     memory = SimpleNamespace(tensor=lambda purpose, shape, dtype: DeviceTensor(next(addresses), shape, np.dtype(dtype)))
     meta = allocate_meta(memory, max_tokens=8, max_seqs=2, max_blocks_per_seq=4)
-    inputs = StepInputs(SimpleNamespace(cuda=cuda, stream=None), meta, 8, 2, 4)
+    return cuda, meta, StepInputs(SimpleNamespace(cuda=cuda, stream=None), meta, 8, 2, 4)
+
+
+def test_an_upload_waits_for_the_mirrors_previous_copies():
+    """Prompt-chunk steps sample nothing, so nobody waits for them: the next upload into the same
+    pinned mirror must not overwrite what the previous copy has not read yet."""
+    cuda, meta, inputs = lazy_step_inputs()
     first = build_step([SequenceChunk((11, 12, 13), 0, (0,))], 16)
     second = build_step([SequenceChunk((21, 22, 23), 3, (0,))], 16)
     inputs.upload(first, pad_to=None, logit_rows=np.array([2], np.int32))
@@ -148,16 +153,7 @@ def test_an_upload_waits_for_the_mirrors_previous_copies():
 def test_eager_padding_tokens_write_no_kv_and_stay_in_sequence_0():
     """Tokens past an eager step's batch (its bucketed token count): id 0 at position 0 of sequence
     0 (a valid block-table row), slot -1 (no KV write)."""
-    from types import SimpleNamespace
-
-    from gpu_worker.backends.cuda.forward import allocate_meta
-    from gpu_worker.backends.cuda.step_inputs import StepInputs
-
-    cuda = LazyStreamCuda()
-    addresses = iter(range(0x1000, 0x100000, 0x1000))
-    memory = SimpleNamespace(tensor=lambda purpose, shape, dtype: DeviceTensor(next(addresses), shape, np.dtype(dtype)))
-    meta = allocate_meta(memory, max_tokens=8, max_seqs=2, max_blocks_per_seq=4)
-    inputs = StepInputs(SimpleNamespace(cuda=cuda, stream=None), meta, 8, 2, 4)
+    cuda, meta, inputs = lazy_step_inputs()
     step = build_step([SequenceChunk((11, 12), 0, (3,)), SequenceChunk((21, 22, 23), 5, (4,))], 16)
     inputs.upload(step, pad_to=None, logit_rows=np.array([1, 4], np.int32), pad_tokens_to=8)
     cuda.run_stream()
