@@ -122,13 +122,7 @@ __device__ void linear_f16_gemm(const LinearArgs& a, const __half* w16, const __
     const int num_tokens = min(S::kTokens, a.num_tokens - m0);
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, group = lane >> 2, quad = lane & 3;
     const int accumulator = warp % kAccumulators, row0 = S::kWarpRows * (warp / kAccumulators);
-    float acc[RB][TG][4];
-#pragma unroll
-    for (int rb = 0; rb < RB; ++rb)
-#pragma unroll
-        for (int j = 0; j < TG; ++j)
-#pragma unroll
-            for (int e = 0; e < 4; ++e) acc[rb][j][e] = 0.0f;
+    float acc[RB][TG][4] = {};
 
     const int num_chunks = (a.num_cols + kF16ChunkCols - 1) / kF16ChunkCols;
     auto stage = [&](int c) { return smem + (c % kF16Stages) * S::kStageBytes; };

@@ -14,9 +14,11 @@
 // alone, batched or in a prefill chunk. (It is not bitwise equal to matvec.cu's fp32 result.)
 // Values of x beyond fp16's range (|x| > 65504) become inf, as in any fp16 GEMM.
 //
-// Two CTA layouts run that arithmetic (4 warps, 8 * NG tokens per CTA):
+// Three CTA layouts run that arithmetic (4 warps, 8 * NG tokens per CTA):
 // - linear_mma_*  (16 rows per CTA): warp w owns accumulator w of the CTA's 16 rows; the partial
-//   sums meet in shared memory. Many CTAs for few rows: decode steps of the small matrices.
+//   sums meet in shared memory. Many CTAs for few rows.
+// - linear_mma_narrow_* (8 rows x 16 tokens per CTA): the same split with the mma's operands
+//   swapped (W as B, tokens as A), so each lane dequantizes half as much: decode steps.
 // - linear_mma_rows_* (64 rows per CTA): warp w owns rows 16w..16w+15 and all four accumulators.
 //   Each staged x value serves 4x the rows: large matrices and prefill.
 // Per K chunk a CTA stages its rows' bytes and its tokens' x values global -> shared with 16-byte
@@ -82,23 +84,23 @@ struct WarpTile {
     const uint8_t* xs;        // the x buffer
 };
 
+// Where tile row r's bytes of chunk k0 start in the staging buffer.
+template <int T>
+__device__ __forceinline__ const uint8_t* staged_row(const LinearArgs& a, const uint8_t* buf, int n0, int r, int k0) {
+    constexpr int kValues = qformats::BlockInfo<T>::kValues, kBytes = qformats::BlockInfo<T>::kBytes;
+    if (whole_rows(a)) return buf + ((static_cast<long long>(n0) * a.row_bytes) & 15) + r * a.row_bytes;
+    const long long begin = static_cast<long long>(n0 + r) * a.row_bytes + static_cast<long long>(k0 / kValues) * kBytes;
+    return buf + r * a.chunk_stride + (begin & 15);
+}
+
 template <int T, int ROWS>
 __device__ __forceinline__ WarpTile warp_tile(const LinearArgs& a, const uint8_t* buf, int n0, int row0, int k0) {
-    constexpr int kValues = qformats::BlockInfo<T>::kValues, kBytes = qformats::BlockInfo<T>::kBytes;
     const int group = (threadIdx.x & 31) >> 2;
     WarpTile tile;
     // Rows past N read stale shared bytes (likewise tokens past M): their products land only in
     // outputs that are never stored.
 #pragma unroll
-    for (int h = 0; h < 2; ++h) {
-        const int r = row0 + group + 8 * h;
-        if (whole_rows(a)) {
-            tile.rows[h] = buf + ((static_cast<long long>(n0) * a.row_bytes) & 15) + r * a.row_bytes;
-        } else {
-            const long long begin = static_cast<long long>(n0 + r) * a.row_bytes + static_cast<long long>(k0 / kValues) * kBytes;
-            tile.rows[h] = buf + r * a.chunk_stride + (begin & 15);
-        }
-    }
+    for (int h = 0; h < 2; ++h) tile.rows[h] = staged_row<T>(a, buf, n0, row0 + group + 8 * h, k0);
     tile.xs = buf + weight_bytes<ROWS>(a);
     return tile;
 }
@@ -157,6 +159,18 @@ __device__ __forceinline__ void for_each_chunk(const LinearArgs& a, int n0, int 
     }
 }
 
+// The 4 accumulators' partial sums of a [ROWS, TOKENS] tile, in shared memory [v][row][token], to
+// the outputs in accumulator order ((p0 + p1) + p2) + p3.
+template <int EPI, int ROWS, int TOKENS>
+__device__ __forceinline__ void write_partials(const LinearArgs& a, const float* partial, int n0, int m0, int num_tokens) {
+    write_tile<EPI, ROWS>(a, n0, m0, num_tokens, [&](int row, int token) {
+        float sum = partial[row * TOKENS + token];
+#pragma unroll
+        for (int v = 1; v < kAccumulators; ++v) sum = __fadd_rn(sum, partial[(v * ROWS + row) * TOKENS + token]);
+        return sum;
+    });
+}
+
 // 16 rows per CTA; warp w runs accumulator w (sub-chunks w, w + 4, ...).
 template <int T, int NG, int EPI>
 __device__ void linear_mma_split_k(const LinearArgs& a) {
@@ -165,11 +179,7 @@ __device__ void linear_mma_split_k(const LinearArgs& a) {
     const int n0 = blockIdx.x * kRows, m0 = blockIdx.y * kTokens;
     const int num_tokens = min(kTokens, a.num_tokens - m0), num_groups = (num_tokens + 7) / 8;
     const int warp = threadIdx.x >> 5;
-    float acc[NG][4];
-#pragma unroll
-    for (int j = 0; j < NG; ++j)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) acc[j][e] = 0.0f;
+    float acc[NG][4] = {};
     for_each_chunk<T, kRows>(a, n0, m0, num_tokens, [&](const uint8_t* buf, int k0, int num_sub) {
         const WarpTile tile = warp_tile<T, kRows>(a, buf, n0, 0, k0);
 #pragma unroll 2
@@ -187,12 +197,7 @@ __device__ void linear_mma_split_k(const LinearArgs& a) {
             partial[(warp * kRows + group + 8 * (e >> 1)) * kTokens + 8 * j + 2 * quad + (e & 1)] = acc[j][e];
     }
     __syncthreads();
-    write_tile<EPI, kRows>(a, n0, m0, num_tokens, [&](int row, int token) {
-        float sum = partial[row * kTokens + token];
-#pragma unroll
-        for (int w = 1; w < kAccumulators; ++w) sum = __fadd_rn(sum, partial[(w * kRows + row) * kTokens + token]);
-        return sum;
-    });
+    write_partials<EPI, kRows, kTokens>(a, partial, n0, m0, num_tokens);
 }
 
 // 64 rows per CTA; warp w owns rows 16w..16w+15 and runs all four accumulators itself.
@@ -203,13 +208,7 @@ __device__ void linear_mma_rows(const LinearArgs& a) {
     const int n0 = blockIdx.x * kRows, m0 = blockIdx.y * kTokens;
     const int num_tokens = min(kTokens, a.num_tokens - m0), num_groups = (num_tokens + 7) / 8;
     const int warp = threadIdx.x >> 5;
-    float acc[kAccumulators][NG][4];
-#pragma unroll
-    for (int v = 0; v < kAccumulators; ++v)
-#pragma unroll
-        for (int j = 0; j < NG; ++j)
-#pragma unroll
-            for (int e = 0; e < 4; ++e) acc[v][j][e] = 0.0f;
+    float acc[kAccumulators][NG][4] = {};
     for_each_chunk<T, kRows>(a, n0, m0, num_tokens, [&](const uint8_t* buf, int k0, int num_sub) {
         const WarpTile tile = warp_tile<T, kRows>(a, buf, n0, 16 * warp, k0);
         for (int sub0 = 0; sub0 < num_sub; sub0 += kAccumulators) {
@@ -236,14 +235,72 @@ __device__ void linear_mma_rows(const LinearArgs& a) {
     write_tile<EPI, kRows>(a, n0, m0, num_tokens, [&](int row, int token) { return totals[row * kTokens + token]; });
 }
 
+// 8 rows x 16 tokens per CTA for decode steps, the roles in the mma swapped: W's rows are its N
+// (8) and the tokens its M (16), so a lane dequantizes 8 values of one row per sub-chunk where the
+// 16-row tile's lanes dequantize two rows'. The per-warp chain (what sets the time at a few
+// tokens) halves and twice the CTAs run. The products and their k slots are the other layouts'
+// (A's row i and B's column j carry the same 8 columns of lane t), so the sums are too: the GPU
+// tests check every layout bitwise against each other. warp w runs accumulator w, as in split_k.
+template <int T, int NG, int EPI>
+__device__ void linear_mma_narrow(const LinearArgs& a) {
+    static_assert(NG == 2, "the narrow tile holds 16 tokens (the mma's M)");
+    extern __shared__ __align__(16) uint8_t smem[];
+    constexpr int kRows = 8, kTokens = 16;
+    const int n0 = blockIdx.x * kRows, m0 = blockIdx.y * kTokens;
+    const int num_tokens = min(kTokens, a.num_tokens - m0);
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, group = lane >> 2, quad = lane & 3;
+    // Tokens past M (and rows past N) read stale staged values, as in the other layouts: their
+    // sums land only in outputs that are never stored.
+    const int token_lo = min(group, a.x_rows - 1), token_hi = min(group + 8, a.x_rows - 1);
+    float acc[4] = {};
+    for_each_chunk<T, kRows>(a, n0, m0, num_tokens, [&](const uint8_t* buf, int k0, int num_sub) {
+        const uint8_t* row = staged_row<T>(a, buf, n0, group, k0);
+        const uint8_t* xs = buf + weight_bytes<kRows>(a);
+#pragma unroll 2
+        for (int sub = warp; sub < num_sub; sub += kAccumulators) {
+            const int col = sub * kSubK + 8 * quad;   // this lane's 8 columns
+            uint32_t w[2][2];                         // B fragments: [mma][k slots 2t.. / 2t+8..]
+            if constexpr (T == qformats::kF16) {
+                const uint4 h = *reinterpret_cast<const uint4*>(row + 2 * col);
+                w[0][0] = h.x; w[0][1] = h.y; w[1][0] = h.z; w[1][1] = h.w;
+            } else {
+                float v[8];
+                qformats::dequant8<T>(row, col, v);
+#pragma unroll
+                for (int s = 0; s < 2; ++s) {
+                    w[s][0] = pack_half2(v[4 * s], v[4 * s + 1]);
+                    w[s][1] = pack_half2(v[4 * s + 2], v[4 * s + 3]);
+                }
+            }
+            const float4* lo = reinterpret_cast<const float4*>(xs + token_lo * x_stride(a) + 4 * col);
+            const float4* hi = reinterpret_cast<const float4*>(xs + token_hi * x_stride(a) + 4 * col);
+#pragma unroll
+            for (int s = 0; s < 2; ++s) {
+                const float4 l = lo[s], h = hi[s];
+                const uint32_t x[4] = {pack_half2(l.x, l.y), pack_half2(h.x, h.y), pack_half2(l.z, l.w),
+                                       pack_half2(h.z, h.w)};
+                mma_16x8x16(acc, x, w[s][0], w[s][1]);
+            }
+        }
+    });
+    // acc: tokens group (0, 1) and group + 8 (2, 3), rows 2 * quad and 2 * quad + 1 -> [warp][row][token]
+    float* partial = reinterpret_cast<float*>(smem);
+#pragma unroll
+    for (int e = 0; e < 4; ++e)
+        partial[(warp * kRows + 2 * quad + (e & 1)) * kTokens + group + 8 * (e >> 1)] = acc[e];
+    __syncthreads();
+    write_partials<EPI, kRows, kTokens>(a, partial, n0, m0, num_tokens);
+}
+
 }  // namespace linear_mma_detail
 
-// Names linear_mma[_rows][_acc|_swiglu]_<type>_g<NG>: NG token groups of 8 per CTA.
+// Names linear_mma[_rows|_narrow][_acc|_swiglu]_<type>_g<NG>: NG token groups of 8 per CTA.
 #define LINEAR_MMA_ENTRIES(TYPE, NAME)                                            \
     LINEAR_MMA_EPILOGUES(TYPE, NAME, linear_mma_split_k, linear_mma, 1)           \
     LINEAR_MMA_EPILOGUES(TYPE, NAME, linear_mma_split_k, linear_mma, 2)           \
     LINEAR_MMA_EPILOGUES(TYPE, NAME, linear_mma_split_k, linear_mma, 4)           \
     LINEAR_MMA_EPILOGUES(TYPE, NAME, linear_mma_rows, linear_mma_rows, 1)         \
-    LINEAR_MMA_EPILOGUES(TYPE, NAME, linear_mma_rows, linear_mma_rows, 4)
+    LINEAR_MMA_EPILOGUES(TYPE, NAME, linear_mma_rows, linear_mma_rows, 4)         \
+    LINEAR_MMA_EPILOGUES(TYPE, NAME, linear_mma_narrow, linear_mma_narrow, 2)
 
 QFORMATS_FOR_EACH_TYPE(LINEAR_MMA_ENTRIES)

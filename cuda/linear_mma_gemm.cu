@@ -138,13 +138,7 @@ __device__ void linear_mma_gemm(const LinearArgs& a, const __half* x16) {
     const int num_tokens = min(S::kTokens, a.num_tokens - m0);
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, group = lane >> 2, quad = lane & 3;
     const int accumulator = warp % kAccumulators, row0 = S::kWarpRows * (warp / kAccumulators);
-    float acc[S::kWarpBlocks][S::kTokenGroups][4];
-#pragma unroll
-    for (int rb = 0; rb < S::kWarpBlocks; ++rb)
-#pragma unroll
-        for (int j = 0; j < S::kTokenGroups; ++j)
-#pragma unroll
-            for (int e = 0; e < 4; ++e) acc[rb][j][e] = 0.0f;
+    float acc[S::kWarpBlocks][S::kTokenGroups][4] = {};
 
     const int num_chunks = (a.num_cols + kGemmChunkCols - 1) / kGemmChunkCols;
     auto cols_of = [&](int c) { return min(kGemmChunkCols, a.num_cols - c * kGemmChunkCols); };

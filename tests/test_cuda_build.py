@@ -162,13 +162,14 @@ def test_linear_mma_picks_the_measured_fastest_tiles():
     q, gate_up = DeviceWeight(8, 896, 896, ptr=1 << 20), DeviceWeight(8, 9728, 896, ptr=1 << 20)
     down, lm_head = DeviceWeight(14, 896, 4864, ptr=1 << 20), DeviceWeight(8, 151936, 896, ptr=1 << 20)
     k = DeviceWeight(6, 128, 896, ptr=1 << 20)
-    assert [linear_mma.pick_tile(q, t) for t in (1, 8, 9, 127, 128, 511, 512)] == \
-        [("split_k", 1)] * 2 + [("split_k", 2)] * 2 + [("gemm16", 4)] * 2 + [("gemm", 8)]
-    assert [linear_mma.pick_tile(k, t) for t in (1, 512, 4096)] == [("split_k", 1)] + [("split_k", 2)] * 2
-    assert [linear_mma.pick_tile(gate_up, t) for t in (1, 63, 64, 255, 256, 512)] == \
-        [("split_k", 1), ("split_k", 2), ("gemm32", 8), ("gemm32", 8), ("gemm", 8), ("gemm", 8)]
-    assert [linear_mma.pick_tile(down, t) for t in (1, 64, 127, 128, 256, 511, 512)] == \
-        [("split_k", 1), ("split_k", 2), ("split_k", 2), ("gemm16", 4), ("gemm16", 4), ("gemm16", 4), ("gemm", 8)]
+    assert [linear_mma.pick_tile(q, t) for t in (1, 8, 16, 17, 127, 128, 511, 512)] == \
+        [("split_k", 1)] * 3 + [("split_k", 2)] * 2 + [("gemm16", 4)] * 2 + [("gemm", 8)]
+    assert [linear_mma.pick_tile(k, t) for t in (1, 8, 9, 16, 17, 512, 4096)] == \
+        [("narrow", 2)] * 2 + [("split_k", 1)] * 2 + [("split_k", 2)] * 3
+    assert [linear_mma.pick_tile(gate_up, t) for t in (1, 16, 17, 63, 64, 255, 256, 512)] == \
+        [("split_k", 1)] + [("split_k", 2)] * 3 + [("gemm32", 8), ("gemm32", 8), ("gemm", 8), ("gemm", 8)]
+    assert [linear_mma.pick_tile(down, t) for t in (1, 8, 9, 16, 17, 64, 127, 128, 256, 511, 512)] == \
+        [("narrow", 2)] * 2 + [("split_k", 1)] * 2 + [("split_k", 2)] * 3 + [("gemm16", 4)] * 3 + [("gemm", 8)]
     assert [linear_mma.pick_tile(lm_head, t) for t in (1, 31, 32, 64)] == \
         [("rows", 1), ("rows", 1), ("rows", 4), ("gemm", 8)]
     # without an fp16 scratch for x (allow_gemm=False) the next best of the other layouts

@@ -77,6 +77,22 @@ def test_swiglu_slices_write_half_as_many_output_columns():
     assert all(g[2][-1] == 128 for g in gemms)                   # y stride: 256 / 2 outputs per token
 
 
+def test_y_stride_reaches_every_layout_and_must_cover_the_outputs():
+    """The merged q/k/v launches write columns of one [tokens, 1152] buffer: rows y_stride apart."""
+    qk = DeviceWeight(6, 1024, 896, ptr=1 << 30)
+    linear, calls = launcher(weight_halves=1024 * 896)
+    for tile in (("split_k", 1), ("rows", 4), ("gemm16", 4), ("f16gemm32", 4)):
+        calls.clear()
+        linear(qk, 0x1000, 0x8000000, 40, stream=None, tile=tile, y_stride=1152)
+        launches = [c for c in calls if not c[0].startswith(("f32_to_f16", "dequant"))]
+        assert launches and all(c[2][-1] == 1152 for c in launches), tile
+    calls.clear()
+    linear(qk, 0x1000, 0x8000000, 40, stream=None)
+    assert calls[-1][2][-1] == 1024   # default: packed rows
+    with pytest.raises(ValueError, match="y_stride must be >= the 1024 outputs"):
+        linear(qk, 0x1000, 0x8000000, 40, stream=None, y_stride=1000)
+
+
 def test_x_copy_is_reused_only_for_the_same_x_in_the_same_order():
     q, o = DeviceWeight(6, 896, 896, ptr=1 << 30), DeviceWeight(6, 896, 896, ptr=1 << 31)
     linear, calls = launcher(weight_halves=896 * 896)
@@ -107,7 +123,7 @@ def test_weight_scratch_holds_the_largest_layer_matrix_or_16384_lm_head_rows():
 
     def weights(vocab: int) -> SimpleNamespace:
         w = lambda rows, cols: DeviceWeight(6, rows, cols, ptr=1 << 30)   # noqa: E731
-        layer = SimpleNamespace(q=w(896, 896), k=w(128, 896), v=w(128, 896), o=w(896, 896), gate=None, up=None,
+        layer = SimpleNamespace(qkv_runs=(w(1152, 896),), o=w(896, 896), gate=None, up=None,
                                 down=w(896, 4864), gate_up=w(9728, 896))
         return SimpleNamespace(layers=(layer, layer), lm_head=w(vocab, 896))
 

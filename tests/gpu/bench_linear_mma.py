@@ -60,7 +60,8 @@ def main() -> None:
             y = dev.poisoned((tokens, rows))
             chosen = linear.choose(weights[0], tokens)
             for tile in ALL_TILES:
-                if tile[1] > max(1, -(-tokens // 8)) or not linear.can_run(weights[0], tokens, tile):
+                too_wide = tile[1] > max(1, -(-tokens // 8)) and tile[0] != "narrow"   # narrow: always 16 tokens
+                if too_wide or not linear.can_run(weights[0], tokens, tile):
                     continue
                 us = timer.per_launch_us(lambda i, t=tile: linear(weights[i % copies], x, y, tokens, stream, tile=t),
                                          2 * copies)

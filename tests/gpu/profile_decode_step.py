@@ -68,30 +68,40 @@ def profile(b, args) -> None:
     layer, (k_cache, v_cache) = f.weights.layers[0], f.kv[0]
     hd = cfg.head_dim
     q3 = a.q.rows(0, n).view(n, cfg.num_heads, hd)
-    kv3 = (a.k.rows(0, n).view(n, cfg.num_kv_heads, hd), a.v.rows(0, n).view(n, cfg.num_kv_heads, hd))
     rows, used = [], {}   # used: the time of each launch a layer of this step makes, by role
     eps = cfg.rms_norm_eps
-    # (role, name, weight, x, y, fusion)
-    linears = [("q", "q", layer.q, a.normed, a.q, NO_FUSION), ("k", "k", layer.k, a.normed, a.k, NO_FUSION),
-               ("v", "v", layer.v, a.normed, a.v, NO_FUSION), ("o", "o", layer.o, a.attn, a.delta, NO_FUSION)]
-    if layer.gate_up is not None:   # one interleaved matrix with the SwiGLU epilogue
-        linears.append(("gate_up", "gate_up+swiglu", layer.gate_up, a.normed, a.gate, MatvecFusion(epilogue="swiglu")))
+    # (role, name, weight, x, y, fusion, column of y): q, k, v as the forward runs them (the
+    # tensor-core path: one launch per same-type run into the columns of acts.qkv)
+    if f.linear == "mma":
+        linears, column = [], 0
+        for run in layer.qkv_runs:
+            linears.append(("qkv", f"qkv run at column {column}", run, a.normed, a.qkv, NO_FUSION, column))
+            column += run.rows
     else:
-        linears += [("gate", "gate", layer.gate, a.normed, a.gate, NO_FUSION),
-                    ("up", "up", layer.up, a.normed, a.up, NO_FUSION)]
-    linears.append(("down", "down", layer.down, a.gate, a.delta, NO_FUSION))
-    linears.append(("lm_head", "lm_head", f.weights.lm_head, a.final, a.logits, NO_FUSION))
-    for role, name, weight, x, y, fusion in linears:
-        us = time_us(d, lambda w=weight, x=x, y=y, fu=fusion: f._linear(w, x.rows(0, n), y.rows(0, n), fu))
-        used[role] = us
+        linears = [("qkv", name, w, a.normed, y, NO_FUSION, 0)
+                   for name, w, y in (("q", layer.q, a.q), ("k", layer.k, a.k), ("v", layer.v, a.v))]
+    linears.append(("o", "o", layer.o, a.attn, a.delta, NO_FUSION, 0))
+    if layer.gate_up is not None:   # one interleaved matrix with the SwiGLU epilogue
+        linears.append(("gate_up", "gate_up+swiglu", layer.gate_up, a.normed, a.gate, MatvecFusion(epilogue="swiglu"),
+                        0))
+    else:
+        linears += [("gate", "gate", layer.gate, a.normed, a.gate, NO_FUSION, 0),
+                    ("up", "up", layer.up, a.normed, a.up, NO_FUSION, 0)]
+    linears.append(("down", "down", layer.down, a.gate, a.delta, NO_FUSION, 0))
+    linears.append(("lm_head", "lm_head", f.weights.lm_head, a.final, a.logits, NO_FUSION, 0))
+    for role, name, weight, x, y, fusion, column in linears:
+        us = time_us(d, lambda w=weight, x=x, y=y, fu=fusion, c=column: f._linear(w, x.rows(0, n), y.rows(0, n), fu,
+                                                                                   column=c))
+        used[role] = used.get(role, 0.0) + us
         gbs = weight.nbytes / us / 1e3
         rows.append((f"{f.linear} linear {name} {type_name(weight.qtype)} [{weight.rows}x{weight.cols}]", us,
                      f"{gbs:,.0f} GB/s"))
+    qkv_rows = f._qkv(layer, a.normed.rows(0, n), n, NO_FUSION)   # where rope_kv reads (launches them once)
     res, normed = a.residual.rows(0, n), a.normed.rows(0, n)
     used["rms_norm"] = time_us(d, lambda: launch_rms_norm(d, res, layer.ffn_norm, normed, eps,
                                                           delta=a.delta.rows(0, n), write_residual=False))
     rows.append(("rms_norm", used["rms_norm"], ""))
-    used["rope_kv"] = time_us(d, lambda: launch_rope_kv(d, q3, *kv3, (layer.bias_q, layer.bias_k, layer.bias_v),
+    used["rope_kv"] = time_us(d, lambda: launch_rope_kv(d, qkv_rows, (layer.bias_q, layer.bias_k, layer.bias_v),
                                                        m.positions.view(n), m.slot_mapping.view(n), f.rope,
                                                        k_cache, v_cache))
     rows.append(("rope_kv", used["rope_kv"], ""))
@@ -111,7 +121,7 @@ def profile(b, args) -> None:
     end.record(d.stream)
     end.synchronize()
     rows.append((f"whole decode graph (bucket {bucket})", 1e3 * end.time_since(start) / 20, ""))
-    per_layer = (sum(used[role] for role in ("q", "k", "v", "o", "gate_up", "gate", "up", "down") if role in used)
+    per_layer = (sum(used[role] for role in ("qkv", "o", "gate_up", "gate", "up", "down") if role in used)
                  + 2 * used["rms_norm"] + used["rope_kv"] + used["attention"]
                  + (0.0 if layer.gate_up is not None else used["swiglu"]))
     print(f"\n| op (batch {n}) | us per launch | note |\n|---|---|---|")

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from gpu_worker.backends.cuda.ops.rms_norm import launch_rms_norm
-from gpu_worker.backends.cuda.ops.rope_kv import RopeTables, launch_rope_kv, rope_tables_host
+from gpu_worker.backends.cuda.ops.rope_kv import QkvRows, RopeTables, launch_rope_kv, rope_tables_host
 from gpu_worker.backends.cuda.ops.swiglu import launch_swiglu
 from gpu_worker.model import qwen2_reference as ref
 
@@ -64,6 +64,8 @@ def test_swiglu_matches_numpy(gpu):
 
 
 def test_rope_kv_matches_reference_and_writes_only_its_slots(gpu):
+    """Inputs read as columns of one [tokens, q | k | v | spare] buffer (the merged q/k/v launches'
+    layout, with a spare column so no stride equals a width), and in place as three packed buffers."""
     rng = np.random.default_rng()
     num_tokens, heads, kv_heads, dim, num_slots = 23, 14, 2, 64, 512
     q = rng.standard_normal((num_tokens, heads, dim), dtype=np.float32)
@@ -75,18 +77,34 @@ def test_rope_kv_matches_reference_and_writes_only_its_slots(gpu):
     slots[5] = -1  # a padding row: no KV write
     cos, sin = rope_tables_host(32768, dim, 1e6)
     tables = RopeTables(gpu.upload(cos), gpu.upload(sin))
-    q_d = gpu.upload(q)
-    k_cache = gpu.poisoned((num_slots, kv_heads, dim), np.float16)
-    v_cache = gpu.poisoned((num_slots, kv_heads, dim), np.float16)
-    launch_rope_kv(gpu.device, q_d, gpu.upload(k), gpu.upload(v), tuple(gpu.upload(b) for b in biases),
-                   gpu.upload(positions), gpu.upload(slots), tables, k_cache, v_cache)
     inv_freq = (1.0 / 1e6 ** (np.arange(0, dim, 2) / dim)).astype(np.float32)
     c, s = ref.rope_cos_sin(positions, inv_freq)
     q_ref = ref.apply_rope(q + biases[0].reshape(heads, dim), c, s)
     k_ref = ref.apply_rope(k + biases[1].reshape(kv_heads, dim), c, s)
     v_ref = v + biases[2].reshape(kv_heads, dim)
-    assert rel_error(gpu.download(q_d), q_ref) < 1e-6
-    k_out, v_out = gpu.download(k_cache), gpu.download(v_cache)
+    q_width, kv_width = heads * dim, kv_heads * dim
+    qkv = np.concatenate([q.reshape(num_tokens, -1), k.reshape(num_tokens, -1), v.reshape(num_tokens, -1),
+                          rng.standard_normal((num_tokens, 1), dtype=np.float32)], axis=1)
+    qkv_d = gpu.upload(qkv)
+    q_out = gpu.poisoned((num_tokens, heads, dim), np.float32)
+    stride = qkv.shape[1]
+    merged = QkvRows(q_in=qkv_d.ptr, k_in=qkv_d.ptr + 4 * q_width, v_in=qkv_d.ptr + 4 * (q_width + kv_width),
+                     q_in_stride=stride, kv_in_stride=stride, q_out=q_out)
+    q_d = gpu.upload(q)
+    packed = QkvRows(q_in=q_d.ptr, k_in=gpu.upload(k).ptr, v_in=gpu.upload(v).ptr, q_in_stride=q_width,
+                     kv_in_stride=kv_width, q_out=q_d)
+    outputs = []
+    for rows in (merged, packed):
+        k_cache = gpu.poisoned((num_slots, kv_heads, dim), np.float16)
+        v_cache = gpu.poisoned((num_slots, kv_heads, dim), np.float16)
+        launch_rope_kv(gpu.device, rows, tuple(gpu.upload(b) for b in biases), gpu.upload(positions),
+                       gpu.upload(slots), tables, k_cache, v_cache)
+        outputs.append((gpu.download(rows.q_out), gpu.download(k_cache), gpu.download(v_cache)))
+    assert np.array_equal(gpu.download(qkv_d), qkv), "rope_kv wrote into its merged input"
+    for n in range(3):
+        np.testing.assert_array_equal(outputs[0][n], outputs[1][n])
+    q_out, k_out, v_out = outputs[0]
+    assert rel_error(q_out, q_ref) < 1e-6
     written = slots >= 0
     assert np.allclose(k_out[slots[written]], k_ref[written].astype(np.float16), rtol=2e-3, atol=1e-3)
     assert np.array_equal(v_out[slots[written]], v_ref[written].astype(np.float16))

@@ -12,9 +12,12 @@ import pytest
 from gguf import GGMLQuantizationType as QType
 
 from gpu_worker.backends.cuda.ops.linear_mma import ALL_TILES, LinearMmaOp
+from gpu_worker.backends.cuda.ops.quant_weight import DeviceWeight
+from gpu_worker.backends.cuda.weights import same_type_runs
 from gpu_worker.model.quant_types import quant_spec
 
-from test_quant_kernels import ALL_TYPES, Device, gpu, rel_error, upload_weight  # noqa: F401 (gpu: fixture)
+from test_quant_kernels import (ALL_TYPES, Device, gpu, random_weight_bytes, rel_error,  # noqa: F401 (gpu: fixture)
+                                upload_weight)
 
 pytestmark = pytest.mark.gpu
 # fp32 sums in another order than float64 over up to 4864 products of fp16 values
@@ -144,3 +147,37 @@ def test_linear_mma_reuses_the_fp16_copy_of_x_only_when_it_holds_that_x(gpu):
     run(w1, x_b, ("gemm", 8))
     np.testing.assert_array_equal(run(w2, x_b, ("f16gemm", 8), unchanged=True), reference,
                                   err_msg="a natural-order copy served an f16gemm")
+
+
+@pytest.mark.parametrize("v_type", [QType.Q5_0, QType.Q8_0], ids=lambda t: t.name)
+def test_merged_qkv_launches_give_the_separate_launches_bits(gpu, v_type):
+    """q, k, v stored back to back and merged into same-type runs (weights.same_type_runs), each run
+    written into its columns of one [tokens, q + k + v] buffer (y_stride), give bitwise the outputs
+    of three separate launches, at decode and prefill sizes (every layout the launcher picks)."""
+    drv, module, stream = gpu
+    dev, rng = Device(drv), np.random.default_rng(700 + int(v_type))
+    linear = linear_op(dev, module, halves=1 << 20, weight_halves=1 << 21)
+    cols, shapes = 896, ((QType.Q5_0, 896), (QType.Q5_0, 128), (v_type, 128))
+    raws = [random_weight_bytes(qtype, rows, cols, rng) for qtype, rows in shapes]
+    base = dev.upload(np.concatenate([raw.reshape(-1) for raw in raws]))
+    parts, offset = [], 0
+    for (qtype, rows), raw in zip(shapes, raws):
+        parts.append(DeviceWeight(int(qtype), rows, cols, base + offset))
+        offset += raw.nbytes
+    runs = same_type_runs(parts)
+    assert len(runs) == (1 if v_type == QType.Q5_0 else 2)
+    width = sum(rows for _, rows in shapes)
+    for tokens in (1, 7, 160, 600):
+        x = dev.upload(rng.standard_normal((tokens, cols), dtype=np.float32))
+        separate = []
+        for part in parts:
+            y_ptr = dev.poisoned((tokens, part.rows))
+            linear(part, x, y_ptr, tokens, stream)
+            separate.append(dev.read(y_ptr, (tokens, part.rows), stream))
+        merged_ptr, column = dev.poisoned((tokens, width)), 0
+        for n, run in enumerate(runs):
+            linear(run, x, merged_ptr + 4 * column, tokens, stream, x_unchanged=n > 0, y_stride=width)
+            column += run.rows
+        merged = dev.read(merged_ptr, (tokens, width), stream)
+        assert not np.isnan(merged).any()
+        np.testing.assert_array_equal(merged, np.concatenate(separate, axis=1), err_msg=f"{tokens} tokens")

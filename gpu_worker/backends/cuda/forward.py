@@ -23,7 +23,7 @@ from gpu_worker.backends.cuda.ops.embedding import EmbeddingOp
 from gpu_worker.backends.cuda.ops.linear_mma import LinearMmaOp
 from gpu_worker.backends.cuda.ops.matvec import NO_FUSION, MatvecFusion, MatvecOp
 from gpu_worker.backends.cuda.ops.rms_norm import launch_rms_norm
-from gpu_worker.backends.cuda.ops.rope_kv import RopeTables, launch_rope_kv, rope_tables_host
+from gpu_worker.backends.cuda.ops.rope_kv import QkvRows, RopeTables, launch_rope_kv, rope_tables_host
 from gpu_worker.backends.cuda.ops.swiglu import launch_swiglu
 from gpu_worker.backends.cuda.weights import ModelWeights
 
@@ -58,6 +58,8 @@ class Activations:
         self.q = memory.tensor("activations", (max_tokens, q_width), f32)
         self.k = memory.tensor("activations", (max_tokens, kv_width), f32)
         self.v = memory.tensor("activations", (max_tokens, kv_width), f32)
+        # [tokens, q | k | v]: what the merged q/k/v launches of the tensor-core path write
+        self.qkv = memory.tensor("activations", (max_tokens, q_width + 2 * kv_width), f32)
         self.attn = memory.tensor("activations", (max_tokens, q_width), f32)
         self.gate = memory.tensor("activations", (max_tokens, config.intermediate_size), f32)
         self.up = memory.tensor("activations", (max_tokens, config.intermediate_size), f32)
@@ -77,7 +79,7 @@ def weight_scratch_halves(weights: ModelWeights) -> int:
     """The f16gemm weight scratch: the largest layer matrix (gate/up: 17 MB at the real shapes),
     so that every layer linear runs in one slice, or 16384 LM head rows (29 MB) if more."""
     largest = max(w.rows * w.cols for layer in weights.layers
-                  for w in (layer.q, layer.k, layer.v, layer.o, layer.gate, layer.up, layer.down, layer.gate_up)
+                  for w in (*layer.qkv_runs, layer.o, layer.gate, layer.up, layer.down, layer.gate_up)
                   if w is not None)
     lm_head = weights.lm_head
     return max(largest, min(lm_head.rows, LM_HEAD_SLICE_ROWS) * lm_head.cols)
@@ -139,14 +141,17 @@ class Qwen2Forward:
         self._recorded.clear()   # the recorded launches point at the old cache
 
     def _linear(self, weight, x: DeviceTensor, y: DeviceTensor, fusion: MatvecFusion = NO_FUSION,
-                x_unchanged: bool = False) -> None:
-        """x_unchanged: x is the previous call's input, not written since (its fp16 copy is reused)."""
+                x_unchanged: bool = False, column: int = 0) -> None:
+        """x_unchanged: x is the previous call's input, not written since (its fp16 copy is reused).
+        The outputs land in columns [column, column + outputs) of y's rows (tensor-core path)."""
         if self.linear == "mma":
             if fusion.norm_weight_ptr:
                 raise ValueError("linear_mma has no RMSNorm prologue")
-            self.linear_mma(weight, x.ptr, y.ptr, x.shape[0], self.device.stream, epilogue=fusion.epilogue,
-                            x_unchanged=x_unchanged)
+            self.linear_mma(weight, x.ptr, y.ptr + 4 * column, x.shape[0], self.device.stream,
+                            epilogue=fusion.epilogue, x_unchanged=x_unchanged, y_stride=y.shape[1])
         else:
+            if column:
+                raise ValueError("the fp32 mat-vec writes packed rows (column 0 only)")
             self.matvec(weight, x.ptr, y.ptr, x.shape[0], self.device.stream, fusion=fusion)
 
     def run(self, num_tokens: int, num_logits: int, all_rows: bool) -> None:
@@ -196,8 +201,7 @@ class Qwen2Forward:
         residual, delta, normed = a.residual.rows(0, t), a.delta.rows(0, t), a.normed.rows(0, t)
         launch_rms_norm(dev, residual, layer.attn_norm, normed, cfg.rms_norm_eps,
                         delta=delta if i else None, write_residual=True)
-        self._qkv(layer, normed, t, NO_FUSION)
-        self._attention(i, layer, t)
+        self._attention(i, layer, t, self._qkv(layer, normed, t, NO_FUSION))
         self._linear(layer.o, a.attn.rows(0, t), delta)
         launch_rms_norm(dev, residual, layer.ffn_norm, normed, cfg.rms_norm_eps, delta=delta, write_residual=True)
         gate, up = a.gate.rows(0, t), a.up.rows(0, t)
@@ -212,29 +216,42 @@ class Qwen2Forward:
     def _layer_fused(self, i: int, layer, t: int) -> None:
         a, cfg = self.acts, self.config
         residual, gate = a.residual.rows(0, t), a.gate.rows(0, t)
-        self._qkv(layer, residual, t, MatvecFusion(norm_weight_ptr=layer.attn_norm.ptr, norm_eps=cfg.rms_norm_eps))
-        self._attention(i, layer, t)
+        norm = MatvecFusion(norm_weight_ptr=layer.attn_norm.ptr, norm_eps=cfg.rms_norm_eps)
+        self._attention(i, layer, t, self._qkv(layer, residual, t, norm))
         self._linear(layer.o, a.attn.rows(0, t), residual, MatvecFusion(epilogue="accumulate"))
         self._linear(layer.gate_up, residual, gate,
                      MatvecFusion(epilogue="swiglu", norm_weight_ptr=layer.ffn_norm.ptr, norm_eps=cfg.rms_norm_eps))
         self._linear(layer.down, gate, residual, MatvecFusion(epilogue="accumulate"))
 
-    def _qkv(self, layer, x: DeviceTensor, t: int, fusion: MatvecFusion) -> None:
-        a = self.acts
+    def _qkv(self, layer, x: DeviceTensor, t: int, fusion: MatvecFusion) -> QkvRows:
+        """q, k, v of x; where rope_kv finds them. The tensor-core path runs one launch per run of
+        same-type matrices (layer.qkv_runs) into the columns of acts.qkv: a row's output depends
+        only on (K, type), so merging changes no bit."""
+        a, cfg = self.acts, self.config
+        q_width, kv_width = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+        q_out = a.q.rows(0, t).view(t, cfg.num_heads, cfg.head_dim)
+        if self.linear == "mma":
+            qkv, column = a.qkv.rows(0, t), 0
+            for n, run in enumerate(layer.qkv_runs):
+                self._linear(run, x, qkv, fusion, x_unchanged=n > 0, column=column)
+                column += run.rows
+            stride = qkv.shape[1]
+            return QkvRows(q_in=qkv.ptr, k_in=qkv.ptr + 4 * q_width, v_in=qkv.ptr + 4 * (q_width + kv_width),
+                           q_in_stride=stride, kv_in_stride=stride, q_out=q_out)
         self._linear(layer.q, x, a.q.rows(0, t), fusion)
-        self._linear(layer.k, x, a.k.rows(0, t), fusion, x_unchanged=True)
-        self._linear(layer.v, x, a.v.rows(0, t), fusion, x_unchanged=True)
+        self._linear(layer.k, x, a.k.rows(0, t), fusion)
+        self._linear(layer.v, x, a.v.rows(0, t), fusion)
+        return QkvRows(q_in=q_out.ptr, k_in=a.k.ptr, v_in=a.v.ptr, q_in_stride=q_width, kv_in_stride=kv_width,
+                       q_out=q_out)
 
-    def _attention(self, i: int, layer, t: int) -> None:
+    def _attention(self, i: int, layer, t: int, rows: QkvRows) -> None:
         """RoPE + KV write of this chunk, then attention of q over each sequence's KV -> acts.attn."""
         a, m, cfg, dev = self.acts, self.meta, self.config, self.device
         hd = cfg.head_dim
-        q = a.q.rows(0, t).view(t, cfg.num_heads, hd)
-        k = a.k.rows(0, t).view(t, cfg.num_kv_heads, hd)
-        v = a.v.rows(0, t).view(t, cfg.num_kv_heads, hd)
         k_cache, v_cache = self.kv[i]
         positions, token_seq = m.positions.view(t), m.token_seq.view(t)
-        launch_rope_kv(dev, q, k, v, (layer.bias_q, layer.bias_k, layer.bias_v), positions,
+        launch_rope_kv(dev, rows, (layer.bias_q, layer.bias_k, layer.bias_v), positions,
                        m.slot_mapping.view(t), self.rope, k_cache, v_cache)
+        q = rows.q_out
         out = a.attn.rows(0, t).view(t, cfg.num_heads, hd)
         launch_attention(dev, q, out, k_cache, v_cache, m.block_tables, token_seq, positions, self.block_size)

@@ -14,7 +14,8 @@ from gpu_worker.model.dequant import dequantize
 from gpu_worker.model.quant_types import QType
 
 UPLOAD_CHUNK_BYTES = 64 * 1024 * 1024
-_MATRICES = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
+_MATRICES = ("attn_output", "ffn_gate", "ffn_up", "ffn_down")   # q, k and v go as one blob: attn_qkv
+_QKV = ("attn_q", "attn_k", "attn_v")
 _VECTORS = ("attn_norm.weight", "attn_q.bias", "attn_k.bias", "attn_v.bias", "ffn_norm.weight")
 
 
@@ -33,6 +34,9 @@ class LayerWeights:
     up: DeviceWeight | None
     down: DeviceWeight        # [hidden, intermediate]
     gate_up: DeviceWeight | None = None  # [2 * intermediate, hidden] rows gate_0, up_0, gate_1, ...
+    # q, k, v stored back to back, merged where neighbours share a type: one matrix per run, its
+    # outputs the matching columns of a [tokens, q + k + v] buffer (one launch per run, not three)
+    qkv_runs: tuple[DeviceWeight, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -51,6 +55,14 @@ def _host_bytes(tensor) -> np.ndarray:
     return tensor.data
 
 
+def _host_data(model, name: str) -> np.ndarray:
+    if name.endswith("ffn_gate_up"):
+        return _interleaved_gate_up(model, int(name.split(".")[1]))
+    if name.endswith("attn_qkv"):
+        return _qkv_bytes(model, int(name.split(".")[1]))
+    return _host_bytes(model.tensors[name])
+
+
 def can_interleave_gate_up(model) -> bool:
     """The fused SwiGLU mat-vec needs gate and up of one type in every layer."""
     return all(model.tensors[f"blk.{i}.ffn_gate.weight"].qtype == model.tensors[f"blk.{i}.ffn_up.weight"].qtype
@@ -66,13 +78,32 @@ def _interleaved_gate_up(model, i: int) -> np.ndarray:
     return rows.reshape(-1)
 
 
+def _qkv_bytes(model, i: int) -> np.ndarray:
+    """The raw bytes of q, k and v, back to back (their rows one after another) # uint8."""
+    return np.concatenate([model.tensors[f"blk.{i}.{m}.weight"].data for m in _QKV])
+
+
+def same_type_runs(parts: list[DeviceWeight]) -> tuple[DeviceWeight, ...]:
+    """Merges neighbouring matrices that lie back to back in memory with the same type and
+    columns into one taller matrix (rows stacked): q, k, v of one type become one launch."""
+    runs = [parts[0]]
+    for part in parts[1:]:
+        last = runs[-1]
+        if part.qtype == last.qtype and part.cols == last.cols and part.ptr == last.ptr + last.nbytes:
+            runs[-1] = DeviceWeight(qtype=last.qtype, rows=last.rows + part.rows, cols=last.cols, ptr=last.ptr)
+        else:
+            runs.append(part)
+    return tuple(runs)
+
+
 def _needed_tensors(model, interleave: bool) -> list[str]:
     names = ["token_embd.weight", "output_norm.weight"]
     if not model.config.tied_embeddings:
         names.append("output.weight")
     matrices = [m for m in _MATRICES if not (interleave and m in ("ffn_gate", "ffn_up"))]
     for i in range(model.config.num_layers):
-        names += [f"blk.{i}.{m}.weight" for m in matrices] + [f"blk.{i}.{v}" for v in _VECTORS]
+        names += [f"blk.{i}.attn_qkv"] + [f"blk.{i}.{m}.weight" for m in matrices]
+        names += [f"blk.{i}.{v}" for v in _VECTORS]
         if interleave:
             names.append(f"blk.{i}.ffn_gate_up")
     return names
@@ -83,8 +114,7 @@ def upload_weights(device, model, progress: Callable[[int, int], None] | None = 
     """Uploads every tensor the forward needs; progress(done_bytes, total_bytes) after each chunk.
     interleave_gate_up stores each layer's gate and up as one row-interleaved matrix instead."""
     names = _needed_tensors(model, interleave_gate_up)
-    host = {name: (_interleaved_gate_up(model, int(name.split(".")[1])) if name.endswith("ffn_gate_up")
-                   else _host_bytes(model.tensors[name])) for name in names}
+    host = {name: _host_data(model, name) for name in names}
     offsets, total = {}, 0
     for name in names:
         offsets[name] = total
@@ -116,18 +146,28 @@ def _views(model, base: int, offsets: dict[str, int], total: int) -> ModelWeight
         t = model.tensors[f"blk.{i}.ffn_gate.weight"]
         return DeviceWeight(qtype=int(t.qtype), rows=2 * t.shape[0], cols=t.shape[1], ptr=base + offsets[name])
 
+    def qkv(i: int) -> tuple[DeviceWeight, ...]:
+        """q, k, v: views of the attn_qkv blob, one after another."""
+        parts, ptr = [], base + offsets[f"blk.{i}.attn_qkv"]
+        for m in _QKV:
+            t = model.tensors[f"blk.{i}.{m}.weight"]
+            parts.append(DeviceWeight(qtype=int(t.qtype), rows=t.shape[0], cols=t.shape[1], ptr=ptr))
+            ptr += parts[-1].nbytes
+        return tuple(parts)
+
     def vector(name: str) -> DeviceTensor:
         return DeviceTensor(base + offsets[name], (model.tensors[name].shape[0],), np.dtype(np.float32))
 
     layers = []
     for i in range(model.config.num_layers):
         p = f"blk.{i}."
+        q, k, v = qkv(i)
         layers.append(LayerWeights(
             attn_norm=vector(p + "attn_norm.weight"), bias_q=vector(p + "attn_q.bias"),
             bias_k=vector(p + "attn_k.bias"), bias_v=vector(p + "attn_v.bias"),
-            ffn_norm=vector(p + "ffn_norm.weight"), q=matrix(p + "attn_q.weight"), k=matrix(p + "attn_k.weight"),
-            v=matrix(p + "attn_v.weight"), o=matrix(p + "attn_output.weight"), gate=matrix(p + "ffn_gate.weight"),
-            up=matrix(p + "ffn_up.weight"), down=matrix(p + "ffn_down.weight"), gate_up=gate_up(i)))
+            ffn_norm=vector(p + "ffn_norm.weight"), q=q, k=k, v=v, o=matrix(p + "attn_output.weight"),
+            gate=matrix(p + "ffn_gate.weight"), up=matrix(p + "ffn_up.weight"), down=matrix(p + "ffn_down.weight"),
+            gate_up=gate_up(i), qkv_runs=same_type_runs([q, k, v])))
     embd = matrix("token_embd.weight")
     lm_head = embd if model.config.tied_embeddings else matrix("output.weight")
     return ModelWeights(token_embd=embd, layers=tuple(layers), output_norm=vector("output_norm.weight"),

@@ -22,21 +22,22 @@ WARP_SPLIT_COLS = 4 * SUB_K         # a multi-chunk K chunk is a multiple of thi
 SHARED_BUDGET = 96 * 1024           # dynamic shared memory per CTA (fits sm_80 .. sm_90 opt-in limits)
 MAX_GRID_Y = 65535
 # CTA layouts -> (rows per CTA, token groups of 8 per CTA it is built for): in cuda/linear_mma.cu
-# "split_k" (linear_mma_*): the 4 warps split K over 16 rows; "rows" (linear_mma_rows_*): each
-# warp owns 16 of 64 rows; in cuda/linear_mma_gemm.cu "gemm" / "gemm32" / "gemm16"
+# "split_k" (linear_mma_*): the 4 warps split K over 16 rows; "narrow" (linear_mma_narrow_*): the
+# same over 8 rows x 16 tokens with the mma's operands swapped (half the dequantization per lane);
+# "rows" (linear_mma_rows_*): each warp owns 16 of 64 rows; in cuda/linear_mma_gemm.cu "gemm" / "gemm32" / "gemm16"
 # (linear_mma_gemm[32|16]_*): 64 / 32 / 16 rows x 64 / 64 / 32 tokens of an fp16 copy of x, warp w
 # runs accumulator w % 4 over 32 / 32 / 16 rows.
 # "f16gemm" / "f16gemm32" (cuda/linear_f16_gemm.cu): 64 / 32 rows x 64 (or 32) tokens of fp16
 # copies of W (dequantized by a separate pass into a weight scratch, tall matrices in row slices)
 # and of x, both in slot order.
-LAYOUTS = {"split_k": (16, (1, 2, 4)), "rows": (64, (1, 4)), "gemm": (64, (8,)), "gemm32": (32, (8,)),
+LAYOUTS = {"split_k": (16, (1, 2, 4)), "narrow": (8, (2,)), "rows": (64, (1, 4)), "gemm": (64, (8,)), "gemm32": (32, (8,)),
            "gemm16": (16, (4,)), "f16gemm": (64, (8,)), "f16gemm32": (32, (4, 8))}
 F16_LAYOUTS = {"f16gemm": "linear_f16_gemm", "f16gemm32": "linear_f16_gemm32"}   # layout -> kernel stem
 F16_SLICE_ROWS = 64                 # row slices of the weight scratch: whole tiles of both f16 layouts
 GEMM_WARP_ROWS = {"gemm": 32, "gemm32": 32, "gemm16": 16}   # GemmShape's WARP_ROWS
 GEMM_LAYOUTS = tuple(GEMM_WARP_ROWS)
 ALL_TILES = (("f16gemm", 8), ("f16gemm32", 8), ("f16gemm32", 4), ("gemm", 8), ("gemm32", 8), ("gemm16", 4),
-             ("rows", 4), ("rows", 1), ("split_k", 4), ("split_k", 2), ("split_k", 1))
+             ("rows", 4), ("rows", 1), ("split_k", 4), ("split_k", 2), ("split_k", 1), ("narrow", 2))
 GEMM_CHUNK_COLS = 128                                    # linear_mma_gemm.cu: kGemmChunkCols
 GEMM_X_ROW_BYTES = 2 * GEMM_CHUNK_COLS + 64             # one token's fp16 x chunk + bank padding
 CONVERT_THREADS = 256
@@ -57,8 +58,14 @@ GEMM_ROWS, GEMM_FROM_TOKENS, GEMM16_FROM_TOKENS = 512, 512, 128
 # on long-K ones (down: 22 us against split-K's 33), and f16gemm from 512
 F16_GEMM_FROM_TOKENS, F16_GEMM_WIDE_FROM_TOKENS, F16_GEMM_NARROW_64_ROWS_FROM = 128, 64, 512
 LONG_COLS = 4096                    # K from which a matrix counts as down-projection-like
-KERNEL_LAYOUT_NAMES = {"split_k": "linear_mma_", "rows": "linear_mma_rows_", "gemm": "linear_mma_gemm_",
-                       "gemm32": "linear_mma_gemm32_", "gemm16": "linear_mma_gemm16_"}
+# Decode sizes (linear_mma_tiles_h200.md, 2026-11-28 session 7): the narrow tile up to 8 tokens where a
+# warp's chain is long (down: 13.3 -> 9.1 us at 1 token, 19.1 -> 13.6 at 8) or the rows few (k/v: 3.2
+# -> 2.8); elsewhere 16-row split-K tiles of 8 tokens, on the narrower matrices also for 9-16 tokens (q/o
+# 4.3 us against 4.6 for 16-token tiles, k/v 3.4 against 4.2, down 19.6 against 26.2; not gate/up: 18.9
+# against 18.0); gate/up was slower narrow (8.4 -> 11.0 us at 1 token).
+NARROW_UP_TO_TOKENS, SPLIT_K_8_UP_TO_TOKENS = 8, 16
+KERNEL_LAYOUT_NAMES = {"split_k": "linear_mma_", "narrow": "linear_mma_narrow_", "rows": "linear_mma_rows_",
+                       "gemm": "linear_mma_gemm_", "gemm32": "linear_mma_gemm32_", "gemm16": "linear_mma_gemm16_"}
 
 
 @dataclass(frozen=True)
@@ -81,10 +88,11 @@ def pick_tile(weight: DeviceWeight, num_tokens: int, allow_gemm: bool = True,
     f16gemm from F16_GEMM_FROM_TOKENS (F16_GEMM_WIDE_FROM_TOKENS on gate/up-like ones); on the
     narrower ones f16gemm32 with 32-token tiles (from 64 tokens when K is long), f16gemm from 512.
     Else a gemm tile where wanted_gemm says so (and an fp16 scratch for x exists). Otherwise:
-    LM-head-like (N >= 16384): 64-row tiles, 32 tokens per CTA from 32 tokens on. Others: 16-row
-    split-K tiles of 8 tokens up to 8 tokens (decode), of 16 tokens beyond; from 256 tokens on a
-    long-K matrix (the down projection) takes 64-row tiles of 32 tokens. A tile that does not fit
-    the shared budget (wide F32 rows) falls back to the next smaller one."""
+    LM-head-like (N >= 16384): 64-row tiles, 32 tokens per CTA from 32 tokens on. Others, up to 8
+    tokens: narrow tiles (8 rows x 16 tokens) on long-K or short (< 512 rows) matrices, 16-row split-K
+    tiles of 8 tokens on the rest, those also for 9-16 tokens below 4096 rows; 16-row split-K tiles of
+    16 tokens beyond; from 256 tokens a long-K matrix (the down projection) takes 64-row tiles of 32
+    tokens. A tile that does not fit the shared budget (wide F32 rows) falls back to the next smaller one."""
     if allow_f16gemm and weight.rows >= GEMM_WIDE_ROWS:
         gate_up_like = weight.rows < WIDE_ROWS
         if num_tokens >= (F16_GEMM_WIDE_FROM_TOKENS if gate_up_like else F16_GEMM_FROM_TOKENS):
@@ -99,7 +107,9 @@ def pick_tile(weight: DeviceWeight, num_tokens: int, allow_gemm: bool = True,
         wanted = [gemm]
     elif weight.rows >= WIDE_ROWS:
         wanted = [("rows", 4), ("rows", 1)] if num_tokens >= 32 else [("rows", 1)]
-    elif num_tokens <= 8:
+    elif num_tokens <= NARROW_UP_TO_TOKENS and (weight.cols >= LONG_COLS or weight.rows < GEMM_ROWS):
+        wanted = [("narrow", 2), ("split_k", 1)]
+    elif num_tokens <= 8 or (num_tokens <= SPLIT_K_8_UP_TO_TOKENS and weight.rows < GEMM_WIDE_ROWS):
         wanted = [("split_k", 1)]
     elif num_tokens >= 256 and weight.cols >= LONG_COLS:
         wanted = [("rows", 4), ("split_k", 2)]
@@ -313,12 +323,19 @@ class LinearMmaOp:
         return min(weight.rows, self._weight_scratch_elems // weight.cols // F16_SLICE_ROWS * F16_SLICE_ROWS)
 
     def __call__(self, weight: DeviceWeight, x_ptr: int, y_ptr: int, num_tokens: int, stream: Any,
-                 epilogue: str = "store", tile: tuple[str, int] | None = None, x_unchanged: bool = False) -> None:
+                 epilogue: str = "store", tile: tuple[str, int] | None = None, x_unchanged: bool = False,
+                 y_stride: int | None = None) -> None:
         """x_ptr: [num_tokens, weight.cols] fp32; y_ptr: [num_tokens, weight.rows] fp32, or
-        [num_tokens, weight.rows / 2] for "swiglu" (device addresses). x_unchanged: the caller
-        promises x has not been written since the previous call (q, k and v share their input), so
-        an fp16 copy of the same x in the same order is reused instead of converted again."""
+        [num_tokens, weight.rows / 2] for "swiglu" (device addresses), rows y_stride floats apart
+        (default: packed) so that several launches can fill the columns of one buffer. x_unchanged:
+        the caller promises x has not been written since the previous call (q, k and v share their
+        input), so an fp16 copy of the same x in the same order is reused instead of converted again."""
         check_aligned_16("linear_mma x", x_ptr)
+        outputs = weight.rows // 2 if epilogue == "swiglu" else weight.rows
+        if y_stride is None:
+            y_stride = outputs
+        elif y_stride < outputs:
+            raise ValueError(f"linear_mma y_stride must be >= the {outputs} outputs per row, got {y_stride}")
         if tile is None:
             tile = self.choose(weight, num_tokens)
         elif tile[0] in LAYOUTS and not self.can_run(weight, num_tokens, tile):
@@ -326,7 +343,6 @@ class LinearMmaOp:
                              f"{num_tokens * weight.cols} halves (has {self._scratch_elems}), f16gemm a weight "
                              f"scratch of {F16_SLICE_ROWS * weight.cols} (has {self._weight_scratch_elems})")
         plan = plan_linear(weight, num_tokens, epilogue, tile)
-        y_stride = weight.rows // 2 if epilogue == "swiglu" else weight.rows
         if tile[0] in F16_LAYOUTS or tile[0] in GEMM_LAYOUTS:
             self._convert_x(x_ptr, num_tokens, weight.cols, tile[0] in F16_LAYOUTS, x_unchanged, stream)
         else:   # x_unchanged promises nothing about calls before this one: forget the copy

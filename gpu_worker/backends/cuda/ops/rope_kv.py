@@ -9,10 +9,10 @@ from gpu_worker.backends.cuda.device import DeviceTensor
 from gpu_worker.backends.cuda.ops.launch import check_tensor, launch, record
 
 THREADS = 256
-_POINTERS = ("q", "k", "v", "bias_q", "bias_k", "bias_v", "positions", "slot_mapping",
+_POINTERS = ("q_in", "q_out", "k_in", "v_in", "bias_q", "bias_k", "bias_v", "positions", "slot_mapping",
              "cos_table", "sin_table", "k_cache", "v_cache")
 PARAMS_FIELDS = [(name, "u8") for name in _POINTERS] + [
-    ("num_heads", "i8"), ("num_kv_heads", "i8"), ("head_dim", "i8")]
+    ("num_heads", "i8"), ("num_kv_heads", "i8"), ("head_dim", "i8"), ("q_in_stride", "i8"), ("kv_in_stride", "i8")]
 
 
 @dataclass(frozen=True)
@@ -33,18 +33,42 @@ def rope_tables_host(max_positions: int, head_dim: int, rope_base: float) -> tup
     return np.ascontiguousarray(np.cos(angles)), np.ascontiguousarray(np.sin(angles))
 
 
-def launch_rope_kv(device, q: DeviceTensor, k: DeviceTensor, v: DeviceTensor, biases: tuple[DeviceTensor, ...],
+@dataclass(frozen=True)
+class QkvRows:
+    """Where rope_kv reads this step's q, k, v (rows of any stride, e.g. columns of one
+    [T, q + k + v] buffer) and writes the rotated q.
+
+    q_in: [T, >= num_heads * head_dim] f32 (its first columns), row stride q_in_stride floats;
+    k_in, v_in: [T, >= num_kv_heads * head_dim] f32, row stride kv_in_stride; q_out: [T, num_heads,
+    head_dim] f32, contiguous (may be q_in when that is contiguous too).
+    """
+
+    q_in: int
+    k_in: int
+    v_in: int
+    q_in_stride: int
+    kv_in_stride: int
+    q_out: DeviceTensor
+
+
+def launch_rope_kv(device, rows: QkvRows, biases: tuple[DeviceTensor, ...],
                    positions: DeviceTensor, slot_mapping: DeviceTensor, tables: RopeTables,
                    k_cache: DeviceTensor, v_cache: DeviceTensor) -> None:
-    """q: [T, num_heads, head_dim] f32 (rotated in place); k, v: [T, num_kv_heads, head_dim] f32;
+    """Rotated q -> rows.q_out; k (rotated) and v -> the caches as fp16.
     biases: (bias_q [num_heads*head_dim], bias_k, bias_v [num_kv_heads*head_dim]) f32;
     positions, slot_mapping: [T] int32 (slot < 0: no write); caches: [num_slots, num_kv_heads, head_dim] f16.
     Positions must be < tables.cos.shape[0] (the caller checks on the host)."""
-    num_tokens, num_heads, head_dim = q.shape
-    num_kv_heads = k.shape[1]
-    check_tensor("q", q, (num_tokens, num_heads, head_dim), np.float32)
-    check_tensor("k", k, (num_tokens, num_kv_heads, head_dim), np.float32)
-    check_tensor("v", v, (num_tokens, num_kv_heads, head_dim), np.float32)
+    q_out = rows.q_out
+    num_tokens, num_heads, head_dim = q_out.shape
+    check_tensor("k_cache", k_cache, (None, None, head_dim), np.float16)
+    num_kv_heads = k_cache.shape[1]
+    check_tensor("q_out", q_out, (num_tokens, num_heads, head_dim), np.float32)
+    if rows.q_in_stride < num_heads * head_dim or rows.kv_in_stride < num_kv_heads * head_dim:
+        raise ValueError(f"rope_kv row strides must cover a row: q_in_stride {rows.q_in_stride} >= "
+                         f"{num_heads * head_dim}, kv_in_stride {rows.kv_in_stride} >= {num_kv_heads * head_dim}")
+    for name in ("q_in", "k_in", "v_in"):
+        if int(getattr(rows, name)) <= 0 or int(getattr(rows, name)) % 4:
+            raise ValueError(f"rope_kv {name} must be a non-null float address, got {int(getattr(rows, name)):#x}")
     bias_q, bias_k, bias_v = biases
     check_tensor("bias_q", bias_q, (num_heads * head_dim,), np.float32)
     check_tensor("bias_k", bias_k, (num_kv_heads * head_dim,), np.float32)
@@ -52,13 +76,12 @@ def launch_rope_kv(device, q: DeviceTensor, k: DeviceTensor, v: DeviceTensor, bi
     check_tensor("positions", positions, (num_tokens,), np.int32)
     check_tensor("slot_mapping", slot_mapping, (num_tokens,), np.int32)
     check_tensor("cos_table", tables.cos, (None, head_dim // 2), np.float32)
-    check_tensor("k_cache", k_cache, (None, num_kv_heads, head_dim), np.float16)
     check_tensor("v_cache", v_cache, k_cache.shape, np.float16)
     if head_dim % 2:
         raise ValueError(f"head_dim must be even, got {head_dim}")
-    pointers = (q, k, v, bias_q, bias_k, bias_v, positions, slot_mapping, tables.cos, tables.sin,
-                k_cache, v_cache)
-    params = record(PARAMS_FIELDS, {**{name: t.ptr for name, t in zip(_POINTERS, pointers)},
-                                    "num_heads": num_heads, "num_kv_heads": num_kv_heads,
-                                    "head_dim": head_dim})
+    pointers = (rows.q_in, q_out.ptr, rows.k_in, rows.v_in, bias_q.ptr, bias_k.ptr, bias_v.ptr, positions.ptr,
+                slot_mapping.ptr, tables.cos.ptr, tables.sin.ptr, k_cache.ptr, v_cache.ptr)
+    params = record(PARAMS_FIELDS, {**{name: int(ptr) for name, ptr in zip(_POINTERS, pointers)},
+                                    "num_heads": num_heads, "num_kv_heads": num_kv_heads, "head_dim": head_dim,
+                                    "q_in_stride": rows.q_in_stride, "kv_in_stride": rows.kv_in_stride})
     launch(device.kernel("rope_kv_f32"), (num_tokens,), (THREADS,), device.stream, params)

@@ -1,0 +1,66 @@
+"""The CUDA backend's weight layout, without a GPU: what upload_weights puts where (a fake device
+records the bytes), and the q/k/v runs that the forward launches as one matrix each."""
+from __future__ import annotations
+
+import numpy as np
+from gguf import GGMLQuantizationType as QType
+
+from gpu_worker.backends.cuda.ops.quant_weight import DeviceWeight
+from gpu_worker.backends.cuda.weights import same_type_runs, upload_weights
+from gpu_worker.model.gguf_loader import load_gguf
+from gpu_worker.model.synthetic import write_synthetic_gguf
+
+BASE = 1 << 20   # the fake allocation's device address
+
+
+class FakeDevice:
+    """memory.allocate + cuda.memcpy_htod into a host bytearray standing for device memory."""
+
+    def __init__(self) -> None:
+        self.bytes = bytearray()
+        self.memory, self.cuda = self, self
+
+    def allocate(self, purpose: str, nbytes: int) -> int:
+        assert purpose == "weights" and not self.bytes
+        self.bytes = bytearray(b"\xff" * nbytes)
+        return BASE
+
+    def memcpy_htod(self, ptr: int, host: np.ndarray) -> None:
+        data = np.ascontiguousarray(host).view(np.uint8).reshape(-1)
+        self.bytes[ptr - BASE:ptr - BASE + data.nbytes] = data.tobytes()
+
+    def read(self, weight: DeviceWeight) -> bytes:
+        return bytes(self.bytes[weight.ptr - BASE:weight.ptr - BASE + weight.nbytes])
+
+
+def test_qkv_sits_back_to_back_and_merges_by_type(tmp_path):
+    # layer 0: q, k, v all Q5_0 (one run); layer 1: v in Q8_0 (runs q+k, v), as in the default model
+    types = {f"blk.{i}.attn_{m}.weight": QType.Q5_0 for i in (0, 1) for m in "qkv"}
+    types["blk.1.attn_v.weight"] = QType.Q8_0
+    path = tmp_path / "mixed.gguf"
+    write_synthetic_gguf(path, weight_type=types, seed=3)
+    model = load_gguf(path)
+    device = FakeDevice()
+    weights = upload_weights(device, model, interleave_gate_up=True)
+    for i, layer in enumerate(weights.layers):
+        for name, weight in (("q", layer.q), ("k", layer.k), ("v", layer.v)):
+            assert device.read(weight) == model.tensors[f"blk.{i}.attn_{name}.weight"].data.tobytes(), (i, name)
+        assert layer.k.ptr == layer.q.ptr + layer.q.nbytes and layer.v.ptr == layer.k.ptr + layer.k.nbytes
+    runs0, runs1 = weights.layers[0].qkv_runs, weights.layers[1].qkv_runs
+    q = weights.layers[0].q
+    assert runs0 == (DeviceWeight(int(QType.Q5_0), q.rows + 2 * weights.layers[0].k.rows, q.cols, q.ptr),)
+    assert [(r.qtype, r.rows, r.ptr) for r in runs1] == [
+        (int(QType.Q5_0), weights.layers[1].q.rows + weights.layers[1].k.rows, weights.layers[1].q.ptr),
+        (int(QType.Q8_0), weights.layers[1].v.rows, weights.layers[1].v.ptr)]
+    assert device.read(runs0[0]) == b"".join(model.tensors[f"blk.0.attn_{m}.weight"].data.tobytes() for m in "qkv")
+
+
+def test_same_type_runs_merge_only_touching_matrices_of_one_type_and_width():
+    q = DeviceWeight(int(QType.Q8_0), 64, 64, 4096)
+    k = DeviceWeight(int(QType.Q8_0), 32, 64, q.ptr + q.nbytes)
+    assert same_type_runs([q, k]) == (DeviceWeight(int(QType.Q8_0), 96, 64, 4096),)
+    apart = DeviceWeight(int(QType.Q8_0), 32, 64, q.ptr + q.nbytes + 256)
+    other_type = DeviceWeight(int(QType.F16), 32, 64, q.ptr + q.nbytes)
+    other_width = DeviceWeight(int(QType.Q8_0), 32, 32, q.ptr + q.nbytes)
+    for part in (apart, other_type, other_width):
+        assert same_type_runs([q, part]) == (q, part)
