@@ -21,6 +21,14 @@
 // issue slots (ops/attention.py picks; ~10% faster at 1-16 tokens, 3x slower at 64).
 // Neither where a tile comes from nor which block runs a head changes a value or an order of
 // operations: the output is bitwise the same for every heads_per_block.
+//
+// Decode steps (rope_fused): every token is the newest of its sequence, so the only K/V row it
+// needs that is not in the cache yet is its own. The kernel then also does rope_kv.cu's work
+// (one launch fewer per layer): it reads q, k, v unrotated from the q/k/v launches' rows, applies
+// bias + RoPE (qs::rope_pair, rope_kv's arithmetic), puts its own K/V row straight into the staged
+// round instead of copying it from the cache, and the block holding the GQA group's first head
+// writes that row to the cache (slot < 0: padding, no write). Prompt chunks need each other's
+// rows in the cache first: they run rope_kv, then this kernel with rope_fused = 0.
 #include "common.cuh"
 
 #define QS_ATTN_HEAD_DIM 64
@@ -49,6 +57,19 @@ struct AttentionParams {
     long long heads_per_block;  // query heads per block: divides num_heads / num_kv_heads
     float scale;
     float pad_;
+    // Decode steps only (rope_fused != 0; q is then unused): rope_kv's inputs, see RopeKvParams.
+    const float* q_in;          // [num_tokens, q_in_stride] unrotated q
+    const float* k_in;          // [num_tokens, kv_in_stride] unrotated k
+    const float* v_in;          // [num_tokens, kv_in_stride]
+    const float* bias_q;
+    const float* bias_k;
+    const float* bias_v;
+    const float* cos_table;     // [max_positions, 32]
+    const float* sin_table;
+    const int* slot_mapping;    // [num_tokens]; < 0: no KV write
+    long long q_in_stride;
+    long long kv_in_stride;
+    long long rope_fused;
 };
 
 namespace qs {
@@ -140,17 +161,49 @@ __device__ __forceinline__ long long paged_slot(const int* block_table_row, int 
 // per row, all of them in flight at once. Read inside the copy loop instead, a thread's table
 // reads were waited for one after the other (the cp.async asm orders memory for the compiler):
 // with 4 warps per block that is 16 round trips per round.
+// Decode steps: this token's own K/V row (position own_pos), biased and rotated from k_in / v_in,
+// into staged row `row`, and by the writer block into the cache as rope_kv.cu would.
+__device__ __forceinline__ void attn_own_kv_row(const AttentionParams& p, int t, int kv_head, int own_pos,
+                                                bool writer, __half* k_row, __half* v_row) {
+    constexpr int kHalf = QS_ATTN_HEAD_DIM / 2;
+    const int slot = p.slot_mapping[t];
+    const long long dst = ((long long)slot * p.num_kv_heads + kv_head) * QS_ATTN_HEAD_DIM;
+    __half* k_cache = const_cast<__half*>(p.k_cache);
+    __half* v_cache = const_cast<__half*>(p.v_cache);
+    const int base = kv_head * QS_ATTN_HEAD_DIM;
+    for (int i = threadIdx.x; i < kHalf + QS_ATTN_HEAD_DIM; i += blockDim.x) {
+        if (i < kHalf) {   // K pair (i, i + 32)
+            float x0, x1;
+            rope_pair(p.k_in + (size_t)t * p.kv_in_stride, p.bias_k, base, i, kHalf,
+                      p.cos_table[(size_t)own_pos * kHalf + i], p.sin_table[(size_t)own_pos * kHalf + i], &x0, &x1);
+            const __half h0 = __float2half_rn(x0), h1 = __float2half_rn(x1);
+            k_row[i] = h0;
+            k_row[i + kHalf] = h1;
+            if (writer && slot >= 0) { k_cache[dst + i] = h0; k_cache[dst + i + kHalf] = h1; }
+        } else {           // V element j
+            const int j = i - kHalf;
+            const __half h = __float2half_rn(__fadd_rn(p.v_in[(size_t)t * p.kv_in_stride + base + j], p.bias_v[base + j]));
+            v_row[j] = h;
+            if (writer && slot >= 0) v_cache[dst + j] = h;
+        }
+    }
+}
+
 __device__ __forceinline__ void attn_stage_round(const AttentionParams& p, const int* table, int kv_head,
                                                  int context_len, int round, AttnRow* k_stage, AttnRow* v_stage,
-                                                 long long* row_offsets) {
+                                                 long long* row_offsets, int t, bool writer) {
     constexpr int kPieces = QS_ATTN_HEAD_DIM / 8;               // 16-byte pieces per row
     constexpr int kCopies = QS_ATTN_ROUND * kPieces;            // per cache
     const int start = round * QS_ATTN_ROUND;
+    // Decode steps: the token's own row (the context's last) comes from attn_own_kv_row, not the cache.
+    const int own_pos = p.rope_fused ? context_len - 1 : -1;
     for (int row = threadIdx.x; row < QS_ATTN_ROUND; row += blockDim.x) {
         const int pos = start + row;
-        row_offsets[row] = pos < context_len
+        row_offsets[row] = pos < context_len && pos != own_pos
             ? (paged_slot(table, pos, (int)p.block_size) * p.num_kv_heads + kv_head) * QS_ATTN_HEAD_DIM : -1;
     }
+    if (own_pos >= start && own_pos < start + QS_ATTN_ROUND)
+        attn_own_kv_row(p, t, kv_head, own_pos, writer, k_stage[own_pos - start], v_stage[own_pos - start]);
     __syncthreads();
     for (int c = threadIdx.x; c < 2 * kCopies; c += blockDim.x) {
         const bool is_v = c >= kCopies;
@@ -183,17 +236,29 @@ extern "C" __global__ void __launch_bounds__(32 * QS_ATTN_SPLIT * QS_ATTN_MAX_GR
     const int num_tiles = (context_len + QS_ATTN_TILE - 1) / QS_ATTN_TILE;
     const int num_rounds = (context_len + QS_ATTN_ROUND - 1) / QS_ATTN_ROUND;
     const int* table = p.block_tables + (size_t)p.token_seq[t] * p.max_blocks_per_seq;
-    qs::attn_stage_round(p, table, kv_head, context_len, 0, k_stages, v_stages, row_offsets[0]);
-    const float* q_block = p.q + ((size_t)t * p.num_heads + first_head) * QS_ATTN_HEAD_DIM;
-    for (int i = threadIdx.x; i < (int)p.heads_per_block * QS_ATTN_HEAD_DIM / 4; i += blockDim.x)
-        reinterpret_cast<float4*>(&q_heads[0][0])[i] = reinterpret_cast<const float4*>(q_block)[i];
+    const bool writer = first_head % group == 0;   // decode steps: this block writes the KV row
+    qs::attn_stage_round(p, table, kv_head, context_len, 0, k_stages, v_stages, row_offsets[0], t, writer);
+    if (p.rope_fused) {   // q = rope(q_in + bias_q): pair i of each of the block's heads
+        constexpr int kHalf = QS_ATTN_HEAD_DIM / 2;
+        const int pos = context_len - 1;
+        for (int i = threadIdx.x; i < (int)p.heads_per_block * kHalf; i += blockDim.x) {
+            const int h = i / kHalf, j = i % kHalf;
+            qs::rope_pair(p.q_in + (size_t)t * p.q_in_stride, p.bias_q, (first_head + h) * QS_ATTN_HEAD_DIM, j, kHalf,
+                          p.cos_table[(size_t)pos * kHalf + j], p.sin_table[(size_t)pos * kHalf + j],
+                          &q_heads[h][j], &q_heads[h][j + kHalf]);
+        }
+    } else {
+        const float* q_block = p.q + ((size_t)t * p.num_heads + first_head) * QS_ATTN_HEAD_DIM;
+        for (int i = threadIdx.x; i < (int)p.heads_per_block * QS_ATTN_HEAD_DIM / 4; i += blockDim.x)
+            reinterpret_cast<float4*>(&q_heads[0][0])[i] = reinterpret_cast<const float4*>(q_block)[i];
+    }
     qs::AttnState st = qs::attn_state_init();
     for (int round = 0; round < num_rounds; ++round) {
         // Round + 1 goes to the stage round - 1 used; the barrier ending round - 1 freed it.
         if (round + 1 < num_rounds) {
             const int next = (round + 1) & 1;
             qs::attn_stage_round(p, table, kv_head, context_len, round + 1, k_stages + next * QS_ATTN_ROUND,
-                                 v_stages + next * QS_ATTN_ROUND, row_offsets[next]);
+                                 v_stages + next * QS_ATTN_ROUND, row_offsets[next], t, writer);
             asm volatile("cp.async.wait_group 1;\n" ::: "memory");   // this round's group is done
         } else {
             asm volatile("cp.async.wait_group 0;\n" ::: "memory");

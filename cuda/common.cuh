@@ -59,6 +59,18 @@ __device__ __forceinline__ void load_half8(const __half* src, float* dst) {
     }
 }
 
+// Bias + NeoX RoPE of pair i of one head (elements i and i + half of the head starting at
+// `base`): (a, b) = (src + bias) at both, x0 = a c - b s, x1 = b c + a s. Every operation rounded
+// on its own (no contraction into FMAs), so that rope_kv.cu and attention.cu's decode path, which
+// both call this, give the same bits (and the numpy reference's float32 formula).
+__device__ __forceinline__ void rope_pair(const float* src, const float* bias, int base, int i, int half,
+                                          float c, float s, float* x0, float* x1) {
+    const float a = __fadd_rn(src[base + i], bias[base + i]);
+    const float b = __fadd_rn(src[base + i + half], bias[base + i + half]);
+    *x0 = __fsub_rn(__fmul_rn(a, c), __fmul_rn(b, s));
+    *x1 = __fadd_rn(__fmul_rn(b, c), __fmul_rn(a, s));
+}
+
 // 16 bytes global -> shared through cp.async (no registers); the caller commits and waits.
 __device__ __forceinline__ void cp_async16(void* dst_shared, const void* src) {
     const unsigned d = static_cast<unsigned>(__cvta_generic_to_shared(dst_shared));

@@ -8,7 +8,8 @@
 // from host-computed cos/sin tables [max_positions, head_dim/2] so the device and the numpy
 // reference use the same rounded values. KV cache layout (docs/ARCHITECTURE.md):
 // [num_blocks * block_size (= slot), num_kv_heads, head_dim] fp16. slot < 0 means "do not write"
-// (padding rows of a captured decode graph).
+// (padding rows of a captured decode graph). Decode steps do all of this inside attention.cu
+// instead (the same qs::rope_pair arithmetic), with no launch of their own.
 #include "common.cuh"
 
 // Every field 8 bytes wide so the host can mirror the layout with a plain numpy record.
@@ -33,20 +34,6 @@ struct RopeKvParams {
     long long kv_in_stride;   // the same for k_in and v_in
 };
 
-namespace qs {
-
-__device__ __forceinline__ void rotate_pair(const float* src, const float* bias, int head, int i,
-                                            int head_dim, float c, float s, float* x0, float* x1) {
-    const int half_dim = head_dim / 2;
-    const int base = head * head_dim;
-    const float a = src[base + i] + bias[base + i];
-    const float b = src[base + i + half_dim] + bias[base + i + half_dim];
-    *x0 = a * c - b * s;
-    *x1 = b * c + a * s;
-}
-
-}  // namespace qs
-
 // grid = (num_tokens), block = (256)
 extern "C" __global__ void __launch_bounds__(256) rope_kv_f32(const RopeKvParams p) {
     const int t = blockIdx.x;
@@ -64,7 +51,7 @@ extern "C" __global__ void __launch_bounds__(256) rope_kv_f32(const RopeKvParams
     for (int w = threadIdx.x; w < num_q_pairs; w += blockDim.x) {
         const int head = w / half_dim, i = w % half_dim;
         float x0, x1;
-        qs::rotate_pair(q_in, p.bias_q, head, i, hd, cos_row[i], sin_row[i], &x0, &x1);
+        qs::rope_pair(q_in, p.bias_q, head * hd, i, half_dim, cos_row[i], sin_row[i], &x0, &x1);
         q_out[head * hd + i] = x0;  // this thread alone reads and writes this pair (q_out may be q_in)
         q_out[head * hd + i + half_dim] = x1;
     }
@@ -74,11 +61,11 @@ extern "C" __global__ void __launch_bounds__(256) rope_kv_f32(const RopeKvParams
     for (int w = threadIdx.x; w < num_k_pairs; w += blockDim.x) {
         const int head = w / half_dim, i = w % half_dim;
         float x0, x1;
-        qs::rotate_pair(k, p.bias_k, head, i, hd, cos_row[i], sin_row[i], &x0, &x1);
+        qs::rope_pair(k, p.bias_k, head * hd, i, half_dim, cos_row[i], sin_row[i], &x0, &x1);
         k_dst[head * hd + i] = __float2half_rn(x0);
         k_dst[head * hd + i + half_dim] = __float2half_rn(x1);
     }
     for (int w = threadIdx.x; w < nkv * hd; w += blockDim.x) {
-        v_dst[w] = __float2half_rn(v[w] + p.bias_v[w]);
+        v_dst[w] = __float2half_rn(__fadd_rn(v[w], p.bias_v[w]));
     }
 }

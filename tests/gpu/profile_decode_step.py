@@ -16,7 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from batch_runner import run_batch  # noqa: E402
 from gpu_worker.backends.cuda.backend import CudaBackend  # noqa: E402
 from gpu_worker.backends.cuda.graphs import DecodeGraphs  # noqa: E402
-from gpu_worker.backends.cuda.ops.attention import launch_attention  # noqa: E402
+from gpu_worker.backends.cuda.ops.attention import DecodeRope, launch_attention  # noqa: E402
 from gpu_worker.backends.cuda.ops.matvec import NO_FUSION, MatvecFusion  # noqa: E402
 from gpu_worker.backends.cuda.ops.rms_norm import launch_rms_norm  # noqa: E402
 from gpu_worker.backends.cuda.ops.rope_kv import launch_rope_kv  # noqa: E402
@@ -111,6 +111,12 @@ def profile(b, args) -> None:
             d, q3, a.attn.rows(0, n).view(n, cfg.num_heads, hd), k_cache, v_cache, m.block_tables,
             m.token_seq.view(n), m.positions.view(n), f.block_size, heads_per_block=heads_per_block))
         rows.append((label, used["attention"], ""))
+    # what a decode step runs: attention with rope_kv's work inside (no rope_kv launch)
+    rope = DecodeRope(qkv_rows, (layer.bias_q, layer.bias_k, layer.bias_v), f.rope, m.slot_mapping.view(n))
+    used["attention_rope"] = time_us(d, lambda: launch_attention(
+        d, q3, a.attn.rows(0, n).view(n, cfg.num_heads, hd), k_cache, v_cache, m.block_tables,
+        m.token_seq.view(n), m.positions.view(n), f.block_size, rope=rope))
+    rows.append((f"attention ctx {args.context} + rope/KV write (decode steps)", used["attention_rope"], ""))
     used["swiglu"] = time_us(d, lambda: launch_swiglu(d, a.gate.rows(0, n), a.up.rows(0, n), a.gate.rows(0, n)))
     rows.append(("swiglu", used["swiglu"], ""))
     bucket = b.graphs.bucket_for(n)
@@ -122,7 +128,7 @@ def profile(b, args) -> None:
     end.synchronize()
     rows.append((f"whole decode graph (bucket {bucket})", 1e3 * end.time_since(start) / 20, ""))
     per_layer = (sum(used[role] for role in ("qkv", "o", "gate_up", "gate", "up", "down") if role in used)
-                 + 2 * used["rms_norm"] + used["rope_kv"] + used["attention"]
+                 + 2 * used["rms_norm"] + used["attention_rope"]
                  + (0.0 if layer.gate_up is not None else used["swiglu"]))
     print(f"\n| op (batch {n}) | us per launch | note |\n|---|---|---|")
     for name, us, extra in rows:

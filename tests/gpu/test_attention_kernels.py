@@ -6,7 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from gpu_worker.backends.cuda.ops.attention import launch_attention
+from gpu_worker.backends.cuda.ops.attention import DecodeRope, launch_attention
+from gpu_worker.backends.cuda.ops.rope_kv import QkvRows, RopeTables, launch_rope_kv, rope_tables_host
 from gpu_worker.model.qwen2_reference import attend_one_query
 
 pytestmark = pytest.mark.gpu
@@ -132,3 +133,48 @@ def test_attention_rejects_head_dim_other_than_64(gpu):
     _, k, v, tables, token_seq, positions = case.device_args(gpu)
     with pytest.raises(ValueError, match="head_dim"):
         launch_attention(gpu.device, q, q, k, v, tables, token_seq, positions, BLOCK)
+
+
+@pytest.mark.parametrize("heads_per_block", [1, HEADS // KV_HEADS])
+def test_decode_attention_with_rope_inside_equals_rope_kv_then_attention(gpu, heads_per_block):
+    """Decode steps skip rope_kv's launch: attention biases and rotates q/k/v from the q/k/v rows
+    itself, stages the token's own K/V row without reading the cache, and one block per GQA group
+    writes it. Against rope_kv + attention: the same output bits and the same cache bytes; the own
+    rows are poisoned in the cache first, so a read of them would show; a padding token (slot -1)
+    writes nothing."""
+    rng = np.random.default_rng()
+    lens = [1, 32, 33, 128, 129, 300, 257]
+    case = PagedCase(rng, context_lens=lens, chunk_lens=[1] * len(lens), num_blocks=200)
+    q_width, kv_width = HEADS * DIM, KV_HEADS * DIM
+    qkv = rng.standard_normal((len(lens), q_width + 2 * kv_width + 3), dtype=np.float32)   # 3 spare columns
+    biases = [rng.standard_normal(n * DIM, dtype=np.float32) for n in (HEADS, KV_HEADS, KV_HEADS)]
+    slots = np.array([case.tables[s, p // BLOCK] * BLOCK + p % BLOCK
+                      for s, p in zip(case.token_seq, case.positions)], np.int32)
+    slots[3] = -1   # padding: no KV write
+    cos, sin = rope_tables_host(2048, DIM, 1e6)
+    tables = RopeTables(gpu.upload(cos), gpu.upload(sin))
+    _, _, _, block_tables, token_seq, positions = case.device_args(gpu)
+    qkv_d, slots_d, biases_d = gpu.upload(qkv), gpu.upload(slots), tuple(gpu.upload(b) for b in biases)
+    outputs, caches = [], []
+    for fused in (False, True):
+        k_host, v_host = case.k.copy(), case.v.copy()
+        if fused:   # own rows unwritten: the kernel must neither read them nor leave them so
+            k_host[slots[slots >= 0]] = np.nan
+            v_host[slots[slots >= 0]] = np.nan
+        k_cache, v_cache = gpu.upload(k_host), gpu.upload(v_host)
+        q_out = gpu.poisoned(case.q.shape, np.float32)
+        rows = QkvRows(q_in=qkv_d.ptr, k_in=qkv_d.ptr + 4 * q_width, v_in=qkv_d.ptr + 4 * (q_width + kv_width),
+                       q_in_stride=qkv.shape[1], kv_in_stride=qkv.shape[1], q_out=q_out)
+        rope = DecodeRope(rows, biases_d, tables, slots_d) if fused else None
+        if not fused:
+            launch_rope_kv(gpu.device, rows, biases_d, positions, slots_d, tables, k_cache, v_cache)
+        out = gpu.poisoned(case.q.shape, np.float32)
+        launch_attention(gpu.device, q_out, out, k_cache, v_cache, block_tables, token_seq, positions, BLOCK,
+                         heads_per_block=heads_per_block, rope=rope)
+        outputs.append(gpu.download(out))
+        caches.append((gpu.download(k_cache), gpu.download(v_cache)))
+    real = slots >= 0
+    assert not np.isnan(outputs[1][real]).any()
+    np.testing.assert_array_equal(outputs[1][real], outputs[0][real])
+    for unfused_cache, fused_cache in zip(*caches):
+        np.testing.assert_array_equal(fused_cache, unfused_cache)   # the padding token's slot was never its own

@@ -140,9 +140,9 @@ class CudaBackend(Backend):
         self.graphs = DecodeGraphs(self.device.stream, buckets)
         for bucket in reversed(buckets):
             self.inputs.upload_padding(bucket)   # valid inputs for a warm-up run of this shape
-            self.forward.run(bucket, bucket, all_rows=True)
+            self.forward.run(bucket, bucket, all_rows=True, decode=True)
             self.device.synchronize()
-            self.graphs.capture(bucket, lambda b: self.forward.run(b, b, all_rows=True))
+            self.graphs.capture(bucket, lambda b: self.forward.run(b, b, all_rows=True, decode=True))
         self.device.synchronize()
 
     def step(self, batch: StepBatch) -> StepOutput:
@@ -212,7 +212,8 @@ class CudaBackend(Backend):
         self.inputs.upload(batch, pad_to=None, logit_rows=padded_rows, pad_tokens_to=num_tokens)
         if previous_rows is not None:
             self._take_previous_tokens(previous_rows)
-        self.forward.run(num_tokens, num_logits, all_rows=False)
+        # One token per sequence: a decode step (or a 1-token final prompt chunk, the same thing)
+        self.forward.run(num_tokens, num_logits, all_rows=False, decode=batch.num_tokens == batch.num_seqs)
         return list(range(batch.num_seqs))
 
     def logits(self, batch: StepBatch, logit_rows: np.ndarray | None = None) -> np.ndarray:

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from gpu_worker.backends.cuda.device import DeviceTensor
-from gpu_worker.backends.cuda.ops.attention import launch_attention
+from gpu_worker.backends.cuda.ops.attention import DecodeRope, launch_attention
 from gpu_worker.backends.cuda.ops.embedding import EmbeddingOp
 from gpu_worker.backends.cuda.ops.linear_mma import LinearMmaOp
 from gpu_worker.backends.cuda.ops.matvec import NO_FUSION, MatvecFusion, MatvecOp
@@ -154,19 +154,22 @@ class Qwen2Forward:
                 raise ValueError("the fp32 mat-vec writes packed rows (column 0 only)")
             self.matvec(weight, x.ptr, y.ptr, x.shape[0], self.device.stream, fusion=fusion)
 
-    def run(self, num_tokens: int, num_logits: int, all_rows: bool) -> None:
+    def run(self, num_tokens: int, num_logits: int, all_rows: bool, decode: bool = False) -> None:
         """Enqueues the forward of `num_tokens` tokens (any mix of prompt chunks and decode tokens).
 
         Logits rows: meta.logit_rows[:num_logits], or every token when all_rows (decode graphs).
+        decode: every token is the newest of its sequence, all earlier positions in the KV cache
+        (padding tokens write no KV): attention then applies RoPE and writes KV itself, without
+        rope_kv's launch (bitwise the same values).
         Every launch reads its per-step inputs from the static buffers, so the launch sequence is
         a function of the shape alone: with a module that records (launcher.DriverModule), a shape
         seen before replays its recorded launches instead of running this Python again."""
         record = getattr(self.device.module, "recording", None)
         if record is None:
-            self._enqueue(num_tokens, num_logits, all_rows)
+            self._enqueue(num_tokens, num_logits, all_rows, decode)
             return
         # The launcher's scratches decide its tiles (tests shrink them to force other layouts).
-        key = (num_tokens, num_logits, all_rows, self.linear_mma.scratch_sizes)
+        key = (num_tokens, num_logits, all_rows, decode, self.linear_mma.scratch_sizes)
         recorded = self._recorded.get(key)
         if recorded is not None:
             self._recorded.move_to_end(key)
@@ -174,34 +177,34 @@ class Qwen2Forward:
             self.replayed_runs += 1
             return
         with record() as recorded:
-            self._enqueue(num_tokens, num_logits, all_rows)
+            self._enqueue(num_tokens, num_logits, all_rows, decode)
         self._recorded[key] = recorded
         if len(self._recorded) > RECORDED_SHAPES:
             self._recorded.popitem(last=False)
 
-    def _enqueue(self, num_tokens: int, num_logits: int, all_rows: bool) -> None:
+    def _enqueue(self, num_tokens: int, num_logits: int, all_rows: bool, decode: bool) -> None:
         a, m, cfg, dev = self.acts, self.meta, self.config, self.device
         t = num_tokens
         self.embedding(self.weights.token_embd, m.input_ids.ptr, a.residual.ptr, t, dev.stream)
         residual, delta = a.residual.rows(0, t), a.delta.rows(0, t)
         for i, layer in enumerate(self.weights.layers):
             if self.fused:
-                self._layer_fused(i, layer, t)
+                self._layer_fused(i, layer, t, decode)
             else:
-                self._layer(i, layer, t)
+                self._layer(i, layer, t, decode)
         final = a.final.rows(0, num_logits)
         launch_rms_norm(dev, residual, self.weights.output_norm, final, cfg.rms_norm_eps,
                         delta=None if self.fused else delta,
                         row_ids=None if all_rows else m.logit_rows.view(num_logits))
         self._linear(self.weights.lm_head, final, a.logits.rows(0, num_logits))
 
-    def _layer(self, i: int, layer, t: int) -> None:
+    def _layer(self, i: int, layer, t: int, decode: bool) -> None:
         """residual += attn(norm(residual)) + mlp(norm(...)), the residual add fused into the norms."""
         a, cfg, dev = self.acts, self.config, self.device
         residual, delta, normed = a.residual.rows(0, t), a.delta.rows(0, t), a.normed.rows(0, t)
         launch_rms_norm(dev, residual, layer.attn_norm, normed, cfg.rms_norm_eps,
                         delta=delta if i else None, write_residual=True)
-        self._attention(i, layer, t, self._qkv(layer, normed, t, NO_FUSION))
+        self._attention(i, layer, t, self._qkv(layer, normed, t, NO_FUSION), decode)
         self._linear(layer.o, a.attn.rows(0, t), delta)
         launch_rms_norm(dev, residual, layer.ffn_norm, normed, cfg.rms_norm_eps, delta=delta, write_residual=True)
         gate, up = a.gate.rows(0, t), a.up.rows(0, t)
@@ -213,11 +216,11 @@ class Qwen2Forward:
             launch_swiglu(dev, gate, up, gate)
         self._linear(layer.down, gate, delta)
 
-    def _layer_fused(self, i: int, layer, t: int) -> None:
+    def _layer_fused(self, i: int, layer, t: int, decode: bool) -> None:
         a, cfg = self.acts, self.config
         residual, gate = a.residual.rows(0, t), a.gate.rows(0, t)
         norm = MatvecFusion(norm_weight_ptr=layer.attn_norm.ptr, norm_eps=cfg.rms_norm_eps)
-        self._attention(i, layer, t, self._qkv(layer, residual, t, norm))
+        self._attention(i, layer, t, self._qkv(layer, residual, t, norm), decode)
         self._linear(layer.o, a.attn.rows(0, t), residual, MatvecFusion(epilogue="accumulate"))
         self._linear(layer.gate_up, residual, gate,
                      MatvecFusion(epilogue="swiglu", norm_weight_ptr=layer.ffn_norm.ptr, norm_eps=cfg.rms_norm_eps))
@@ -244,14 +247,16 @@ class Qwen2Forward:
         return QkvRows(q_in=q_out.ptr, k_in=a.k.ptr, v_in=a.v.ptr, q_in_stride=q_width, kv_in_stride=kv_width,
                        q_out=q_out)
 
-    def _attention(self, i: int, layer, t: int, rows: QkvRows) -> None:
-        """RoPE + KV write of this chunk, then attention of q over each sequence's KV -> acts.attn."""
+    def _attention(self, i: int, layer, t: int, rows: QkvRows, decode: bool) -> None:
+        """RoPE + KV write of this chunk, then attention of q over each sequence's KV -> acts.attn
+        (a decode step: both in the attention launch)."""
         a, m, cfg, dev = self.acts, self.meta, self.config, self.device
-        hd = cfg.head_dim
         k_cache, v_cache = self.kv[i]
-        positions, token_seq = m.positions.view(t), m.token_seq.view(t)
-        launch_rope_kv(dev, rows, (layer.bias_q, layer.bias_k, layer.bias_v), positions,
-                       m.slot_mapping.view(t), self.rope, k_cache, v_cache)
-        q = rows.q_out
-        out = a.attn.rows(0, t).view(t, cfg.num_heads, hd)
-        launch_attention(dev, q, out, k_cache, v_cache, m.block_tables, token_seq, positions, self.block_size)
+        positions, token_seq, slots = m.positions.view(t), m.token_seq.view(t), m.slot_mapping.view(t)
+        biases = (layer.bias_q, layer.bias_k, layer.bias_v)
+        rope = DecodeRope(rows, biases, self.rope, slots) if decode else None
+        if rope is None:
+            launch_rope_kv(dev, rows, biases, positions, slots, self.rope, k_cache, v_cache)
+        out = a.attn.rows(0, t).view(t, cfg.num_heads, cfg.head_dim)
+        launch_attention(dev, rows.q_out, out, k_cache, v_cache, m.block_tables, token_seq, positions,
+                         self.block_size, rope=rope)

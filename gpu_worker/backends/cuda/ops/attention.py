@@ -2,10 +2,13 @@
 KV context (GQA), with the AttentionParams record and its checks."""
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
 from gpu_worker.backends.cuda.device import DeviceTensor
 from gpu_worker.backends.cuda.ops.launch import check_tensor, launch, record
+from gpu_worker.backends.cuda.ops.rope_kv import QkvRows, RopeTables, check_rope_inputs
 
 HEAD_DIM = 64          # the kernels are built for head_dim 64 (Qwen2.5-0.5B)
 MAX_GROUP = 8          # q heads per kv head (QS_ATTN_MAX_GROUP): 4 warps each, block <= 1024 threads
@@ -13,9 +16,22 @@ SPLIT = 4              # warps per query head (QS_ATTN_SPLIT)
 ROUND, ROW = 128, 72   # positions staged per round, halves per staged row (QS_ATTN_ROUND, QS_ATTN_ROW)
 SHARED_BYTES = 2 * 2 * ROUND * ROW * 2   # two stages of K and V rounds (QS_ATTN_SHARED_BYTES)
 _POINTERS = ("q", "out", "k_cache", "v_cache", "block_tables", "token_seq", "positions")
+_ROPE_POINTERS = ("q_in", "k_in", "v_in", "bias_q", "bias_k", "bias_v", "cos_table", "sin_table", "slot_mapping")
 PARAMS_FIELDS = [(name, "u8") for name in _POINTERS] + [
     ("max_blocks_per_seq", "i8"), ("num_heads", "i8"), ("num_kv_heads", "i8"), ("block_size", "i8"),
-    ("heads_per_block", "i8"), ("scale", "f4"), ("pad_", "f4")]
+    ("heads_per_block", "i8"), ("scale", "f4"), ("pad_", "f4")] + [
+    (name, "u8") for name in _ROPE_POINTERS] + [("q_in_stride", "i8"), ("kv_in_stride", "i8"), ("rope_fused", "i8")]
+
+
+@dataclass(frozen=True)
+class DecodeRope:
+    """rope_kv's inputs, for a decode step whose attention applies them itself (every token is
+    the newest of its sequence): q/k/v rows unrotated, biases, tables, slot_mapping [T] int32."""
+
+    rows: QkvRows
+    biases: tuple[DeviceTensor, DeviceTensor, DeviceTensor]
+    tables: RopeTables
+    slot_mapping: DeviceTensor
 
 
 def heads_per_block_for(num_tokens: int, num_heads: int, num_kv_heads: int, multiprocessors: int) -> int:
@@ -30,12 +46,13 @@ def heads_per_block_for(num_tokens: int, num_heads: int, num_kv_heads: int, mult
 
 def attention_params(q: DeviceTensor, out: DeviceTensor, k_cache: DeviceTensor, v_cache: DeviceTensor,
                      block_tables: DeviceTensor, token_seq: DeviceTensor, positions: DeviceTensor,
-                     block_size: int, heads_per_block: int) -> np.void:
+                     block_size: int, heads_per_block: int, rope: DecodeRope | None = None) -> np.void:
     """Checks shapes and packs the kernel record.
 
     q, out: [T, num_heads, 64] f32; caches: [num_slots, num_kv_heads, 64] f16;
     block_tables: [num_seqs, max_blocks_per_seq] int32; token_seq, positions: [T] int32;
-    heads_per_block divides num_heads / num_kv_heads.
+    heads_per_block divides num_heads / num_kv_heads. With `rope` (a decode step), q is where
+    rope_kv would have put the rotated q: only its shape is used.
     """
     num_tokens, num_heads, head_dim = q.shape
     num_kv_heads = k_cache.shape[1]
@@ -62,20 +79,29 @@ def attention_params(q: DeviceTensor, out: DeviceTensor, k_cache: DeviceTensor, 
         "max_blocks_per_seq": block_tables.shape[1], "num_heads": num_heads,
         "num_kv_heads": num_kv_heads, "block_size": block_size, "heads_per_block": heads_per_block,
         "scale": 1.0 / np.sqrt(head_dim)}
+    if rope is not None:
+        check_rope_inputs(rope.rows, rope.biases, positions, rope.slot_mapping, rope.tables, k_cache, v_cache)
+        bias_q, bias_k, bias_v = rope.biases
+        values.update(q_in=rope.rows.q_in, k_in=rope.rows.k_in, v_in=rope.rows.v_in, bias_q=bias_q.ptr,
+                      bias_k=bias_k.ptr, bias_v=bias_v.ptr, cos_table=rope.tables.cos.ptr,
+                      sin_table=rope.tables.sin.ptr, slot_mapping=rope.slot_mapping.ptr,
+                      q_in_stride=rope.rows.q_in_stride, kv_in_stride=rope.rows.kv_in_stride, rope_fused=1)
     return record(PARAMS_FIELDS, values)
 
 
 def launch_attention(device, q: DeviceTensor, out: DeviceTensor, k_cache: DeviceTensor, v_cache: DeviceTensor,
                      block_tables: DeviceTensor, token_seq: DeviceTensor, positions: DeviceTensor,
-                     block_size: int, heads_per_block: int | None = None) -> None:
+                     block_size: int, heads_per_block: int | None = None, rope: DecodeRope | None = None) -> None:
     """out[t, h] = softmax(q[t, h] K[0..pos_t]^T / 8) V over sequence token_seq[t]'s blocks, for
-    decode steps and prompt chunks alike. KV of every position <= pos_t must be written.
-    heads_per_block: None picks by heads_per_block_for (tests force each value)."""
+    decode steps and prompt chunks alike. KV of every position <= pos_t must be written; with
+    `rope` (decode steps: each token the newest of its sequence) every position < pos_t, and the
+    kernel does rope_kv's work for pos_t itself. heads_per_block: None picks by
+    heads_per_block_for (tests force each value)."""
     num_tokens, num_heads = q.shape[0], q.shape[1]
     num_kv_heads = k_cache.shape[1]
     if heads_per_block is None:
         heads_per_block = heads_per_block_for(num_tokens, num_heads, num_kv_heads, device.multiprocessors)
     params = attention_params(q, out, k_cache, v_cache, block_tables, token_seq, positions, block_size,
-                              heads_per_block)
+                              heads_per_block, rope)
     launch(device.kernel("attention_f32", SHARED_BYTES), (num_tokens, num_heads // heads_per_block),
            (32 * SPLIT * heads_per_block,), device.stream, params, shared=SHARED_BYTES)

@@ -51,13 +51,10 @@ class QkvRows:
     q_out: DeviceTensor
 
 
-def launch_rope_kv(device, rows: QkvRows, biases: tuple[DeviceTensor, ...],
-                   positions: DeviceTensor, slot_mapping: DeviceTensor, tables: RopeTables,
-                   k_cache: DeviceTensor, v_cache: DeviceTensor) -> None:
-    """Rotated q -> rows.q_out; k (rotated) and v -> the caches as fp16.
-    biases: (bias_q [num_heads*head_dim], bias_k, bias_v [num_kv_heads*head_dim]) f32;
-    positions, slot_mapping: [T] int32 (slot < 0: no write); caches: [num_slots, num_kv_heads, head_dim] f16.
-    Positions must be < tables.cos.shape[0] (the caller checks on the host)."""
+def check_rope_inputs(rows: QkvRows, biases: tuple[DeviceTensor, ...], positions: DeviceTensor,
+                      slot_mapping: DeviceTensor, tables: RopeTables, k_cache: DeviceTensor,
+                      v_cache: DeviceTensor) -> None:
+    """ValueError unless rope_kv's inputs fit together (shapes in launch_rope_kv's docstring)."""
     q_out = rows.q_out
     num_tokens, num_heads, head_dim = q_out.shape
     check_tensor("k_cache", k_cache, (None, None, head_dim), np.float16)
@@ -79,9 +76,22 @@ def launch_rope_kv(device, rows: QkvRows, biases: tuple[DeviceTensor, ...],
     check_tensor("v_cache", v_cache, k_cache.shape, np.float16)
     if head_dim % 2:
         raise ValueError(f"head_dim must be even, got {head_dim}")
+
+
+def launch_rope_kv(device, rows: QkvRows, biases: tuple[DeviceTensor, ...],
+                   positions: DeviceTensor, slot_mapping: DeviceTensor, tables: RopeTables,
+                   k_cache: DeviceTensor, v_cache: DeviceTensor) -> None:
+    """Rotated q -> rows.q_out; k (rotated) and v -> the caches as fp16.
+    biases: (bias_q [num_heads*head_dim], bias_k, bias_v [num_kv_heads*head_dim]) f32;
+    positions, slot_mapping: [T] int32 (slot < 0: no write); caches: [num_slots, num_kv_heads, head_dim] f16.
+    Positions must be < tables.cos.shape[0] (the caller checks on the host)."""
+    check_rope_inputs(rows, biases, positions, slot_mapping, tables, k_cache, v_cache)
+    q_out = rows.q_out
+    num_tokens, num_heads, head_dim = q_out.shape
+    bias_q, bias_k, bias_v = biases
     pointers = (rows.q_in, q_out.ptr, rows.k_in, rows.v_in, bias_q.ptr, bias_k.ptr, bias_v.ptr, positions.ptr,
                 slot_mapping.ptr, tables.cos.ptr, tables.sin.ptr, k_cache.ptr, v_cache.ptr)
     params = record(PARAMS_FIELDS, {**{name: int(ptr) for name, ptr in zip(_POINTERS, pointers)},
-                                    "num_heads": num_heads, "num_kv_heads": num_kv_heads, "head_dim": head_dim,
+                                    "num_heads": num_heads, "num_kv_heads": k_cache.shape[1], "head_dim": head_dim,
                                     "q_in_stride": rows.q_in_stride, "kv_in_stride": rows.kv_in_stride})
     launch(device.kernel("rope_kv_f32"), (num_tokens,), (THREADS,), device.stream, params)
