@@ -107,6 +107,14 @@ __device__ __forceinline__ float dot_q_k(const float* q, const __half* k_row) {
     return sum;
 }
 
+// acc += p_j * V[j] (lane's two dims): position j of a tile, taken in increasing j.
+__device__ __forceinline__ void attn_accumulate_v(AttnState& st, float p, const AttnRow v_row, int j, int lane) {
+    const float pj = __shfl_sync(0xffffffffu, p, j);
+    const float2 v2 = __half22float2(reinterpret_cast<const __half2*>(v_row)[lane]);
+    st.acc0 = fmaf(pj, v2.x, st.acc0);
+    st.acc1 = fmaf(pj, v2.y, st.acc1);
+}
+
 // One tile of up to 32 positions; `num_valid` (1..32, warp-uniform) of them are < context length.
 // k_tile / v_tile: the tile's rows in shared memory (row j = position tile_start + j); rows past
 // num_valid hold stale bytes and are never read.
@@ -120,13 +128,11 @@ __device__ __forceinline__ void attn_tile_update(AttnState& st, const float* q, 
     st.l = st.l * correction + warp_sum(p);
     st.acc0 *= correction;
     st.acc1 *= correction;
+    if (num_valid == QS_ATTN_TILE) {   // every tile but a context's last: no per-position checks
 #pragma unroll
-    for (int j = 0; j < QS_ATTN_TILE; ++j) {
-        if (j >= num_valid) break;
-        const float pj = __shfl_sync(0xffffffffu, p, j);
-        const float2 v2 = __half22float2(reinterpret_cast<const __half2*>(v_tile[j])[lane]);
-        st.acc0 = fmaf(pj, v2.x, st.acc0);
-        st.acc1 = fmaf(pj, v2.y, st.acc1);
+        for (int j = 0; j < QS_ATTN_TILE; ++j) attn_accumulate_v(st, p, v_tile[j], j, lane);
+    } else {
+        for (int j = 0; j < num_valid; ++j) attn_accumulate_v(st, p, v_tile[j], j, lane);
     }
     st.m = m_new;
 }
@@ -153,16 +159,8 @@ __device__ __forceinline__ long long paged_slot(const int* block_table_row, int 
     return (long long)block_table_row[pos / block_size] * block_size + pos % block_size;
 }
 
-// Issues (and commits, as one cp.async group) the copies of round `round`'s K and V rows of
-// kv_head (positions [128 * round, 128 * round + 128) of the context) into one stage. 16 bytes per
-// copy, strided by thread; positions past the context are skipped. Every thread of the block calls
-// it (it has a barrier).
-// First each row's cache offset goes to `row_offsets` (-1 past the context): one block-table read
-// per row, all of them in flight at once. Read inside the copy loop instead, a thread's table
-// reads were waited for one after the other (the cp.async asm orders memory for the compiler):
-// with 4 warps per block that is 16 round trips per round.
 // Decode steps: this token's own K/V row (position own_pos), biased and rotated from k_in / v_in,
-// into staged row `row`, and by the writer block into the cache as rope_kv.cu would.
+// into its staged rows, and by the writer block into the cache as rope_kv.cu would.
 __device__ __forceinline__ void attn_own_kv_row(const AttentionParams& p, int t, int kv_head, int own_pos,
                                                 bool writer, __half* k_row, __half* v_row) {
     constexpr int kHalf = QS_ATTN_HEAD_DIM / 2;
@@ -189,31 +187,45 @@ __device__ __forceinline__ void attn_own_kv_row(const AttentionParams& p, int t,
     }
 }
 
+// Issues (and commits, as one cp.async group) the copies of round `round`'s K and V rows of
+// kv_head (positions [128 * round, 128 * round + 128) of the context) into one stage; positions
+// past the context are skipped. Threads 2r and 2r + 1 stage row r: each reads the row's cache
+// offset through the block table itself (no shared table, no barrier) and copies 4 of its 8
+// 16-byte K pieces and 4 of its V pieces, neighbours taking neighbouring pieces so that each copy
+// instruction of a warp reads whole 32-byte sectors. A thread's (at most 2) table reads are all
+// issued before its first copy: the cp.async asm orders memory for the compiler, so a read placed
+// after one would wait for it. (The generic strided loop this replaces spent ~44% of a batch-1
+// launch's instructions on index arithmetic; ncu, session 7.)
+// Decode steps: the token's own row (the context's last) comes from attn_own_kv_row, not the cache.
 __device__ __forceinline__ void attn_stage_round(const AttentionParams& p, const int* table, int kv_head,
                                                  int context_len, int round, AttnRow* k_stage, AttnRow* v_stage,
-                                                 long long* row_offsets, int t, bool writer) {
-    constexpr int kPieces = QS_ATTN_HEAD_DIM / 8;               // 16-byte pieces per row
-    constexpr int kCopies = QS_ATTN_ROUND * kPieces;            // per cache
+                                                 int t, bool writer) {
+    constexpr int kPairs = 2 * QS_ATTN_ROUND;                    // (row, half) pairs: <= 2 per thread
     const int start = round * QS_ATTN_ROUND;
-    // Decode steps: the token's own row (the context's last) comes from attn_own_kv_row, not the cache.
     const int own_pos = p.rope_fused ? context_len - 1 : -1;
-    for (int row = threadIdx.x; row < QS_ATTN_ROUND; row += blockDim.x) {
-        const int pos = start + row;
-        row_offsets[row] = pos < context_len && pos != own_pos
+    long long offsets[2];
+#pragma unroll
+    for (int it = 0; it < 2; ++it) {
+        const int i = threadIdx.x + it * blockDim.x, pos = start + (i >> 1);
+        offsets[it] = i < kPairs && pos < context_len && pos != own_pos
             ? (paged_slot(table, pos, (int)p.block_size) * p.num_kv_heads + kv_head) * QS_ATTN_HEAD_DIM : -1;
     }
-    if (own_pos >= start && own_pos < start + QS_ATTN_ROUND)
-        attn_own_kv_row(p, t, kv_head, own_pos, writer, k_stage[own_pos - start], v_stage[own_pos - start]);
-    __syncthreads();
-    for (int c = threadIdx.x; c < 2 * kCopies; c += blockDim.x) {
-        const bool is_v = c >= kCopies;
-        const int row = (c % kCopies) / kPieces, piece = c % kPieces;
-        const long long offset = row_offsets[row];
-        if (offset < 0) continue;
-        const __half* src = (is_v ? p.v_cache : p.k_cache) + offset;
-        cp_async16((is_v ? v_stage : k_stage)[row] + 8 * piece, src + 8 * piece);
+#pragma unroll
+    for (int it = 0; it < 2; ++it) {
+        if (offsets[it] < 0) continue;
+        const int i = threadIdx.x + it * blockDim.x, row = i >> 1, half = i & 1;
+        const __half* k_src = p.k_cache + offsets[it];
+        const __half* v_src = p.v_cache + offsets[it];
+#pragma unroll
+        for (int k = 0; k < 4; ++k) {
+            const int piece = 2 * k + half;
+            cp_async16(k_stage[row] + 8 * piece, k_src + 8 * piece);
+            cp_async16(v_stage[row] + 8 * piece, v_src + 8 * piece);
+        }
     }
     asm volatile("cp.async.commit_group;\n" ::: "memory");
+    if (own_pos >= start && own_pos < start + QS_ATTN_ROUND)
+        attn_own_kv_row(p, t, kv_head, own_pos, writer, k_stage[own_pos - start], v_stage[own_pos - start]);
 }
 
 }  // namespace qs
@@ -223,7 +235,6 @@ __device__ __forceinline__ void attn_stage_round(const AttentionParams& p, const
 extern "C" __global__ void __launch_bounds__(32 * QS_ATTN_SPLIT * QS_ATTN_MAX_GROUP) attention_f32(const AttentionParams p) {
     extern __shared__ __align__(16) uint8_t attn_smem[];
     __shared__ __align__(16) float q_heads[QS_ATTN_MAX_GROUP][QS_ATTN_HEAD_DIM];
-    __shared__ long long row_offsets[2][QS_ATTN_ROUND];   // round r's rows in row_offsets[r & 1]
     qs::AttnRow* k_stages = reinterpret_cast<qs::AttnRow*>(attn_smem);           // [2][128]
     qs::AttnRow* v_stages = k_stages + 2 * QS_ATTN_ROUND;                         // [2][128]
     const int t = blockIdx.x;
@@ -237,7 +248,7 @@ extern "C" __global__ void __launch_bounds__(32 * QS_ATTN_SPLIT * QS_ATTN_MAX_GR
     const int num_rounds = (context_len + QS_ATTN_ROUND - 1) / QS_ATTN_ROUND;
     const int* table = p.block_tables + (size_t)p.token_seq[t] * p.max_blocks_per_seq;
     const bool writer = first_head % group == 0;   // decode steps: this block writes the KV row
-    qs::attn_stage_round(p, table, kv_head, context_len, 0, k_stages, v_stages, row_offsets[0], t, writer);
+    qs::attn_stage_round(p, table, kv_head, context_len, 0, k_stages, v_stages, t, writer);
     if (p.rope_fused) {   // q = rope(q_in + bias_q): pair i of each of the block's heads
         constexpr int kHalf = QS_ATTN_HEAD_DIM / 2;
         const int pos = context_len - 1;
@@ -258,7 +269,7 @@ extern "C" __global__ void __launch_bounds__(32 * QS_ATTN_SPLIT * QS_ATTN_MAX_GR
         if (round + 1 < num_rounds) {
             const int next = (round + 1) & 1;
             qs::attn_stage_round(p, table, kv_head, context_len, round + 1, k_stages + next * QS_ATTN_ROUND,
-                                 v_stages + next * QS_ATTN_ROUND, row_offsets[next], t, writer);
+                                 v_stages + next * QS_ATTN_ROUND, t, writer);
             asm volatile("cp.async.wait_group 1;\n" ::: "memory");   // this round's group is done
         } else {
             asm volatile("cp.async.wait_group 0;\n" ::: "memory");
