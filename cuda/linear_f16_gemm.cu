@@ -48,11 +48,18 @@ struct F16Tile {
     static_assert(TG % 2 == 0, "B fragments come two 8-token groups per ldmatrix");
 };
 
-// Writes one lane-quad's 8 values (natural columns 8q .. 8q + 7 of a sub-chunk) in slot order.
-__device__ __forceinline__ void write_slot_words(__half* sub_chunk, int quad, const float v[8]) {
+// Writes one lane-quad's 8 values (natural columns 8q .. 8q + 7 of a sub-chunk), as fp16 pairs,
+// in slot order.
+__device__ __forceinline__ void write_slot_pairs(__half* sub_chunk, int quad, const uint32_t pairs[4]) {
     uint32_t* words = reinterpret_cast<uint32_t*>(sub_chunk);
 #pragma unroll
-    for (int i = 0; i < 4; ++i) words[4 * i + quad] = pack_half2(v[2 * i], v[2 * i + 1]);
+    for (int i = 0; i < 4; ++i) words[4 * i + quad] = pairs[i];
+}
+
+__device__ __forceinline__ void write_slot_words(__half* sub_chunk, int quad, const float v[8]) {
+    const uint32_t pairs[4] = {pack_half2(v[0], v[1]), pack_half2(v[2], v[3]), pack_half2(v[4], v[5]),
+                               pack_half2(v[6], v[7])};
+    write_slot_pairs(sub_chunk, quad, pairs);
 }
 
 // Byte offset of 16-byte piece `piece` (0..15) of tile row `row`: the piece index is XORed with
@@ -184,7 +191,7 @@ extern "C" __global__ void f32_to_f16_slots(const float* x, __half* y, int units
 }
 
 // dequant_slots_<type>: w16 = fp16(dequantized W) in slot order, W [num_rows, K] (K % 32 == 0),
-// one thread per 8 values; the same dequant8 and fp16 rounding as the other layouts' fragments.
+// one thread per 8 values; the same dequant8_half2 values as the other layouts' fragments.
 #define DEQUANT_SLOTS_ENTRY(TYPE, NAME)                                                               \
     extern "C" __global__ void dequant_slots_##NAME(const uint8_t* weight, int row_bytes, int num_rows,  \
                                                     int num_cols, __half* w16) {                       \
@@ -192,9 +199,9 @@ extern "C" __global__ void f32_to_f16_slots(const float* x, __half* y, int units
         const int u = blockIdx.x * blockDim.x + threadIdx.x;                                           \
         if (u >= num_rows * units_per_row) return;                                                     \
         const int row = u / units_per_row, unit = u % units_per_row;                                   \
-        float v[8];                                                                                    \
-        qformats::dequant8<TYPE>(weight + static_cast<long long>(row) * row_bytes, 8 * unit, v);       \
-        linear_mma_detail::write_slot_words(w16 + 32LL * (u / 4), u % 4, v);                           \
+        uint32_t pairs[4];                                                                             \
+        qformats::dequant8_half2<TYPE>(weight + static_cast<long long>(row) * row_bytes, 8 * unit, pairs); \
+        linear_mma_detail::write_slot_pairs(w16 + 32LL * (u / 4), u % 4, pairs);                       \
     }
 QFORMATS_FOR_EACH_TYPE(DEQUANT_SLOTS_ENTRY)
 

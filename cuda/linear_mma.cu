@@ -120,9 +120,9 @@ __device__ __forceinline__ void multiply_sub_chunk(const LinearArgs& a, const Wa
         frag[0][0] = lo.x; frag[0][1] = hi.x; frag[0][2] = lo.y; frag[0][3] = hi.y;
         frag[1][0] = lo.z; frag[1][1] = hi.z; frag[1][2] = lo.w; frag[1][3] = hi.w;
     } else {
-        float lo[8], hi[8];
-        qformats::dequant8<T>(tile.rows[0], col, lo);
-        qformats::dequant8<T>(tile.rows[1], col, hi);
+        uint32_t lo[4], hi[4];
+        qformats::dequant8_half2<T>(tile.rows[0], col, lo);
+        qformats::dequant8_half2<T>(tile.rows[1], col, hi);
         pack_a_fragments(lo, hi, frag);
     }
 #pragma unroll
@@ -264,13 +264,9 @@ __device__ void linear_mma_narrow(const LinearArgs& a) {
                 const uint4 h = *reinterpret_cast<const uint4*>(row + 2 * col);
                 w[0][0] = h.x; w[0][1] = h.y; w[1][0] = h.z; w[1][1] = h.w;
             } else {
-                float v[8];
-                qformats::dequant8<T>(row, col, v);
-#pragma unroll
-                for (int s = 0; s < 2; ++s) {
-                    w[s][0] = pack_half2(v[4 * s], v[4 * s + 1]);
-                    w[s][1] = pack_half2(v[4 * s + 2], v[4 * s + 3]);
-                }
+                uint32_t v[4];   // value pairs (0, 1), (2, 3), (4, 5), (6, 7)
+                qformats::dequant8_half2<T>(row, col, v);
+                w[0][0] = v[0]; w[0][1] = v[1]; w[1][0] = v[2]; w[1][1] = v[3];
             }
             const float4* lo = reinterpret_cast<const float4*>(xs + token_lo * x_stride(a) + 4 * col);
             const float4* hi = reinterpret_cast<const float4*>(xs + token_hi * x_stride(a) + 4 * col);

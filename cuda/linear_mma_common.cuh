@@ -49,14 +49,15 @@ __device__ __forceinline__ void copy_bytes_warp(uint8_t* dst, const uint8_t* wei
 }
 
 // The A fragments of one 32-column sub-chunk from a lane's 8 dequantized values of rows g (lo) and
-// g + 8 (hi): the first four columns feed the first mma, the last four the second.
-__device__ __forceinline__ void pack_a_fragments(const float lo[8], const float hi[8], uint32_t frag[2][4]) {
+// g + 8 (hi), as fp16 pairs (qformats::dequant8_half2): the first four columns feed the first mma,
+// the last four the second.
+__device__ __forceinline__ void pack_a_fragments(const uint32_t lo[4], const uint32_t hi[4], uint32_t frag[2][4]) {
 #pragma unroll
     for (int s = 0; s < 2; ++s) {
-        frag[s][0] = pack_half2(lo[4 * s], lo[4 * s + 1]);
-        frag[s][1] = pack_half2(hi[4 * s], hi[4 * s + 1]);
-        frag[s][2] = pack_half2(lo[4 * s + 2], lo[4 * s + 3]);
-        frag[s][3] = pack_half2(hi[4 * s + 2], hi[4 * s + 3]);
+        frag[s][0] = lo[2 * s];
+        frag[s][1] = hi[2 * s];
+        frag[s][2] = lo[2 * s + 1];
+        frag[s][3] = hi[2 * s + 1];
     }
 }
 

@@ -114,13 +114,13 @@ __device__ __forceinline__ void multiply_gemm_sub_chunk(const LinearArgs& a, con
 #pragma unroll
     for (int rb = 0; rb < S::kWarpBlocks; ++rb) {
         uint32_t frag[2][4];
-        float lo[8], hi[8];
+        uint32_t lo[4], hi[4];
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
             const int r = row0 + 16 * rb + group + 8 * h;
             const long long begin = static_cast<long long>(n0 + r) * a.row_bytes + first_block * kBytes;
             const uint8_t* row = raw + r * gemm_raw_stride<T>() + (begin & 15) - first_block * kBytes;
-            qformats::dequant8<T>(row, col, h ? hi : lo);
+            qformats::dequant8_half2<T>(row, col, h ? hi : lo);
         }
         pack_a_fragments(lo, hi, frag);
 #pragma unroll

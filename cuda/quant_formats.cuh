@@ -241,6 +241,70 @@ template <> __device__ __forceinline__ void dequant8<kQ6_K>(const uint8_t* row, 
     out[6] = __fmul_rn(d, byte_minus<2>(hi, kMagic + 32.0f)); out[7] = __fmul_rn(d, byte_minus<3>(hi, kMagic + 32.0f));
 }
 
+// ---- dequant8 rounded to fp16: what the tensor-core kernels multiply ----------------------
+//
+//     dequant8_half2<TYPE>(row, v0, out)  -> out[k] = half2(fp16(value 2k), fp16(value 2k + 1))
+//
+// Bitwise fp16(dequant8(...)) for every type. Where a value is d * (q - bias) with d an fp16 scale
+// and q a small integer (Q4_0, Q5_0, Q8_0), the product is formed in half precision directly:
+// 0x6400 | q is the half 1024 + q, subtracting 1024 + bias is exact, and __hmul2 rounds the exact
+// product d * (q - bias) once to fp16, as rounding dequant8's (exact) fp32 product to fp16 does,
+// with half the instructions per value. Other types (fp32 scales such as K-quants' d * scale)
+// convert dequant8's fp32 values.
+template <int T>
+__device__ __forceinline__ void dequant8_half2(const uint8_t* row, int v0, uint32_t out[4]) {
+    float v[8];
+    dequant8<T>(row, v0, v);
+#pragma unroll
+    for (int k = 0; k < 4; ++k) {
+        const __half2 h = __floats2half2_rn(v[2 * k], v[2 * k + 1]);
+        out[k] = *reinterpret_cast<const uint32_t*>(&h);
+    }
+}
+
+// out[2w + k] = d * (q - bias) for the byte pairs (0, 1) and (2, 3) of words[w], each byte a q.
+__device__ __forceinline__ void scale_byte_pairs(const uint8_t* d_ptr, const uint32_t words[2], float bias,
+                                                 uint32_t out[4]) {
+    const __half2 d = __half2half2(*reinterpret_cast<const __half*>(d_ptr));
+    const __half2 offset = __float2half2_rn(1024.0f + bias);
+#pragma unroll
+    for (int w = 0; w < 2; ++w) {
+#pragma unroll
+        for (int k = 0; k < 2; ++k) {
+            // bytes 2k, 2k + 1 of the word under 0x64 high bytes: halves 1024 + q
+            const uint32_t magic = __byte_perm(words[w], 0x64646464u, k ? 0x4342u : 0x4140u);
+            const __half2 q = __hsub2(*reinterpret_cast<const __half2*>(&magic), offset);
+            const __half2 x = __hmul2(d, q);
+            out[2 * w + k] = *reinterpret_cast<const uint32_t*>(&x);
+        }
+    }
+}
+
+template <> __device__ __forceinline__ void dequant8_half2<kQ4_0>(const uint8_t* row, int v0, uint32_t out[4]) {
+    int i; const uint8_t* b = block_of<kQ4_0>(row, v0, i);
+    const uint2 w = load8_words(b + 2 + (i & 15));
+    const int shift = i < 16 ? 0 : 4;
+    const uint32_t words[2] = {(w.x >> shift) & 0x0F0F0F0Fu, (w.y >> shift) & 0x0F0F0F0Fu};
+    scale_byte_pairs(b, words, 8.0f, out);
+}
+
+template <> __device__ __forceinline__ void dequant8_half2<kQ5_0>(const uint8_t* row, int v0, uint32_t out[4]) {
+    int i; const uint8_t* b = block_of<kQ5_0>(row, v0, i);
+    const uint2 w = load8_words(b + 6 + (i & 15));
+    const int shift = i < 16 ? 0 : 4;
+    const uint32_t qh = load_u32_unaligned(b + 2) >> i;   // bit j: fifth bit of value i + j
+    const uint32_t words[2] = {((w.x >> shift) & 0x0F0F0F0Fu) | spread4_to_bit4(qh),
+                               ((w.y >> shift) & 0x0F0F0F0Fu) | spread4_to_bit4(qh >> 4)};
+    scale_byte_pairs(b, words, 16.0f, out);
+}
+
+template <> __device__ __forceinline__ void dequant8_half2<kQ8_0>(const uint8_t* row, int v0, uint32_t out[4]) {
+    int i; const uint8_t* b = block_of<kQ8_0>(row, v0, i);
+    const uint2 w = load8_words(b + 2 + i);
+    const uint32_t words[2] = {w.x ^ 0x80808080u, w.y ^ 0x80808080u};   // q + 128
+    scale_byte_pairs(b, words, 128.0f, out);
+}
+
 }  // namespace qformats
 
 // Instantiates MACRO(type_id, lowercase_name) once per supported type; the kernels' extern "C"

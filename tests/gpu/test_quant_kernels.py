@@ -23,7 +23,7 @@ pytestmark = pytest.mark.gpu
 
 REPO = Path(__file__).resolve().parents[2]
 FATBIN = REPO / "cuda" / "build" / "qwen_kernels.fatbin"
-OWN_SOURCES = ("matvec.cu", "embedding.cu", "linear_mma.cu", "linear_mma_gemm.cu")
+OWN_SOURCES = ("matvec.cu", "embedding.cu", "linear_mma.cu", "linear_mma_gemm.cu", "linear_f16_gemm.cu")
 ALL_TYPES = sorted(SUPPORTED_TYPES, key=int)
 # Byte offsets of the fp16 scale/min fields in each block; random bytes there could be inf/NaN.
 HALF_FIELD_OFFSETS = {
@@ -241,3 +241,34 @@ def test_dequant8_is_bitwise_exact(gpu, qtype):
     embedding(table, dev.upload(ids), out_ptr, vocab, stream)
     out = dev.read(out_ptr, (vocab, cols), stream)
     np.testing.assert_array_equal(out.view(np.uint32), exact_dequant_reference(raw, qtype).view(np.uint32))
+
+
+@pytest.mark.parametrize("qtype", [QType.Q4_0, QType.Q5_0, QType.Q8_0, QType.Q4_K, QType.Q6_K], ids=lambda t: t.name)
+def test_dequant8_half2_is_fp16_of_the_exact_values(gpu, qtype):
+    """dequant8_half2 (what every tensor-core layout multiplies; here through the f16gemm layout's
+    dequant_slots pass) is bitwise fp16(exact value). Q4_0 / Q5_0 / Q8_0 form d * (q - bias) in half
+    precision: checked with scales whose products are fp16 subnormals, overflow to inf, or are
+    subnormal scales themselves, besides the usual ones."""
+    drv, module, stream = gpu
+    dev, rng = Device(drv), np.random.default_rng()
+    rows, cols = 96, 1024
+    raw = random_weight_bytes(qtype, rows, cols, rng)
+    if qtype in (QType.Q4_0, QType.Q5_0, QType.Q8_0):
+        blocks = raw.reshape(-1, quant_spec(qtype).block_bytes)
+        extreme = np.array([3e-6, -3e-6, 1e-7, 30000.0, -30000.0, 0.0, 6.1e-5, 1.0], np.float16)
+        chosen = rng.choice(len(blocks), len(blocks) // 2, replace=False)
+        blocks[chosen, 0:2] = rng.choice(extreme, len(chosen)).view(np.uint8).reshape(-1, 2)
+    weight = DeviceWeight(int(qtype), rows, cols, dev.upload(raw))
+    out_ptr = dev.upload(np.full(rows * cols, np.nan, np.float16))
+    units = rows * cols // 8
+    kernel = module.get_function(f"dequant_slots_{weight.kernel_suffix}")
+    kernel(np.uintp(weight.ptr), np.int32(weight.row_bytes), np.int32(rows), np.int32(cols), np.uintp(out_ptr),
+           block=(256, 1, 1), grid=(-(-units // 256), 1), stream=stream)
+    stream.synchronize()
+    slots = np.empty(rows * cols, np.float16)
+    drv.memcpy_dtoh(slots, out_ptr)
+    # slot order: in each 32-value sub-chunk, word 4i + q holds natural columns 8q + 2i, 8q + 2i + 1
+    natural = slots.reshape(rows, cols // 32, 4, 4, 2).transpose(0, 1, 3, 2, 4).reshape(rows, cols)
+    with np.errstate(over="ignore"):
+        expected = exact_dequant_reference(raw, qtype).reshape(rows, cols).astype(np.float16)
+    np.testing.assert_array_equal(natural.view(np.uint16), expected.view(np.uint16))
