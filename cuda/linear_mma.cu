@@ -24,6 +24,7 @@
 // Per K chunk a CTA stages its rows' bytes and its tokens' x values global -> shared with 16-byte
 // cp.async, double-buffered (the next chunk is in flight while this one is multiplied), so the
 // inner loop reads shared memory only.
+#include "common.cuh"
 #include "linear_mma_common.cuh"
 
 namespace linear_mma_detail {
@@ -159,6 +160,32 @@ __device__ __forceinline__ void for_each_chunk(const LinearArgs& a, int n0, int 
     }
 }
 
+// Decode steps (*_norm_* kernels, the decode tiles): the staged x rows (whole K, num_tokens <= 16 of them) replaced
+// by RMSNorm(x) * norm_weight, so the norm needs no launch of its own. The arithmetic is
+// rms_norm.cu's with 128 threads: thread i sums squares of elements i, i + 128, ... in one fma
+// chain, then qs::warp_sum per warp and the 4 warp sums summed as block_sum does; then
+// v * inv_rms * weight. So the values are bitwise those rms_norm_f32 writes (GPU test).
+__device__ __forceinline__ void normalize_staged_x(const LinearArgs& a, uint8_t* xs, int num_tokens) {
+    constexpr int kMaxTokens = 16;
+    __shared__ float warp_sums[kWarps][kMaxTokens];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    for (int t = 0; t < num_tokens; ++t) {
+        const float* x = reinterpret_cast<const float*>(xs + t * x_stride(a));
+        float sum_sq = 0.0f;
+        for (int i = threadIdx.x; i < a.num_cols; i += kThreads) sum_sq = fmaf(x[i], x[i], sum_sq);
+        sum_sq = qs::warp_sum(sum_sq);
+        if (lane == 0) warp_sums[warp][t] = sum_sq;
+    }
+    __syncthreads();
+    for (int t = 0; t < num_tokens; ++t) {
+        float* x = reinterpret_cast<float*>(xs + t * x_stride(a));
+        const float total = qs::warp_sum(lane < kWarps ? warp_sums[lane][t] : 0.0f);
+        const float inv_rms = 1.0f / sqrtf(total / (float)a.num_cols + a.norm_eps);
+        for (int i = threadIdx.x; i < a.num_cols; i += kThreads) x[i] = x[i] * inv_rms * a.norm_weight[i];
+    }
+    __syncthreads();
+}
+
 // The 4 accumulators' partial sums of a [ROWS, TOKENS] tile, in shared memory [v][row][token], to
 // the outputs in accumulator order ((p0 + p1) + p2) + p3.
 template <int EPI, int ROWS, int TOKENS>
@@ -172,7 +199,7 @@ __device__ __forceinline__ void write_partials(const LinearArgs& a, const float*
 }
 
 // 16 rows per CTA; warp w runs accumulator w (sub-chunks w, w + 4, ...).
-template <int T, int NG, int EPI>
+template <int T, int NG, int EPI, bool NORM = false>
 __device__ void linear_mma_split_k(const LinearArgs& a) {
     extern __shared__ __align__(16) uint8_t smem[];
     constexpr int kRows = 16, kTokens = 8 * NG;
@@ -180,7 +207,8 @@ __device__ void linear_mma_split_k(const LinearArgs& a) {
     const int num_tokens = min(kTokens, a.num_tokens - m0), num_groups = (num_tokens + 7) / 8;
     const int warp = threadIdx.x >> 5;
     float acc[NG][4] = {};
-    for_each_chunk<T, kRows>(a, n0, m0, num_tokens, [&](const uint8_t* buf, int k0, int num_sub) {
+    for_each_chunk<T, kRows>(a, n0, m0, num_tokens, [&](uint8_t* buf, int k0, int num_sub) {
+        if constexpr (NORM) normalize_staged_x(a, buf + weight_bytes<kRows>(a), num_tokens);   // whole K: one chunk
         const WarpTile tile = warp_tile<T, kRows>(a, buf, n0, 0, k0);
 #pragma unroll 2
         for (int sub = warp; sub < num_sub; sub += kAccumulators)
@@ -241,7 +269,7 @@ __device__ void linear_mma_rows(const LinearArgs& a) {
 // tokens) halves and twice the CTAs run. The products and their k slots are the other layouts'
 // (A's row i and B's column j carry the same 8 columns of lane t), so the sums are too: the GPU
 // tests check every layout bitwise against each other. warp w runs accumulator w, as in split_k.
-template <int T, int NG, int EPI>
+template <int T, int NG, int EPI, bool NORM = false>
 __device__ void linear_mma_narrow(const LinearArgs& a) {
     static_assert(NG == 2, "the narrow tile holds 16 tokens (the mma's M)");
     extern __shared__ __align__(16) uint8_t smem[];
@@ -253,7 +281,8 @@ __device__ void linear_mma_narrow(const LinearArgs& a) {
     // sums land only in outputs that are never stored.
     const int token_lo = min(group, a.x_rows - 1), token_hi = min(group + 8, a.x_rows - 1);
     float acc[4] = {};
-    for_each_chunk<T, kRows>(a, n0, m0, num_tokens, [&](const uint8_t* buf, int k0, int num_sub) {
+    for_each_chunk<T, kRows>(a, n0, m0, num_tokens, [&](uint8_t* buf, int k0, int num_sub) {
+        if constexpr (NORM) normalize_staged_x(a, buf + weight_bytes<kRows>(a), num_tokens);   // whole K: one chunk
         const uint8_t* row = staged_row<T>(a, buf, n0, group, k0);
         const uint8_t* xs = buf + weight_bytes<kRows>(a);
 #pragma unroll 2
@@ -290,13 +319,16 @@ __device__ void linear_mma_narrow(const LinearArgs& a) {
 
 }  // namespace linear_mma_detail
 
-// Names linear_mma[_rows|_narrow][_acc|_swiglu]_<type>_g<NG>: NG token groups of 8 per CTA.
+// Names linear_mma[_rows|_narrow][_acc|_swiglu]_<type>_g<NG>: NG token groups of 8 per CTA; decode
+// tiles also as linear_mma[_narrow]_norm[_swiglu]_<type>_g<NG> (x normalized first).
 #define LINEAR_MMA_ENTRIES(TYPE, NAME)                                            \
     LINEAR_MMA_EPILOGUES(TYPE, NAME, linear_mma_split_k, linear_mma, 1)           \
     LINEAR_MMA_EPILOGUES(TYPE, NAME, linear_mma_split_k, linear_mma, 2)           \
     LINEAR_MMA_EPILOGUES(TYPE, NAME, linear_mma_split_k, linear_mma, 4)           \
     LINEAR_MMA_EPILOGUES(TYPE, NAME, linear_mma_rows, linear_mma_rows, 1)         \
     LINEAR_MMA_EPILOGUES(TYPE, NAME, linear_mma_rows, linear_mma_rows, 4)         \
-    LINEAR_MMA_EPILOGUES(TYPE, NAME, linear_mma_narrow, linear_mma_narrow, 2)
+    LINEAR_MMA_EPILOGUES(TYPE, NAME, linear_mma_narrow, linear_mma_narrow, 2)       \
+    LINEAR_MMA_NORM_EPILOGUES(TYPE, NAME, linear_mma_split_k, linear_mma, 1)      \
+    LINEAR_MMA_NORM_EPILOGUES(TYPE, NAME, linear_mma_narrow, linear_mma_narrow, 2)
 
 QFORMATS_FOR_EACH_TYPE(LINEAR_MMA_ENTRIES)

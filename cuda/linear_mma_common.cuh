@@ -26,6 +26,8 @@ struct LinearArgs {
     float* y;               // [M, y_stride]: columns [0, N), or [0, N / 2) for SwiGLU
     int num_tokens;         // M
     int y_stride;           // floats per row of y
+    const float* norm_weight = nullptr;   // *_norm_* kernels: RMSNorm gain [K] applied to x first
+    float norm_eps = 0.0f;
 };
 
 __device__ __forceinline__ uint32_t pack_half2(float lo, float hi) {
@@ -111,6 +113,20 @@ __device__ __forceinline__ void write_tile(const LinearArgs& a, int n0, int m0, 
                                                  chunk_stride, x_rows, x, y, num_tokens, y_stride}; \
         linear_mma_detail::LAYOUT<TYPE, NG, EPI>(args);                                             \
     }
+// The same with x normalized first (RMSNorm with gain norm_weight, linear_mma.cu): format "PiiiiiiPPiiPf".
+#define LINEAR_MMA_NORM_ENTRY(TYPE, NAME, LAYOUT, PREFIX, EPI, NG)                                  \
+    extern "C" __global__ void __launch_bounds__(linear_mma_detail::kThreads)                       \
+    PREFIX##NAME##_g##NG(const uint8_t* weight, int row_bytes, int num_rows, int num_cols,          \
+                         int chunk_cols, int chunk_stride, int x_rows, const float* x, float* y,    \
+                         int num_tokens, int y_stride, const float* norm_weight, float norm_eps) {  \
+        const linear_mma_detail::LinearArgs args{weight, row_bytes, num_rows, num_cols, chunk_cols, \
+                                                 chunk_stride, x_rows, x, y, num_tokens, y_stride,  \
+                                                 norm_weight, norm_eps};                            \
+        linear_mma_detail::LAYOUT<TYPE, NG, EPI, true>(args);                                       \
+    }
+#define LINEAR_MMA_NORM_EPILOGUES(TYPE, NAME, LAYOUT, PREFIX, NG)                                   \
+    LINEAR_MMA_NORM_ENTRY(TYPE, NAME, LAYOUT, PREFIX##_norm_, linear_mma_detail::kStore, NG)         \
+    LINEAR_MMA_NORM_ENTRY(TYPE, NAME, LAYOUT, PREFIX##_norm_swiglu_, linear_mma_detail::kSwiGLU, NG)
 #define LINEAR_MMA_EPILOGUES(TYPE, NAME, LAYOUT, PREFIX, NG)                                        \
     LINEAR_MMA_ENTRY(TYPE, NAME, LAYOUT, PREFIX##_, linear_mma_detail::kStore, NG)                   \
     LINEAR_MMA_ENTRY(TYPE, NAME, LAYOUT, PREFIX##_acc_, linear_mma_detail::kAccumulate, NG)          \

@@ -69,6 +69,13 @@ def test_every_planned_kernel_exists(quant_kernel_entries):
                             + f16_tiles * len(linear_mma.KERNEL_PREFIXES))
     assert {"f32_to_f16", "f32_to_f16_slots"} <= quant_kernel_entries
     assert planned <= quant_kernel_entries, sorted(planned - quant_kernel_entries)
+    # the decode tiles' kernels with an RMSNorm prologue, wherever the whole K fits one stage
+    normed = {linear_mma.plan_linear(weight, tokens, epilogue, tile, norm=True).kernel_name
+              for weight in weights_of_real_shapes() for tokens in (1, 16) for epilogue in linear_mma.NORM_EPILOGUES
+              for tile in linear_mma.NORM_TILES
+              if weight.rows % 2 == 0 and linear_mma.tile_fits(weight, tile, tokens)
+              and linear_mma.plan_k_chunks(weight, linear_mma.LAYOUTS[tile[0]][0], tokens) == weight.cols}
+    assert normed and normed <= quant_kernel_entries, sorted(normed - quant_kernel_entries)
 
 
 @needs_nvcc

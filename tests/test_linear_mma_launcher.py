@@ -9,6 +9,7 @@ import types
 
 import pytest
 
+from gpu_worker.backends.cuda.ops import linear_mma
 from gpu_worker.backends.cuda.ops.linear_mma import LinearMmaOp
 from gpu_worker.backends.cuda.ops.quant_weight import DeviceWeight
 
@@ -129,3 +130,25 @@ def test_weight_scratch_holds_the_largest_layer_matrix_or_16384_lm_head_rows():
 
     assert weight_scratch_halves(weights(151936)) == 16384 * 896   # the real shapes: LM head slices of 16384 rows
     assert weight_scratch_halves(weights(8000)) == 9728 * 896      # a small vocabulary: gate/up is the largest
+
+
+def test_norm_prologue_kernels_only_on_decode_tiles_that_stage_the_whole_k():
+    q = DeviceWeight(6, 1024, 896, ptr=1 << 30)       # Q5_0
+    gate_up = DeviceWeight(6, 9728, 896, ptr=1 << 30)
+    assert linear_mma.plan_linear(q, 1, "store", ("split_k", 1), norm=True).kernel_name == "linear_mma_norm_q5_0_g1"
+    assert linear_mma.plan_linear(gate_up, 16, "swiglu", ("split_k", 1), norm=True).kernel_name == \
+        "linear_mma_norm_swiglu_q5_0_g1"
+    assert linear_mma.plan_linear(q, 8, "store", ("narrow", 2), norm=True).kernel_name == "linear_mma_narrow_norm_q5_0_g2"
+    for tile, epilogue in ((("rows", 1), "store"), (("gemm16", 4), "store"), (("split_k", 2), "store"),
+                           (("split_k", 1), "accumulate")):
+        with pytest.raises(ValueError, match="RMSNorm prologue only"):
+            linear_mma.plan_linear(q, 8, epilogue, tile, norm=True)
+    long_k = DeviceWeight(14, 896, 32768, ptr=1 << 30)   # Q6_K rows too wide for one stage
+    with pytest.raises(ValueError, match="whole K"):
+        linear_mma.plan_linear(long_k, 1, "store", ("split_k", 1), norm=True)
+    linear, calls = launcher(weight_halves=1 << 20)
+    assert linear.can_norm(q, 1) and linear.can_norm(gate_up, 8, "swiglu") and not linear.can_norm(q, 512)
+    assert not linear.can_norm(gate_up, 16, "swiglu")   # split_k with 16-token tiles there: no norm kernel
+    linear(q, 0x1000, 0x8000000, 1, stream=None, norm=(0x4000, 1e-6))
+    name, _, args = calls[-1]
+    assert name == "linear_mma_norm_q5_0_g1" and args[-2:] == (0x4000, pytest.approx(1e-6))

@@ -181,3 +181,33 @@ def test_merged_qkv_launches_give_the_separate_launches_bits(gpu, v_type):
         merged = dev.read(merged_ptr, (tokens, width), stream)
         assert not np.isnan(merged).any()
         np.testing.assert_array_equal(merged, np.concatenate(separate, axis=1), err_msg=f"{tokens} tokens")
+
+
+@pytest.mark.parametrize("qtype", [QType.Q5_0, QType.Q8_0, QType.F16, QType.Q4_K], ids=lambda t: t.name)
+def test_norm_prologue_gives_rms_norm_then_linear_bitwise(gpu, qtype):
+    """The *_norm_* decode kernels RMSNorm the staged x themselves: bitwise rms_norm_f32 followed by
+    the plain kernel of the same tile, for each decode tile, store and SwiGLU, 1 to 16 tokens."""
+    drv, module, stream = gpu
+    dev, rng = Device(drv), np.random.default_rng(800 + int(qtype))
+    linear = linear_op(dev, module)
+    rows, cols = 194, (896 if quant_spec(qtype).block_elems == 32 or qtype == QType.F16 else 1024)
+    weight, _ = upload_weight(dev, qtype, rows, cols, rng)
+    gain = dev.upload(rng.uniform(0.5, 2.0, cols).astype(np.float32))
+    rms_norm = module.get_function("rms_norm_f32")
+    eps = 1e-6
+    for tokens in (1, 5, 16):
+        x = rng.standard_normal((tokens, cols), dtype=np.float32) * 3
+        x_ptr = dev.upload(x)
+        normed = dev.poisoned((tokens, cols))
+        rms_norm(np.uintp(0), np.uintp(x_ptr), np.uintp(gain), np.uintp(normed), np.uintp(0), np.int32(cols),
+                 np.float32(eps), np.int32(0), block=(128, 1, 1), grid=(tokens, 1), stream=stream)
+        for tile in (("split_k", 1), ("narrow", 2)):
+            for epilogue in ("store", "swiglu"):
+                width = rows // 2 if epilogue == "swiglu" else rows
+                plain, folded = dev.poisoned((tokens, width)), dev.poisoned((tokens, width))
+                linear(weight, normed, plain, tokens, stream, tile=tile, epilogue=epilogue)
+                linear(weight, x_ptr, folded, tokens, stream, tile=tile, epilogue=epilogue, norm=(gain, eps))
+                want = dev.read(plain, (tokens, width), stream)
+                assert not np.isnan(want).any()
+                np.testing.assert_array_equal(dev.read(folded, (tokens, width), stream), want,
+                                              err_msg=f"{tile} {epilogue} {tokens} tokens")

@@ -23,7 +23,8 @@ pytestmark = pytest.mark.gpu
 
 REPO = Path(__file__).resolve().parents[2]
 FATBIN = REPO / "cuda" / "build" / "qwen_kernels.fatbin"
-OWN_SOURCES = ("matvec.cu", "embedding.cu", "linear_mma.cu", "linear_mma_gemm.cu", "linear_f16_gemm.cu")
+OWN_SOURCES = ("matvec.cu", "embedding.cu", "linear_mma.cu", "linear_mma_gemm.cu", "linear_f16_gemm.cu",
+               "rms_norm.cu")
 ALL_TYPES = sorted(SUPPORTED_TYPES, key=int)
 # Byte offsets of the fp16 scale/min fields in each block; random bytes there could be inf/NaN.
 HALF_FIELD_OFFSETS = {

@@ -64,6 +64,8 @@ LONG_COLS = 4096                    # K from which a matrix counts as down-proje
 # 4.3 us against 4.6 for 16-token tiles, k/v 3.4 against 4.2, down 19.6 against 26.2; not gate/up: 18.9
 # against 18.0); gate/up was slower narrow (8.4 -> 11.0 us at 1 token).
 NARROW_UP_TO_TOKENS, SPLIT_K_8_UP_TO_TOKENS = 8, 16
+# Decode tiles with an RMSNorm of x in front (linear_mma*_norm_* kernels): whole K staged at once
+NORM_TILES, NORM_EPILOGUES = (("split_k", 1), ("narrow", 2)), ("store", "swiglu")
 KERNEL_LAYOUT_NAMES = {"split_k": "linear_mma_", "narrow": "linear_mma_narrow_", "rows": "linear_mma_rows_",
                        "gemm": "linear_mma_gemm_", "gemm32": "linear_mma_gemm32_", "gemm16": "linear_mma_gemm16_"}
 
@@ -217,9 +219,10 @@ def _gcd(a: int, b: int) -> int:
 
 @functools.lru_cache(maxsize=4096)   # per launch on the host path; the arguments are all hashable
 def plan_linear(weight: DeviceWeight, num_tokens: int, epilogue: str = "store",
-                tile: tuple[str, int] | None = None) -> LinearLaunch:
+                tile: tuple[str, int] | None = None, norm: bool = False) -> LinearLaunch:
     """Kernel, grid and shared memory; ValueError for shapes it cannot run. `tile` overrides the
-    (layout, token groups) choice, for tests and benchmarks."""
+    (layout, token groups) choice, for tests and benchmarks. norm: the kernel that RMSNorms x first
+    (decode tiles with the whole K staged at once, store or SwiGLU epilogue)."""
     if epilogue not in KERNEL_PREFIXES:
         raise ValueError(f"linear_mma epilogue must be one of {sorted(KERNEL_PREFIXES)}, got {epilogue!r}")
     if num_tokens <= 0:
@@ -231,6 +234,9 @@ def plan_linear(weight: DeviceWeight, num_tokens: int, epilogue: str = "store",
     layout, groups = pick_tile(weight, num_tokens) if tile is None else tile
     if layout not in LAYOUTS or groups not in LAYOUTS[layout][1]:
         raise ValueError(f"linear_mma tile must be a layout of {LAYOUTS} with its groups, got {tile}")
+    if norm and ((layout, groups) not in NORM_TILES or epilogue not in NORM_EPILOGUES):
+        raise ValueError(f"linear_mma has an RMSNorm prologue only on the tiles {NORM_TILES} with epilogues "
+                         f"{NORM_EPILOGUES}; got {(layout, groups)} {epilogue}")
     rows_per_cta, tokens_per_cta = LAYOUTS[layout][0], 8 * groups
     if -(-num_tokens // tokens_per_cta) > MAX_GRID_Y:
         raise ValueError(f"linear_mma num_tokens {num_tokens} exceeds {tokens_per_cta * MAX_GRID_Y}")
@@ -250,6 +256,11 @@ def plan_linear(weight: DeviceWeight, num_tokens: int, epilogue: str = "store",
                             shared_bytes=gemm_shared_bytes(weight, rows_per_cta, tokens_per_cta))
     chunk_cols = plan_k_chunks(weight, rows_per_cta, x_rows)
     buffers = 1 if chunk_cols >= weight.cols else 2
+    if norm:   # the prologue normalizes x once, before the first (only) chunk is multiplied
+        if chunk_cols < weight.cols:
+            raise ValueError(f"linear_mma's RMSNorm prologue needs the whole K staged at once; {layout} tiles "
+                             f"of {weight.kernel_suffix} rows stage {chunk_cols} of {weight.cols} columns")
+        name = f"{KERNEL_LAYOUT_NAMES[layout]}norm_{KERNEL_PREFIXES[epilogue]}{weight.kernel_suffix}_g{groups}"
     final_sums = 4 * rows_per_cta * tokens_per_cta * 4   # split_k: [warp][row][token]; rows: a quarter used
     return LinearLaunch(
         kernel_name=name,
@@ -274,6 +285,7 @@ class LinearMmaOp:
     def __init__(self, module: Any, fp16_scratch: tuple[int, int] = (0, 0),
                  weight_scratch: tuple[int, int] = (0, 0)) -> None:
         self._kernels = PreparedKernels(module, "PiiiiiiPPii")
+        self._norm_kernels = PreparedKernels(module, "PiiiiiiPPiiPf")
         self._f16_gemms = PreparedKernels(module, "PPPiiii")
         self._dequants = PreparedKernels(module, "PiiiP")
         self._convert = module.get_function("f32_to_f16")
@@ -312,6 +324,14 @@ class LinearMmaOp:
             return self.can_f16gemm(weight, num_tokens)
         return tile[0] not in GEMM_LAYOUTS or self.can_gemm(weight, num_tokens)
 
+    def can_norm(self, weight: DeviceWeight, num_tokens: int, epilogue: str = "store") -> bool:
+        """Whether the tile this launcher picks has a kernel with the RMSNorm prologue here."""
+        try:
+            plan_linear(weight, num_tokens, epilogue, self.choose(weight, num_tokens), norm=True)
+        except ValueError:
+            return False
+        return True
+
     def can_gemm(self, weight: DeviceWeight, num_tokens: int) -> bool:
         return num_tokens * weight.cols <= self._scratch_elems
 
@@ -324,12 +344,14 @@ class LinearMmaOp:
 
     def __call__(self, weight: DeviceWeight, x_ptr: int, y_ptr: int, num_tokens: int, stream: Any,
                  epilogue: str = "store", tile: tuple[str, int] | None = None, x_unchanged: bool = False,
-                 y_stride: int | None = None) -> None:
+                 y_stride: int | None = None, norm: tuple[int, float] | None = None) -> None:
         """x_ptr: [num_tokens, weight.cols] fp32; y_ptr: [num_tokens, weight.rows] fp32, or
         [num_tokens, weight.rows / 2] for "swiglu" (device addresses), rows y_stride floats apart
         (default: packed) so that several launches can fill the columns of one buffer. x_unchanged:
         the caller promises x has not been written since the previous call (q, k and v share their
-        input), so an fp16 copy of the same x in the same order is reused instead of converted again."""
+        input), so an fp16 copy of the same x in the same order is reused instead of converted again.
+        norm = (gain device address, eps): x is RMSNormed first, as rms_norm.cu would (bitwise);
+        only where can_norm says so (ValueError otherwise)."""
         check_aligned_16("linear_mma x", x_ptr)
         outputs = weight.rows // 2 if epilogue == "swiglu" else weight.rows
         if y_stride is None:
@@ -342,7 +364,7 @@ class LinearMmaOp:
             raise ValueError(f"linear_mma cannot run tile {tile} here: it needs an fp16 scratch of "
                              f"{num_tokens * weight.cols} halves (has {self._scratch_elems}), f16gemm a weight "
                              f"scratch of {F16_SLICE_ROWS * weight.cols} (has {self._weight_scratch_elems})")
-        plan = plan_linear(weight, num_tokens, epilogue, tile)
+        plan = plan_linear(weight, num_tokens, epilogue, tile, norm=norm is not None)
         if tile[0] in F16_LAYOUTS or tile[0] in GEMM_LAYOUTS:
             self._convert_x(x_ptr, num_tokens, weight.cols, tile[0] in F16_LAYOUTS, x_unchanged, stream)
         else:   # x_unchanged promises nothing about calls before this one: forget the copy
@@ -353,13 +375,14 @@ class LinearMmaOp:
             return
         if tile[0] in GEMM_LAYOUTS:
             x_ptr = self._scratch_ptr
-        kernel = self._opt_in(self._kernels[plan.kernel_name], plan.kernel_name, plan.shared_bytes)
-        kernel.prepared_async_call(
-            plan.grid, plan.block, stream,
-            int(weight.ptr), weight.row_bytes, weight.rows, weight.cols, plan.chunk_cols, plan.chunk_stride,
-            plan.x_rows, int(x_ptr), int(y_ptr), num_tokens, y_stride,
-            shared_size=plan.shared_bytes,
-        )
+        args = (int(weight.ptr), weight.row_bytes, weight.rows, weight.cols, plan.chunk_cols, plan.chunk_stride,
+                plan.x_rows, int(x_ptr), int(y_ptr), num_tokens, y_stride)
+        if norm is not None:
+            check_aligned_16("linear_mma norm weight", norm[0])
+            args += (int(norm[0]), float(norm[1]))
+        kernels = self._kernels if norm is None else self._norm_kernels
+        kernel = self._opt_in(kernels[plan.kernel_name], plan.kernel_name, plan.shared_bytes)
+        kernel.prepared_async_call(plan.grid, plan.block, stream, *args, shared_size=plan.shared_bytes)
 
     def _convert_x(self, x_ptr: int, num_tokens: int, cols: int, slots: bool, x_unchanged: bool,
                    stream: Any) -> None:
