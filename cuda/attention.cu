@@ -200,7 +200,7 @@ __device__ __forceinline__ void attn_own_kv_row(const AttentionParams& p, int t,
 __device__ __forceinline__ void attn_stage_round(const AttentionParams& p, const int* table, int kv_head,
                                                  int context_len, int round, AttnRow* k_stage, AttnRow* v_stage,
                                                  int t, bool writer) {
-    constexpr int kPairs = 2 * QS_ATTN_ROUND;                    // (row, half) pairs: <= 2 per thread
+    constexpr int kPairs = 2 * QS_ATTN_ROUND;   // (row, half) pairs: <= 2 per thread (blockDim >= 128)
     const int start = round * QS_ATTN_ROUND;
     const int own_pos = p.rope_fused ? context_len - 1 : -1;
     long long offsets[2];

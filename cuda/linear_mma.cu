@@ -160,8 +160,8 @@ __device__ __forceinline__ void for_each_chunk(const LinearArgs& a, int n0, int 
     }
 }
 
-// Decode steps (*_norm_* kernels, the decode tiles): the staged x rows (whole K, num_tokens <= 16 of them) replaced
-// by RMSNorm(x) * norm_weight, so the norm needs no launch of its own. The arithmetic is
+// Decode steps (*_norm_* kernels of the decode tiles): the staged x rows (whole K, at most 16 of
+// them) replaced by RMSNorm(x) * norm_weight, so the norm needs no launch of its own. The arithmetic is
 // rms_norm.cu's with 128 threads: thread i sums squares of elements i, i + 128, ... in one fma
 // chain, then qs::warp_sum per warp and the 4 warp sums summed as block_sum does; then
 // v * inv_rms * weight. So the values are bitwise those rms_norm_f32 writes (GPU test).
