@@ -6,7 +6,7 @@ import numpy as np
 from gguf import GGMLQuantizationType as QType
 
 from gpu_worker.backends.cuda.ops.quant_weight import DeviceWeight
-from gpu_worker.backends.cuda.weights import same_type_runs, upload_weights
+from gpu_worker.backends.cuda.weights import qkv_offsets, same_type_runs, upload_weights
 from gpu_worker.model.gguf_loader import load_gguf
 from gpu_worker.model.synthetic import write_synthetic_gguf
 
@@ -64,3 +64,9 @@ def test_same_type_runs_merge_only_touching_matrices_of_one_type_and_width():
     other_width = DeviceWeight(int(QType.Q8_0), 32, 32, q.ptr + q.nbytes)
     for part in (apart, other_type, other_width):
         assert same_type_runs([q, part]) == (q, part)
+
+
+def test_qkv_parts_start_on_16_byte_boundaries():
+    # the real shapes end on a boundary (no padding: one merged run); an odd size pads the next part
+    assert qkv_offsets([551936, 78848, 121856]) == [0, 551936, 630784]
+    assert qkv_offsets([1000, 24, 40]) == [0, 1008, 1040]

@@ -78,9 +78,25 @@ def _interleaved_gate_up(model, i: int) -> np.ndarray:
     return rows.reshape(-1)
 
 
+def qkv_offsets(nbytes: list[int]) -> list[int]:
+    """Where q, k and v start in their blob: back to back, each at a 16-byte boundary (the kernels
+    copy weights with 16-byte cp.async from the matrix start), so a part that does not end on one
+    is followed by padding (and then not merged with the next: same_type_runs)."""
+    offsets, end = [], 0
+    for size in nbytes:
+        offsets.append(-(-end // 16) * 16)
+        end = offsets[-1] + size
+    return offsets
+
+
 def _qkv_bytes(model, i: int) -> np.ndarray:
-    """The raw bytes of q, k and v, back to back (their rows one after another) # uint8."""
-    return np.concatenate([model.tensors[f"blk.{i}.{m}.weight"].data for m in _QKV])
+    """The raw bytes of q, k and v, back to back at qkv_offsets (zero padding) # uint8."""
+    parts = [model.tensors[f"blk.{i}.{m}.weight"].data for m in _QKV]
+    offsets = qkv_offsets([p.nbytes for p in parts])
+    blob = np.zeros(offsets[-1] + parts[-1].nbytes, np.uint8)
+    for offset, part in zip(offsets, parts):
+        blob[offset:offset + part.nbytes] = part
+    return blob
 
 
 def same_type_runs(parts: list[DeviceWeight]) -> tuple[DeviceWeight, ...]:
@@ -147,13 +163,11 @@ def _views(model, base: int, offsets: dict[str, int], total: int) -> ModelWeight
         return DeviceWeight(qtype=int(t.qtype), rows=2 * t.shape[0], cols=t.shape[1], ptr=base + offsets[name])
 
     def qkv(i: int) -> tuple[DeviceWeight, ...]:
-        """q, k, v: views of the attn_qkv blob, one after another."""
-        parts, ptr = [], base + offsets[f"blk.{i}.attn_qkv"]
-        for m in _QKV:
-            t = model.tensors[f"blk.{i}.{m}.weight"]
-            parts.append(DeviceWeight(qtype=int(t.qtype), rows=t.shape[0], cols=t.shape[1], ptr=ptr))
-            ptr += parts[-1].nbytes
-        return tuple(parts)
+        """q, k, v: views of the attn_qkv blob, at qkv_offsets."""
+        tensors = [model.tensors[f"blk.{i}.{m}.weight"] for m in _QKV]
+        starts = qkv_offsets([t.nbytes for t in tensors])
+        return tuple(DeviceWeight(qtype=int(t.qtype), rows=t.shape[0], cols=t.shape[1],
+                                  ptr=base + offsets[f"blk.{i}.attn_qkv"] + start) for t, start in zip(tensors, starts))
 
     def vector(name: str) -> DeviceTensor:
         return DeviceTensor(base + offsets[name], (model.tensors[name].shape[0],), np.dtype(np.float32))
