@@ -209,7 +209,7 @@ def test_tokens_are_batch_invariant(backend):
               for s, k in zip(rng.integers(0, 2**32, count), rng.choice([0, 20], count))]
         return prompts, ps
 
-    for count in (7, 63):
+    for count in (1, 7, 63):   # 2 sequences: decode steps with the norms folded in, as alone (1)
         prompts, ps = others(count)
         position = int(rng.integers(0, count + 1))
         prompts.insert(position, target)
@@ -218,7 +218,7 @@ def test_tokens_are_batch_invariant(backend):
         assert batched[position] == alone, f"differs in a batch of {count + 1}"
     for chunk in (5, 16):
         assert run_batch(backend, [target], [params], new, prefill_chunk=chunk)[0] == alone, f"chunk {chunk}"
-    print(f"batch invariance: {new} tokens identical alone / in 8 / in 64 / chunked 5 and 16: {alone}")
+    print(f"batch invariance: {new} tokens identical alone / in 2 / in 8 / in 64 / chunked 5 and 16: {alone}")
 
 
 def test_overlapped_engine_steps_equal_synchronous_ones(backend, synthetic_model):

@@ -30,10 +30,11 @@ from gpu_worker.backends.cuda.ops.swiglu import launch_swiglu
 from gpu_worker.backends.cuda.weights import ModelWeights
 
 LINEAR_KERNELS = ("mma", "fp32")
-# Decode steps of this many tokens fold the norms into the linears. Every CTA normalizes its tokens
-# itself, so the redundant work grows with them: H200, synthetic weights, against separate norm
-# launches: batch 1 1.00 -> 0.94 ms per step, but batch 8 1.24 -> 1.40 and batch 16 1.60 -> 2.27.
-NORM_FOLD_MAX_TOKENS = 1
+# Decode steps of up to this many tokens fold the norms into the linears. Every CTA normalizes its
+# tokens itself, so the redundant work grows with them. H200, synthetic weights, against separate
+# norm launches (ms per step): batch 1 1.00 -> 0.94, batch 2 1.049 -> 1.008, but batch 4 1.09 -> 1.17,
+# batch 8 1.24 -> 1.40, batch 16 1.60 -> 2.27.
+NORM_FOLD_MAX_TOKENS = 2
 RECORDED_SHAPES = 128  # eager forwards kept as recorded launches (launcher.RecordedLaunches), least recent dropped
 META_FIELDS = ("input_ids", "positions", "slot_mapping", "token_seq")
 
