@@ -10,7 +10,7 @@ never depends on the batch and a prompt gives the same KV and logits alone, batc
 - linear="fp32": cuda/matvec.cu, fp32 FMAs (the numpy reference's arithmetic, but compute-bound
   from a few tokens on); with fused=True the RMSNorm moves into its prologue as well.
 Decode steps (run(decode=True)) launch less with the same values: attention does rope_kv's work,
-and at one token the tensor-core path folds the norms into the linears too (_norms_fold).
+and at 1-2 tokens the tensor-core path folds the norms into the linears too (_norms_fold).
 """
 from __future__ import annotations
 
