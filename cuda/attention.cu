@@ -180,7 +180,7 @@ __device__ __forceinline__ void attn_own_kv_row(const AttentionParams& p, int t,
             if (writer && slot >= 0) { k_cache[dst + i] = h0; k_cache[dst + i + kHalf] = h1; }
         } else {           // V element j
             const int j = i - kHalf;
-            const __half h = __float2half_rn(__fadd_rn(p.v_in[(size_t)t * p.kv_in_stride + base + j], p.bias_v[base + j]));
+            const __half h = biased_v_half(p.v_in + (size_t)t * p.kv_in_stride, p.bias_v, base + j);
             v_row[j] = h;
             if (writer && slot >= 0) v_cache[dst + j] = h;
         }

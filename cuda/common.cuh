@@ -71,6 +71,12 @@ __device__ __forceinline__ void rope_pair(const float* src, const float* bias, i
     *x1 = __fadd_rn(__fmul_rn(b, c), __fmul_rn(a, s));
 }
 
+// V element i + its bias, rounded to the fp16 the cache holds: with rope_pair, the values rope_kv.cu
+// and attention.cu's decode path both write, so that they write the same bits.
+__device__ __forceinline__ __half biased_v_half(const float* src, const float* bias, int i) {
+    return __float2half_rn(__fadd_rn(src[i], bias[i]));
+}
+
 // 16 bytes global -> shared through cp.async (no registers); the caller commits and waits.
 __device__ __forceinline__ void cp_async16(void* dst_shared, const void* src) {
     const unsigned d = static_cast<unsigned>(__cvta_generic_to_shared(dst_shared));

@@ -66,6 +66,6 @@ extern "C" __global__ void __launch_bounds__(256) rope_kv_f32(const RopeKvParams
         k_dst[head * hd + i + half_dim] = __float2half_rn(x1);
     }
     for (int w = threadIdx.x; w < nkv * hd; w += blockDim.x) {
-        v_dst[w] = __float2half_rn(__fadd_rn(v[w], p.bias_v[w]));
+        v_dst[w] = qs::biased_v_half(v, p.bias_v, w);
     }
 }
