@@ -60,11 +60,42 @@ class PagedCase:
                 gpu.upload(self.token_seq), gpu.upload(self.positions))
 
 
-def run_attention(gpu, case, heads_per_block=None):
+def run_attention(gpu, case, heads_per_block=None, query_tiles=None):
     q, k, v, tables, token_seq, positions = case.device_args(gpu)
     out = gpu.poisoned(case.q.shape, np.float32)
-    launch_attention(gpu.device, q, out, k, v, tables, token_seq, positions, BLOCK, heads_per_block=heads_per_block)
+    launch_attention(gpu.device, q, out, k, v, tables, token_seq, positions, BLOCK, heads_per_block=heads_per_block,
+                     query_tiles=query_tiles)
     return gpu.download(out)
+
+
+@pytest.mark.parametrize("heads_per_block", [1, HEADS // KV_HEADS])
+def test_query_tiles_give_the_bits_of_one_block_per_token(gpu, heads_per_block):
+    """attention_tiles_f32 (up to 4 consecutive tokens of a sequence per block) against
+    attention_f32 (a block per token): runs that start at unaligned token indices, chunks of 1-9
+    tokens, contexts across tile and round boundaries, and padding-like tokens (sequence 0's
+    position 0 again, as eager steps pad)."""
+    rng = np.random.default_rng()
+    lens = [1, 9, 33, 130, 260, 300, 517]
+    chunks = [1, 9, 7, 5, 2, 1, 6]
+    case = PagedCase(rng, context_lens=lens, chunk_lens=chunks, num_blocks=120)
+    padding = 3
+    case.positions = np.concatenate([case.positions, np.zeros(padding, np.int32)])
+    case.token_seq = np.concatenate([case.token_seq, np.zeros(padding, np.int32)])
+    case.q = (rng.standard_normal((len(case.positions), HEADS, DIM)) * 2).astype(np.float32)
+    tiled = run_attention(gpu, case, heads_per_block, query_tiles=True)
+    assert not np.isnan(tiled).any()
+    assert np.array_equal(tiled, run_attention(gpu, case, heads_per_block, query_tiles=False))
+    assert rel_error(tiled, case.reference()) < 1e-5
+
+
+def test_long_prompt_query_tiles_match_one_block_per_token(gpu):
+    """One 600-token prompt (the prefill shape the tiles are for), both kernels, bitwise."""
+    rng = np.random.default_rng()
+    case = PagedCase(rng, context_lens=[600], chunk_lens=[600], num_blocks=40)
+    tiled = run_attention(gpu, case, query_tiles=True)
+    assert np.array_equal(tiled, run_attention(gpu, case, query_tiles=False))
+    picked = [0, 1, 2, 3, 4, 127, 128, 129, 599]
+    assert rel_error(tiled[picked], case.reference()[picked]) < 1e-5
 
 
 def test_attention_matches_reference(gpu):

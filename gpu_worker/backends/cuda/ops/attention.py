@@ -14,6 +14,7 @@ HEAD_DIM = 64          # the kernels are built for head_dim 64 (Qwen2.5-0.5B)
 MAX_GROUP = 8          # q heads per kv head (QS_ATTN_MAX_GROUP): 4 warps each, block <= 1024 threads
 SPLIT = 4              # warps per query head (QS_ATTN_SPLIT)
 ROUND, ROW = 128, 72   # positions staged per round, halves per staged row (QS_ATTN_ROUND, QS_ATTN_ROW)
+TILE_MAX_HEADS = 7     # attention_tiles_f32's largest heads_per_block (QS_ATTN_TILE_MAX_HEADS)
 SHARED_BYTES = 2 * 2 * ROUND * ROW * 2   # two stages of K and V rounds (QS_ATTN_SHARED_BYTES)
 _POINTERS = ("q", "out", "k_cache", "v_cache", "block_tables", "token_seq", "positions")
 _ROPE_POINTERS = ("q_in", "k_in", "v_in", "bias_q", "bias_k", "bias_v", "cos_table", "sin_table", "slot_mapping")
@@ -91,17 +92,32 @@ def attention_params(q: DeviceTensor, out: DeviceTensor, k_cache: DeviceTensor, 
 
 def launch_attention(device, q: DeviceTensor, out: DeviceTensor, k_cache: DeviceTensor, v_cache: DeviceTensor,
                      block_tables: DeviceTensor, token_seq: DeviceTensor, positions: DeviceTensor,
-                     block_size: int, heads_per_block: int | None = None, rope: DecodeRope | None = None) -> None:
+                     block_size: int, heads_per_block: int | None = None, rope: DecodeRope | None = None,
+                     query_tiles: bool | None = None) -> None:
     """out[t, h] = softmax(q[t, h] K[0..pos_t]^T / 8) V over sequence token_seq[t]'s blocks, for
     decode steps and prompt chunks alike. KV of every position <= pos_t must be written; with
     `rope` (decode steps: each token the newest of its sequence) every position < pos_t, and the
-    kernel does rope_kv's work for pos_t itself. heads_per_block: None picks by
-    heads_per_block_for (tests force each value)."""
+    kernel does rope_kv's work for pos_t itself.
+
+    query_tiles (default: without `rope`): attention_tiles_f32, whose blocks take up to 4
+    consecutive tokens of a sequence together (prompt chunks), else attention_f32 (a block per
+    token). Both give bitwise the same output. heads_per_block: None picks by heads_per_block_for
+    (tests force each value)."""
     num_tokens, num_heads = q.shape[0], q.shape[1]
     num_kv_heads = k_cache.shape[1]
+    if query_tiles is None:
+        query_tiles = rope is None
+    if query_tiles and rope is not None:
+        raise ValueError("attention_tiles_f32 reads every K/V row from the cache: no rope (decode steps)")
     if heads_per_block is None:
         heads_per_block = heads_per_block_for(num_tokens, num_heads, num_kv_heads, device.multiprocessors)
+        if query_tiles:   # the largest divisor of the group it takes
+            heads_per_block = max(h for h in range(1, min(heads_per_block, TILE_MAX_HEADS) + 1)
+                                  if heads_per_block % h == 0)
+    if query_tiles and heads_per_block > TILE_MAX_HEADS:
+        raise ValueError(f"heads_per_block {heads_per_block} exceeds attention_tiles_f32's {TILE_MAX_HEADS}")
     params = attention_params(q, out, k_cache, v_cache, block_tables, token_seq, positions, block_size,
                               heads_per_block, rope)
-    launch(device.kernel("attention_f32", SHARED_BYTES), (num_tokens, num_heads // heads_per_block),
+    name = "attention_tiles_f32" if query_tiles else "attention_f32"
+    launch(device.kernel(name, SHARED_BYTES), (num_tokens, num_heads // heads_per_block),
            (32 * SPLIT * heads_per_block,), device.stream, params, shared=SHARED_BYTES)
