@@ -124,7 +124,7 @@ class CudaBackend(Backend):
         max_blocks_per_seq = -(-self.max_model_len // block_size)
         self.forward = Qwen2Forward(self.device, cfg, self.weights, self.max_num_tokens, self.max_num_seqs,
                                     max_blocks_per_seq, self.max_model_len, fused=self.fused,
-                                    linear=self.linear)
+                                    linear=self.linear, graphs=self.use_graphs)
         self.forward.set_kv_cache(kv, block_size)
         # Two pinned input mirrors, alternating per step: step N + 1's inputs are written while step
         # N's copy may still wait in the stream.
@@ -140,9 +140,9 @@ class CudaBackend(Backend):
         self.graphs = DecodeGraphs(self.device.stream, buckets)
         for bucket in reversed(buckets):
             self.inputs.upload_padding(bucket)   # valid inputs for a warm-up run of this shape
-            self.forward.run(bucket, bucket, all_rows=True, decode=True)
+            self.forward.enqueue(bucket, bucket, all_rows=True, decode=True)
             self.device.synchronize()
-            self.graphs.capture(bucket, lambda b: self.forward.run(b, b, all_rows=True, decode=True))
+            self.graphs.capture(bucket, lambda b: self.forward.enqueue(b, b, all_rows=True, decode=True))
         self.device.synchronize()
 
     def step(self, batch: StepBatch) -> StepOutput:
@@ -246,4 +246,6 @@ class CudaBackend(Backend):
         if self.graphs is not None:
             self.graphs.close()
             self.graphs = None
+        if self.forward is not None:
+            self.forward.drop_recordings()
         self.device.close()

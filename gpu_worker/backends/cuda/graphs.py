@@ -38,42 +38,62 @@ def _check(result, what: str):
     return values[0] if len(values) == 1 else values
 
 
-class DecodeGraphs:
-    """Captured decode steps keyed by bucket size; `replay(n)` runs the smallest bucket >= n."""
+class StreamGraph:
+    """One launch sequence captured from `stream` as a CUDA graph: `enqueue()` is called once under
+    capture (its launches are recorded, not run; no copies or syncs inside), `replay()` runs
+    them all with one cuGraphLaunch, without the per-launch gaps of stream launches."""
 
-    def __init__(self, stream, buckets: tuple[int, ...]) -> None:
+    def __init__(self, stream, enqueue: Callable[[], None]) -> None:
         driver = _driver()
         if driver is None:
             raise CudaBackendError("cuda-python (cuda.bindings.driver) is not installed: no CUDA graphs")
         self._driver = driver
         self._stream = driver.CUstream(stream.handle)
+        _check(driver.cuStreamBeginCapture(self._stream,
+                                           driver.CUstreamCaptureMode.CU_STREAM_CAPTURE_MODE_THREAD_LOCAL),
+               "cuStreamBeginCapture")
+        try:
+            enqueue()
+        finally:
+            graph = _check(driver.cuStreamEndCapture(self._stream), "cuStreamEndCapture")
+        self._graph = graph
+        try:
+            self._exec = _check(driver.cuGraphInstantiate(graph, 0), "cuGraphInstantiate")
+        except CudaBackendError:
+            driver.cuGraphDestroy(graph)
+            raise
+
+    def replay(self) -> None:
+        _check(self._driver.cuGraphLaunch(self._exec, self._stream), "cuGraphLaunch")
+
+    def close(self) -> None:
+        if self._exec is not None:
+            self._driver.cuGraphExecDestroy(self._exec)
+            self._driver.cuGraphDestroy(self._graph)
+            self._exec = self._graph = None
+
+
+class DecodeGraphs:
+    """Captured decode steps keyed by bucket size; `replay(n)` runs the smallest bucket >= n."""
+
+    def __init__(self, stream, buckets: tuple[int, ...]) -> None:
+        if _driver() is None:
+            raise CudaBackendError("cuda-python (cuda.bindings.driver) is not installed: no CUDA graphs")
+        self._stream = stream
         self.buckets = tuple(sorted(buckets))
-        self._execs: dict[int, object] = {}
-        self._graphs: dict[int, object] = {}
+        self._graphs: dict[int, StreamGraph] = {}
 
     def bucket_for(self, n: int) -> int | None:
-        return next((b for b in self.buckets if b >= n and b in self._execs), None)
+        return next((b for b in self.buckets if b >= n and b in self._graphs), None)
 
     def capture(self, bucket: int, enqueue_step: Callable[[int], None]) -> None:
         """Records enqueue_step(bucket)'s launches (no copies, no syncs inside) as a graph."""
-        d = self._driver
-        _check(d.cuStreamBeginCapture(self._stream, d.CUstreamCaptureMode.CU_STREAM_CAPTURE_MODE_THREAD_LOCAL),
-               "cuStreamBeginCapture")
-        try:
-            enqueue_step(bucket)
-        finally:
-            graph = _check(d.cuStreamEndCapture(self._stream), "cuStreamEndCapture")
-        self._graphs[bucket] = graph
-        self._execs[bucket] = _check(d.cuGraphInstantiate(graph, 0), "cuGraphInstantiate")
+        self._graphs[bucket] = StreamGraph(self._stream, lambda: enqueue_step(bucket))
 
     def replay(self, bucket: int) -> None:
-        _check(self._driver.cuGraphLaunch(self._execs[bucket], self._stream), "cuGraphLaunch")
+        self._graphs[bucket].replay()
 
     def close(self) -> None:
-        d = self._driver
-        for exec_ in self._execs.values():
-            d.cuGraphExecDestroy(exec_)
         for graph in self._graphs.values():
-            d.cuGraphDestroy(graph)
-        self._execs.clear()
+            graph.close()
         self._graphs.clear()
