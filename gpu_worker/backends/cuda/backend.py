@@ -6,6 +6,8 @@ sequence's logits and tokens do not depend on the batch or on how its prompt was
 """
 from __future__ import annotations
 
+import functools
+
 import os
 from collections.abc import Callable
 from typing import NamedTuple
@@ -138,11 +140,18 @@ class CudaBackend(Backend):
     def _capture_decode_graphs(self) -> None:
         buckets = tuple(b for b in DEFAULT_BUCKETS if b <= self.max_num_seqs)
         self.graphs = DecodeGraphs(self.device.stream, buckets)
+        record = getattr(self.device.module, "recording", None)
         for bucket in reversed(buckets):
             self.inputs.upload_padding(bucket)   # valid inputs for a warm-up run of this shape
-            self.forward.enqueue(bucket, bucket, all_rows=True, decode=True)
+            if record is None:
+                self.forward.enqueue(bucket, bucket, all_rows=True, decode=True)
+                launches = functools.partial(self.forward.enqueue, bucket, bucket, all_rows=True, decode=True)
+            else:   # the capture replays the warm-up's recorded launches: no second pass of Python
+                with record() as recorded:
+                    self.forward.enqueue(bucket, bucket, all_rows=True, decode=True)
+                launches = recorded.replay
             self.device.synchronize()
-            self.graphs.capture(bucket, lambda b: self.forward.enqueue(b, b, all_rows=True, decode=True))
+            self.graphs.capture(bucket, lambda _bucket, launches=launches: launches())
         self.device.synchronize()
 
     def step(self, batch: StepBatch) -> StepOutput:
