@@ -141,10 +141,12 @@ class Qwen2Forward:
         self.block_size = 0
         # run()'s launches per shape, recorded the first time and replayed after: enqueueing the
         # ~530 launches of a prefill took 5-10 ms of Python on the GPU machine's host, their
-        # replay 1.5-2.8 ms (H200 host, 2026-11-28). With graphs, a new shape's launches are
-        # captured as a CUDA graph instead (the same Python, plus an instantiation), and every run
-        # launches the graph: its kernels run without the gaps between stream launches (prefill
-        # of 512 tokens 5.41 -> 4.92 ms, of 32 tokens 2.54 -> 2.31 ms; H200, synthetic weights).
+        # replay 1.5-2.8 ms (H200 host, 2026-11-28). With graphs, a shape seen a second time is
+        # captured from its recording as a CUDA graph, whose kernels run without the gaps between
+        # stream launches (prefill of 512 tokens 5.41 -> 4.92 ms, of 32 tokens 2.54 -> 2.31 ms;
+        # H200, synthetic weights). Not at the first time: serving 256 gRPC streams meets many
+        # shapes once, and with a capture at every first run (5883833) that run measured 27.2k
+        # tok/s against 36.4k here (its host-bound HF baselines also ran ~40% slower, though).
         self._recorded: OrderedDict[tuple, RecordedLaunches | StreamGraph] = OrderedDict()
         self.replayed_runs = 0   # runs served by a recording or its graph (tests, diagnostics)
         self._fold_checked: dict[int, bool] = {}   # _norms_fold per token count
@@ -193,15 +195,13 @@ class Qwen2Forward:
         recorded = self._recorded.get(key)
         if recorded is not None:
             self._recorded.move_to_end(key)
+            if self.graphs and isinstance(recorded, RecordedLaunches):   # a shape that repeats
+                recorded = self._recorded[key] = StreamGraph(self.device.stream, recorded.replay)
             recorded.replay()
             self.replayed_runs += 1
             return
-        if self.graphs:   # captured, not run, by the Python below; then launched
-            recorded = StreamGraph(self.device.stream, lambda: self.enqueue(num_tokens, num_logits, all_rows, decode))
-            recorded.replay()
-        else:
-            with record() as recorded:
-                self.enqueue(num_tokens, num_logits, all_rows, decode)
+        with record() as recorded:
+            self.enqueue(num_tokens, num_logits, all_rows, decode)
         self._recorded[key] = recorded
         if len(self._recorded) > RECORDED_SHAPES:
             _, dropped = self._recorded.popitem(last=False)
