@@ -1,7 +1,9 @@
 // Attention of query tokens over the paged fp16 KV cache, for decode steps and prompt chunks
-// alike: one kernel, so a token's output never depends on whether it came in a prefill chunk or
-// a decode step, alone or batched. The query at position pos attends to positions [0, pos] of its
-// sequence (its own K/V row was written by rope_kv before this launch).
+// alike: one arithmetic, so a token's output never depends on whether it came in a prefill chunk
+// or a decode step, alone or batched. Two kernels run it: attention_f32 (a block per token) and
+// attention_tiles_f32 (prompt chunks, a block per few consecutive tokens; at the end of the file).
+// The query at position pos attends to positions [0, pos] of its sequence (its own K/V row was
+// written by rope_kv before this launch).
 //
 // The arithmetic of one (query, head), fixed by the context length alone:
 // - the context is cut into tiles of 32 positions; tile i belongs to split s = i % 4;

@@ -49,7 +49,7 @@ def forward_with(graphs: bool, monkeypatch) -> tuple[Qwen2Forward, list[tuple]]:
     forward = Qwen2Forward.__new__(Qwen2Forward)
     forward.device = SimpleNamespace(module=RecordingModule(), stream="stream")
     forward.linear_mma = SimpleNamespace(scratch_sizes=(1, 2))
-    forward.graphs = graphs
+    forward.use_graphs = graphs
     forward._recorded = OrderedDict()
     forward.replayed_runs = 0
     enqueued: list[tuple] = []

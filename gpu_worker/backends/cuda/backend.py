@@ -7,7 +7,6 @@ sequence's logits and tokens do not depend on the batch or on how its prompt was
 from __future__ import annotations
 
 import functools
-
 import os
 from collections.abc import Callable
 from typing import NamedTuple
@@ -126,7 +125,7 @@ class CudaBackend(Backend):
         max_blocks_per_seq = -(-self.max_model_len // block_size)
         self.forward = Qwen2Forward(self.device, cfg, self.weights, self.max_num_tokens, self.max_num_seqs,
                                     max_blocks_per_seq, self.max_model_len, fused=self.fused,
-                                    linear=self.linear, graphs=self.use_graphs)
+                                    linear=self.linear, use_graphs=self.use_graphs)
         self.forward.set_kv_cache(kv, block_size)
         # Two pinned input mirrors, alternating per step: step N + 1's inputs are written while step
         # N's copy may still wait in the stream.

@@ -111,9 +111,9 @@ class Qwen2Forward:
 
     def __init__(self, device, config, weights: ModelWeights, max_tokens: int, max_seqs: int,
                  max_blocks_per_seq: int, max_positions: int, fused: bool = False,
-                 linear: str = "mma", graphs: bool = False) -> None:
+                 linear: str = "mma", use_graphs: bool = False) -> None:
         self.device, self.config, self.weights = device, config, weights
-        self.graphs = graphs   # eager shapes seen twice are replayed as CUDA graphs (run())
+        self.use_graphs = use_graphs   # eager shapes seen twice run as CUDA graphs (run())
         if linear not in LINEAR_KERNELS:
             raise ValueError(f"linear must be one of {LINEAR_KERNELS}, got {linear!r}")
         # fused (fp32 mat-vec only): RMSNorm inside the q/k/v and gate/up mat-vecs, o/down accumulate
@@ -185,7 +185,8 @@ class Qwen2Forward:
         rope_kv's launch (bitwise the same values).
         Every launch reads its per-step inputs from the static buffers, so the launch sequence is
         a function of the shape alone: with a module that records (launcher.DriverModule), a shape
-        seen before replays its recorded launches instead of running this Python again."""
+        seen before replays its recorded launches (with use_graphs, as a CUDA graph captured from
+        them at its second run) instead of running this Python again."""
         record = getattr(self.device.module, "recording", None)
         if record is None:
             self.enqueue(num_tokens, num_logits, all_rows, decode)
@@ -195,7 +196,7 @@ class Qwen2Forward:
         recorded = self._recorded.get(key)
         if recorded is not None:
             self._recorded.move_to_end(key)
-            if self.graphs and isinstance(recorded, RecordedLaunches):   # a shape that repeats
+            if self.use_graphs and isinstance(recorded, RecordedLaunches):   # a shape that repeats
                 recorded = self._recorded[key] = StreamGraph(self.device.stream, recorded.replay)
             recorded.replay()
             self.replayed_runs += 1
