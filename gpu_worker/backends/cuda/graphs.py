@@ -1,4 +1,5 @@
-"""CUDA graphs for decode steps, one per batch-size bucket.
+"""CUDA graphs: decode steps, one per batch-size bucket (DecodeGraphs), and any captured launch
+sequence (StreamGraph; Qwen2Forward.run keeps one per eager shape that repeats).
 
 PyCUDA 2026.1 has no graph API, so stream capture and graph launch go through NVIDIA's
 cuda-python (`cuda.bindings.driver`) on PyCUDA's own stream and context: PyCUDA stays the owner of
@@ -54,8 +55,14 @@ class StreamGraph:
                "cuStreamBeginCapture")
         try:
             enqueue()
-        finally:
-            graph = _check(driver.cuStreamEndCapture(self._stream), "cuStreamEndCapture")
+        except BaseException:
+            # End the capture (the stream must not stay capturing) and drop what it made; the
+            # caller sees enqueue's own error, not the capture's.
+            err, *partial = driver.cuStreamEndCapture(self._stream)
+            if err == driver.CUresult.CUDA_SUCCESS and partial and partial[0] is not None:
+                driver.cuGraphDestroy(partial[0])
+            raise
+        graph = _check(driver.cuStreamEndCapture(self._stream), "cuStreamEndCapture")
         self._graph = graph
         try:
             self._exec = _check(driver.cuGraphInstantiate(graph, 0), "cuGraphInstantiate")
