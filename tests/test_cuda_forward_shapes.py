@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 from collections import OrderedDict
 from types import SimpleNamespace
+from typing import ClassVar
 
 import pytest
 
@@ -18,7 +19,7 @@ from gpu_worker.backends.cuda.launcher import RecordedLaunches
 class FakeGraph:
     """StreamGraph's stand-in: `enqueue` is what a capture would record (called once, here)."""
 
-    made: list[FakeGraph] = []
+    made: ClassVar[list[FakeGraph]] = []
 
     def __init__(self, stream, enqueue) -> None:
         self.stream, self.launches, self.closed, self.replays = stream, enqueue, False, 0
