@@ -97,6 +97,7 @@ def test_drop_recordings_destroys_every_graph(monkeypatch):
     for n in (32, 64):
         forward.run(n, 8, False)
         forward.run(n, 8, False)
+    forward.run(96, 8, False)              # recorded only: nothing to destroy
     forward.drop_recordings()
     assert all(graph.closed for graph in FakeGraph.made) and len(FakeGraph.made) == 2
     assert not forward._recorded

@@ -142,12 +142,12 @@ class CudaBackend(Backend):
         record = getattr(self.device.module, "recording", None)
         for bucket in reversed(buckets):
             self.inputs.upload_padding(bucket)   # valid inputs for a warm-up run of this shape
+            launches = functools.partial(self.forward.enqueue, bucket, bucket, all_rows=True, decode=True)
             if record is None:
-                self.forward.enqueue(bucket, bucket, all_rows=True, decode=True)
-                launches = functools.partial(self.forward.enqueue, bucket, bucket, all_rows=True, decode=True)
+                launches()
             else:   # the capture replays the warm-up's recorded launches: no second pass of Python
                 with record() as recorded:
-                    self.forward.enqueue(bucket, bucket, all_rows=True, decode=True)
+                    launches()
                 launches = recorded.replay
             self.device.synchronize()
             self.graphs.capture(bucket, lambda _bucket, launches=launches: launches())

@@ -159,8 +159,7 @@ class Qwen2Forward:
     def drop_recordings(self) -> None:
         """Forgets every recorded shape (and destroys the graphs captured from them)."""
         for entry in self._recorded.values():
-            if isinstance(entry, StreamGraph):
-                entry.close()
+            entry.close()
         self._recorded.clear()
 
     def _linear(self, weight, x: DeviceTensor, y: DeviceTensor, fusion: MatvecFusion = NO_FUSION,
@@ -205,9 +204,7 @@ class Qwen2Forward:
             self.enqueue(num_tokens, num_logits, all_rows, decode)
         self._recorded[key] = recorded
         if len(self._recorded) > RECORDED_SHAPES:
-            _, dropped = self._recorded.popitem(last=False)
-            if isinstance(dropped, StreamGraph):
-                dropped.close()
+            self._recorded.popitem(last=False)[1].close()
 
     def enqueue(self, num_tokens: int, num_logits: int, all_rows: bool, decode: bool) -> None:
         """run()'s launches, made from Python each time, outside run()'s recordings and graphs

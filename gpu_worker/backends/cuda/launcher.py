@@ -131,6 +131,9 @@ class RecordedLaunches:
         for launch in self.launches:
             launch.run()
 
+    def close(self) -> None:
+        """Nothing to free (host-side records); StreamGraph.close's counterpart."""
+
 
 class DriverKernel:
     """One kernel of a DriverModule, called like a PyCUDA Function."""
