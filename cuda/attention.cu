@@ -72,6 +72,7 @@ struct AttentionParams {
     long long q_in_stride;
     long long kv_in_stride;
     long long rope_fused;
+    __half* out16;              // [num_tokens, num_heads * 64] fp16 in slot order (o's input), or null
 };
 
 namespace qs {
@@ -231,10 +232,16 @@ __device__ __forceinline__ void attn_merge(AttnState& a, float m_b, float l_b, f
     a.m = m;
 }
 
-__device__ __forceinline__ void attn_store(const AttnState& st, float* out_head) {
+// Output columns 2 lane, 2 lane + 1 of head `head` of token t: fp32, and fp16 in slot order where
+// p.out16 asks for it (a column pair is one 32-bit word there too).
+__device__ __forceinline__ void attn_store(const AttnState& st, const AttentionParams& p, size_t t, int head) {
     const int lane = threadIdx.x & 31;
     const float inv_l = 1.0f / st.l;
-    reinterpret_cast<float2*>(out_head)[lane] = make_float2(st.acc0 * inv_l, st.acc1 * inv_l);
+    const float lo = st.acc0 * inv_l, hi = st.acc1 * inv_l;
+    const size_t row = t * p.num_heads * QS_ATTN_HEAD_DIM;
+    const int col = head * QS_ATTN_HEAD_DIM + 2 * lane;
+    reinterpret_cast<float2*>(p.out + row + col)[0] = make_float2(lo, hi);
+    if (p.out16) *reinterpret_cast<__half2*>(p.out16 + row + slot_position(col)) = __floats2half2_rn(lo, hi);
 }
 
 // Slot of absolute position `pos` of a sequence through its block table row.
@@ -381,7 +388,7 @@ extern "C" __global__ void __launch_bounds__(32 * QS_ATTN_SPLIT * QS_ATTN_MAX_GR
             const float* other = mine + s * (2 + QS_ATTN_HEAD_DIM);
             qs::attn_merge(st, other[0], other[1], other[2 + 2 * lane], other[3 + 2 * lane]);
         }
-        qs::attn_store(st, p.out + ((size_t)t * p.num_heads + head) * QS_ATTN_HEAD_DIM);
+        qs::attn_store(st, p, t, head);
     }
 }
 
@@ -481,7 +488,7 @@ attention_tiles_f32(const AttentionParams p) {
                 const float* other = mine + (s * QT + i) * kState;
                 qs::attn_merge(st[i], other[0], other[1], other[2 + 2 * lane], other[3 + 2 * lane]);
             }
-            qs::attn_store(st[i], p.out + ((size_t)(t0 + i) * p.num_heads + head) * QS_ATTN_HEAD_DIM);
+            qs::attn_store(st[i], p, t0 + i, head);
         }
     }
 }

@@ -83,4 +83,13 @@ __device__ __forceinline__ void cp_async16(void* dst_shared, const void* src) {
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" :: "r"(d), "l"(src) : "memory");
 }
 
+// "Slot order" (linear_f16_gemm.cu): where column `col` of a row goes in the fp16 copy that the
+// f16gemm layout multiplies. Within each 32-column sub-chunk, the column pair 8q + 2i, 8q + 2i + 1
+// (q, i = 0..3) is 32-bit word 4i + q. Producers of a linear layer's input (rms_norm, attention,
+// the SwiGLU epilogue) write that copy beside their fp32 output, so no conversion pass runs.
+__device__ __forceinline__ int slot_position(int col) {
+    const int in_sub = col & 31, pair = in_sub >> 1;
+    return (col & ~31) + 2 * (4 * (pair & 3) + (pair >> 2)) + (col & 1);
+}
+
 }  // namespace qs

@@ -208,13 +208,15 @@ QFORMATS_FOR_EACH_TYPE(DEQUANT_SLOTS_ENTRY)
 // linear_f16_gemm[32][_acc|_swiglu]_g<TG>: y (through the epilogue) = x16 @ w16.T with w16
 // [num_rows, K] and x16 [num_tokens, K] fp16 in slot order; 64 (gemm) or 32 (gemm32) W rows x 8 * TG
 // tokens per CTA, grid (ceil(num_rows / rows), ceil(num_tokens / (8 * TG))), 256 threads,
-// F16Tile::kSharedBytes of dynamic shared memory (72 KB at most). PyCUDA prepared-call format "PPPiiii".
+// F16Tile::kSharedBytes of dynamic shared memory (96 KB at most). SwiGLU: y16 (or null) also gets y
+// as fp16 in slot order, rows y16_stride halves apart (the down projection's operand).
+// PyCUDA prepared-call format "PPPiiiiPi".
 #define LINEAR_F16_GEMM_ENTRY(NAME, EPI, RB, TG)                                                          \
     extern "C" __global__ void __launch_bounds__(linear_mma_detail::kF16Threads, 2)                      \
     NAME##_g##TG(const __half* w16, const __half* x16, float* y, int num_rows, int num_cols,              \
-                 int num_tokens, int y_stride) {                                                          \
+                 int num_tokens, int y_stride, __half* y16, int y16_stride) {                             \
         const linear_mma_detail::LinearArgs args{nullptr, 0, num_rows, num_cols, 0, 0, 0, nullptr, y,     \
-                                                 num_tokens, y_stride};                                   \
+                                                 num_tokens, y_stride, nullptr, 0.0f, y16, y16_stride};   \
         linear_mma_detail::linear_f16_gemm<EPI, RB, TG>(args, w16, x16);                                  \
     }
 #define LINEAR_F16_GEMM_EPILOGUES(NAME, RB, TG)                                               \

@@ -3,6 +3,7 @@
 // SwiGLU), and the extern "C" entry macro. The arithmetic contract is spelled out in
 // linear_mma.cu; every layout must run exactly it.
 #pragma once
+#include "common.cuh"
 #include "quant_formats.cuh"
 
 namespace linear_mma_detail {
@@ -28,6 +29,8 @@ struct LinearArgs {
     int y_stride;           // floats per row of y
     const float* norm_weight = nullptr;   // *_norm_* kernels: RMSNorm gain [K] applied to x first
     float norm_eps = 0.0f;
+    __half* y16 = nullptr;  // f16gemm SwiGLU: [M, y16_stride] fp16 copy of y in slot order (down's input), or null
+    int y16_stride = 0;
 };
 
 __device__ __forceinline__ uint32_t pack_half2(float lo, float hi) {
@@ -81,7 +84,9 @@ __device__ __forceinline__ void write_output(const LinearArgs& a, int m, int n, 
         a.y[row + n] = __fadd_rn(a.y[row + n], total);
     } else {   // SwiGLU: row n is gate_i, row n + 1 is up_i, i = n / 2
         const float silu = __fdiv_rn(total, __fadd_rn(1.0f, expf(-total)));
-        a.y[row + n / 2] = __fmul_rn(silu, next_total);
+        const float value = __fmul_rn(silu, next_total);
+        a.y[row + n / 2] = value;
+        if (a.y16) a.y16[static_cast<long long>(m) * a.y16_stride + qs::slot_position(n / 2)] = __float2half_rn(value);
     }
 }
 

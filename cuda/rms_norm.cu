@@ -2,6 +2,7 @@
 //   v = residual[row] + delta[row]            (delta may be null: v = residual[row])
 //   residual[row] = v                          (only when write_residual)
 //   out[r] = v / sqrt(mean(v^2) + eps) * weight,   row = row_ids ? row_ids[r] : r
+//   out16[r] = fp16(out[r]) in slot order      (out16 may be null): the next linear layer's input
 // One block per output row; the row sum uses block_sum (fixed order), so a row's result does not
 // depend on how many rows the launch holds (batch invariance).
 #include "common.cuh"
@@ -11,8 +12,8 @@ namespace qs {
 template <int THREADS>
 __device__ __forceinline__ void rms_norm_row(const float* __restrict__ delta, float* residual,
                                              const float* __restrict__ weight, float* __restrict__ out,
-                                             const int* __restrict__ row_ids, int hidden, float eps,
-                                             int write_residual) {
+                                             __half* __restrict__ out16, const int* __restrict__ row_ids,
+                                             int hidden, float eps, int write_residual) {
     __shared__ float scratch[32];
     const int out_row = blockIdx.x;
     const int in_row = row_ids ? row_ids[out_row] : out_row;
@@ -30,7 +31,9 @@ __device__ __forceinline__ void rms_norm_row(const float* __restrict__ delta, fl
     for (int i = threadIdx.x; i < hidden; i += THREADS) {
         const float v = del ? res[i] + del[i] : res[i];
         if (write_residual) res[i] = v;
-        dst[i] = v * inv_rms * weight[i];
+        const float y = v * inv_rms * weight[i];
+        dst[i] = y;
+        if (out16) out16[(size_t)out_row * hidden + slot_position(i)] = __float2half_rn(y);
     }
 }
 
@@ -42,7 +45,8 @@ rms_norm_f32(const float* delta,    // [num_rows, hidden] or null
              float* residual,       // [num_rows, hidden]
              const float* weight,   // [hidden]
              float* out,            // [num_out_rows, hidden]
+             __half* out16,         // [num_out_rows, hidden] fp16 in slot order, or null
              const int* row_ids,    // [num_out_rows] or null
              int hidden, float eps, int write_residual) {
-    qs::rms_norm_row<128>(delta, residual, weight, out, row_ids, hidden, eps, write_residual);
+    qs::rms_norm_row<128>(delta, residual, weight, out, out16, row_ids, hidden, eps, write_residual);
 }

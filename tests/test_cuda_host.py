@@ -22,8 +22,8 @@ from gpu_worker.sampling.params import SamplingParams
 
 def test_struct_records_have_the_c_layouts():
     # AttentionParams: 7 pointers + 5 int64 + 2 floats, then the decode steps' rope inputs: 9 pointers
-    # + 3 int64; RopeKvParams: 13 pointers + 5 int64.
-    assert np.dtype(ATTENTION_FIELDS, align=True).itemsize == 7 * 8 + 5 * 8 + 8 + 9 * 8 + 3 * 8
+    # + 3 int64, then the fp16 output copy's pointer; RopeKvParams: 13 pointers + 5 int64.
+    assert np.dtype(ATTENTION_FIELDS, align=True).itemsize == 7 * 8 + 5 * 8 + 8 + 9 * 8 + 3 * 8 + 8
     assert np.dtype(ROPE_FIELDS, align=True).itemsize == 18 * 8
     assert SAMPLE_ARGS_DTYPE.itemsize == 88
     assert SAMPLE_ARGS_DTYPE.fields["top_p"][1] == 24 and SAMPLE_ARGS_DTYPE.fields["temperature"][1] == 40

@@ -66,7 +66,8 @@ def test_f16gemm_runs_tall_matrices_in_row_slices_with_their_own_outputs():
     assert [d[2][2] for d in dequants] == [256, 256, 256, 232]
     assert [g[2][2] - 0x8000000 for g in gemms] == [4 * r for r in (0, 256, 512, 768)]   # y + first row
     assert [g[1] for g in gemms] == [(4, 4, 1)] * 3 + [(4, 4, 1)]   # ceil(rows / 64), ceil(200 / 64)
-    assert all(g[2][:2] == (W_SCRATCH, X_SCRATCH) and g[2][3:] == (g[2][3], 896, 200, 1000) for g in gemms)
+    # no fp16 copy of y (y16 null); its row stride would be the 1000 outputs
+    assert all(g[2][:2] == (W_SCRATCH, X_SCRATCH) and g[2][3:] == (g[2][3], 896, 200, 1000, 0, 1000) for g in gemms)
 
 
 def test_swiglu_slices_write_half_as_many_output_columns():
@@ -75,7 +76,7 @@ def test_swiglu_slices_write_half_as_many_output_columns():
     linear(gate_up, 0x1000, 0x8000000, 128, stream=None, epilogue="swiglu", tile=("f16gemm", 8))
     gemms = [c for c in calls if c[0] == "linear_f16_gemm_swiglu_g8"]
     assert [g[2][2] - 0x8000000 for g in gemms] == [0, 4 * 64]   # slice 2 starts at gate/up pair 64
-    assert all(g[2][-1] == 128 for g in gemms)                   # y stride: 256 / 2 outputs per token
+    assert all(g[2][6] == 128 for g in gemms)                    # y stride: 256 / 2 outputs per token
 
 
 def test_y_stride_reaches_every_layout_and_must_cover_the_outputs():
@@ -86,7 +87,8 @@ def test_y_stride_reaches_every_layout_and_must_cover_the_outputs():
         calls.clear()
         linear(qk, 0x1000, 0x8000000, 40, stream=None, tile=tile, y_stride=1152)
         launches = [c for c in calls if not c[0].startswith(("f32_to_f16", "dequant"))]
-        assert launches and all(c[2][-1] == 1152 for c in launches), tile
+        stride = [c[2][6] if c[0].startswith("linear_f16") else c[2][-1] for c in launches]
+        assert launches and stride == [1152] * len(launches), tile
     calls.clear()
     linear(qk, 0x1000, 0x8000000, 40, stream=None)
     assert calls[-1][2][-1] == 1024   # default: packed rows
@@ -115,6 +117,47 @@ def test_x_copy_is_reused_only_for_the_same_x_in_the_same_order():
     conversions(q, 0x2000, 0x9000, 200, tile=("split_k", 2))
     assert conversions(o, 0x2000, 0xa000, 200, tile=("f16gemm", 8), x_unchanged=True) == ["f32_to_f16_slots"]
 
+
+def test_a_producer_written_copy_replaces_the_conversion_for_the_next_call_only():
+    """note_x16: rms_norm / attention wrote x's fp16 copy themselves, at an address of their own."""
+    o = DeviceWeight(6, 896, 896, ptr=1 << 31)
+    linear, calls = launcher(weight_halves=896 * 896)
+    assert linear.wants_x16(o, 256) and not linear.wants_x16(o, 8)   # f16gemm32 from 128 tokens, split-K at 8
+    linear.note_x16(0x1000, 256, 896, 0x700000)
+    linear(o, 0x1000, 0xa000, 256, stream=None)
+    assert [c[0] for c in calls] == ["dequant_slots_q5_0", "linear_f16_gemm32_g4"]   # no conversion
+    assert calls[-1][2][1] == 0x700000                                               # the noted copy is read
+    calls.clear()
+    linear(o, 0x1000, 0xa000, 256, stream=None, x_unchanged=True)                     # still that copy
+    assert [c[0] for c in calls] == ["dequant_slots_q5_0", "linear_f16_gemm32_g4"] and calls[-1][2][1] == 0x700000
+    calls.clear()
+    linear.note_x16(0x1000, 256, 896, 0x700000)
+    linear(o, 0x2000, 0xa000, 256, stream=None)            # another x: the note is not about it
+    linear(o, 0x1000, 0xa000, 256, stream=None)            # and it was good for one call only
+    assert [c[0] for c in calls].count("f32_to_f16_slots") == 2 and calls[-1][2][1] == X_SCRATCH
+    # a note at the address of the copy the launcher holds means that copy was overwritten
+    linear.note_x16(0x3000, 256, 896, X_SCRATCH)
+    calls.clear()
+    linear(o, 0x1000, 0xa000, 256, stream=None, x_unchanged=True)
+    assert [c[0] for c in calls][0] == "f32_to_f16_slots"
+
+
+def test_swiglu_writes_the_down_projections_copy_and_notes_it():
+    gate_up, down = DeviceWeight(6, 9728, 896, ptr=1 << 30), DeviceWeight(14, 896, 4864, ptr=1 << 31)
+    linear, calls = launcher(weight_halves=9728 * 896)
+    linear(gate_up, 0x1000, 0x8000000, 256, stream=None, epilogue="swiglu", y16_ptr=0x900000)
+    name, _, args = calls[-1]
+    assert name == "linear_f16_gemm_swiglu_g8" and args[-2:] == (0x900000, 4864)
+    calls.clear()
+    linear(down, 0x8000000, 0xb000, 256, stream=None, epilogue="accumulate")
+    assert [c[0] for c in calls] == ["dequant_slots_q6_k", "linear_f16_gemm32_acc_g4"] and calls[-1][2][1] == 0x900000
+    # not where the layout has no fp16 output (split-K at 8 tokens), nor for packed-column writes
+    calls.clear()
+    linear(gate_up, 0x1000, 0x8000000, 8, stream=None, epilogue="swiglu", y16_ptr=0x900000)
+    linear(down, 0x8000000, 0xb000, 8, stream=None, epilogue="accumulate")
+    assert not any(c[0].startswith("linear_f16") for c in calls)
+    with pytest.raises(ValueError, match="must not be the buffer"):
+        linear(gate_up, 0x1000, 0x8000000, 256, stream=None, epilogue="swiglu", y16_ptr=X_SCRATCH)
 
 
 def test_weight_scratch_holds_the_largest_layer_matrix_or_16384_lm_head_rows():

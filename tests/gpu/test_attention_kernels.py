@@ -9,6 +9,7 @@ import pytest
 from gpu_worker.backends.cuda.ops.attention import DecodeRope, launch_attention
 from gpu_worker.backends.cuda.ops.rope_kv import QkvRows, RopeTables, launch_rope_kv, rope_tables_host
 from gpu_worker.model.qwen2_reference import attend_one_query
+from slot_order import assert_same_halves, slot_order_f16
 
 pytestmark = pytest.mark.gpu
 HEADS, KV_HEADS, DIM, BLOCK = 14, 2, 64, 16
@@ -60,12 +61,22 @@ class PagedCase:
                 gpu.upload(self.token_seq), gpu.upload(self.positions))
 
 
-def run_attention(gpu, case, heads_per_block=None, query_tiles=None):
+def run_attention(gpu, case, heads_per_block=None, query_tiles=None, out16=None):
     q, k, v, tables, token_seq, positions = case.device_args(gpu)
     out = gpu.poisoned(case.q.shape, np.float32)
     launch_attention(gpu.device, q, out, k, v, tables, token_seq, positions, BLOCK, heads_per_block=heads_per_block,
-                     query_tiles=query_tiles)
+                     query_tiles=query_tiles, out16=out16)
     return gpu.download(out)
+
+
+@pytest.mark.parametrize("query_tiles", [True, False])
+def test_attention_writes_the_fp16_slot_copy_of_its_output(gpu, query_tiles):
+    """out16: o's operand, bitwise what f32_to_f16_slots would make of out, from both kernels."""
+    case = PagedCase(np.random.default_rng(), context_lens=[5, 70, 200], chunk_lens=[5, 3, 9], num_blocks=40)
+    out16 = gpu.poisoned((len(case.positions), HEADS * DIM), np.float16)
+    out = run_attention(gpu, case, query_tiles=query_tiles, out16=out16)
+    assert not np.isnan(out).any()
+    assert_same_halves(gpu.download(out16), slot_order_f16(out), "attention's fp16 copy")
 
 
 @pytest.mark.parametrize("heads_per_block", [1, HEADS // KV_HEADS])

@@ -9,6 +9,7 @@ from gpu_worker.backends.cuda.ops.rms_norm import launch_rms_norm
 from gpu_worker.backends.cuda.ops.rope_kv import QkvRows, RopeTables, launch_rope_kv, rope_tables_host
 from gpu_worker.backends.cuda.ops.swiglu import launch_swiglu
 from gpu_worker.model import qwen2_reference as ref
+from slot_order import assert_same_halves, slot_order_f16
 
 pytestmark = pytest.mark.gpu
 HIDDEN, EPS = 896, 1e-6
@@ -41,6 +42,21 @@ def test_rms_norm_fused_residual_matches_numpy_and_is_row_invariant(gpu):
     single = gpu.poisoned((1, HIDDEN), np.float32)
     launch_rms_norm(gpu.device, single_res, w_d, single, EPS)
     assert np.array_equal(gpu.download(single)[0], out[17])
+
+
+def test_rms_norm_writes_the_fp16_slot_copy_of_its_output(gpu):
+    """out16: the next linear layer's operand, bitwise what f32_to_f16_slots would make of out."""
+    rng = np.random.default_rng()
+    residual = rng.standard_normal((19, HIDDEN), dtype=np.float32) * 3
+    weight = (1 + 0.1 * rng.standard_normal(HIDDEN)).astype(np.float32)
+    out_d, out16 = gpu.poisoned((19, HIDDEN), np.float32), gpu.poisoned((19, HIDDEN), np.float16)
+    launch_rms_norm(gpu.device, gpu.upload(residual), gpu.upload(weight), out_d, EPS, out16=out16)
+    out = gpu.download(out_d)
+    assert not np.isnan(out).any()
+    assert_same_halves(gpu.download(out16), slot_order_f16(out), "rms_norm's fp16 copy")
+    with pytest.raises(ValueError, match="out16"):
+        launch_rms_norm(gpu.device, gpu.upload(residual), gpu.upload(weight), out_d, EPS,
+                        out16=gpu.poisoned((19, HIDDEN), np.float32))
 
 
 def test_rms_norm_rejects_bad_shapes(gpu):

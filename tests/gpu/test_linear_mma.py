@@ -16,6 +16,7 @@ from gpu_worker.backends.cuda.ops.quant_weight import DeviceWeight
 from gpu_worker.backends.cuda.weights import same_type_runs
 from gpu_worker.model.quant_types import quant_spec
 
+from slot_order import assert_same_halves, slot_order_f16
 from test_quant_kernels import (ALL_TYPES, Device, gpu, random_weight_bytes, rel_error,  # noqa: F401 (gpu: fixture)
                                 upload_weight)
 
@@ -122,6 +123,33 @@ def test_linear_mma_epilogues_match_reference(gpu, qtype):
         np.testing.assert_array_equal(outs[10], outs[0], err_msg=f"{epilogue}: f16gemm in row slices differs")
 
 
+@pytest.mark.parametrize("tile", [("f16gemm", 8), ("f16gemm32", 4)])
+def test_swiglu_writes_the_fp16_slot_copy_the_down_projection_reads(gpu, tile):
+    """y16: the f16 layouts' SwiGLU epilogue also writes y rounded to fp16 in slot order (bitwise
+    f32_to_f16_slots of y), in 64-row slices too; the next call multiplies that copy."""
+    drv, module, stream = gpu
+    dev, rng = Device(drv), np.random.default_rng()
+    rows, cols, tokens = 256, 512, 70
+    gate_up, _ = upload_weight(dev, QType.Q8_0, rows, cols, rng)
+    down, _ = upload_weight(dev, QType.Q8_0, 96, rows // 2, rng)   # K = 128: whole blocks of 32
+    x = rng.standard_normal((tokens, cols), dtype=np.float32)
+    for op in (linear_op(dev, module), linear_op(dev, module, weight_halves=64 * cols)):
+        y_ptr, y16_ptr = dev.poisoned((tokens, rows // 2)), dev.upload(np.full((tokens, rows // 2), np.nan, np.float16))
+        op(gate_up, dev.upload(x), y_ptr, tokens, stream, epilogue="swiglu", tile=tile, y16_ptr=y16_ptr)
+        y = dev.read(y_ptr, (tokens, rows // 2), stream)
+        y16 = np.empty((tokens, rows // 2), np.float16)
+        drv.memcpy_dtoh(y16, y16_ptr)
+        assert not np.isnan(y).any()
+        assert_same_halves(y16, slot_order_f16(y), f"{tile}: the SwiGLU epilogue's fp16 copy")
+        # the down projection reads that copy (no conversion) and gets the converted copy's bits
+        out_noted, out_converted = dev.poisoned((tokens, 96)), dev.poisoned((tokens, 96))
+        op(down, y_ptr, out_noted, tokens, stream, tile=("f16gemm32", 4))
+        op(down, y_ptr, out_converted, tokens, stream, tile=("f16gemm32", 4))
+        noted = dev.read(out_noted, (tokens, 96), stream)
+        assert not np.isnan(noted).any()
+        np.testing.assert_array_equal(noted, dev.read(out_converted, (tokens, 96), stream))
+
+
 
 def test_linear_mma_reuses_the_fp16_copy_of_x_only_when_it_holds_that_x(gpu):
     """x_unchanged (q, k and v share their input) skips the conversion only when the scratch holds
@@ -199,8 +227,8 @@ def test_norm_prologue_gives_rms_norm_then_linear_bitwise(gpu, qtype):
         x = rng.standard_normal((tokens, cols), dtype=np.float32) * 3
         x_ptr = dev.upload(x)
         normed = dev.poisoned((tokens, cols))
-        rms_norm(np.uintp(0), np.uintp(x_ptr), np.uintp(gain), np.uintp(normed), np.uintp(0), np.int32(cols),
-                 np.float32(eps), np.int32(0), block=(128, 1, 1), grid=(tokens, 1), stream=stream)
+        rms_norm(np.uintp(0), np.uintp(x_ptr), np.uintp(gain), np.uintp(normed), np.uintp(0), np.uintp(0),
+                 np.int32(cols), np.float32(eps), np.int32(0), block=(128, 1, 1), grid=(tokens, 1), stream=stream)
         for tile in (("split_k", 1), ("narrow", 2)):
             for epilogue in ("store", "swiglu"):
                 width = rows // 2 if epilogue == "swiglu" else rows

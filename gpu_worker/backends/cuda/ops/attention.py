@@ -21,7 +21,8 @@ _ROPE_POINTERS = ("q_in", "k_in", "v_in", "bias_q", "bias_k", "bias_v", "cos_tab
 PARAMS_FIELDS = [(name, "u8") for name in _POINTERS] + [
     ("max_blocks_per_seq", "i8"), ("num_heads", "i8"), ("num_kv_heads", "i8"), ("block_size", "i8"),
     ("heads_per_block", "i8"), ("scale", "f4"), ("pad_", "f4")] + [
-    (name, "u8") for name in _ROPE_POINTERS] + [("q_in_stride", "i8"), ("kv_in_stride", "i8"), ("rope_fused", "i8")]
+    (name, "u8") for name in _ROPE_POINTERS] + [
+    ("q_in_stride", "i8"), ("kv_in_stride", "i8"), ("rope_fused", "i8"), ("out16", "u8")]
 
 
 @dataclass(frozen=True)
@@ -47,13 +48,15 @@ def heads_per_block_for(num_tokens: int, num_heads: int, num_kv_heads: int, mult
 
 def attention_params(q: DeviceTensor, out: DeviceTensor, k_cache: DeviceTensor, v_cache: DeviceTensor,
                      block_tables: DeviceTensor, token_seq: DeviceTensor, positions: DeviceTensor,
-                     block_size: int, heads_per_block: int, rope: DecodeRope | None = None) -> np.void:
+                     block_size: int, heads_per_block: int, rope: DecodeRope | None = None,
+                     out16: DeviceTensor | None = None) -> np.void:
     """Checks shapes and packs the kernel record.
 
     q, out: [T, num_heads, 64] f32; caches: [num_slots, num_kv_heads, 64] f16;
     block_tables: [num_seqs, max_blocks_per_seq] int32; token_seq, positions: [T] int32;
     heads_per_block divides num_heads / num_kv_heads. With `rope` (a decode step), q is where
-    rope_kv would have put the rotated q: only its shape is used.
+    rope_kv would have put the rotated q: only its shape is used. out16 ([T, num_heads * 64] f16, or
+    None) also receives out, rounded to fp16 in the f16gemm layout's slot order (o's operand).
     """
     num_tokens, num_heads, head_dim = q.shape
     num_kv_heads = k_cache.shape[1]
@@ -64,6 +67,8 @@ def attention_params(q: DeviceTensor, out: DeviceTensor, k_cache: DeviceTensor, 
                          f"at most {MAX_GROUP} per kv head")
     check_tensor("q", q, (num_tokens, num_heads, HEAD_DIM), np.float32)
     check_tensor("out", out, (num_tokens, num_heads, HEAD_DIM), np.float32)
+    if out16 is not None:
+        check_tensor("out16", out16, (num_tokens, num_heads * HEAD_DIM), np.float16)
     check_tensor("k_cache", k_cache, (None, num_kv_heads, HEAD_DIM), np.float16)
     check_tensor("v_cache", v_cache, k_cache.shape, np.float16)
     check_tensor("block_tables", block_tables, (None, None), np.int32)
@@ -79,7 +84,7 @@ def attention_params(q: DeviceTensor, out: DeviceTensor, k_cache: DeviceTensor, 
         "block_tables": block_tables.ptr, "token_seq": token_seq.ptr, "positions": positions.ptr,
         "max_blocks_per_seq": block_tables.shape[1], "num_heads": num_heads,
         "num_kv_heads": num_kv_heads, "block_size": block_size, "heads_per_block": heads_per_block,
-        "scale": 1.0 / np.sqrt(head_dim)}
+        "scale": 1.0 / np.sqrt(head_dim), "out16": 0 if out16 is None else out16.ptr}
     if rope is not None:
         check_rope_inputs(rope.rows, rope.biases, positions, rope.slot_mapping, rope.tables, k_cache, v_cache)
         bias_q, bias_k, bias_v = rope.biases
@@ -93,7 +98,7 @@ def attention_params(q: DeviceTensor, out: DeviceTensor, k_cache: DeviceTensor, 
 def launch_attention(device, q: DeviceTensor, out: DeviceTensor, k_cache: DeviceTensor, v_cache: DeviceTensor,
                      block_tables: DeviceTensor, token_seq: DeviceTensor, positions: DeviceTensor,
                      block_size: int, heads_per_block: int | None = None, rope: DecodeRope | None = None,
-                     query_tiles: bool | None = None) -> None:
+                     query_tiles: bool | None = None, out16: DeviceTensor | None = None) -> None:
     """out[t, h] = softmax(q[t, h] K[0..pos_t]^T / 8) V over sequence token_seq[t]'s blocks, for
     decode steps and prompt chunks alike. KV of every position <= pos_t must be written; with
     `rope` (decode steps: each token the newest of its sequence) every position < pos_t, and the
@@ -102,7 +107,7 @@ def launch_attention(device, q: DeviceTensor, out: DeviceTensor, k_cache: Device
     query_tiles (default: without `rope`): attention_tiles_f32, whose blocks take up to 4
     consecutive tokens of a sequence together (prompt chunks), else attention_f32 (a block per
     token). Both give bitwise the same output. heads_per_block: None picks by heads_per_block_for
-    (tests force each value)."""
+    (tests force each value). out16: see attention_params."""
     num_tokens, num_heads = q.shape[0], q.shape[1]
     num_kv_heads = k_cache.shape[1]
     if query_tiles is None:
@@ -117,7 +122,7 @@ def launch_attention(device, q: DeviceTensor, out: DeviceTensor, k_cache: Device
     if query_tiles and heads_per_block > TILE_MAX_HEADS:
         raise ValueError(f"heads_per_block {heads_per_block} exceeds attention_tiles_f32's {TILE_MAX_HEADS}")
     params = attention_params(q, out, k_cache, v_cache, block_tables, token_seq, positions, block_size,
-                              heads_per_block, rope)
+                              heads_per_block, rope, out16)
     name = "attention_tiles_f32" if query_tiles else "attention_f32"
     launch(device.kernel(name, SHARED_BYTES), (num_tokens, num_heads // heads_per_block),
            (32 * SPLIT * heads_per_block,), device.stream, params, shared=SHARED_BYTES)

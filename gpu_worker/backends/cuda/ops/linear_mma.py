@@ -286,7 +286,7 @@ class LinearMmaOp:
                  weight_scratch: tuple[int, int] = (0, 0)) -> None:
         self._kernels = PreparedKernels(module, "PiiiiiiPPii")
         self._norm_kernels = PreparedKernels(module, "PiiiiiiPPiiPf")
-        self._f16_gemms = PreparedKernels(module, "PPPiiii")
+        self._f16_gemms = PreparedKernels(module, "PPPiiiiPi")
         self._dequants = PreparedKernels(module, "PiiiP")
         self._convert = module.get_function("f32_to_f16")
         self._convert.prepare("PPq")
@@ -295,7 +295,10 @@ class LinearMmaOp:
         self._opted_in: set[str] = set()
         self._scratch_ptr, self._scratch_elems = fp16_scratch
         self._weight_scratch_ptr, self._weight_scratch_elems = weight_scratch
-        self._x16_holds: tuple | None = None   # (x_ptr, num_tokens, cols, slot order) of the last conversion
+        # (x_ptr, num_tokens, cols, slot order, address) of the last fp16 copy of x: converted into
+        # the scratch, or written by x's producer (note_x16)
+        self._x16_holds: tuple | None = None
+        self._x16_noted: tuple | None = None   # note_x16's promise, for the next call only
 
     def _opt_in(self, kernel: Any, name: str, shared_bytes: int) -> Any:
         if name not in self._opted_in:   # more than the default 48 KiB of dynamic shared memory
@@ -338,20 +341,41 @@ class LinearMmaOp:
     def can_f16gemm(self, weight: DeviceWeight, num_tokens: int) -> bool:
         return self.can_gemm(weight, num_tokens) and self.slice_rows(weight) > 0
 
+    def wants_x16(self, weight: DeviceWeight, num_tokens: int) -> bool:
+        """Whether a call with this weight and token count multiplies an fp16 slot-order copy of x
+        (an f16 layout), which x's producer may then write itself (note_x16)."""
+        return self.choose(weight, num_tokens)[0] in F16_LAYOUTS
+
+    @property
+    def x16_scratch(self) -> int:
+        """Device address of the fp16 x scratch ([num_tokens, cols] halves in slot order)."""
+        return self._scratch_ptr
+
+    def note_x16(self, x_ptr: int, num_tokens: int, cols: int, x16_ptr: int) -> None:
+        """The caller has enqueued a write of x's fp16 slot-order copy at x16_ptr (rms_norm,
+        attention or a SwiGLU epilogue, bitwise f32_to_f16_slots' values): the next call, if it
+        multiplies this x in an f16 layout, reads that copy instead of converting x again."""
+        self._x16_noted = (int(x_ptr), num_tokens, cols, True, int(x16_ptr))
+        if self._x16_holds is not None and self._x16_holds[4] == int(x16_ptr):   # overwritten there
+            self._x16_holds = None
+
     def slice_rows(self, weight: DeviceWeight) -> int:
         """Rows of W per f16gemm slice: what the weight scratch holds, in whole 64-row tiles."""
         return min(weight.rows, self._weight_scratch_elems // weight.cols // F16_SLICE_ROWS * F16_SLICE_ROWS)
 
     def __call__(self, weight: DeviceWeight, x_ptr: int, y_ptr: int, num_tokens: int, stream: Any,
                  epilogue: str = "store", tile: tuple[str, int] | None = None, x_unchanged: bool = False,
-                 y_stride: int | None = None, norm: tuple[int, float] | None = None) -> None:
+                 y_stride: int | None = None, norm: tuple[int, float] | None = None, y16_ptr: int = 0) -> None:
         """x_ptr: [num_tokens, weight.cols] fp32; y_ptr: [num_tokens, weight.rows] fp32, or
         [num_tokens, weight.rows / 2] for "swiglu" (device addresses), rows y_stride floats apart
         (default: packed) so that several launches can fill the columns of one buffer. x_unchanged:
         the caller promises x has not been written since the previous call (q, k and v share their
         input), so an fp16 copy of the same x in the same order is reused instead of converted again.
         norm = (gain device address, eps): x is RMSNormed first, as rms_norm.cu would (bitwise);
-        only where can_norm says so (ValueError otherwise)."""
+        only where can_norm says so (ValueError otherwise). y16_ptr ("swiglu" only): where the f16
+        layouts also write y's fp16 slot-order copy (then noted, for the next call: the down
+        projection); other layouts ignore it, and the next call converts y itself."""
+        noted, self._x16_noted = self._x16_noted, None
         check_aligned_16("linear_mma x", x_ptr)
         outputs = weight.rows // 2 if epilogue == "swiglu" else weight.rows
         if y_stride is None:
@@ -366,12 +390,18 @@ class LinearMmaOp:
                              f"scratch of {F16_SLICE_ROWS * weight.cols} (has {self._weight_scratch_elems})")
         plan = plan_linear(weight, num_tokens, epilogue, tile, norm=norm is not None)
         if tile[0] in F16_LAYOUTS or tile[0] in GEMM_LAYOUTS:
-            self._convert_x(x_ptr, num_tokens, weight.cols, tile[0] in F16_LAYOUTS, x_unchanged, stream)
+            self._convert_x(x_ptr, num_tokens, weight.cols, tile[0] in F16_LAYOUTS, x_unchanged, noted, stream)
         else:   # x_unchanged promises nothing about calls before this one: forget the copy
             self._x16_holds = None
         if tile[0] in F16_LAYOUTS:
+            if epilogue != "swiglu" or y_stride != outputs or outputs % SUB_K:   # whole slot-order rows only
+                y16_ptr = 0
+            if y16_ptr and self._x16_holds[4] == y16_ptr:
+                raise ValueError("linear_mma y16 must not be the buffer that holds x's fp16 copy")
             self._f16gemm(weight, y_ptr, num_tokens, stream, plan, LAYOUTS[tile[0]][0], y_stride,
-                          epilogue == "swiglu")
+                          epilogue == "swiglu", y16_ptr)
+            if y16_ptr:
+                self.note_x16(y_ptr, num_tokens, outputs, y16_ptr)
             return
         if tile[0] in GEMM_LAYOUTS:
             x_ptr = self._scratch_ptr
@@ -385,10 +415,14 @@ class LinearMmaOp:
         kernel.prepared_async_call(plan.grid, plan.block, stream, *args, shared_size=plan.shared_bytes)
 
     def _convert_x(self, x_ptr: int, num_tokens: int, cols: int, slots: bool, x_unchanged: bool,
-                   stream: Any) -> None:
-        """x -> the fp16 scratch (slot order for f16gemm), unless it already holds this x."""
+                   noted: tuple | None, stream: Any) -> None:
+        """x -> the fp16 scratch (slot order for f16gemm), unless it already holds this x or x's
+        producer wrote the copy (noted)."""
         source = (int(x_ptr), num_tokens, cols, slots)
-        if x_unchanged and self._x16_holds == source:
+        if noted is not None and noted[:4] == source:
+            self._x16_holds = noted
+            return
+        if x_unchanged and self._x16_holds is not None and self._x16_holds[:4] == source:
             return
         count = num_tokens * cols
         if slots:
@@ -398,11 +432,13 @@ class LinearMmaOp:
             blocks = min(-(-count // (8 * CONVERT_THREADS)), 4096)
             self._convert.prepared_async_call((blocks, 1), (CONVERT_THREADS, 1, 1), stream,
                                               int(x_ptr), self._scratch_ptr, count)
-        self._x16_holds = source
+        self._x16_holds = (*source, self._scratch_ptr)
 
     def _f16gemm(self, weight: DeviceWeight, y_ptr: int, num_tokens: int, stream: Any,
-                 plan: LinearLaunch, rows_per_tile: int, y_stride: int, swiglu: bool) -> None:
+                 plan: LinearLaunch, rows_per_tile: int, y_stride: int, swiglu: bool, y16_ptr: int) -> None:
         """Per row slice: W slice -> fp16 slots (weight scratch), then multiply by the x copy."""
+        x16_ptr = self._x16_holds[4]
+        outputs = weight.rows // 2 if swiglu else weight.rows
         dequant = self._dequants[f"dequant_slots_{weight.kernel_suffix}"]
         gemm = self._opt_in(self._f16_gemms[plan.kernel_name], plan.kernel_name, plan.shared_bytes)
         step = self.slice_rows(weight)
@@ -413,7 +449,10 @@ class LinearMmaOp:
                                         int(weight.ptr) + first * weight.row_bytes, weight.row_bytes, rows,
                                         weight.cols, self._weight_scratch_ptr)
             # a slice's outputs start at its first row (SwiGLU: its first gate/up pair; step is even)
-            y_first = int(y_ptr) + 4 * (first // 2 if swiglu else first)
+            # (slot order needs sub-chunks of 32 outputs: a SwiGLU slice's first output is a multiple of 32)
+            out_first = first // 2 if swiglu else first
+            y16_first = int(y16_ptr) + 2 * out_first if y16_ptr else 0
             gemm.prepared_async_call((-(-rows // rows_per_tile), plan.grid[1], 1), plan.block, stream,
-                                     self._weight_scratch_ptr, self._scratch_ptr, y_first, rows, weight.cols,
-                                     num_tokens, y_stride, shared_size=plan.shared_bytes)
+                                     self._weight_scratch_ptr, x16_ptr, int(y_ptr) + 4 * out_first, rows,
+                                     weight.cols, num_tokens, y_stride, y16_first, outputs,
+                                     shared_size=plan.shared_bytes)
