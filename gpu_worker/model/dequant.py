@@ -35,9 +35,13 @@ def _dequant_q8_0(blocks: np.ndarray, out: np.ndarray) -> None:
     np.multiply(blocks[:, 2:].view(np.int8), _f16(blocks, 0), out=out)
 
 
+def _q4_0_ints(blocks: np.ndarray) -> np.ndarray:
+    """q - 8 of each value (x = d * (q - 8)) # [n, 32] int8."""
+    return _nibbles(blocks[:, 2:18]).view(np.int8) - np.int8(8)
+
+
 def _dequant_q4_0(blocks: np.ndarray, out: np.ndarray) -> None:
-    q = _nibbles(blocks[:, 2:18]).view(np.int8) - np.int8(8)
-    np.multiply(q, _f16(blocks, 0), out=out)
+    np.multiply(_q4_0_ints(blocks), _f16(blocks, 0), out=out)
 
 
 def _dequant_q4_1(blocks: np.ndarray, out: np.ndarray) -> None:
@@ -50,9 +54,13 @@ def _high_bits_32(qh: np.ndarray) -> np.ndarray:
     return np.unpackbits(qh, axis=1, bitorder="little") << 4
 
 
+def _q5_0_ints(blocks: np.ndarray) -> np.ndarray:
+    """q - 16 of each value (x = d * (q - 16)) # [n, 32] int8."""
+    return (_nibbles(blocks[:, 6:22]) | _high_bits_32(blocks[:, 2:6])).view(np.int8) - np.int8(16)
+
+
 def _dequant_q5_0(blocks: np.ndarray, out: np.ndarray) -> None:
-    q = (_nibbles(blocks[:, 6:22]) | _high_bits_32(blocks[:, 2:6])).view(np.int8) - np.int8(16)
-    np.multiply(q, _f16(blocks, 0), out=out)
+    np.multiply(_q5_0_ints(blocks), _f16(blocks, 0), out=out)
 
 
 def _dequant_q5_1(blocks: np.ndarray, out: np.ndarray) -> None:
@@ -152,6 +160,27 @@ def _run_chunked(fn: Callable[[np.ndarray, np.ndarray], None], blocks: np.ndarra
         _pool_pid = os.getpid()
     for future in [_pool.submit(fn, blocks[a:a + step], out[a:a + step]) for a in starts]:
         future.result()
+
+
+# Types whose values are d * (q - bias) with the fp16 scale d first in a 32-value block and a small
+# integer q - bias: Q8_0 ({half d; int8 q[32]}, x = d * q) holds the same values exactly.
+_Q8_0_EXACT = {QType.Q4_0: _q4_0_ints, QType.Q5_0: _q5_0_ints}
+Q8_0_EXACT_FROM = frozenset(_Q8_0_EXACT)
+
+
+def as_q8_0(qtype: QType, raw: np.ndarray) -> np.ndarray:
+    """Whole blocks of a Q4_0 or Q5_0 tensor re-encoded as Q8_0 blocks with the same d and the
+    integers q - bias: every value d * (q - bias) is the same product, so any kernel that forms
+    d * q from either encoding gets the same bits (flat uint8, 34 bytes per 32 values)."""
+    qtype = QType(qtype)
+    if qtype not in _Q8_0_EXACT:
+        raise ValueError(f"{qtype.name} has no exact Q8_0 encoding (only {sorted(t.name for t in _Q8_0_EXACT)})")
+    spec = quant_spec(qtype)
+    blocks = np.ascontiguousarray(raw, dtype=np.uint8).reshape(-1, spec.block_bytes)
+    out = np.empty((blocks.shape[0], quant_spec(QType.Q8_0).block_bytes), np.uint8)
+    out[:, :2] = blocks[:, :2]
+    out[:, 2:] = _Q8_0_EXACT[qtype](blocks).view(np.uint8)
+    return out.reshape(-1)
 
 
 def dequantize(tensor) -> np.ndarray:

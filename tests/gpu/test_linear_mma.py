@@ -14,6 +14,7 @@ from gguf import GGMLQuantizationType as QType
 from gpu_worker.backends.cuda.ops.linear_mma import ALL_TILES, LinearMmaOp
 from gpu_worker.backends.cuda.ops.quant_weight import DeviceWeight
 from gpu_worker.backends.cuda.weights import same_type_runs
+from gpu_worker.model.dequant import as_q8_0
 from gpu_worker.model.quant_types import quant_spec
 
 from slot_order import assert_same_halves, slot_order_f16
@@ -175,6 +176,31 @@ def test_linear_mma_reuses_the_fp16_copy_of_x_only_when_it_holds_that_x(gpu):
     run(w1, x_b, ("gemm", 8))
     np.testing.assert_array_equal(run(w2, x_b, ("f16gemm", 8), unchanged=True), reference,
                                   err_msg="a natural-order copy served an f16gemm")
+
+
+@pytest.mark.parametrize("qtype", [QType.Q4_0, QType.Q5_0], ids=lambda t: t.name)
+def test_q8_0_encoding_of_q4_0_and_q5_0_rows_gives_the_same_bits(gpu, qtype):
+    """weights.qkv_device_types stores Q4_0 / Q5_0 q and k as Q8_0 next to a Q8_0 v (one launch):
+    every layout must give bitwise the outputs of the original encoding, at decode and prefill sizes."""
+    drv, module, stream = gpu
+    dev, rng = Device(drv), np.random.default_rng()
+    linear = linear_op(dev, module)
+    rows, cols = 160, 896
+    raw = random_weight_bytes(qtype, rows, cols, rng)
+    original = DeviceWeight(int(qtype), rows, cols, dev.upload(raw))
+    q8 = DeviceWeight(int(QType.Q8_0), rows, cols, dev.upload(as_q8_0(qtype, raw)))
+    for tokens in (1, 5, 150):
+        x = dev.upload(rng.standard_normal((tokens, cols), dtype=np.float32))
+        for tile in (None, *ALL_TILES):
+            if tile is not None and not (linear.can_run(original, tokens, tile) and linear.can_run(q8, tokens, tile)):
+                continue
+            outs = []
+            for weight in (original, q8):
+                y = dev.poisoned((tokens, rows))
+                linear(weight, x, y, tokens, stream, tile=tile)
+                outs.append(dev.read(y, (tokens, rows), stream))
+            assert not np.isnan(outs[0]).any()
+            np.testing.assert_array_equal(outs[1], outs[0], err_msg=f"{tokens} tokens, tile {tile}")
 
 
 @pytest.mark.parametrize("v_type", [QType.Q5_0, QType.Q8_0], ids=lambda t: t.name)
