@@ -11,7 +11,7 @@ import pytest
 from gpu_worker.backends.base import SampleRequest
 from gpu_worker.backends.cpu.sequence_runner import SequenceChunk, blocks_for, build_step
 from gpu_worker.backends.cuda.device import DeviceTensor
-from gpu_worker.backends.cuda.ops.attention import PARAMS_FIELDS as ATTENTION_FIELDS, heads_per_block_for
+from gpu_worker.backends.cuda.ops.attention import PARAMS_FIELDS as ATTENTION_FIELDS, attention_kernel, heads_per_block_for
 from gpu_worker.backends.cuda.ops.rope_kv import PARAMS_FIELDS as ROPE_FIELDS, rope_tables_host
 from gpu_worker.backends.cuda.ops.sampling import SAMPLE_ARGS_DTYPE
 from gpu_worker.backends.cuda.sampler import pack_sampling
@@ -36,6 +36,13 @@ def test_attention_spreads_heads_over_blocks_only_while_the_gpu_has_room():
     assert heads_per_block_for(18, 14, 2, 132) == 1
     assert heads_per_block_for(19, 14, 2, 132) == 7
     assert heads_per_block_for(512, 14, 2, 132) == 7
+
+
+def test_attention_caps_registers_only_for_grids_larger_than_the_gpu():
+    # decode steps: 256 sequences x 2 GQA groups = 512 blocks on 132 multiprocessors -> two per SM;
+    # 64 x 2 = 128 blocks fit the GPU once -> the uncapped build
+    assert attention_kernel(512, 132) == "attention_f32_two_blocks_per_sm"
+    assert attention_kernel(128, 132) == "attention_f32" and attention_kernel(132, 132) == "attention_f32"
 
 
 def test_rope_tables_equal_the_reference_angles():

@@ -61,12 +61,24 @@ class PagedCase:
                 gpu.upload(self.token_seq), gpu.upload(self.positions))
 
 
-def run_attention(gpu, case, heads_per_block=None, query_tiles=None, out16=None):
+def run_attention(gpu, case, heads_per_block=None, query_tiles=None, out16=None, register_capped=None):
     q, k, v, tables, token_seq, positions = case.device_args(gpu)
     out = gpu.poisoned(case.q.shape, np.float32)
     launch_attention(gpu.device, q, out, k, v, tables, token_seq, positions, BLOCK, heads_per_block=heads_per_block,
-                     query_tiles=query_tiles, out16=out16)
+                     query_tiles=query_tiles, out16=out16, register_capped=register_capped)
     return gpu.download(out)
+
+
+@pytest.mark.parametrize("heads_per_block", [1, HEADS // KV_HEADS])
+def test_the_register_capped_build_gives_the_same_bits(gpu, heads_per_block):
+    """attention_f32_two_blocks_per_sm (decode steps of many sequences) is attention_f32 built for two
+    blocks per multiprocessor: the same output bits, prompt chunks and lone queries alike."""
+    case = PagedCase(np.random.default_rng(), context_lens=[1, 40, 129, 300, 700], chunk_lens=[1, 9, 1, 4, 1],
+                     num_blocks=200)
+    capped = run_attention(gpu, case, heads_per_block, query_tiles=False, register_capped=True)
+    assert not np.isnan(capped).any()
+    assert np.array_equal(capped, run_attention(gpu, case, heads_per_block, query_tiles=False, register_capped=False))
+    assert rel_error(capped, case.reference()) < 1e-5
 
 
 @pytest.mark.parametrize("query_tiles", [True, False])
