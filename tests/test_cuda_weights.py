@@ -7,7 +7,7 @@ import pytest
 from gguf import GGMLQuantizationType as QType
 
 from gpu_worker.backends.cuda.ops.quant_weight import DeviceWeight
-from gpu_worker.backends.cuda.weights import qkv_offsets, same_type_runs, upload_weights
+from gpu_worker.backends.cuda.weights import qkv_offsets, same_type_runs, stored_tensor_bytes, upload_weights
 from gpu_worker.model.dequant import as_q8_0, dequantize, dequantize_blocks
 from gpu_worker.model.gguf_loader import load_gguf
 from gpu_worker.model.synthetic import write_synthetic_gguf
@@ -66,6 +66,10 @@ def test_qkv_sits_back_to_back_and_merges_by_type(tmp_path):
         (int(QType.Q5_0), weights.layers[2].q.rows + weights.layers[2].k.rows, weights.layers[2].q.ptr),
         (int(QType.Q4_1), weights.layers[2].v.rows, weights.layers[2].v.ptr)]
     assert device.read(runs0[0]) == b"".join(model.tensors[f"blk.0.attn_{m}.weight"].data.tobytes() for m in "qkv")
+    # layer 1's q and k grew from 22 to 34 bytes per 32 values
+    growth = (weights.layers[1].q.rows + weights.layers[1].k.rows) * q.cols // 32 * (34 - 22)
+    assert stored_tensor_bytes(model) == sum(t.nbytes for t in model.tensors.values()) + growth
+    assert stored_tensor_bytes(model) <= weights.nbytes <= stored_tensor_bytes(model) + 256 * len(model.tensors)
 
 
 def test_q4_0_and_q5_0_blocks_become_q8_0_blocks_of_the_same_values():

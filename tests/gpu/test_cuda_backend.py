@@ -9,9 +9,8 @@ from gguf import GGMLQuantizationType as QType
 
 from gpu_worker.backends.cpu.backend import CpuBackend
 from gpu_worker.backends.cpu.sequence_runner import SequenceChunk, blocks_for, build_step
-from gpu_worker.backends.cuda.weights import qkv_device_types
+from gpu_worker.backends.cuda.weights import stored_tensor_bytes
 from gpu_worker.model.gguf_loader import load_gguf
-from gpu_worker.model.quant_types import quant_spec
 from gpu_worker.model.qwen2_reference import load_weights
 from gpu_worker.model.synthetic import write_synthetic_gguf
 from gpu_worker.sampling.params import SamplingParams
@@ -83,13 +82,8 @@ def top1_agrees(gpu_logits: np.ndarray, cpu_logits: np.ndarray) -> bool:
 def test_weight_bytes_are_the_file_tensor_bytes(backend, synthetic_model):
     """The file's tensor bytes, but q/k/v re-encoded where weights.qkv_device_types says (Q4_0/Q5_0
     parts next to a Q8_0 one, as in the default model), plus alignment padding."""
-    model = synthetic_model
-    stored = sum(t.nbytes for t in model.tensors.values())
-    for i in range(model.config.num_layers):
-        tensors = [model.tensors[f"blk.{i}.attn_{m}.weight"] for m in "qkv"]
-        for t, qtype in zip(tensors, qkv_device_types([t.qtype for t in tensors])):
-            stored += t.shape[0] * quant_spec(qtype).row_nbytes(t.shape[1]) - t.nbytes
-    assert stored <= backend.weight_bytes <= stored + 256 * len(model.tensors)
+    stored = stored_tensor_bytes(synthetic_model)
+    assert stored <= backend.weight_bytes <= stored + 256 * len(synthetic_model.tensors)
     assert backend.memory_bytes["kv"] == 4096 * BLOCK * synthetic_model.config.kv_bytes_per_token
 
 
