@@ -236,8 +236,8 @@ class Qwen2Forward:
         """Where x's producer should also write x's fp16 slot-order copy: in `buffer` (default
         acts.x16) when the tensor-core launcher multiplies x by `weight` in an f16 layout, else
         None. Noted with the launcher, so that it converts nothing (a SwiGLU epilogue's copy is
-        noted by the launcher itself: note=False). Saves a conversion pass per linear layer: 96
-        launches of ~3.6 us in a 512-token prefill (H200)."""
+        noted by the launcher itself: note=False). Saves a conversion pass per linear layer (H200,
+        synthetic weights, forward as one graph: 256 tokens 3.148 -> 3.066 ms, 512 4.910 -> 4.865)."""
         t, cols = x.shape
         if self.linear != "mma" or weight is None or not self.linear_mma.wants_x16(weight, t):
             return None

@@ -346,11 +346,6 @@ class LinearMmaOp:
         (an f16 layout), which x's producer may then write itself (note_x16)."""
         return self.choose(weight, num_tokens)[0] in F16_LAYOUTS
 
-    @property
-    def x16_scratch(self) -> int:
-        """Device address of the fp16 x scratch ([num_tokens, cols] halves in slot order)."""
-        return self._scratch_ptr
-
     def note_x16(self, x_ptr: int, num_tokens: int, cols: int, x16_ptr: int) -> None:
         """The caller has enqueued a write of x's fp16 slot-order copy at x16_ptr (rms_norm,
         attention or a SwiGLU epilogue, bitwise f32_to_f16_slots' values): the next call, if it
