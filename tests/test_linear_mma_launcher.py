@@ -139,7 +139,7 @@ def test_a_producer_written_copy_replaces_the_conversion_for_the_next_call_only(
     linear.note_x16(0x3000, 256, 896, X_SCRATCH)
     calls.clear()
     linear(o, 0x1000, 0xa000, 256, stream=None, x_unchanged=True)
-    assert [c[0] for c in calls][0] == "f32_to_f16_slots"
+    assert calls[0][0] == "f32_to_f16_slots"
 
 
 def test_swiglu_writes_the_down_projections_copy_and_notes_it():

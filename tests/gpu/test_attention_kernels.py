@@ -9,6 +9,7 @@ import pytest
 from gpu_worker.backends.cuda.ops.attention import DecodeRope, launch_attention
 from gpu_worker.backends.cuda.ops.rope_kv import QkvRows, RopeTables, launch_rope_kv, rope_tables_host
 from gpu_worker.model.qwen2_reference import attend_one_query
+
 from slot_order import assert_same_halves, slot_order_f16
 
 pytestmark = pytest.mark.gpu

@@ -9,6 +9,7 @@ from gpu_worker.backends.cuda.ops.rms_norm import launch_rms_norm
 from gpu_worker.backends.cuda.ops.rope_kv import QkvRows, RopeTables, launch_rope_kv, rope_tables_host
 from gpu_worker.backends.cuda.ops.swiglu import launch_swiglu
 from gpu_worker.model import qwen2_reference as ref
+
 from slot_order import assert_same_halves, slot_order_f16
 
 pytestmark = pytest.mark.gpu
