@@ -318,10 +318,6 @@ __device__ __forceinline__ void attn_stage_round(const AttentionParams& p, const
         attn_own_kv_row(p, t, kv_head, own_pos, writer, k_stage[own_pos - start], v_stage[own_pos - start]);
 }
 
-}  // namespace qs
-
-namespace qs {
-
 // attention_f32's body: one block per (token, heads_per_block query heads).
 __device__ __forceinline__ void attention_one_token(const AttentionParams& p) {
     extern __shared__ __align__(16) uint8_t attn_smem[];
