@@ -1,49 +1,55 @@
-// Attention of query tokens over the paged fp16 KV cache, for decode steps and prompt chunks
-// alike: one arithmetic, so a token's output never depends on whether it came in a prefill chunk
-// or a decode step, alone or batched. Two kernels run it: attention_f32 (a block per token) and
-// attention_tiles_f32 (prompt chunks, a block per few consecutive tokens; at the end of the file).
-// The query at position pos attends to positions [0, pos] of its sequence (its own K/V row was
-// written by rope_kv before this launch).
+// Attention of query tokens over the paged fp16 KV cache, on tensor cores, for decode steps and
+// prompt chunks alike: one arithmetic, so a token's output never depends on whether it came in a
+// prefill chunk or a decode step, alone or batched. The query at position pos attends to
+// positions [0, pos] of its sequence (its own K/V row was written by rope_kv before this launch,
+// or, in decode steps, by this kernel).
 //
-// The arithmetic of one (query, head), fixed by the context length alone:
-// - the context is cut into tiles of 32 positions; tile i belongs to split s = i % 4;
-// - each split runs an online softmax (running max m, running sum l) over its tiles in increasing
-//   order: lane j scores position tile_start + j by a fixed-order dot product, and each lane
-//   accumulates output dims 2*lane, 2*lane + 1 over the tile's positions in increasing order;
+// A warp holds 16 (token, query head) rows of one GQA group: 16 / group tokens (2 for Qwen2.5's 7
+// heads per kv head; rows 14 and 15 unused). A block is (query tile, kv head): `row_groups` such
+// warps times 4 splits, all reading the same K/V rows, which the block stages once in shared
+// memory, one round of 4 tiles (128 positions) at a time with cp.async, the next round in flight
+// while this one is scored. Per row the arithmetic is fixed by its context length alone, whatever
+// shares its warp or block:
+// - the context is cut into tiles of 32 positions; tile i belongs to split i % 4 (warp split);
+// - S = q K^T by mma.sync with q split into fp16 hi + lo parts (q = hi + lo to ~22 bits; the fp16
+//   products are exact in the fp32 sums), per 16 dims hi then lo;
+// - each split runs an online softmax per row over its tiles in increasing order (max and sum
+//   over a tile's 32 positions in lane-quad order); positions past the row's context get weight 0
+//   (their staged V rows are real or zero-filled, so 0 * V is 0);
+// - acc += P V by mma, P split into hi + lo the same way;
 // - the four split states are merged in split order, ((s0 + s1) + s2) + s3, then normalized.
-// One warp per (query head, split): the 4 splits run side by side. (A single warp walking all
-// tiles issued one dependent instruction every ~11 cycles: ~1.8 us per tile at batch 1.)
-//
-// Block = (token, `heads_per_block` query heads of one GQA group): 4 warps per query head. They all
-// need the same K/V rows, so the block stages them once in shared memory, one round of 4 tiles
-// (128 positions) at a time with cp.async, the next round in flight while this one is scored.
-// heads_per_block is the whole group (7) when there are tokens enough to fill the GPU: the K/V
-// rows are read once per group. With few tokens (decode at small batches) it is 1: 14 small blocks
-// spread over 14 multiprocessors instead of 2 big ones whose 28 warps queue for 2 multiprocessors'
-// issue slots (ops/attention.py picks; ~10% faster at 1-16 tokens, 3x slower at 64).
-// Neither where a tile comes from nor which block runs a head changes a value or an order of
-// operations: the output is bitwise the same for every heads_per_block.
+// A tile wholly past a row's context leaves its state bitwise unchanged (correction 1, weights
+// 0), so a row's output is the same in a decode step, in a prompt chunk of any length, or beside
+// rows of longer contexts (GPU tests). Against the fp32 reference the relative error is ~1e-6.
+// Against the fp32-FMA kernels this replaced (H200, synthetic weights, whole forward as a graph):
+// 512-token prompt 4.86 -> 4.20 ms, 2048 tokens 22.9 -> 14.1 ms, a decode step of 256 sequences
+// 3.73 -> 3.52 ms, of 1 sequence 0.895 -> 0.948 ms (a block's 4 warps each carry 7 heads there).
 //
 // Decode steps (rope_fused): every token is the newest of its sequence, so the only K/V row it
-// needs that is not in the cache yet is its own. The kernel then also does rope_kv.cu's work
-// (one launch fewer per layer): it reads q, k, v unrotated from the q/k/v launches' rows, applies
-// bias + RoPE (qs::rope_pair, rope_kv's arithmetic), puts its own K/V row straight into the staged
-// round instead of copying it from the cache, and the block holding the GQA group's first head
-// writes that row to the cache (slot < 0: padding, no write). Prompt chunks need each other's
-// rows in the cache first: they run rope_kv, then this kernel with rope_fused = 0.
+// needs that is not in the cache yet is its own. The kernel then also does rope_kv.cu's work (one
+// launch fewer per layer): it reads q, k, v unrotated from the q/k/v launches' rows, applies bias
+// + RoPE (qs::rope_pair, rope_kv's arithmetic), puts its own K/V row straight into the staged
+// round instead of copying it from the cache, and writes that row to the cache (slot < 0:
+// padding, no write). Prompt chunks need each other's rows in the cache first: they run rope_kv,
+// then this kernel with rope_fused = 0.
 #include "common.cuh"
+#include "mma.cuh"
 
 #define QS_ATTN_HEAD_DIM 64
 #define QS_ATTN_TILE 32
-#define QS_ATTN_SPLIT 4                                   // warps per query head; tile i -> split i % 4
+#define QS_ATTN_SPLIT 4                                   // warps per row group; tile i -> split i % 4
 #define QS_ATTN_ROUND (QS_ATTN_SPLIT * QS_ATTN_TILE)      // positions staged together: 128
-#define QS_ATTN_MAX_GROUP 8                               // query heads per kv head: block <= 1024 threads
-#define QS_ATTN_ROW 72          // halves per staged row: 64 + 8 of padding, so the 16-byte loads of
-                                // lanes reading 32 different rows spread over the banks
-// Dynamic shared memory: two rounds of K rows, then two of V rows (mirrored by ops/attention.py).
-#define QS_ATTN_SHARED_BYTES (2 * 2 * QS_ATTN_ROUND * QS_ATTN_ROW * 2)
+#define QS_ATTN_ROW 72          // halves per staged row: 64 + 8 of padding, so that the 8 rows one
+                                // ldmatrix matrix reads fall on different banks
+#define QS_ATTN_MMA_ROWS 16             // (token, head) rows per warp: the mma's M
+#define QS_ATTN_MMA_MAX_ROW_GROUPS 2    // attention_mma: up to 8 warps per block
+#define QS_ATTN_Q_ROW 72                // halves per staged q row (as QS_ATTN_ROW: conflict-free ldmatrix)
+// Dynamic shared memory (mirrored by ops/attention.py): two rounds of K rows, then two of V rows,
+// then the q rows of up to QS_ATTN_MMA_MAX_ROW_GROUPS row groups as fp16 hi and lo parts.
+#define QS_ATTN_STAGE_BYTES (2 * 2 * QS_ATTN_ROUND * QS_ATTN_ROW * 2)
+#define QS_ATTN_SHARED_BYTES \
+    (QS_ATTN_STAGE_BYTES + 2 * QS_ATTN_MMA_MAX_ROW_GROUPS * QS_ATTN_MMA_ROWS * QS_ATTN_Q_ROW * 2)
 
-// Every field 8 bytes wide (mirrored by ops/attention.py's numpy record).
 struct AttentionParams {
     const float* q;             // [num_tokens, num_heads * 64] fp32, RoPE applied
     float* out;                 // [num_tokens, num_heads * 64] fp32
@@ -56,7 +62,6 @@ struct AttentionParams {
     long long num_heads;
     long long num_kv_heads;
     long long block_size;
-    long long heads_per_block;  // query heads per block: divides num_heads / num_kv_heads
     float scale;
     float pad_;
     // Decode steps only (rope_fused != 0; q is then unused): rope_kv's inputs, see RopeKvParams.
@@ -75,184 +80,37 @@ struct AttentionParams {
     __half* out16;              // [num_tokens, num_heads * 64] fp16 in slot order (o's input), or null
 };
 
+
 namespace qs {
 
 typedef __half AttnRow[QS_ATTN_ROW];
 
-struct AttnState {
-    float m;     // running max of scores (-inf before the first tile)
-    float l;     // running sum of exp(score - m)
-    float acc0;  // output dim 2*lane, unnormalized
-    float acc1;  // output dim 2*lane + 1
-};
-
-__device__ __forceinline__ AttnState attn_state_init() {
-    AttnState s;
-    s.m = -INFINITY; s.l = 0.0f; s.acc0 = 0.0f; s.acc1 = 0.0f;
-    return s;
+// Element offset of kv_head's row at absolute position `pos` of a sequence (block table row
+// `table`) in a cache: 32-bit unsigned arithmetic (ops/attention.py checks that a cache holds
+// fewer than 2^32 halves), unsigned division by the block size.
+__device__ __forceinline__ unsigned paged_row_offset(const int* table, int pos, unsigned block_size,
+                                                     unsigned num_kv_heads, int kv_head) {
+    const unsigned slot = (unsigned)table[(unsigned)pos / block_size] * block_size + (unsigned)pos % block_size;
+    return (slot * num_kv_heads + kv_head) * QS_ATTN_HEAD_DIM;
 }
 
-// q: [64] fp32 in shared memory (every lane reads the same value: a broadcast), k_row: [64] fp16
-// in shared memory (16-byte aligned). Fixed order: one FMA chain over dims 0..63.
-__device__ __forceinline__ float dot_q_k(const float* q, const __half* k_row) {
-    float sum = 0.0f;
-#pragma unroll
-    for (int c = 0; c < QS_ATTN_HEAD_DIM; c += 8) {
-        float k8[8];
-        load_half8(k_row + c, k8);
-        const float4 qa = *reinterpret_cast<const float4*>(q + c);
-        const float4 qb = *reinterpret_cast<const float4*>(q + c + 4);
-        sum = fmaf(qa.x, k8[0], sum); sum = fmaf(qa.y, k8[1], sum);
-        sum = fmaf(qa.z, k8[2], sum); sum = fmaf(qa.w, k8[3], sum);
-        sum = fmaf(qb.x, k8[4], sum); sum = fmaf(qb.y, k8[5], sum);
-        sum = fmaf(qb.z, k8[6], sum); sum = fmaf(qb.w, k8[7], sum);
-    }
-    return sum;
-}
-
-// acc += p_j * V[j] (lane's two dims): position j of a tile, taken in increasing j.
-__device__ __forceinline__ void attn_accumulate_v(AttnState& st, float p, const AttnRow v_row, int j, int lane) {
-    const float pj = __shfl_sync(0xffffffffu, p, j);
-    const float2 v2 = __half22float2(reinterpret_cast<const __half2*>(v_row)[lane]);
-    st.acc0 = fmaf(pj, v2.x, st.acc0);
-    st.acc1 = fmaf(pj, v2.y, st.acc1);
-}
-
-// The online-softmax step of one tile, shared by both kernels: this lane's raw dot product
-// `dot` (position tile_start + lane; `num_valid` (1..32, warp-uniform) positions are < context
-// length) -> its weight p; m, l and the accumulators rescaled. The p * V sums follow.
-__device__ __forceinline__ float attn_softmax_step(AttnState& st, float dot, int num_valid, float scale) {
-    const int lane = threadIdx.x & 31;
-    const float score = lane < num_valid ? dot * scale : -INFINITY;
-    const float m_new = fmaxf(st.m, warp_max(score));
-    const float correction = expf(st.m - m_new);  // 0 on the first tile (m = -inf)
-    const float p = lane < num_valid ? expf(score - m_new) : 0.0f;
-    st.l = st.l * correction + warp_sum(p);
-    st.acc0 *= correction;
-    st.acc1 *= correction;
-    st.m = m_new;
-    return p;
-}
-
-// One tile of up to 32 positions, one query. k_tile / v_tile: the tile's rows in shared memory
-// (row j = position tile_start + j); rows past num_valid hold stale bytes and are never read.
-__device__ __forceinline__ void attn_tile_update(AttnState& st, const float* q, const AttnRow* k_tile,
-                                                 const AttnRow* v_tile, int num_valid, float scale) {
-    const int lane = threadIdx.x & 31;
-    const float p = attn_softmax_step(st, lane < num_valid ? dot_q_k(q, k_tile[lane]) : 0.0f, num_valid, scale);
-    if (num_valid == QS_ATTN_TILE) {   // every tile but a context's last: no per-position checks
-#pragma unroll
-        for (int j = 0; j < QS_ATTN_TILE; ++j) attn_accumulate_v(st, p, v_tile[j], j, lane);
-    } else {
-        for (int j = 0; j < num_valid; ++j) attn_accumulate_v(st, p, v_tile[j], j, lane);
-    }
-}
-
-// The same tile for the QT consecutive queries of a query tile (attention_tiles_f32): query i
-// (i < n) sees first_valid + i positions of it (<= 0: none, its state is untouched; >= 32: all).
-// Per query every operation is attn_tile_update's, in its order; the queries only share the K/V
-// loads and conversions and run side by side (QT independent chains). The weights p go through
-// the warp's p_rows ([QT][32] floats in shared memory) instead of shuffles: the same values,
-// read four positions per load.
-template <int QT>
-__device__ __forceinline__ void attn_tile_update_queries(AttnState (&st)[QT], const float* q, int q_stride,
-                                                         const AttnRow* k_tile, const AttnRow* v_tile,
-                                                         int first_valid, int n, float scale, float* p_rows) {
-    const int lane = threadIdx.x & 31;
-    float dot[QT];
-#pragma unroll
-    for (int i = 0; i < QT; ++i) dot[i] = 0.0f;
-#pragma unroll
-    for (int c = 0; c < QS_ATTN_HEAD_DIM; c += 8) {   // dot_q_k's chain, once per query
-        float k8[8];
-        load_half8(k_tile[lane] + c, k8);
-#pragma unroll
-        for (int i = 0; i < QT; ++i) {
-            const float4 qa = *reinterpret_cast<const float4*>(q + i * q_stride + c);
-            const float4 qb = *reinterpret_cast<const float4*>(q + i * q_stride + c + 4);
-            float sum = dot[i];
-            sum = fmaf(qa.x, k8[0], sum); sum = fmaf(qa.y, k8[1], sum);
-            sum = fmaf(qa.z, k8[2], sum); sum = fmaf(qa.w, k8[3], sum);
-            sum = fmaf(qb.x, k8[4], sum); sum = fmaf(qb.y, k8[5], sum);
-            sum = fmaf(qb.z, k8[6], sum); sum = fmaf(qb.w, k8[7], sum);
-            dot[i] = sum;
-        }
-    }
-#pragma unroll
-    for (int i = 0; i < QT; ++i) {
-        const int num_valid = min(QS_ATTN_TILE, first_valid + i);
-        if (i < n && num_valid > 0)
-            p_rows[i * QS_ATTN_TILE + lane] = attn_softmax_step(st[i], lane < num_valid ? dot[i] : 0.0f, num_valid, scale);
-    }
-    __syncwarp();
-    if (first_valid >= QS_ATTN_TILE) {   // every query sees the whole tile
-#pragma unroll
-        for (int j = 0; j < QS_ATTN_TILE; j += 4) {
-            float2 v[4];
-#pragma unroll
-            for (int r = 0; r < 4; ++r) v[r] = __half22float2(reinterpret_cast<const __half2*>(v_tile[j + r])[lane]);
-#pragma unroll
-            for (int i = 0; i < QT; ++i) {
-                if (i >= n) continue;
-                const float4 p4 = *reinterpret_cast<const float4*>(p_rows + i * QS_ATTN_TILE + j);
-                const float pj[4] = {p4.x, p4.y, p4.z, p4.w};
-#pragma unroll
-                for (int r = 0; r < 4; ++r) {
-                    st[i].acc0 = fmaf(pj[r], v[r].x, st[i].acc0);
-                    st[i].acc1 = fmaf(pj[r], v[r].y, st[i].acc1);
-                }
-            }
-        }
-    } else {                             // the diagonal: each query up to its own position
-        const int last_valid = min(QS_ATTN_TILE, first_valid + n - 1);
-        for (int j = 0; j < last_valid; ++j) {
-            const float2 v = __half22float2(reinterpret_cast<const __half2*>(v_tile[j])[lane]);
-#pragma unroll
-            for (int i = 0; i < QT; ++i) {
-                if (i < n && j < first_valid + i) {
-                    const float pj = p_rows[i * QS_ATTN_TILE + j];
-                    st[i].acc0 = fmaf(pj, v.x, st[i].acc0);
-                    st[i].acc1 = fmaf(pj, v.y, st[i].acc1);
-                }
-            }
-        }
-    }
-}
-
-// a <- a merged with state b (m_b = -inf: b saw no tile, and a is unchanged in value).
-// a.m is finite: split 0 always holds tile 0. The roundings are spelled out: left to contraction,
-// x * ca + y * cb became an fma of either product depending on the kernel around it (the two
-// kernels here differed by an ulp).
-__device__ __forceinline__ void attn_merge(AttnState& a, float m_b, float l_b, float acc0_b, float acc1_b) {
-    const float m = fmaxf(a.m, m_b);
-    const float ca = expf(a.m - m), cb = expf(m_b - m);
-    a.l = fmaf(a.l, ca, __fmul_rn(l_b, cb));
-    a.acc0 = fmaf(a.acc0, ca, __fmul_rn(acc0_b, cb));
-    a.acc1 = fmaf(a.acc1, ca, __fmul_rn(acc1_b, cb));
-    a.m = m;
-}
-
-// Output columns 2 lane, 2 lane + 1 of head `head` of token t: fp32, and fp16 in slot order where
-// p.out16 asks for it (a column pair is one 32-bit word there too).
-__device__ __forceinline__ void attn_store(const AttnState& st, const AttentionParams& p, size_t t, int head) {
-    const int lane = threadIdx.x & 31;
-    const float inv_l = 1.0f / st.l;
-    const float lo = st.acc0 * inv_l, hi = st.acc1 * inv_l;
-    const size_t row = t * p.num_heads * QS_ATTN_HEAD_DIM;
-    const int col = head * QS_ATTN_HEAD_DIM + 2 * lane;
-    reinterpret_cast<float2*>(p.out + row + col)[0] = make_float2(lo, hi);
-    if (p.out16) *reinterpret_cast<__half2*>(p.out16 + row + slot_position(col)) = __floats2half2_rn(lo, hi);
-}
-
-// Slot of absolute position `pos` of a sequence through its block table row.
-__device__ __forceinline__ long long paged_slot(const int* block_table_row, int pos, int block_size) {
-    return (long long)block_table_row[pos / block_size] * block_size + pos % block_size;
+// Pieces half, half + 2, half + 4, half + 6 (16 bytes each) of one K or V row: 4 cp.async with
+// immediate offsets from one address pair (the per-copy 64-bit address arithmetic was a large
+// share of a small launch's instructions); 16 zero bytes each where `real` is false.
+__device__ __forceinline__ void attn_copy_row_pieces(__half* dst_row, const __half* src_row, int half, bool real) {
+    const unsigned d = static_cast<unsigned>(__cvta_generic_to_shared(dst_row + 8 * half));
+    const __half* src = src_row + 8 * half;
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n"
+                 "cp.async.cg.shared.global [%0+32], [%1+32], 16, %2;\n"
+                 "cp.async.cg.shared.global [%0+64], [%1+64], 16, %2;\n"
+                 "cp.async.cg.shared.global [%0+96], [%1+96], 16, %2;\n"
+                 :: "r"(d), "l"(src), "r"(real ? 16 : 0) : "memory");
 }
 
 // Decode steps: this token's own K/V row (position own_pos), biased and rotated from k_in / v_in,
-// into its staged rows, and by the writer block into the cache as rope_kv.cu would.
+// into its staged rows, and into the cache as rope_kv.cu would.
 __device__ __forceinline__ void attn_own_kv_row(const AttentionParams& p, int t, int kv_head, int own_pos,
-                                                bool writer, __half* k_row, __half* v_row) {
+                                                __half* k_row, __half* v_row) {
     constexpr int kHalf = QS_ATTN_HEAD_DIM / 2;
     const int slot = p.slot_mapping[t];
     const long long dst = ((long long)slot * p.num_kv_heads + kv_head) * QS_ATTN_HEAD_DIM;
@@ -267,19 +125,20 @@ __device__ __forceinline__ void attn_own_kv_row(const AttentionParams& p, int t,
             const __half h0 = __float2half_rn(x0), h1 = __float2half_rn(x1);
             k_row[i] = h0;
             k_row[i + kHalf] = h1;
-            if (writer && slot >= 0) { k_cache[dst + i] = h0; k_cache[dst + i + kHalf] = h1; }
+            if (slot >= 0) { k_cache[dst + i] = h0; k_cache[dst + i + kHalf] = h1; }
         } else {           // V element j
             const int j = i - kHalf;
             const __half h = biased_v_half(p.v_in + (size_t)t * p.kv_in_stride, p.bias_v, base + j);
             v_row[j] = h;
-            if (writer && slot >= 0) v_cache[dst + j] = h;
+            if (slot >= 0) v_cache[dst + j] = h;
         }
     }
 }
 
 // Issues (and commits, as one cp.async group) the copies of round `round`'s K and V rows of
-// kv_head (positions [128 * round, 128 * round + 128) of the context) into one stage; positions
-// past the context are skipped. Threads 2r and 2r + 1 stage row r: each reads the row's cache
+// kv_head (positions [128 * round, 128 * round + 128) of the context) into one stage; rows of
+// positions past the context are zero-filled (they are multiplied by weights 0, and stale bytes
+// could hold an fp16 inf or NaN). Threads 2r and 2r + 1 stage row r: each reads the row's cache
 // offset through the block table itself (no shared table, no barrier) and copies 4 of its 8
 // 16-byte K pieces and 4 of its V pieces, neighbours taking neighbouring pieces so that each copy
 // instruction of a warp reads whole 32-byte sectors. A thread's (at most 2) table reads are all
@@ -289,7 +148,7 @@ __device__ __forceinline__ void attn_own_kv_row(const AttentionParams& p, int t,
 // Decode steps: the token's own row (the context's last) comes from attn_own_kv_row, not the cache.
 __device__ __forceinline__ void attn_stage_round(const AttentionParams& p, const int* table, int kv_head,
                                                  int context_len, int round, AttnRow* k_stage, AttnRow* v_stage,
-                                                 int t, bool writer) {
+                                                 int t) {
     constexpr int kPairs = 2 * QS_ATTN_ROUND;   // (row, half) pairs: <= 2 per thread (blockDim >= 128)
     const int start = round * QS_ATTN_ROUND;
     const int own_pos = p.rope_fused ? context_len - 1 : -1;
@@ -297,213 +156,323 @@ __device__ __forceinline__ void attn_stage_round(const AttentionParams& p, const
 #pragma unroll
     for (int it = 0; it < 2; ++it) {
         const int i = threadIdx.x + it * blockDim.x, pos = start + (i >> 1);
-        offsets[it] = i < kPairs && pos < context_len && pos != own_pos
-            ? (paged_slot(table, pos, (int)p.block_size) * p.num_kv_heads + kv_head) * QS_ATTN_HEAD_DIM : -1;
+        offsets[it] = i >= kPairs || pos == own_pos ? -1                 // no copy
+                      : pos >= context_len ? -2                           // zero-filled
+                      : (long long)paged_row_offset(table, pos, (unsigned)p.block_size, (unsigned)p.num_kv_heads, kv_head);
     }
 #pragma unroll
     for (int it = 0; it < 2; ++it) {
-        if (offsets[it] < 0) continue;
+        if (offsets[it] == -1) continue;
         const int i = threadIdx.x + it * blockDim.x, row = i >> 1, half = i & 1;
-        const __half* k_src = p.k_cache + offsets[it];
-        const __half* v_src = p.v_cache + offsets[it];
-#pragma unroll
-        for (int k = 0; k < 4; ++k) {
-            const int piece = 2 * k + half;
-            cp_async16(k_stage[row] + 8 * piece, k_src + 8 * piece);
-            cp_async16(v_stage[row] + 8 * piece, v_src + 8 * piece);
-        }
+        const bool real = offsets[it] >= 0;
+        const unsigned offset = real ? (unsigned)offsets[it] : 0u;
+        attn_copy_row_pieces(k_stage[row], p.k_cache + offset, half, real);
+        attn_copy_row_pieces(v_stage[row], p.v_cache + offset, half, real);
     }
     asm volatile("cp.async.commit_group;\n" ::: "memory");
     if (own_pos >= start && own_pos < start + QS_ATTN_ROUND)
-        attn_own_kv_row(p, t, kv_head, own_pos, writer, k_stage[own_pos - start], v_stage[own_pos - start]);
+        attn_own_kv_row(p, t, kv_head, own_pos, k_stage[own_pos - start], v_stage[own_pos - start]);
 }
 
-// attention_f32's body: one block per (token, heads_per_block query heads).
-__device__ __forceinline__ void attention_one_token(const AttentionParams& p) {
+// (x0, x1) -> fp16 pairs hi, lo with hi = fp16(x), lo = fp16(x - hi).
+__device__ __forceinline__ void split_half2(float x0, float x1, uint32_t& hi, uint32_t& lo) {
+    const __half2 h = __floats2half2_rn(x0, x1);
+    const float2 hf = __half22float2(h);
+    const __half2 l = __floats2half2_rn(__fsub_rn(x0, hf.x), __fsub_rn(x1, hf.y));
+    hi = *reinterpret_cast<const uint32_t*>(&h);
+    lo = *reinterpret_cast<const uint32_t*>(&l);
+}
+
+__device__ __forceinline__ void split_half(float x, __half& hi, __half& lo) {
+    hi = __float2half_rn(x);
+    lo = __float2half_rn(__fsub_rn(x, __half2float(hi)));
+}
+
+// One lane's share of its warp's 16 rows: rows g = lane / 4 (index 0) and g + 8 (index 1);
+// acc[d] holds output dims 8d + 2t, 8d + 2t + 1 (t = lane % 4) of row g ([0], [1]) and g + 8.
+struct AttnMmaState {
+    float m[2];
+    float l[2];
+    float acc[8][4];
+};
+
+// One tile of 32 staged positions (tile_start ..) for the warp's rows; ctx: this lane's two
+// rows' context lengths (0: unused row). UPPER = false: rows 8..15 are all unused in this warp
+// (decode steps), and their softmax is skipped; rows 0..7 get the same operations either way.
+template <bool UPPER>
+__device__ __forceinline__ void attn_mma_tile(AttnMmaState& st, const uint32_t (&q_hi)[4][4],
+                                              const uint32_t (&q_lo)[4][4], const AttnRow* k_tile,
+                                              const AttnRow* v_tile, int tile_start, const int (&ctx)[2],
+                                              float scale) {
+    constexpr int kRows = UPPER ? 2 : 1;
+    const int lane = threadIdx.x & 31, t = lane & 3;
+    // S = q K^T. n-block j = positions 8j .. 8j + 7; per block the order is k16 step 0 hi, 0 lo,
+    // 1 hi, ... 3 lo. The mma statements issue in program order (asm volatile), so the four
+    // blocks' chains are interleaved by hand. K fragments are loaded 32 dims at a time.
+    float s[4][4];
+#pragma unroll
+    for (int j = 0; j < 4; ++j) s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.0f;
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+        uint32_t kf[4][4];   // block j's B fragments of k16 steps 2 half, 2 half + 1
+#pragma unroll
+        for (int j = 0; j < 4; ++j) ldmatrix_x4(kf[j], k_tile[8 * j + (lane & 7)] + 32 * half + 8 * (lane >> 3));
+#pragma unroll
+        for (int step = 0; step < 2; ++step) {
+            const int kk = 2 * half + step;
+#pragma unroll
+            for (int part = 0; part < 2; ++part) {
+#pragma unroll
+                for (int j = 0; j < 4; ++j)
+                    mma_16x8x16(s[j], part == 0 ? q_hi[kk] : q_lo[kk], kf[j][2 * step], kf[j][2 * step + 1]);
+            }
+        }
+    }
+    float tile_max[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+#pragma unroll
+        for (int e = 0; e < 2 * kRows; ++e) {
+            const int r = e >> 1, pos = tile_start + 8 * j + 2 * t + (e & 1);
+            s[j][e] = pos < ctx[r] ? __fmul_rn(s[j][e], scale) : -INFINITY;
+            tile_max[r] = fmaxf(tile_max[r], s[j][e]);
+        }
+    }
+    float correction[2] = {1.0f, 1.0f};
+#pragma unroll
+    for (int r = 0; r < kRows; ++r) {
+        tile_max[r] = fmaxf(tile_max[r], __shfl_xor_sync(0xffffffffu, tile_max[r], 1));
+        tile_max[r] = fmaxf(tile_max[r], __shfl_xor_sync(0xffffffffu, tile_max[r], 2));
+        const float m_new = fmaxf(st.m[r], tile_max[r]);
+        correction[r] = m_new == -INFINITY ? 1.0f : expf(st.m[r] - m_new);   // 0 on the row's first tile
+        st.m[r] = m_new;
+    }
+    float sum[2] = {0.0f, 0.0f};
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+            const int r = e >> 1;
+            if (r >= kRows) { s[j][e] = 0.0f; continue; }
+            s[j][e] = s[j][e] == -INFINITY ? 0.0f : expf(__fsub_rn(s[j][e], st.m[r]));
+            sum[r] = __fadd_rn(sum[r], s[j][e]);
+        }
+    }
+#pragma unroll
+    for (int r = 0; r < kRows; ++r) {
+        sum[r] = __fadd_rn(sum[r], __shfl_xor_sync(0xffffffffu, sum[r], 1));   // a + b == b + a: every
+        sum[r] = __fadd_rn(sum[r], __shfl_xor_sync(0xffffffffu, sum[r], 2));   // lane of the quad agrees
+        st.l[r] = __fmaf_rn(st.l[r], correction[r], sum[r]);
+    }
+#pragma unroll
+    for (int d = 0; d < 8; ++d) {
+#pragma unroll
+        for (int e = 0; e < 2 * kRows; ++e) st.acc[d][e] = __fmul_rn(st.acc[d][e], correction[e >> 1]);
+    }
+#pragma unroll
+    for (int kk = 0; kk < 2; ++kk) {   // positions 16kk .. 16kk + 15: the weights of blocks 2kk, 2kk + 1
+        uint32_t p_hi[4], p_lo[4];
+        split_half2(s[2 * kk][0], s[2 * kk][1], p_hi[0], p_lo[0]);
+        split_half2(s[2 * kk][2], s[2 * kk][3], p_hi[1], p_lo[1]);
+        split_half2(s[2 * kk + 1][0], s[2 * kk + 1][1], p_hi[2], p_lo[2]);
+        split_half2(s[2 * kk + 1][2], s[2 * kk + 1][3], p_hi[3], p_lo[3]);
+        uint32_t vf[4][4];   // dims 16dp .. 16dp + 15: B fragments of n-blocks 2dp, 2dp + 1
+        const int matrix = lane >> 3;
+#pragma unroll
+        for (int dp = 0; dp < 4; ++dp)
+            ldmatrix_x4_trans(vf[dp], v_tile[16 * kk + 8 * (matrix & 1) + (lane & 7)] + 16 * dp + 8 * (matrix >> 1));
+#pragma unroll
+        for (int part = 0; part < 2; ++part) {   // per output block: hi, then lo (8 chains side by side)
+#pragma unroll
+            for (int dp = 0; dp < 4; ++dp) {
+                mma_16x8x16(st.acc[2 * dp], part == 0 ? p_hi : p_lo, vf[dp][0], vf[dp][1]);
+                mma_16x8x16(st.acc[2 * dp + 1], part == 0 ? p_hi : p_lo, vf[dp][2], vf[dp][3]);
+            }
+        }
+    }
+}
+
+// The body of both entries below; blockDim.x = 128 * row_groups.
+__device__ __forceinline__ void attention_mma_block(const AttentionParams& p) {
     extern __shared__ __align__(16) uint8_t attn_smem[];
-    __shared__ __align__(16) float q_heads[QS_ATTN_MAX_GROUP][QS_ATTN_HEAD_DIM];
-    qs::AttnRow* k_stages = reinterpret_cast<qs::AttnRow*>(attn_smem);           // [2][128]
-    qs::AttnRow* v_stages = k_stages + 2 * QS_ATTN_ROUND;                         // [2][128]
-    const int t = blockIdx.x;
-    const int group = (int)(p.num_heads / p.num_kv_heads);
-    const int first_head = blockIdx.y * (int)p.heads_per_block, kv_head = first_head / group;
-    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    const int head_in_block = warp / QS_ATTN_SPLIT, split = warp % QS_ATTN_SPLIT;
-    const int head = first_head + head_in_block;
-    const int context_len = p.positions[t] + 1;
-    const int num_tiles = (context_len + QS_ATTN_TILE - 1) / QS_ATTN_TILE;
-    const int num_rounds = (context_len + QS_ATTN_ROUND - 1) / QS_ATTN_ROUND;
-    const int* table = p.block_tables + (size_t)p.token_seq[t] * p.max_blocks_per_seq;
-    const bool writer = first_head % group == 0;   // decode steps: this block writes the KV row
-    qs::attn_stage_round(p, table, kv_head, context_len, 0, k_stages, v_stages, t, writer);
-    if (p.rope_fused) {   // q = rope(q_in + bias_q): pair i of each of the block's heads
+    AttnRow* k_stages = reinterpret_cast<AttnRow*>(attn_smem);           // [2][128]
+    AttnRow* v_stages = k_stages + 2 * QS_ATTN_ROUND;                    // [2][128]
+    const int group = (int)p.num_heads / (int)p.num_kv_heads;
+    const int tokens_per_warp = QS_ATTN_MMA_ROWS / group, rows_used = tokens_per_warp * group;
+    const int row_groups = blockDim.x / (32 * QS_ATTN_SPLIT);
+    const int qt = p.rope_fused ? 1 : row_groups * tokens_per_warp;   // decode: every token its own tile
+    const int num_tokens = gridDim.x;
+    const int t0 = num_tokens - 1 - blockIdx.x;
+    const int seq = p.token_seq[t0], pos0 = p.positions[t0];
+    const bool run_start = t0 == 0 || p.token_seq[t0 - 1] != seq || p.positions[t0 - 1] != pos0 - 1;
+    if (t0 % qt != 0 && !run_start) return;   // inside another block's tile
+    int n = 1;
+    while (n < qt && t0 + n < num_tokens && (t0 + n) % qt != 0 && p.token_seq[t0 + n] == seq
+           && p.positions[t0 + n] == pos0 + n)
+        ++n;
+    const int kv_head = blockIdx.y;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+    const int row_group = warp / QS_ATTN_SPLIT, split = warp % QS_ATTN_SPLIT;
+    const int first_context = pos0 + 1, last_context = first_context + n - 1;
+    const int num_rounds = (last_context + QS_ATTN_ROUND - 1) / QS_ATTN_ROUND;
+    const int* table = p.block_tables + (size_t)seq * p.max_blocks_per_seq;
+    // Rounds 0 and 1 go out first: at small batches the copies' latency, not the scoring, sets the time.
+    attn_stage_round(p, table, kv_head, last_context, 0, k_stages, v_stages, t0);
+    if (num_rounds > 1)
+        attn_stage_round(p, table, kv_head, last_context, 1, k_stages + QS_ATTN_ROUND, v_stages + QS_ATTN_ROUND, t0);
+
+    // q rows of the block's tokens, split into fp16 hi and lo rows ([row_group][16][72] each, after
+    // the stages): one pass by the whole block, then each warp ldmatrix-loads its fragments. Rows
+    // of no token stay unwritten: their scores are masked before use. Decode steps rotate q here
+    // (rope_pair: rope_kv's arithmetic).
+    __half* q_hi_rows = reinterpret_cast<__half*>(attn_smem + QS_ATTN_STAGE_BYTES);
+    __half* q_lo_rows = q_hi_rows + row_groups * QS_ATTN_MMA_ROWS * QS_ATTN_Q_ROW;
+    {
         constexpr int kHalf = QS_ATTN_HEAD_DIM / 2;
-        const int pos = context_len - 1;
-        for (int i = threadIdx.x; i < (int)p.heads_per_block * kHalf; i += blockDim.x) {
-            const int h = i / kHalf, j = i % kHalf;
-            qs::rope_pair(p.q_in + (size_t)t * p.q_in_stride, p.bias_q, (first_head + h) * QS_ATTN_HEAD_DIM, j, kHalf,
-                          p.cos_table[(size_t)pos * kHalf + j], p.sin_table[(size_t)pos * kHalf + j],
-                          &q_heads[h][j], &q_heads[h][j + kHalf]);
+        for (int i = threadIdx.x; i < n * group * kHalf; i += blockDim.x) {   // (token, head, dims c / c + 32)
+            const int token_head = i / kHalf, c = i % kHalf;
+            const int local = token_head / group, h = token_head - local * group;
+            const int head = kv_head * group + h;
+            float x0, x1;
+            if (p.rope_fused) {
+                const size_t angle = (size_t)(first_context - 1) * kHalf + c;
+                rope_pair(p.q_in + (size_t)t0 * p.q_in_stride, p.bias_q, head * QS_ATTN_HEAD_DIM, c, kHalf,
+                          p.cos_table[angle], p.sin_table[angle], &x0, &x1);
+            } else {
+                const float* q_row = p.q + ((size_t)(t0 + local) * p.num_heads + head) * QS_ATTN_HEAD_DIM;
+                x0 = q_row[c];
+                x1 = q_row[c + kHalf];
+            }
+            const int row = (local / tokens_per_warp) * QS_ATTN_MMA_ROWS + (local % tokens_per_warp) * group + h;
+            __half* hi = q_hi_rows + row * QS_ATTN_Q_ROW;
+            __half* lo = q_lo_rows + row * QS_ATTN_Q_ROW;
+            split_half(x0, hi[c], lo[c]);
+            split_half(x1, hi[c + kHalf], lo[c + kHalf]);
         }
-    } else {
-        const float* q_block = p.q + ((size_t)t * p.num_heads + first_head) * QS_ATTN_HEAD_DIM;
-        for (int i = threadIdx.x; i < (int)p.heads_per_block * QS_ATTN_HEAD_DIM / 4; i += blockDim.x)
-            reinterpret_cast<float4*>(&q_heads[0][0])[i] = reinterpret_cast<const float4*>(q_block)[i];
-    }
-    qs::AttnState st = qs::attn_state_init();
-    for (int round = 0; round < num_rounds; ++round) {
-        // Round + 1 goes to the stage round - 1 used; the barrier ending round - 1 freed it.
-        if (round + 1 < num_rounds) {
-            const int next = (round + 1) & 1;
-            qs::attn_stage_round(p, table, kv_head, context_len, round + 1, k_stages + next * QS_ATTN_ROUND,
-                                 v_stages + next * QS_ATTN_ROUND, t, writer);
-            asm volatile("cp.async.wait_group 1;\n" ::: "memory");   // this round's group is done
-        } else {
-            asm volatile("cp.async.wait_group 0;\n" ::: "memory");
-        }
-        __syncthreads();                                              // everyone's copies (and q)
-        const int tile = round * QS_ATTN_SPLIT + split;
-        if (tile < num_tiles) {
-            const int stage_row = (round & 1) * QS_ATTN_ROUND + split * QS_ATTN_TILE;
-            qs::attn_tile_update(st, q_heads[head_in_block], k_stages + stage_row, v_stages + stage_row,
-                                 min(QS_ATTN_TILE, context_len - tile * QS_ATTN_TILE), p.scale);
-        }
-        __syncthreads();
-    }
-    // Splits 1..3 hand their states to split 0 through the (now free) stage memory.
-    float* states = reinterpret_cast<float*>(attn_smem);   // [heads_per_block][split][2 + 64]
-    float* mine = states + (head_in_block * QS_ATTN_SPLIT + split) * (2 + QS_ATTN_HEAD_DIM);
-    if (split > 0) {
-        if (lane == 0) { mine[0] = st.m; mine[1] = st.l; }
-        mine[2 + 2 * lane] = st.acc0;
-        mine[3 + 2 * lane] = st.acc1;
     }
     __syncthreads();
-    if (split == 0) {
+    uint32_t q_hi[4][4], q_lo[4][4];
+    {
+        const int row = row_group * QS_ATTN_MMA_ROWS + (lane & 7) + 8 * ((lane >> 3) & 1);
 #pragma unroll
-        for (int s = 1; s < QS_ATTN_SPLIT; ++s) {
-            const float* other = mine + s * (2 + QS_ATTN_HEAD_DIM);
-            qs::attn_merge(st, other[0], other[1], other[2 + 2 * lane], other[3 + 2 * lane]);
+        for (int kk = 0; kk < 4; ++kk) {
+            const int col = 16 * kk + 8 * (lane >> 4);
+            ldmatrix_x4(q_hi[kk], q_hi_rows + row * QS_ATTN_Q_ROW + col);
+            ldmatrix_x4(q_lo[kk], q_lo_rows + row * QS_ATTN_Q_ROW + col);
         }
-        qs::attn_store(st, p, t, head);
+    }
+    int ctx[2];   // this lane's rows g, g + 8: context length, 0 for a row of no token
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        const int row = g + 8 * r, local = row_group * tokens_per_warp + row / group;
+        ctx[r] = row < rows_used && local < n ? first_context + local : 0;
+    }
+    const int first_local = row_group * tokens_per_warp;
+    const int warp_context = first_local < n ? first_context + min(n - 1, first_local + tokens_per_warp - 1) : 0;
+    const bool upper = rows_used > 8 && first_local + 8 / group < n;   // some row 8..15 is used
+
+    AttnMmaState st;
+#pragma unroll
+    for (int r = 0; r < 2; ++r) { st.m[r] = -INFINITY; st.l[r] = 0.0f; }
+#pragma unroll
+    for (int d = 0; d < 8; ++d) st.acc[d][0] = st.acc[d][1] = st.acc[d][2] = st.acc[d][3] = 0.0f;
+    for (int round = 0; round < num_rounds; ++round) {
+        // Pending: rounds `round` and, if there is one, round + 1.
+        if (round + 1 < num_rounds) asm volatile("cp.async.wait_group 1;\n" ::: "memory");
+        else asm volatile("cp.async.wait_group 0;\n" ::: "memory");
+        __syncthreads();
+        const int tile_start = (round * QS_ATTN_SPLIT + split) * QS_ATTN_TILE;
+        if (tile_start < warp_context) {
+            const int stage_row = (round & 1) * QS_ATTN_ROUND + split * QS_ATTN_TILE;
+            if (upper)
+                attn_mma_tile<true>(st, q_hi, q_lo, k_stages + stage_row, v_stages + stage_row, tile_start, ctx, p.scale);
+            else
+                attn_mma_tile<false>(st, q_hi, q_lo, k_stages + stage_row, v_stages + stage_row, tile_start, ctx, p.scale);
+        }
+        __syncthreads();   // this round's stage is free: round + 2 takes it
+        if (round + 2 < num_rounds) {
+            const int stage = (round & 1) * QS_ATTN_ROUND;
+            attn_stage_round(p, table, kv_head, last_context, round + 2, k_stages + stage, v_stages + stage, t0);
+        }
+    }
+    // Every split's state goes to the (now free) stage memory, [row_group][split][m[16], l[16],
+    // acc[16][kAccStride]]; then warp (row_group, s) merges and stores output dims 16s .. 16s + 15
+    // of the row group (d-blocks 2s, 2s + 1), so the four warps share the merge.
+    constexpr int kAccStride = QS_ATTN_HEAD_DIM + 4;
+    constexpr int kStateFloats = 2 * QS_ATTN_MMA_ROWS + QS_ATTN_MMA_ROWS * kAccStride;
+    float* states = reinterpret_cast<float*>(attn_smem) + row_group * QS_ATTN_SPLIT * kStateFloats;
+    {
+        float* mine = states + split * kStateFloats;
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+            if (ctx[r] == 0) continue;
+            if (t == 0) { mine[g + 8 * r] = st.m[r]; mine[QS_ATTN_MMA_ROWS + g + 8 * r] = st.l[r]; }
+            float* acc_row = mine + 2 * QS_ATTN_MMA_ROWS + (g + 8 * r) * kAccStride;
+#pragma unroll
+            for (int d = 0; d < 8; ++d)
+                *reinterpret_cast<float2*>(acc_row + 8 * d + 2 * t) = make_float2(st.acc[d][2 * r], st.acc[d][2 * r + 1]);
+        }
+    }
+    __syncthreads();
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        if (ctx[r] == 0) continue;
+        const int row = g + 8 * r;
+        float m = states[row], l = states[QS_ATTN_MMA_ROWS + row];
+        float2 acc[2];
+#pragma unroll
+        for (int i = 0; i < 2; ++i)
+            acc[i] = *reinterpret_cast<const float2*>(states + 2 * QS_ATTN_MMA_ROWS + row * kAccStride
+                                                      + 8 * (2 * split + i) + 2 * t);
+#pragma unroll
+        // a <- a merged with split s: m = max(m_a, m_b), a's terms scaled by exp(m_a - m), b's by
+        // exp(m_b - m) (0 where split s saw no tile: a unchanged). Split 0 always holds tile 0, so m_a
+        // is finite. The roundings are spelled out: left to contraction, x * ca + y * cb may fuse
+        // either product.
+        for (int s = 1; s < QS_ATTN_SPLIT; ++s) {
+            const float* other = states + s * kStateFloats;
+            const float m_b = other[row], l_b = other[QS_ATTN_MMA_ROWS + row];
+            const float m_new = fmaxf(m, m_b);
+            const float ca = expf(m - m_new), cb = expf(m_b - m_new);
+            l = fmaf(l, ca, __fmul_rn(l_b, cb));
+#pragma unroll
+            for (int i = 0; i < 2; ++i) {
+                const float2 acc_b = *reinterpret_cast<const float2*>(other + 2 * QS_ATTN_MMA_ROWS + row * kAccStride
+                                                                      + 8 * (2 * split + i) + 2 * t);
+                acc[i].x = fmaf(acc[i].x, ca, __fmul_rn(acc_b.x, cb));
+                acc[i].y = fmaf(acc[i].y, ca, __fmul_rn(acc_b.y, cb));
+            }
+            m = m_new;
+        }
+        const float inv_l = 1.0f / l;
+        const int token = t0 + ctx[r] - first_context, head = kv_head * group + row % group;
+        const size_t out_row = (size_t)token * p.num_heads * QS_ATTN_HEAD_DIM;
+#pragma unroll
+        for (int i = 0; i < 2; ++i) {
+            const float lo = acc[i].x * inv_l, hi = acc[i].y * inv_l;
+            const int col = head * QS_ATTN_HEAD_DIM + 8 * (2 * split + i) + 2 * t;
+            *reinterpret_cast<float2*>(p.out + out_row + col) = make_float2(lo, hi);
+            if (p.out16) *reinterpret_cast<__half2*>(p.out16 + out_row + slot_position(col)) = __floats2half2_rn(lo, hi);
+        }
     }
 }
 
 }  // namespace qs
 
-// grid = (num_tokens, num_heads / heads_per_block), block = 32 * 4 * heads_per_block,
-// dynamic shared memory QS_ATTN_SHARED_BYTES.
-extern "C" __global__ void __launch_bounds__(32 * QS_ATTN_SPLIT * QS_ATTN_MAX_GROUP) attention_f32(const AttentionParams p) {
-    qs::attention_one_token(p);
+// Prompt chunks (and mixed steps): grid = (num_tokens, num_kv_heads): block x serves the query
+// tile starting at token num_tokens - 1 - x, if one does, the others return at once (so the
+// longest contexts start first). A query tile is up to row_groups * 16 / group consecutive tokens
+// of one sequence at consecutive positions: from an aligned token index (a multiple of the tile
+// size) or from the start of such a run, up to the next aligned index or the run's end.
+// block = 128 * row_groups threads (row_groups 1..2); dynamic shared memory QS_ATTN_SHARED_BYTES.
+extern "C" __global__ void __launch_bounds__(32 * QS_ATTN_SPLIT * QS_ATTN_MMA_MAX_ROW_GROUPS, 2)
+attention_mma(const AttentionParams p) {
+    qs::attention_mma_block(p);
 }
 
-// The same with at most 32 registers per thread, so that two blocks of a GQA group of 7 heads
-// (896 threads) share a multiprocessor: for grids of more blocks than multiprocessors (decode
-// steps of more than 66 sequences on an H200's 132). Batch 256, H200: 4.07 -> 3.85 ms per decode
-// step; where the grid fits the GPU once (batch 1, 64) the register cap made steps ~1% slower.
-// Same arithmetic (GPU test).
-extern "C" __global__ void __launch_bounds__(32 * QS_ATTN_SPLIT * QS_ATTN_MAX_GROUP, 2)
-attention_f32_two_blocks_per_sm(const AttentionParams p) {
-    qs::attention_one_token(p);
-}
-
-// Prompt chunks: a block per (query tile, heads_per_block query heads of one GQA group). A query
-// tile is up to QS_ATTN_QUERIES consecutive tokens of one sequence at consecutive positions: the
-// tokens from an aligned index t0 (t0 % QS_ATTN_QUERIES == 0) or from the start of such a run, up
-// to the next aligned index or the run's end. The block stages the K/V rows of the tile's longest
-// context once for all of its queries, and each warp (head, split) runs its tiles for every query
-// at once (attn_tile_update_queries): per (query, head) the arithmetic is attention_f32's, so the
-// output is bitwise the same (GPU tests), with ~QT times fewer staging and K/V load instructions
-// and QT independent chains per warp. (attention_f32 on a 512-token prompt: 37 M instructions at
-// 0.5 issued per scheduler cycle, ncu, H200.)
-// grid = (num_tokens, num_heads / heads_per_block): block x serves the tile starting at token
-// num_tokens - 1 - x, if one does (the others return at once), so the longest contexts start first.
-// block = 32 * 4 * heads_per_block (heads_per_block <= QS_ATTN_TILE_MAX_HEADS); dynamic shared
-// memory QS_ATTN_SHARED_BYTES. rope_fused must be 0: the K/V rows are all in the cache.
-#define QS_ATTN_QUERIES 4
-#define QS_ATTN_TILE_MAX_HEADS 7
-
-extern "C" __global__ void __launch_bounds__(32 * QS_ATTN_SPLIT * QS_ATTN_TILE_MAX_HEADS)
-attention_tiles_f32(const AttentionParams p) {
-    constexpr int QT = QS_ATTN_QUERIES;
-    extern __shared__ __align__(16) uint8_t attn_smem[];
-    __shared__ __align__(16) float q_tile[QT][QS_ATTN_TILE_MAX_HEADS][QS_ATTN_HEAD_DIM];
-    __shared__ __align__(16) float p_tile[QS_ATTN_TILE_MAX_HEADS * QS_ATTN_SPLIT][QT * QS_ATTN_TILE];
-    qs::AttnRow* k_stages = reinterpret_cast<qs::AttnRow*>(attn_smem);           // [2][128]
-    qs::AttnRow* v_stages = k_stages + 2 * QS_ATTN_ROUND;                         // [2][128]
-    const int num_tokens = gridDim.x;
-    const int t0 = num_tokens - 1 - blockIdx.x;
-    const int seq = p.token_seq[t0], pos0 = p.positions[t0];
-    const bool run_start = t0 == 0 || p.token_seq[t0 - 1] != seq || p.positions[t0 - 1] != pos0 - 1;
-    if (t0 % QT != 0 && !run_start) return;   // inside another block's tile
-    int n = 1;
-    while (n < QT && t0 + n < num_tokens && (t0 + n) % QT != 0 && p.token_seq[t0 + n] == seq
-           && p.positions[t0 + n] == pos0 + n)
-        ++n;
-    const int group = (int)(p.num_heads / p.num_kv_heads);
-    const int first_head = blockIdx.y * (int)p.heads_per_block, kv_head = first_head / group;
-    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    const int head_in_block = warp / QS_ATTN_SPLIT, split = warp % QS_ATTN_SPLIT;
-    const int head = first_head + head_in_block;
-    const int first_context = pos0 + 1;                  // query i's context: first_context + i
-    const int last_context = first_context + n - 1;
-    const int num_rounds = (last_context + QS_ATTN_ROUND - 1) / QS_ATTN_ROUND;
-    const int* table = p.block_tables + (size_t)seq * p.max_blocks_per_seq;
-    qs::attn_stage_round(p, table, kv_head, last_context, 0, k_stages, v_stages, t0, false);
-    {
-        const int per_query = (int)p.heads_per_block * QS_ATTN_HEAD_DIM / 4;   // float4s
-        for (int i = threadIdx.x; i < n * per_query; i += blockDim.x) {
-            const int query = i / per_query, r = i % per_query;
-            const float* q_block = p.q + ((size_t)(t0 + query) * p.num_heads + first_head) * QS_ATTN_HEAD_DIM;
-            reinterpret_cast<float4*>(&q_tile[query][0][0])[r] = reinterpret_cast<const float4*>(q_block)[r];
-        }
-    }
-    qs::AttnState st[QT];
-#pragma unroll
-    for (int i = 0; i < QT; ++i) st[i] = qs::attn_state_init();
-    for (int round = 0; round < num_rounds; ++round) {
-        if (round + 1 < num_rounds) {
-            const int next = (round + 1) & 1;
-            qs::attn_stage_round(p, table, kv_head, last_context, round + 1, k_stages + next * QS_ATTN_ROUND,
-                                 v_stages + next * QS_ATTN_ROUND, t0, false);
-            asm volatile("cp.async.wait_group 1;\n" ::: "memory");
-        } else {
-            asm volatile("cp.async.wait_group 0;\n" ::: "memory");
-        }
-        __syncthreads();
-        const int tile = round * QS_ATTN_SPLIT + split;
-        if (tile * QS_ATTN_TILE < last_context) {
-            const int stage_row = (round & 1) * QS_ATTN_ROUND + split * QS_ATTN_TILE;
-            qs::attn_tile_update_queries<QT>(st, &q_tile[0][head_in_block][0], QS_ATTN_TILE_MAX_HEADS * QS_ATTN_HEAD_DIM,
-                                             k_stages + stage_row, v_stages + stage_row,
-                                             first_context - tile * QS_ATTN_TILE, n, p.scale, p_tile[warp]);
-        }
-        __syncthreads();
-    }
-    // Splits 1..3 hand their states to split 0 through the (now free) stage memory.
-    float* states = reinterpret_cast<float*>(attn_smem);   // [heads_per_block][split][QT][2 + 64]
-    constexpr int kState = 2 + QS_ATTN_HEAD_DIM;
-    float* mine = states + (head_in_block * QS_ATTN_SPLIT + split) * QT * kState;
-    if (split > 0) {
-#pragma unroll
-        for (int i = 0; i < QT; ++i) {
-            if (i >= n) continue;
-            if (lane == 0) { mine[i * kState] = st[i].m; mine[i * kState + 1] = st[i].l; }
-            mine[i * kState + 2 + 2 * lane] = st[i].acc0;
-            mine[i * kState + 3 + 2 * lane] = st[i].acc1;
-        }
-    }
-    __syncthreads();
-    if (split == 0) {
-#pragma unroll
-        for (int i = 0; i < QT; ++i) {
-            if (i >= n) continue;
-#pragma unroll
-            for (int s = 1; s < QS_ATTN_SPLIT; ++s) {
-                const float* other = mine + (s * QT + i) * kState;
-                qs::attn_merge(st[i], other[0], other[1], other[2 + 2 * lane], other[3 + 2 * lane]);
-            }
-            qs::attn_store(st[i], p, t0 + i, head);
-        }
-    }
+// Decode steps (rope_fused; also any launch of one-row-group blocks): the same body built for 128
+// threads, so the compiler is not held to attention_mma's register budget. Same arithmetic (GPU
+// test: rope_kv + attention_mma against this, bitwise).
+extern "C" __global__ void __launch_bounds__(32 * QS_ATTN_SPLIT) attention_mma_decode(const AttentionParams p) {
+    qs::attention_mma_block(p);
 }

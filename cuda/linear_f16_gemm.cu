@@ -68,12 +68,6 @@ __device__ __forceinline__ int swizzled(int row, int piece) {
     return row * kF16RowBytes + ((piece ^ (row & 7)) << 4);
 }
 
-__device__ __forceinline__ void ldmatrix_x4(uint32_t r[4], const uint8_t* p) {
-    const unsigned address = static_cast<unsigned>(__cvta_generic_to_shared(p));
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(address));
-}
-
 // Issues the copies of columns [k0, k0 + 128) of rows [first, first + ROWS) of `src` ([count, K]
 // fp16, slot order) into a swizzled tile; rows past `count` and columns past K are zero-filled.
 // Thread t copies piece t % 16 of rows t / 16 + 16i.

@@ -1,9 +1,10 @@
 // What the tensor-core linear layouts (linear_mma.cu, linear_mma_gemm.cu) share: the argument
-// block, the mma instruction, the fp16 packing and the output epilogues (store, accumulate,
-// SwiGLU), and the extern "C" entry macro. The arithmetic contract is spelled out in
+// block, the output epilogues (store, accumulate, SwiGLU) and the extern "C" entry macro; the mma
+// instruction and the fp16 packing come from mma.cuh. The arithmetic contract is spelled out in
 // linear_mma.cu; every layout must run exactly it.
 #pragma once
 #include "common.cuh"
+#include "mma.cuh"
 #include "quant_formats.cuh"
 
 namespace linear_mma_detail {
@@ -33,10 +34,9 @@ struct LinearArgs {
     int y16_stride = 0;
 };
 
-__device__ __forceinline__ uint32_t pack_half2(float lo, float hi) {
-    const __half2 h = __floats2half2_rn(lo, hi);   // lo -> low 16 bits = the lower k slot
-    return *reinterpret_cast<const uint32_t*>(&h);
-}
+using qs::ldmatrix_x4;
+using qs::mma_16x8x16;
+using qs::pack_half2;
 
 // 16 bytes global -> shared without registers; bytes past src_size are zero-filled.
 __device__ __forceinline__ void copy16(uint8_t* dst, const void* src, int src_size) {
@@ -64,15 +64,6 @@ __device__ __forceinline__ void pack_a_fragments(const uint32_t lo[4], const uin
         frag[s][2] = lo[2 * s + 1];
         frag[s][3] = hi[2 * s + 1];
     }
-}
-
-// acc += A (16 x 16, row-major fragments) * B (16 x 8, column fragments), fp32 accumulators.
-__device__ __forceinline__ void mma_16x8x16(float acc[4], const uint32_t a[4], uint32_t b0, uint32_t b1) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 "
-        "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
-        : "+f"(acc[0]), "+f"(acc[1]), "+f"(acc[2]), "+f"(acc[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
 template <int EPI>

@@ -11,7 +11,7 @@ import pytest
 from gpu_worker.backends.base import SampleRequest
 from gpu_worker.backends.cpu.sequence_runner import SequenceChunk, blocks_for, build_step
 from gpu_worker.backends.cuda.device import DeviceTensor
-from gpu_worker.backends.cuda.ops.attention import PARAMS_FIELDS as ATTENTION_FIELDS, attention_kernel, heads_per_block_for
+from gpu_worker.backends.cuda.ops.attention import PARAMS_FIELDS as ATTENTION_FIELDS, attention_params
 from gpu_worker.backends.cuda.ops.rope_kv import PARAMS_FIELDS as ROPE_FIELDS, rope_tables_host
 from gpu_worker.backends.cuda.ops.sampling import SAMPLE_ARGS_DTYPE
 from gpu_worker.backends.cuda.sampler import pack_sampling
@@ -21,28 +21,12 @@ from gpu_worker.sampling.params import SamplingParams
 
 
 def test_struct_records_have_the_c_layouts():
-    # AttentionParams: 7 pointers + 5 int64 + 2 floats, then the decode steps' rope inputs: 9 pointers
+    # AttentionParams: 7 pointers + 4 int64 + 2 floats, then the decode steps' rope inputs: 9 pointers
     # + 3 int64, then the fp16 output copy's pointer; RopeKvParams: 13 pointers + 5 int64.
-    assert np.dtype(ATTENTION_FIELDS, align=True).itemsize == 7 * 8 + 5 * 8 + 8 + 9 * 8 + 3 * 8 + 8
+    assert np.dtype(ATTENTION_FIELDS, align=True).itemsize == 7 * 8 + 4 * 8 + 8 + 9 * 8 + 3 * 8 + 8
     assert np.dtype(ROPE_FIELDS, align=True).itemsize == 18 * 8
     assert SAMPLE_ARGS_DTYPE.itemsize == 88
     assert SAMPLE_ARGS_DTYPE.fields["top_p"][1] == 24 and SAMPLE_ARGS_DTYPE.fields["temperature"][1] == 40
-
-
-def test_attention_spreads_heads_over_blocks_only_while_the_gpu_has_room():
-    # 14 query heads, 2 kv heads, 132 multiprocessors: one head per block up to 18 tokens (252
-    # blocks <= 264), whole GQA groups from 19.
-    assert heads_per_block_for(1, 14, 2, 132) == 1
-    assert heads_per_block_for(18, 14, 2, 132) == 1
-    assert heads_per_block_for(19, 14, 2, 132) == 7
-    assert heads_per_block_for(512, 14, 2, 132) == 7
-
-
-def test_attention_caps_registers_only_for_grids_larger_than_the_gpu():
-    # decode steps: 256 sequences x 2 GQA groups = 512 blocks on 132 multiprocessors -> two per SM;
-    # 64 x 2 = 128 blocks fit the GPU once -> the uncapped build
-    assert attention_kernel(512, 132) == "attention_f32_two_blocks_per_sm"
-    assert attention_kernel(128, 132) == "attention_f32" and attention_kernel(132, 132) == "attention_f32"
 
 
 def test_rope_tables_equal_the_reference_angles():
@@ -170,3 +154,18 @@ def test_eager_padding_tokens_write_no_kv_and_stay_in_sequence_0():
     assert ids == [11, 12, 21, 22, 23, 0, 0, 0] and positions == [0, 1, 5, 6, 7, 0, 0, 0]
     assert slots[5:] == [-1, -1, -1] and min(slots[:5]) >= 0
     assert token_seq == [0, 0, 1, 1, 1, 0, 0, 0]
+
+
+def test_attention_refuses_a_cache_past_its_32_bit_offsets():
+    """attention.cu addresses cache rows with 32-bit element offsets: a cache of 2^32 halves or
+    more per layer is refused before launch, naming the cache."""
+    def tensor(shape, dtype):
+        return DeviceTensor(ptr=1 << 20, shape=shape, dtype=np.dtype(dtype))
+    q = tensor((1, 14, 64), np.float32)
+    ints = tensor((1,), np.int32)
+    slots = 2**32 // (2 * 64)   # exactly 2^32 halves with 2 kv heads
+    cache = tensor((slots, 2, 64), np.float16)
+    with pytest.raises(ValueError, match="k_cache of 33554432 slots"):
+        attention_params(q, q, cache, cache, tensor((1, 4), np.int32), ints, ints, 16)
+    small = tensor((slots - 16, 2, 64), np.float16)
+    assert attention_params(q, q, small, small, tensor((1, 4), np.int32), ints, ints, 16)["num_kv_heads"] == 2

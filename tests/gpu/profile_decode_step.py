@@ -105,12 +105,10 @@ def profile(b, args) -> None:
                                                        m.positions.view(n), m.slot_mapping.view(n), f.rope,
                                                        k_cache, v_cache))
     rows.append(("rope_kv", used["rope_kv"], ""))
-    for heads_per_block in (cfg.num_heads // cfg.num_kv_heads, None):   # whole groups, then the launcher's pick
-        label = f"attention ctx {args.context}" + (" (whole GQA group per block)" if heads_per_block else "")
-        used["attention"] = time_us(d, lambda: launch_attention(
-            d, q3, a.attn.rows(0, n).view(n, cfg.num_heads, hd), k_cache, v_cache, m.block_tables,
-            m.token_seq.view(n), m.positions.view(n), f.block_size, heads_per_block=heads_per_block))
-        rows.append((label, used["attention"], ""))
+    used["attention"] = time_us(d, lambda: launch_attention(   # as a prompt chunk's launch runs (after rope_kv)
+        d, q3, a.attn.rows(0, n).view(n, cfg.num_heads, hd), k_cache, v_cache, m.block_tables,
+        m.token_seq.view(n), m.positions.view(n), f.block_size))
+    rows.append((f"attention ctx {args.context} (prompt-chunk launch)", used["attention"], ""))
     # what a decode step runs: attention with rope_kv's work inside (no rope_kv launch)
     rope = DecodeRope(qkv_rows, (layer.bias_q, layer.bias_k, layer.bias_v), f.rope, m.slot_mapping.view(n))
     used["attention_rope"] = time_us(d, lambda: launch_attention(

@@ -1,6 +1,7 @@
 """GPU checks of cuda/attention.cu over a paged fp16 KV cache (GQA 14/2) against
-qwen2_reference.attend_one_query, and that a query's output is bitwise the same alone, batched
-or in any prompt chunk (its arithmetic depends on its context length only)."""
+qwen2_reference.attend_one_query, and that a query's output is bitwise the same alone, batched,
+in any prompt chunk, in either block shape and in decode steps (its arithmetic depends on its
+context length only)."""
 from __future__ import annotations
 
 import numpy as np
@@ -48,12 +49,13 @@ class PagedCase:
         v = self.v[slots].astype(np.float32).transpose(1, 0, 2)
         return k, v
 
-    def reference(self) -> np.ndarray:
-        out = np.empty_like(self.q)
+    def reference(self, dtype=np.float32) -> np.ndarray:
+        out = np.empty(self.q.shape, dtype)
         group = HEADS // KV_HEADS
         for t, (seq, pos) in enumerate(zip(self.token_seq, self.positions)):
             k, v = self.context(int(seq), int(pos) + 1)
-            out[t] = attend_one_query(self.q[t].reshape(KV_HEADS, group, DIM), k, v).reshape(HEADS, DIM)
+            q = self.q[t].reshape(KV_HEADS, group, DIM).astype(dtype)
+            out[t] = attend_one_query(q, k.astype(dtype), v.astype(dtype)).reshape(HEADS, DIM)
         return out
 
     def device_args(self, gpu):
@@ -62,64 +64,75 @@ class PagedCase:
                 gpu.upload(self.token_seq), gpu.upload(self.positions))
 
 
-def run_attention(gpu, case, heads_per_block=None, query_tiles=None, out16=None, register_capped=None):
+def run_attention(gpu, case, out16=None, row_groups=None):
     q, k, v, tables, token_seq, positions = case.device_args(gpu)
     out = gpu.poisoned(case.q.shape, np.float32)
-    launch_attention(gpu.device, q, out, k, v, tables, token_seq, positions, BLOCK, heads_per_block=heads_per_block,
-                     query_tiles=query_tiles, out16=out16, register_capped=register_capped)
+    launch_attention(gpu.device, q, out, k, v, tables, token_seq, positions, BLOCK, out16=out16, row_groups=row_groups)
     return gpu.download(out)
 
 
-@pytest.mark.parametrize("heads_per_block", [1, HEADS // KV_HEADS])
-def test_the_register_capped_build_gives_the_same_bits(gpu, heads_per_block):
-    """attention_f32_two_blocks_per_sm (decode steps of many sequences) is attention_f32 built for two
-    blocks per multiprocessor: the same output bits, prompt chunks and lone queries alike."""
-    case = PagedCase(np.random.default_rng(), context_lens=[1, 40, 129, 300, 700], chunk_lens=[1, 9, 1, 4, 1],
-                     num_blocks=200)
-    capped = run_attention(gpu, case, heads_per_block, query_tiles=False, register_capped=True)
-    assert not np.isnan(capped).any()
-    assert np.array_equal(capped, run_attention(gpu, case, heads_per_block, query_tiles=False, register_capped=False))
-    assert rel_error(capped, case.reference()) < 1e-5
+def lone_query(case, t):
+    """Query t of `case` alone: a one-token batch over the same cache and block table."""
+    lone = PagedCase(np.random.default_rng(), context_lens=[1], chunk_lens=[1])
+    seq = int(case.token_seq[t])
+    lone.k, lone.v, lone.tables = case.k, case.v, case.tables[[seq]]
+    lone.positions, lone.token_seq = case.positions[[t]], np.zeros(1, np.int32)
+    lone.q = case.q[[t]]
+    return lone
 
 
-@pytest.mark.parametrize("query_tiles", [True, False])
-def test_attention_writes_the_fp16_slot_copy_of_its_output(gpu, query_tiles):
-    """out16: o's operand, bitwise what f32_to_f16_slots would make of out, from both kernels."""
-    case = PagedCase(np.random.default_rng(), context_lens=[5, 70, 200], chunk_lens=[5, 3, 9], num_blocks=40)
-    out16 = gpu.poisoned((len(case.positions), HEADS * DIM), np.float16)
-    out = run_attention(gpu, case, query_tiles=query_tiles, out16=out16)
-    assert not np.isnan(out).any()
-    assert_same_halves(gpu.download(out16), slot_order_f16(out), "attention's fp16 copy")
-
-
-@pytest.mark.parametrize("heads_per_block", [1, HEADS // KV_HEADS])
-def test_query_tiles_give_the_bits_of_one_block_per_token(gpu, heads_per_block):
-    """attention_tiles_f32 (up to 4 consecutive tokens of a sequence per block) against
-    attention_f32 (a block per token): runs that start at unaligned token indices, chunks of 1-9
-    tokens, contexts across tile and round boundaries, and padding-like tokens (sequence 0's
-    position 0 again, as eager steps pad)."""
+@pytest.mark.parametrize("row_groups", [1, 2])
+def test_every_query_gets_the_bits_it_gets_alone(gpu, row_groups):
+    """Blocks of 1 or 2 warps of 16 (token, head) rows per split: runs that start at unaligned token
+    indices, chunks of 1-17 tokens (rows of one warp with different contexts, tiles past some rows'
+    contexts), contexts across tile and round boundaries, and padding-like tokens (sequence 0's
+    position 0 again, as eager steps pad); each query's output equals its output alone."""
     rng = np.random.default_rng()
     lens = [1, 9, 33, 130, 260, 300, 517]
-    chunks = [1, 9, 7, 5, 2, 1, 6]
+    chunks = [1, 9, 7, 17, 2, 1, 6]
     case = PagedCase(rng, context_lens=lens, chunk_lens=chunks, num_blocks=120)
     padding = 3
     case.positions = np.concatenate([case.positions, np.zeros(padding, np.int32)])
     case.token_seq = np.concatenate([case.token_seq, np.zeros(padding, np.int32)])
     case.q = (rng.standard_normal((len(case.positions), HEADS, DIM)) * 2).astype(np.float32)
-    tiled = run_attention(gpu, case, heads_per_block, query_tiles=True)
-    assert not np.isnan(tiled).any()
-    assert np.array_equal(tiled, run_attention(gpu, case, heads_per_block, query_tiles=False))
-    assert rel_error(tiled, case.reference()) < 1e-5
+    out = run_attention(gpu, case, row_groups=row_groups)
+    assert not np.isnan(out).any()
+    assert rel_error(out, case.reference()) < 1e-5
+    lone = np.stack([run_attention(gpu, lone_query(case, t), row_groups=1)[0] for t in range(len(case.positions))])
+    assert np.array_equal(out, lone)
 
 
-def test_long_prompt_query_tiles_match_one_block_per_token(gpu):
-    """One 600-token prompt (the prefill shape the tiles are for), both kernels, bitwise."""
+@pytest.mark.parametrize("row_groups", [1, 2])
+def test_attention_writes_the_fp16_slot_copy_of_its_output(gpu, row_groups):
+    """out16: o's operand, bitwise what f32_to_f16_slots would make of out, from both block shapes."""
+    case = PagedCase(np.random.default_rng(), context_lens=[5, 70, 200], chunk_lens=[5, 3, 9], num_blocks=40)
+    out16 = gpu.poisoned((len(case.positions), HEADS * DIM), np.float16)
+    out = run_attention(gpu, case, out16=out16, row_groups=row_groups)
+    assert not np.isnan(out).any()
+    assert_same_halves(gpu.download(out16), slot_order_f16(out), "attention's fp16 copy")
+
+
+def test_long_prompt_matches_reference_in_both_block_shapes(gpu):
+    """One 600-token prompt (the prefill shape), both block shapes, bitwise; against the reference."""
     rng = np.random.default_rng()
     case = PagedCase(rng, context_lens=[600], chunk_lens=[600], num_blocks=40)
-    tiled = run_attention(gpu, case, query_tiles=True)
-    assert np.array_equal(tiled, run_attention(gpu, case, query_tiles=False))
+    out = run_attention(gpu, case, row_groups=2)
+    assert np.array_equal(out, run_attention(gpu, case, row_groups=1))
     picked = [0, 1, 2, 3, 4, 127, 128, 129, 599]
-    assert rel_error(tiled[picked], case.reference()[picked]) < 1e-5
+    assert rel_error(out[picked], case.reference()[picked]) < 1e-5
+
+
+def test_large_scores_keep_the_reference_accuracy(gpu):
+    """q and K scaled up (scores of tens, as Qwen2's biased q/k give): the hi + lo split of q and
+    of the weights keeps fp32 accuracy (against a float64 reference) where fp16 operands alone
+    would be off by ~1e-2."""
+    rng = np.random.default_rng()
+    case = PagedCase(rng, context_lens=[1, 77, 300, 1000], chunk_lens=[1, 1, 5, 1], num_blocks=120)
+    case.q = (case.q * 5).astype(np.float32)
+    case.k = (case.k.astype(np.float32) * 4).astype(np.float16)
+    out = run_attention(gpu, case)
+    assert not np.isnan(out).any()
+    assert rel_error(out, case.reference(np.float64)) < 1e-5
 
 
 def test_attention_matches_reference(gpu):
@@ -141,12 +154,7 @@ def test_prompt_chunks_match_reference_and_lone_queries_bitwise(gpu):
     assert rel_error(out, case.reference()) < 1e-5
     # Each query alone (a batch of one) gives the same bits as inside the prompt batch.
     for t in (0, 4, 5, 21, 22, 60, 66):
-        lone = PagedCase(rng, context_lens=[1], chunk_lens=[1])
-        seq = int(case.token_seq[t])
-        lone.k, lone.v, lone.tables = case.k, case.v, case.tables[[seq]]
-        lone.positions, lone.token_seq = case.positions[[t]], np.zeros(1, np.int32)
-        lone.q = case.q[[t]]
-        assert np.array_equal(run_attention(gpu, lone), out[[t]]), f"query {t} alone differs"
+        assert np.array_equal(run_attention(gpu, lone_query(case, t)), out[[t]]), f"query {t} alone differs"
 
 
 def test_prefill_chunking_does_not_change_outputs(gpu):
@@ -162,24 +170,11 @@ def test_prefill_chunking_does_not_change_outputs(gpu):
     assert np.array_equal(run_attention(gpu, split), out_whole)
 
 
-@pytest.mark.parametrize("heads_per_block", [1, HEADS // KV_HEADS])
-def test_every_heads_per_block_gives_the_same_bits(gpu, heads_per_block):
-    """One query head per block (few tokens) or the whole GQA group (many): the same values, in
-    the same order of operations, so bitwise the same output; and both match the reference."""
-    rng = np.random.default_rng()
-    case = PagedCase(rng, context_lens=[1, 33, 129, 300, 700], chunk_lens=[1, 1, 20, 1, 3], num_blocks=200)
-    out = run_attention(gpu, case, heads_per_block)
-    assert not np.isnan(out).any()
-    assert rel_error(out, case.reference()) < 1e-5
-    other = HEADS // KV_HEADS if heads_per_block == 1 else 1
-    assert np.array_equal(out, run_attention(gpu, case, other))
-
-
-def test_attention_rejects_heads_per_block_that_does_not_divide_the_group(gpu):
+def test_attention_rejects_a_block_shape_it_has_not(gpu):
     case = PagedCase(np.random.default_rng(), [4], [1])
     q, k, v, tables, token_seq, positions = case.device_args(gpu)
-    with pytest.raises(ValueError, match="heads_per_block 2"):
-        launch_attention(gpu.device, q, q, k, v, tables, token_seq, positions, BLOCK, heads_per_block=2)
+    with pytest.raises(ValueError, match="row_groups 3"):
+        launch_attention(gpu.device, q, q, k, v, tables, token_seq, positions, BLOCK, row_groups=3)
 
 
 def test_attention_rejects_head_dim_other_than_64(gpu):
@@ -190,13 +185,13 @@ def test_attention_rejects_head_dim_other_than_64(gpu):
         launch_attention(gpu.device, q, q, k, v, tables, token_seq, positions, BLOCK)
 
 
-@pytest.mark.parametrize("heads_per_block", [1, HEADS // KV_HEADS])
-def test_decode_attention_with_rope_inside_equals_rope_kv_then_attention(gpu, heads_per_block):
+@pytest.mark.parametrize("row_groups", [1, 2])
+def test_decode_attention_with_rope_inside_equals_rope_kv_then_attention(gpu, row_groups):
     """Decode steps skip rope_kv's launch: attention biases and rotates q/k/v from the q/k/v rows
-    itself, stages the token's own K/V row without reading the cache, and one block per GQA group
-    writes it. Against rope_kv + attention: the same output bits and the same cache bytes; the own
-    rows are poisoned in the cache first, so a read of them would show; a padding token (slot -1)
-    writes nothing."""
+    itself, stages the token's own K/V row without reading the cache, and writes it. Against rope_kv
+    + attention (in blocks of 1 or 2 row groups, as prompt chunks run): the same output bits and the
+    same cache bytes; the own rows are poisoned in the cache first, so a read of them would show; a
+    padding token (slot -1) writes nothing."""
     rng = np.random.default_rng()
     lens = [1, 32, 33, 128, 129, 300, 257]
     case = PagedCase(rng, context_lens=lens, chunk_lens=[1] * len(lens), num_blocks=200)
@@ -225,7 +220,7 @@ def test_decode_attention_with_rope_inside_equals_rope_kv_then_attention(gpu, he
             launch_rope_kv(gpu.device, rows, biases_d, positions, slots_d, tables, k_cache, v_cache)
         out = gpu.poisoned(case.q.shape, np.float32)
         launch_attention(gpu.device, q_out, out, k_cache, v_cache, block_tables, token_seq, positions, BLOCK,
-                         heads_per_block=heads_per_block, rope=rope)
+                         rope=rope, row_groups=None if fused else row_groups)
         outputs.append(gpu.download(out))
         caches.append((gpu.download(k_cache), gpu.download(v_cache)))
     real = slots >= 0
