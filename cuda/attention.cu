@@ -108,9 +108,9 @@ __device__ __forceinline__ void attn_copy_row_pieces(__half* dst_row, const __ha
 }
 
 // Decode steps: this token's own K/V row (position own_pos), biased and rotated from k_in / v_in,
-// into its staged rows, and into the cache as rope_kv.cu would.
+// into its staged rows, and (the writer block of the kv head) into the cache as rope_kv.cu would.
 __device__ __forceinline__ void attn_own_kv_row(const AttentionParams& p, int t, int kv_head, int own_pos,
-                                                __half* k_row, __half* v_row) {
+                                                bool writer, __half* k_row, __half* v_row) {
     constexpr int kHalf = QS_ATTN_HEAD_DIM / 2;
     const int slot = p.slot_mapping[t];
     const long long dst = ((long long)slot * p.num_kv_heads + kv_head) * QS_ATTN_HEAD_DIM;
@@ -125,12 +125,12 @@ __device__ __forceinline__ void attn_own_kv_row(const AttentionParams& p, int t,
             const __half h0 = __float2half_rn(x0), h1 = __float2half_rn(x1);
             k_row[i] = h0;
             k_row[i + kHalf] = h1;
-            if (slot >= 0) { k_cache[dst + i] = h0; k_cache[dst + i + kHalf] = h1; }
+            if (writer && slot >= 0) { k_cache[dst + i] = h0; k_cache[dst + i + kHalf] = h1; }
         } else {           // V element j
             const int j = i - kHalf;
             const __half h = biased_v_half(p.v_in + (size_t)t * p.kv_in_stride, p.bias_v, base + j);
             v_row[j] = h;
-            if (slot >= 0) v_cache[dst + j] = h;
+            if (writer && slot >= 0) v_cache[dst + j] = h;
         }
     }
 }
@@ -171,7 +171,8 @@ __device__ __forceinline__ void attn_stage_round(const AttentionParams& p, const
     }
     asm volatile("cp.async.commit_group;\n" ::: "memory");
     if (own_pos >= start && own_pos < start + QS_ATTN_ROUND)
-        attn_own_kv_row(p, t, kv_head, own_pos, k_stage[own_pos - start], v_stage[own_pos - start]);
+        attn_own_kv_row(p, t, kv_head, own_pos, blockIdx.y % ((int)gridDim.y / (int)p.num_kv_heads) == 0,
+                        k_stage[own_pos - start], v_stage[own_pos - start]);
 }
 
 // (x0, x1) -> fp16 pairs hi, lo with hi = fp16(x), lo = fp16(x - hi).
@@ -310,7 +311,11 @@ __device__ __forceinline__ void attention_mma_block(const AttentionParams& p) {
     while (n < qt && t0 + n < num_tokens && (t0 + n) % qt != 0 && p.token_seq[t0 + n] == seq
            && p.positions[t0 + n] == pos0 + n)
         ++n;
-    const int kv_head = blockIdx.y;
+    // blockIdx.y = (kv head, part): the group's heads may be spread over `parts` blocks (decode steps
+    // at small batches: more multiprocessors busy). A block's rows keep their places; the rows of
+    // other parts' heads are unused (rows are independent in the mma: the same bits either way).
+    const int parts = gridDim.y / (int)p.num_kv_heads, heads_per_part = group / parts;
+    const int kv_head = blockIdx.y / parts, first_h = (blockIdx.y % parts) * heads_per_part;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
     const int row_group = warp / QS_ATTN_SPLIT, split = warp % QS_ATTN_SPLIT;
     const int first_context = pos0 + 1, last_context = first_context + n - 1;
@@ -329,9 +334,9 @@ __device__ __forceinline__ void attention_mma_block(const AttentionParams& p) {
     __half* q_lo_rows = q_hi_rows + row_groups * QS_ATTN_MMA_ROWS * QS_ATTN_Q_ROW;
     {
         constexpr int kHalf = QS_ATTN_HEAD_DIM / 2;
-        for (int i = threadIdx.x; i < n * group * kHalf; i += blockDim.x) {   // (token, head, dims c / c + 32)
+        for (int i = threadIdx.x; i < n * heads_per_part * kHalf; i += blockDim.x) {   // (token, head, dims c / c + 32)
             const int token_head = i / kHalf, c = i % kHalf;
-            const int local = token_head / group, h = token_head - local * group;
+            const int local = token_head / heads_per_part, h = first_h + token_head - local * heads_per_part;
             const int head = kv_head * group + h;
             float x0, x1;
             if (p.rope_fused) {
@@ -364,8 +369,8 @@ __device__ __forceinline__ void attention_mma_block(const AttentionParams& p) {
     int ctx[2];   // this lane's rows g, g + 8: context length, 0 for a row of no token
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
-        const int row = g + 8 * r, local = row_group * tokens_per_warp + row / group;
-        ctx[r] = row < rows_used && local < n ? first_context + local : 0;
+        const int row = g + 8 * r, local = row_group * tokens_per_warp + row / group, h = row % group;
+        ctx[r] = row < rows_used && local < n && h >= first_h && h < first_h + heads_per_part ? first_context + local : 0;
     }
     const int first_local = row_group * tokens_per_warp;
     const int warp_context = first_local < n ? first_context + min(n - 1, first_local + tokens_per_warp - 1) : 0;
@@ -472,7 +477,8 @@ attention_mma(const AttentionParams p) {
 
 // Decode steps (rope_fused; also any launch of one-row-group blocks): the same body built for 128
 // threads, so the compiler is not held to attention_mma's register budget. Same arithmetic (GPU
-// test: rope_kv + attention_mma against this, bitwise).
+// test: rope_kv + attention_mma against this, bitwise). grid = (num_tokens, num_kv_heads * parts):
+// parts (1, or the group size) spreads a kv head's query heads over that many blocks.
 extern "C" __global__ void __launch_bounds__(32 * QS_ATTN_SPLIT) attention_mma_decode(const AttentionParams p) {
     qs::attention_mma_block(p);
 }

@@ -64,10 +64,11 @@ class PagedCase:
                 gpu.upload(self.token_seq), gpu.upload(self.positions))
 
 
-def run_attention(gpu, case, out16=None, row_groups=None):
+def run_attention(gpu, case, out16=None, row_groups=None, head_parts=None):
     q, k, v, tables, token_seq, positions = case.device_args(gpu)
     out = gpu.poisoned(case.q.shape, np.float32)
-    launch_attention(gpu.device, q, out, k, v, tables, token_seq, positions, BLOCK, out16=out16, row_groups=row_groups)
+    launch_attention(gpu.device, q, out, k, v, tables, token_seq, positions, BLOCK, out16=out16, row_groups=row_groups,
+                     head_parts=head_parts)
     return gpu.download(out)
 
 
@@ -86,7 +87,8 @@ def test_every_query_gets_the_bits_it_gets_alone(gpu, row_groups):
     """Blocks of 1 or 2 warps of 16 (token, head) rows per split: runs that start at unaligned token
     indices, chunks of 1-17 tokens (rows of one warp with different contexts, tiles past some rows'
     contexts), contexts across tile and round boundaries, and padding-like tokens (sequence 0's
-    position 0 again, as eager steps pad); each query's output equals its output alone."""
+    position 0 again, as eager steps pad); each query's output equals its output alone (in a
+    one-token launch with the group's heads spread over 7 blocks)."""
     rng = np.random.default_rng()
     lens = [1, 9, 33, 130, 260, 300, 517]
     chunks = [1, 9, 7, 17, 2, 1, 6]
@@ -98,7 +100,8 @@ def test_every_query_gets_the_bits_it_gets_alone(gpu, row_groups):
     out = run_attention(gpu, case, row_groups=row_groups)
     assert not np.isnan(out).any()
     assert rel_error(out, case.reference()) < 1e-5
-    lone = np.stack([run_attention(gpu, lone_query(case, t), row_groups=1)[0] for t in range(len(case.positions))])
+    lone = np.stack([run_attention(gpu, lone_query(case, t), row_groups=1, head_parts=HEADS // KV_HEADS)[0]
+                     for t in range(len(case.positions))])
     assert np.array_equal(out, lone)
 
 
@@ -175,6 +178,8 @@ def test_attention_rejects_a_block_shape_it_has_not(gpu):
     q, k, v, tables, token_seq, positions = case.device_args(gpu)
     with pytest.raises(ValueError, match="row_groups 3"):
         launch_attention(gpu.device, q, q, k, v, tables, token_seq, positions, BLOCK, row_groups=3)
+    with pytest.raises(ValueError, match="head_parts 2"):
+        launch_attention(gpu.device, q, q, k, v, tables, token_seq, positions, BLOCK, row_groups=1, head_parts=2)
 
 
 def test_attention_rejects_head_dim_other_than_64(gpu):
@@ -186,10 +191,12 @@ def test_attention_rejects_head_dim_other_than_64(gpu):
 
 
 @pytest.mark.parametrize("row_groups", [1, 2])
-def test_decode_attention_with_rope_inside_equals_rope_kv_then_attention(gpu, row_groups):
+@pytest.mark.parametrize("head_parts", [1, HEADS // KV_HEADS])
+def test_decode_attention_with_rope_inside_equals_rope_kv_then_attention(gpu, row_groups, head_parts):
     """Decode steps skip rope_kv's launch: attention biases and rotates q/k/v from the q/k/v rows
-    itself, stages the token's own K/V row without reading the cache, and writes it. Against rope_kv
-    + attention (in blocks of 1 or 2 row groups, as prompt chunks run): the same output bits and the
+    itself, stages the token's own K/V row without reading the cache, and writes it (one block per
+    kv head writes, also when the group's heads are spread over 7 blocks). Against rope_kv +
+    attention (in blocks of 1 or 2 row groups, as prompt chunks run): the same output bits and the
     same cache bytes; the own rows are poisoned in the cache first, so a read of them would show; a
     padding token (slot -1) writes nothing."""
     rng = np.random.default_rng()
@@ -220,7 +227,8 @@ def test_decode_attention_with_rope_inside_equals_rope_kv_then_attention(gpu, ro
             launch_rope_kv(gpu.device, rows, biases_d, positions, slots_d, tables, k_cache, v_cache)
         out = gpu.poisoned(case.q.shape, np.float32)
         launch_attention(gpu.device, q_out, out, k_cache, v_cache, block_tables, token_seq, positions, BLOCK,
-                         rope=rope, row_groups=None if fused else row_groups)
+                         rope=rope, row_groups=None if fused else row_groups,
+                         head_parts=head_parts if fused else None)
         outputs.append(gpu.download(out))
         caches.append((gpu.download(k_cache), gpu.download(v_cache)))
     real = slots >= 0

@@ -45,6 +45,16 @@ def row_groups_for(rope: DecodeRope | None) -> int:
     return 1 if rope is not None else MAX_ROW_GROUPS
 
 
+def head_parts_for(num_tokens: int, num_heads: int, num_kv_heads: int, multiprocessors: int,
+                   rope: DecodeRope | None) -> int:
+    """Blocks per kv head: in decode steps whose (token, query head) pairs fit twice over the
+    multiprocessors, one per query head (more multiprocessors busy on the short per-block chain);
+    else 1, every block staging its kv head's rows for all of the group's heads. Bitwise the same
+    output either way."""
+    group = num_heads // num_kv_heads
+    return group if rope is not None and num_tokens * num_heads <= 2 * multiprocessors else 1
+
+
 def attention_params(q: DeviceTensor, out: DeviceTensor, k_cache: DeviceTensor, v_cache: DeviceTensor,
                      block_tables: DeviceTensor, token_seq: DeviceTensor, positions: DeviceTensor,
                      block_size: int, rope: DecodeRope | None = None,
@@ -95,21 +105,28 @@ def attention_params(q: DeviceTensor, out: DeviceTensor, k_cache: DeviceTensor, 
 def launch_attention(device, q: DeviceTensor, out: DeviceTensor, k_cache: DeviceTensor, v_cache: DeviceTensor,
                      block_tables: DeviceTensor, token_seq: DeviceTensor, positions: DeviceTensor,
                      block_size: int, rope: DecodeRope | None = None, out16: DeviceTensor | None = None,
-                     row_groups: int | None = None) -> None:
+                     row_groups: int | None = None, head_parts: int | None = None) -> None:
     """out[t, h] = softmax(q[t, h] K[0..pos_t]^T / 8) V over sequence token_seq[t]'s blocks, for
     decode steps and prompt chunks alike. KV of every position <= pos_t must be written; with
     `rope` (decode steps: each token the newest of its sequence) every position < pos_t, and the
     kernel does rope_kv's work for pos_t itself.
 
     row_groups (1..2; None: row_groups_for) sets the block: 128 threads per group of 16 (token,
-    head) rows; 1 runs attention_mma_decode, the same code built for 128 threads. Every value gives
-    bitwise the same output (tests force each). out16: see attention_params."""
-    num_tokens, num_kv_heads = q.shape[0], k_cache.shape[1]
+    head) rows; 1 runs attention_mma_decode, the same code built for 128 threads. head_parts (1 or
+    the group size, with row_groups 1; None: head_parts_for) spreads a kv head's query heads over
+    that many blocks. Every value gives bitwise the same output (tests force each). out16: see
+    attention_params."""
+    num_tokens, num_heads, num_kv_heads = q.shape[0], q.shape[1], k_cache.shape[1]
     if row_groups is None:
         row_groups = row_groups_for(rope)
     if not 1 <= row_groups <= MAX_ROW_GROUPS or (rope is not None and row_groups != 1):
         raise ValueError(f"row_groups {row_groups} must be 1..{MAX_ROW_GROUPS}, and 1 for a decode step (rope)")
+    if head_parts is None:
+        head_parts = head_parts_for(num_tokens, num_heads, num_kv_heads, device.multiprocessors, rope)
+    if head_parts not in (1, num_heads // num_kv_heads) or (head_parts > 1 and row_groups != 1):
+        raise ValueError(f"head_parts {head_parts} must be 1 or the {num_heads // num_kv_heads} query heads "
+                         f"per kv head (then with row_groups 1)")
     params = attention_params(q, out, k_cache, v_cache, block_tables, token_seq, positions, block_size, rope, out16)
     name = "attention_mma_decode" if row_groups == 1 else "attention_mma"
-    launch(device.kernel(name, SHARED_BYTES), (num_tokens, num_kv_heads), (32 * SPLIT * row_groups,),
+    launch(device.kernel(name, SHARED_BYTES), (num_tokens, num_kv_heads * head_parts), (32 * SPLIT * row_groups,),
            device.stream, params, shared=SHARED_BYTES)
