@@ -63,8 +63,10 @@ def attention_params(q: DeviceTensor, out: DeviceTensor, k_cache: DeviceTensor, 
 
     q, out: [T, num_heads, 64] f32; caches: [num_slots, num_kv_heads, 64] f16;
     block_tables: [num_seqs, max_blocks_per_seq] int32; token_seq, positions: [T] int32. With
-    `rope` (a decode step), q is where rope_kv would have put the rotated q: only its shape is used. out16 ([T, num_heads * 64] f16, or
-    None) also receives out, rounded to fp16 in the f16gemm layout's slot order (o's operand).
+    `rope` (a decode step), q is where rope_kv would have put the rotated q: only its shape is
+    used. out16 ([T, num_heads * 64] f16, or None) also receives out, rounded to fp16 in the
+    f16gemm layout's slot order (o's operand). Caches of 2^32 halves or more are refused (the
+    kernel's row offsets are 32-bit).
     """
     num_tokens, num_heads, head_dim = q.shape
     num_kv_heads = k_cache.shape[1]
