@@ -11,12 +11,13 @@ from gpu_worker.backends.cuda.ops.launch import check_tensor, launch, record
 from gpu_worker.backends.cuda.ops.rope_kv import QkvRows, RopeTables, check_rope_inputs
 
 HEAD_DIM = 64          # the kernels are built for head_dim 64 (Qwen2.5-0.5B)
-MAX_GROUP = 16         # q heads per kv head: one token's heads fill at most one warp's 16 mma rows
+MMA_ROWS = 16          # (token, head) rows per warp: the mma's M (QS_ATTN_MMA_ROWS)
+MAX_GROUP = MMA_ROWS   # q heads per kv head: one token's heads fill at most one warp's rows
 SPLIT = 4              # warps per row group (QS_ATTN_SPLIT)
 ROUND, ROW = 128, 72   # positions staged per round, halves per staged row (QS_ATTN_ROUND, QS_ATTN_ROW)
 MAX_ROW_GROUPS = 2     # attention_mma's largest row_groups (QS_ATTN_MMA_MAX_ROW_GROUPS)
-# QS_ATTN_SHARED_BYTES: two stages of K and V rounds, then fp16 hi and lo q rows (16 per row group)
-SHARED_BYTES = 2 * 2 * ROUND * ROW * 2 + 2 * MAX_ROW_GROUPS * 16 * ROW * 2
+# QS_ATTN_SHARED_BYTES: two stages of K and V rounds, then fp16 hi and lo q rows (MMA_ROWS per row group)
+SHARED_BYTES = 2 * 2 * ROUND * ROW * 2 + 2 * MAX_ROW_GROUPS * MMA_ROWS * ROW * 2
 _POINTERS = ("q", "out", "k_cache", "v_cache", "block_tables", "token_seq", "positions")
 _ROPE_POINTERS = ("q_in", "k_in", "v_in", "bias_q", "bias_k", "bias_v", "cos_table", "sin_table", "slot_mapping")
 PARAMS_FIELDS = [(name, "u8") for name in _POINTERS] + [
