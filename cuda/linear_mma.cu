@@ -48,12 +48,10 @@ __device__ __forceinline__ int buffer_bytes(const LinearArgs& a) {
     return weight_bytes<ROWS>(a) + a.x_rows * x_stride(a);
 }
 
-// Issues the cp.async copies of chunk k0 (columns [k0, k0 + chunk_cols) clipped to K): rows
-// [n0, n0 + ROWS) of W, then the x values of tokens [m0, m0 + num_tokens) (token t at t * x_stride).
-// Loops are warp x lane strided: no index division on the issue path.
+// Issues the cp.async copies of chunk k0's W bytes (columns [k0, k0 + chunk_cols) clipped to K) of
+// rows [n0, n0 + ROWS). Loops are warp x lane strided: no index division on the issue path.
 template <int T, int ROWS>
-__device__ __forceinline__ void stage_chunk(const LinearArgs& a, int n0, int m0, int num_tokens, int k0,
-                                            uint8_t* buf) {
+__device__ __forceinline__ void stage_weights(const LinearArgs& a, int n0, int k0, uint8_t* buf) {
     constexpr int kValues = qformats::BlockInfo<T>::kValues, kBytes = qformats::BlockInfo<T>::kBytes;
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int num_cols = min(a.chunk_cols, a.num_cols - k0);
@@ -71,12 +69,28 @@ __device__ __forceinline__ void stage_chunk(const LinearArgs& a, int n0, int m0,
             copy_bytes_warp(buf + r * a.chunk_stride, a.weight, begin, begin + chunk_bytes, lane);
         }
     }
-    uint8_t* xs = buf + weight_bytes<ROWS>(a);
+}
+
+// Issues the cp.async copies of chunk k0's x values of tokens [m0, m0 + num_tokens) to xs (token t
+// at t * x_stride).
+__device__ __forceinline__ void stage_x(const LinearArgs& a, int m0, int num_tokens, int k0, uint8_t* xs) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int num_cols = min(a.chunk_cols, a.num_cols - k0);
     for (int t = warp; t < num_tokens; t += kWarps) {
         const float* x_row = a.x + static_cast<long long>(m0 + t) * a.num_cols + k0;
         for (int v = lane; v < num_cols / 4; v += 32) copy16(xs + t * x_stride(a) + 16 * v, x_row + 4 * v, 16);
     }
-    asm volatile("cp.async.commit_group;\n" ::: "memory");
+}
+
+__device__ __forceinline__ void commit_copies() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+
+// Chunk k0 (W bytes, then x values) into one staging buffer, as one cp.async group.
+template <int T, int ROWS>
+__device__ __forceinline__ void stage_chunk(const LinearArgs& a, int n0, int m0, int num_tokens, int k0,
+                                            uint8_t* buf) {
+    stage_weights<T, ROWS>(a, n0, k0, buf);
+    stage_x(a, m0, num_tokens, k0, buf + weight_bytes<ROWS>(a));
+    commit_copies();
 }
 
 // What one warp needs to multiply 16 staged rows (tile rows row0..row0+15) by the staged tokens.
@@ -138,34 +152,13 @@ __device__ __forceinline__ void multiply_sub_chunk(const LinearArgs& a, const Wa
     }
 }
 
-// The K loop both layouts share: stage chunk c + 1 while chunk c is multiplied by `multiply`.
-template <int T, int ROWS, typename Multiply>
-__device__ __forceinline__ void for_each_chunk(const LinearArgs& a, int n0, int m0, int num_tokens, Multiply multiply) {
-    extern __shared__ __align__(16) uint8_t smem[];
-    uint8_t* buffers[2] = {smem, smem + buffer_bytes<ROWS>(a)};
-    const int num_chunks = (a.num_cols + a.chunk_cols - 1) / a.chunk_cols;
-    stage_chunk<T, ROWS>(a, n0, m0, num_tokens, 0, buffers[0]);
-    for (int c = 0; c < num_chunks; ++c) {
-        if (c + 1 < num_chunks) {   // buffer (c + 1) & 1 was released by the barrier ending chunk c - 1
-            stage_chunk<T, ROWS>(a, n0, m0, num_tokens, (c + 1) * a.chunk_cols, buffers[(c + 1) & 1]);
-            asm volatile("cp.async.wait_group 1;\n" ::: "memory");
-        } else {
-            asm volatile("cp.async.wait_group 0;\n" ::: "memory");
-        }
-        __syncthreads();
-        // k0 / 32 is a multiple of 4 (chunk_cols is K or a multiple of 128): a sub-chunk's index
-        // in the chunk and in K agree mod 4.
-        multiply(buffers[c & 1], c * a.chunk_cols, min(a.chunk_cols, a.num_cols - c * a.chunk_cols) / kSubK);
-        __syncthreads();
-    }
-}
-
 // Decode steps (*_norm_* kernels of the decode tiles): the staged x rows (whole K, at most 16 of
 // them) replaced by RMSNorm(x) * norm_weight, so the norm needs no launch of its own. The arithmetic is
 // rms_norm.cu's with 128 threads: thread i sums squares of elements i, i + 128, ... in one fma
 // chain, then qs::warp_sum per warp and the 4 warp sums summed as block_sum does; then
 // v * inv_rms * weight. So the values are bitwise those rms_norm_f32 writes (GPU test).
-__device__ __forceinline__ void normalize_staged_x(const LinearArgs& a, uint8_t* xs, int num_tokens) {
+// `gain` is norm_weight staged in shared memory (for_each_chunk).
+__device__ __forceinline__ void normalize_staged_x(const LinearArgs& a, uint8_t* xs, const float* gain, int num_tokens) {
     constexpr int kMaxTokens = 16;
     __shared__ float warp_sums[kWarps][kMaxTokens];
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -181,9 +174,50 @@ __device__ __forceinline__ void normalize_staged_x(const LinearArgs& a, uint8_t*
         float* x = reinterpret_cast<float*>(xs + t * x_stride(a));
         const float total = qs::warp_sum(lane < kWarps ? warp_sums[lane][t] : 0.0f);
         const float inv_rms = 1.0f / sqrtf(total / (float)a.num_cols + a.norm_eps);
-        for (int i = threadIdx.x; i < a.num_cols; i += kThreads) x[i] = x[i] * inv_rms * a.norm_weight[i];
+        for (int i = threadIdx.x; i < a.num_cols; i += kThreads) x[i] = x[i] * inv_rms * gain[i];
     }
     __syncthreads();
+}
+
+// The K loop both layouts share: stage chunk c + 1 while chunk c is multiplied by `multiply`.
+// NORM (decode tiles, whole K in one chunk): x and the norm gain (after the x rows) are copied as a
+// cp.async group of their own, ahead of the W bytes, and x is normalized while W is still in flight.
+template <int T, int ROWS, bool NORM, typename Multiply>
+__device__ __forceinline__ void for_each_chunk(const LinearArgs& a, int n0, int m0, int num_tokens, Multiply multiply) {
+    extern __shared__ __align__(16) uint8_t smem[];
+    uint8_t* buffers[2] = {smem, smem + buffer_bytes<ROWS>(a)};
+    if constexpr (NORM) {
+        uint8_t* xs = smem + weight_bytes<ROWS>(a);
+        uint8_t* gain = xs + a.x_rows * x_stride(a);
+        stage_x(a, m0, num_tokens, 0, xs);
+        for (int v = threadIdx.x; v < a.num_cols / 4; v += kThreads) copy16(gain + 16 * v, a.norm_weight + 4 * v, 16);
+        commit_copies();
+        stage_weights<T, ROWS>(a, n0, 0, smem);
+        commit_copies();
+        asm volatile("cp.async.wait_group 1;\n" ::: "memory");   // x is in; W may not be
+        __syncthreads();
+        normalize_staged_x(a, xs, reinterpret_cast<const float*>(gain), num_tokens);
+        asm volatile("cp.async.wait_group 0;\n" ::: "memory");
+        __syncthreads();
+        multiply(smem, 0, a.num_cols / kSubK);
+        __syncthreads();
+        return;
+    }
+    const int num_chunks = (a.num_cols + a.chunk_cols - 1) / a.chunk_cols;
+    stage_chunk<T, ROWS>(a, n0, m0, num_tokens, 0, buffers[0]);
+    for (int c = 0; c < num_chunks; ++c) {
+        if (c + 1 < num_chunks) {   // buffer (c + 1) & 1 was released by the barrier ending chunk c - 1
+            stage_chunk<T, ROWS>(a, n0, m0, num_tokens, (c + 1) * a.chunk_cols, buffers[(c + 1) & 1]);
+            asm volatile("cp.async.wait_group 1;\n" ::: "memory");
+        } else {
+            asm volatile("cp.async.wait_group 0;\n" ::: "memory");
+        }
+        __syncthreads();
+        // k0 / 32 is a multiple of 4 (chunk_cols is K or a multiple of 128): a sub-chunk's index
+        // in the chunk and in K agree mod 4.
+        multiply(buffers[c & 1], c * a.chunk_cols, min(a.chunk_cols, a.num_cols - c * a.chunk_cols) / kSubK);
+        __syncthreads();
+    }
 }
 
 // The 4 accumulators' partial sums of a [ROWS, TOKENS] tile, in shared memory [v][row][token], to
@@ -207,8 +241,7 @@ __device__ void linear_mma_split_k(const LinearArgs& a) {
     const int num_tokens = min(kTokens, a.num_tokens - m0), num_groups = (num_tokens + 7) / 8;
     const int warp = threadIdx.x >> 5;
     float acc[NG][4] = {};
-    for_each_chunk<T, kRows>(a, n0, m0, num_tokens, [&](uint8_t* buf, int k0, int num_sub) {
-        if constexpr (NORM) normalize_staged_x(a, buf + weight_bytes<kRows>(a), num_tokens);   // whole K: one chunk
+    for_each_chunk<T, kRows, NORM>(a, n0, m0, num_tokens, [&](uint8_t* buf, int k0, int num_sub) {
         const WarpTile tile = warp_tile<T, kRows>(a, buf, n0, 0, k0);
 #pragma unroll 2
         for (int sub = warp; sub < num_sub; sub += kAccumulators)
@@ -237,7 +270,7 @@ __device__ void linear_mma_rows(const LinearArgs& a) {
     const int num_tokens = min(kTokens, a.num_tokens - m0), num_groups = (num_tokens + 7) / 8;
     const int warp = threadIdx.x >> 5;
     float acc[kAccumulators][NG][4] = {};
-    for_each_chunk<T, kRows>(a, n0, m0, num_tokens, [&](const uint8_t* buf, int k0, int num_sub) {
+    for_each_chunk<T, kRows, false>(a, n0, m0, num_tokens, [&](const uint8_t* buf, int k0, int num_sub) {
         const WarpTile tile = warp_tile<T, kRows>(a, buf, n0, 16 * warp, k0);
         for (int sub0 = 0; sub0 < num_sub; sub0 += kAccumulators) {
 #pragma unroll
@@ -281,8 +314,7 @@ __device__ void linear_mma_narrow(const LinearArgs& a) {
     // sums land only in outputs that are never stored.
     const int token_lo = min(group, a.x_rows - 1), token_hi = min(group + 8, a.x_rows - 1);
     float acc[4] = {};
-    for_each_chunk<T, kRows>(a, n0, m0, num_tokens, [&](uint8_t* buf, int k0, int num_sub) {
-        if constexpr (NORM) normalize_staged_x(a, buf + weight_bytes<kRows>(a), num_tokens);   // whole K: one chunk
+    for_each_chunk<T, kRows, NORM>(a, n0, m0, num_tokens, [&](uint8_t* buf, int k0, int num_sub) {
         const uint8_t* row = staged_row<T>(a, buf, n0, group, k0);
         const uint8_t* xs = buf + weight_bytes<kRows>(a);
 #pragma unroll 2

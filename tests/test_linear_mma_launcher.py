@@ -195,3 +195,22 @@ def test_norm_prologue_kernels_only_on_decode_tiles_that_stage_the_whole_k():
     linear(q, 0x1000, 0x8000000, 1, stream=None, norm=(0x4000, 1e-6))
     name, _, args = calls[-1]
     assert name == "linear_mma_norm_q5_0_g1" and args[-2:] == (0x4000, pytest.approx(1e-6))
+
+
+def test_norm_prologue_plans_shared_memory_for_the_staged_gain():
+    q = DeviceWeight(6, 1024, 896, ptr=1 << 30)       # Q5_0
+    plain = linear_mma.plan_linear(q, 1, "store", ("split_k", 1))
+    normed = linear_mma.plan_linear(q, 1, "store", ("split_k", 1), norm=True)
+    assert normed.shared_bytes == plain.shared_bytes + 4 * q.cols
+
+
+def test_decode_steps_stage_a_long_k_in_two_chunks():
+    down = DeviceWeight(14, 896, 4864, ptr=1 << 30)   # Q6_K, 256-column blocks
+    for tokens in (1, 2):
+        plan = linear_mma.plan_linear(down, tokens, "accumulate")
+        assert plan.chunk_cols == 2560                  # 10 of the 19 256-column units, then 9
+        assert plan.shared_bytes >= 2 * linear_mma.stage_bytes(down, 2560, 8, plan.x_rows)
+    # 8 tokens: the whole K does not fit one stage, so the widest chunks that fit the budget, as before
+    assert linear_mma.plan_linear(down, 8, "accumulate").chunk_cols == linear_mma.plan_k_chunks(down, 8, 8)
+    o = DeviceWeight(6, 896, 896, ptr=1 << 30)
+    assert linear_mma.plan_linear(o, 1, "accumulate").chunk_cols == 896        # short K: one stage

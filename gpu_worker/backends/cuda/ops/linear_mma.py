@@ -200,8 +200,7 @@ def plan_k_chunks(weight: DeviceWeight, rows_per_cta: int, x_rows: int) -> int:
     widest chunk (a multiple of 128 columns and of the block) whose two buffers fit."""
     if stage_bytes(weight, weight.cols, rows_per_cta, x_rows) <= SHARED_BUDGET:
         return weight.cols
-    block = quant_spec(weight.qtype).block_elems
-    unit = WARP_SPLIT_COLS * block // _gcd(WARP_SPLIT_COLS, block)
+    unit = _k_chunk_unit(weight)
     cols = unit
     while cols + unit < weight.cols and 2 * stage_bytes(weight, cols + unit, rows_per_cta, x_rows) <= SHARED_BUDGET:
         cols += unit
@@ -209,6 +208,22 @@ def plan_k_chunks(weight: DeviceWeight, rows_per_cta: int, x_rows: int) -> int:
         raise ValueError(f"linear_mma: a {unit}-column chunk of {weight.kernel_suffix} rows exceeds "
                          f"the {SHARED_BUDGET}-byte shared budget")
     return cols
+
+
+def half_k_chunk(weight: DeviceWeight) -> int:
+    """Decode steps on long-K matrices (the down projection) whose whole K would fit one stage (1-3
+    tokens at the real shapes): K in two chunks instead, so that the second one loads while the first
+    is multiplied. H200, synthetic real-shape weights, decode graph at 1 / 2 tokens: 885 -> 882 and
+    992 -> 984 us; four chunks of 1280 columns were slower (927 / 1026 us)."""
+    unit = _k_chunk_unit(weight)
+    units = -(-weight.cols // unit)
+    return -(-units // 2) * unit
+
+
+def _k_chunk_unit(weight: DeviceWeight) -> int:
+    """K chunks are multiples of 128 columns (the warps' sub-chunk split) and of the quant block."""
+    block = quant_spec(weight.qtype).block_elems
+    return WARP_SPLIT_COLS * block // _gcd(WARP_SPLIT_COLS, block)
 
 
 def _gcd(a: int, b: int) -> int:
@@ -255,6 +270,10 @@ def plan_linear(weight: DeviceWeight, num_tokens: int, epilogue: str = "store",
                             chunk_cols=GEMM_CHUNK_COLS, chunk_stride=0, x_rows=x_rows,
                             shared_bytes=gemm_shared_bytes(weight, rows_per_cta, tokens_per_cta))
     chunk_cols = plan_k_chunks(weight, rows_per_cta, x_rows)
+    if not norm and layout in ("split_k", "narrow") and num_tokens <= NARROW_UP_TO_TOKENS \
+            and weight.cols >= LONG_COLS and chunk_cols >= weight.cols \
+            and 2 * stage_bytes(weight, half_k_chunk(weight), rows_per_cta, x_rows) <= SHARED_BUDGET:
+        chunk_cols = half_k_chunk(weight)
     buffers = 1 if chunk_cols >= weight.cols else 2
     if norm:   # the prologue normalizes x once, before the first (only) chunk is multiplied
         if chunk_cols < weight.cols:
@@ -262,6 +281,9 @@ def plan_linear(weight: DeviceWeight, num_tokens: int, epilogue: str = "store",
                              f"of {weight.kernel_suffix} rows stage {chunk_cols} of {weight.cols} columns")
         name = f"{KERNEL_LAYOUT_NAMES[layout]}norm_{KERNEL_PREFIXES[epilogue]}{weight.kernel_suffix}_g{groups}"
     final_sums = 4 * rows_per_cta * tokens_per_cta * 4   # split_k: [warp][row][token]; rows: a quarter used
+    staged = buffers * stage_bytes(weight, chunk_cols, rows_per_cta, x_rows)
+    if norm:   # the RMSNorm gain, staged after the x rows
+        staged += 4 * weight.cols
     return LinearLaunch(
         kernel_name=name,
         grid=grid,
@@ -269,7 +291,7 @@ def plan_linear(weight: DeviceWeight, num_tokens: int, epilogue: str = "store",
         chunk_cols=chunk_cols,
         chunk_stride=weight.row_bytes if chunk_cols >= weight.cols else chunk_stride(weight, chunk_cols),
         x_rows=x_rows,
-        shared_bytes=max(buffers * stage_bytes(weight, chunk_cols, rows_per_cta, x_rows), final_sums),
+        shared_bytes=max(staged, final_sums),
     )
 
 
