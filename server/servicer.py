@@ -19,7 +19,7 @@ from server.generation import Generation, GenerationJob
 from server.interceptors import new_request_id
 from server.logs import get_logger, request_id_var
 from server.metrics import Metrics
-from server.requests import ClientRequest, FinishedEvent, GenerationEvent
+from server.requests import ClientRequest, FinishedEvent, GenerationEvent, InputKind
 from server.validation import RequestInvalid, validate_lengths, validate_request
 from server.worker_client import WorkerRequestError, WorkerUnavailable
 from server.worker_link import WorkerLink
@@ -61,7 +61,10 @@ class QwenServeServicer:
         request_id = request_id or new_request_id()
         request_id_var.set(request_id)
         try:
-            prompt_ids = await asyncio.to_thread(model.tools.prompt_ids, request)
+            if request.input_kind is InputKind.TOKEN_IDS:   # nothing to tokenize: no thread hop per request
+                prompt_ids = model.tools.prompt_ids(request)
+            else:
+                prompt_ids = await asyncio.to_thread(model.tools.prompt_ids, request)
         except ValueError as error:   # e.g. the model's chat template rejects the conversation
             raise RequestInvalid("chat.messages" if request.messages else "prompt", str(error)) from None
         validate_lengths(request, len(prompt_ids), model.limits)

@@ -24,6 +24,8 @@ from server.worker_client import (
     WorkerClient,
     WorkerRequestError,
     WorkerUnavailable,
+    _Mailbox,
+    _WakeQueue,
 )
 
 
@@ -154,3 +156,31 @@ def test_tiny_rings_apply_back_pressure_without_loss(model_path: Path) -> None:
         assert [(e.token_id, e.logprobs) for e in events[:-1]] == \
             [(t.token_id, t.logprobs) for t in expected[i]]
         assert isinstance(events[-1], FinishedEvent)
+
+
+def test_waiting_streams_are_woken_a_round_per_loop_iteration() -> None:
+    """_WakeQueue: readers that received events wake `per_round` per event-loop iteration (so that
+    grpc.aio's one accept per iteration is not starved), each once however many events it got, and
+    a reader that was not waiting is not queued (it finds its events when it next takes them)."""
+
+    async def scenario() -> list[int]:
+        wakes = _WakeQueue(per_round=16)
+        mailboxes = [_Mailbox() for _ in range(40)]
+        readers = [asyncio.ensure_future(mailbox.take_all()) for mailbox in mailboxes]
+        await asyncio.sleep(0)                        # every reader waits
+        busy = _Mailbox()                             # no reader waiting
+        assert not busy.add(TokenEvent(7))
+        for mailbox in mailboxes:
+            for token in (1, 2):
+                if mailbox.add(TokenEvent(token)):
+                    wakes.push(mailbox)
+        wakes.start()
+        woken = []
+        for _ in range(4):
+            await asyncio.sleep(0)
+            woken.append(sum(reader.done() for reader in readers))
+        assert all(reader.result() == [TokenEvent(1), TokenEvent(2)] for reader in readers)
+        assert await busy.take_all() == [TokenEvent(7)]
+        return woken
+
+    assert asyncio.run(scenario()) == [16, 32, 40, 40]
