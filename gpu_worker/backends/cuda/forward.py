@@ -35,8 +35,9 @@ LINEAR_KERNELS = ("mma", "fp32")
 # Decode steps of up to this many tokens fold the norms into the linears. Every CTA normalizes its
 # tokens itself, so the redundant work grows with them. H200, synthetic weights, against separate
 # norm launches (ms per step): batch 1 1.00 -> 0.94, batch 2 1.049 -> 1.008, but batch 4 1.09 -> 1.17,
-# batch 8 1.24 -> 1.40, batch 16 1.60 -> 2.27.
-NORM_FOLD_MAX_TOKENS = 2
+# batch 8 1.24 -> 1.40, batch 16 1.60 -> 2.27. Since the norm kernels normalize x while W is still
+# loading (92d9d4c), 4 tokens gain too: 1.141 -> 1.134 ms; 8 still lose: 1.238 -> 1.434 ms.
+NORM_FOLD_MAX_TOKENS = 4
 RECORDED_SHAPES = 128  # eager forwards kept (recorded launches or graphs of them), least recent dropped
 META_FIELDS = ("input_ids", "positions", "slot_mapping", "token_seq")
 
