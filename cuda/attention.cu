@@ -34,6 +34,7 @@
 // then this kernel with rope_fused = 0.
 #include "common.cuh"
 #include "mma.cuh"
+#include "pdl.cuh"
 
 #define QS_ATTN_HEAD_DIM 64
 #define QS_ATTN_TILE 32
@@ -296,6 +297,7 @@ __device__ __forceinline__ void attn_mma_tile(AttnMmaState& st, const uint32_t (
 // The body of both entries below; blockDim.x = 128 * row_groups.
 __device__ __forceinline__ void attention_mma_block(const AttentionParams& p) {
     extern __shared__ __align__(16) uint8_t attn_smem[];
+    pdl_wait_for_previous_kernel();   // everything below reads what earlier kernels (or the host) wrote
     AttnRow* k_stages = reinterpret_cast<AttnRow*>(attn_smem);           // [2][128]
     AttnRow* v_stages = k_stages + 2 * QS_ATTN_ROUND;                    // [2][128]
     const int group = (int)p.num_heads / (int)p.num_kv_heads;
@@ -400,6 +402,7 @@ __device__ __forceinline__ void attention_mma_block(const AttentionParams& p) {
             attn_stage_round(p, table, kv_head, last_context, round + 2, k_stages + stage, v_stages + stage, t0);
         }
     }
+    pdl_allow_next_kernel();   // the scoring is done: the next kernel may start its CTAs
     // Every split's state goes to the (now free) stage memory, [row_group][split][m[16], l[16],
     // acc[16][kAccStride]]; then warp (row_group, s) merges and stores output dims 16s .. 16s + 15
     // of the row group (d-blocks 2s, 2s + 1), so the four warps share the merge.

@@ -5,6 +5,7 @@
 // stores each. Only a few rows are read per step, so the bytes are read straight from global
 // memory (L1-cached) without staging. An id outside [0, vocab) yields a row of NaN, so a bad id
 // upstream shows up in the logits instead of reading out of bounds.
+#include "pdl.cuh"
 #include "quant_formats.cuh"
 
 namespace embedding_detail {
@@ -40,7 +41,9 @@ __device__ void gather(const uint8_t* table, int row_bytes, int vocab, int num_c
     extern "C" __global__ void __launch_bounds__(256) embedding_##NAME(                        \
         const uint8_t* table, int row_bytes, int vocab, int num_cols, const int* ids,          \
         float* out) {                                                                          \
+        qs::pdl_wait_for_previous_kernel();   /* ids come from the sampler or the host */       \
         embedding_detail::gather<TYPE>(table, row_bytes, vocab, num_cols, ids, out);           \
+        qs::pdl_allow_next_kernel();                                                           \
     }
 
 QFORMATS_FOR_EACH_TYPE(QFORMATS_EMBEDDING_ENTRY)

@@ -26,6 +26,7 @@
 // inner loop reads shared memory only.
 #include "common.cuh"
 #include "linear_mma_common.cuh"
+#include "pdl.cuh"
 
 namespace linear_mma_detail {
 
@@ -182,10 +183,16 @@ __device__ __forceinline__ void normalize_staged_x(const LinearArgs& a, uint8_t*
 // The K loop both layouts share: stage chunk c + 1 while chunk c is multiplied by `multiply`.
 // NORM (decode tiles, whole K in one chunk): x and the norm gain (after the x rows) are copied as a
 // cp.async group of their own, ahead of the W bytes, and x is normalized while W is still in flight.
+// Launched with PDL (pdl.cuh), a CTA waits here for the previous kernel before it reads x or the
+// norm gain (or anything else). Fetching the weights before the wait was slower: H200, synthetic
+// weights, decode graph at 1 / 2 / 8 tokens, 860 / 952 / 1,191 us with nothing early, 878 / 967 / 1,202
+// with chunk 0's W copied to shared memory first, 880 / 976 / 1,203 with a bulk L2 prefetch of the
+// CTA's rows (881 / 970 / 1,222 without PDL).
 template <int T, int ROWS, bool NORM, typename Multiply>
 __device__ __forceinline__ void for_each_chunk(const LinearArgs& a, int n0, int m0, int num_tokens, Multiply multiply) {
     extern __shared__ __align__(16) uint8_t smem[];
     uint8_t* buffers[2] = {smem, smem + buffer_bytes<ROWS>(a)};
+    qs::pdl_wait_for_previous_kernel();
     if constexpr (NORM) {
         uint8_t* xs = smem + weight_bytes<ROWS>(a);
         uint8_t* gain = xs + a.x_rows * x_stride(a);
@@ -247,6 +254,7 @@ __device__ void linear_mma_split_k(const LinearArgs& a) {
         for (int sub = warp; sub < num_sub; sub += kAccumulators)
             multiply_sub_chunk<T, NG>(a, tile, sub, num_groups, acc);
     });
+    qs::pdl_allow_next_kernel();   // the main work is done: the next kernel may start its CTAs
     // Accumulators -> shared [warp][row][token], then summed in accumulator order.
     float* partial = reinterpret_cast<float*>(smem);
     const int lane = threadIdx.x & 31, group = lane >> 2, quad = lane & 3;
@@ -278,6 +286,7 @@ __device__ void linear_mma_rows(const LinearArgs& a) {
                 if (sub0 + v < num_sub) multiply_sub_chunk<T, NG>(a, tile, sub0 + v, num_groups, acc[v]);
         }
     });
+    qs::pdl_allow_next_kernel();   // the main work is done: the next kernel may start its CTAs
     // Totals -> shared [row][token] (the staging buffers are free after the last barrier).
     float* totals = reinterpret_cast<float*>(smem);
     const int lane = threadIdx.x & 31, group = lane >> 2, quad = lane & 3;
@@ -340,6 +349,7 @@ __device__ void linear_mma_narrow(const LinearArgs& a) {
             }
         }
     });
+    qs::pdl_allow_next_kernel();   // the main work is done: the next kernel may start its CTAs
     // acc: tokens group (0, 1) and group + 8 (2, 3), rows 2 * quad and 2 * quad + 1 -> [warp][row][token]
     float* partial = reinterpret_cast<float*>(smem);
 #pragma unroll

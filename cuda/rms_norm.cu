@@ -6,6 +6,7 @@
 // One block per output row; the row sum uses block_sum (fixed order), so a row's result does not
 // depend on how many rows the launch holds (batch invariance).
 #include "common.cuh"
+#include "pdl.cuh"
 
 namespace qs {
 
@@ -48,5 +49,7 @@ rms_norm_f32(const float* delta,    // [num_rows, hidden] or null
              __half* out16,         // [num_out_rows, hidden] fp16 in slot order, or null
              const int* row_ids,    // [num_out_rows] or null
              int hidden, float eps, int write_residual) {
+    qs::pdl_wait_for_previous_kernel();
     qs::rms_norm_row<128>(delta, residual, weight, out, out16, row_ids, hidden, eps, write_residual);
+    qs::pdl_allow_next_kernel();
 }

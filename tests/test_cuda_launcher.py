@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 
 from gpu_worker.backends.cuda.device import CudaBackendError
-from gpu_worker.backends.cuda.launcher import (LAUNCH_ENV, DriverModule, KernelNotFound, LaunchConfig, launch_mode,
-                                               pack_arguments)
+from gpu_worker.backends.cuda.launcher import (LAUNCH_ENV, PDL_ENV, DriverModule, KernelNotFound, LaunchAttribute,
+                                               LaunchConfig, launch_mode, pack_arguments, pdl_aware, pdl_enabled)
 
 
 def test_launch_config_matches_cuda_h_layout():
@@ -163,3 +163,30 @@ def test_missing_kernels_and_unprepared_calls_are_named(tmp_path):
         module.get_function("missing")
     with pytest.raises(CudaBackendError, match="before prepare"):
         module.get_function("k").prepared_async_call((1,), (32,), FakeStream(), 1)
+
+
+def test_pdl_attribute_matches_cuda_h_and_reaches_only_pdl_aware_kernels(tmp_path, monkeypatch):
+    """CUlaunchAttribute is 72 bytes (id, pad, 64-byte value); with pdl=True the kernels written for
+    programmatic dependent launch (cuda/pdl.cuh) carry attribute 6 = 1, the others (the gemm layouts,
+    the sampler) none. PDL is on from sm_90 unless QWEN_SERVE_CUDA_PDL=0."""
+    assert ctypes.sizeof(LaunchAttribute) == 72 and LaunchAttribute.value.offset == 8
+    assert pdl_aware("linear_mma_norm_q5_0_g1") and pdl_aware("linear_mma_narrow_acc_q6_k_g2")
+    assert pdl_aware("attention_mma_decode") and pdl_aware("embedding_q5_0") and pdl_aware("rms_norm_f32")
+    assert not pdl_aware("linear_mma_gemm32_q5_0_g8") and not pdl_aware("linear_f16_gemm_g8")
+    assert not pdl_aware("sample_greedy") and not pdl_aware("f32_to_f16")
+    fatbin = tmp_path / "k.fatbin"
+    fatbin.write_bytes(b"\x7fimage")
+    lib = RecordingLibcuda()
+    module = DriverModule(fatbin, lib=lib, pdl=True)
+    module.get_function("linear_mma_q5_0_g1")(np.int32(1), grid=(1,), block=(128,), stream=FakeStream())
+    module.get_function("linear_mma_gemm_q5_0_g8")(np.int32(1), grid=(1,), block=(256,), stream=FakeStream())
+    (pdl_address, pdl_count), plain = lib.launches[0]["attrs"], lib.launches[1]["attrs"]
+    attribute = LaunchAttribute.from_address(pdl_address)
+    assert pdl_count == 1 and attribute.id == 6 and attribute.value[0] == 1 and plain == (None, 0)
+    monkeypatch.delenv(PDL_ENV, raising=False)
+    assert pdl_enabled((9, 0)) and not pdl_enabled((8, 9))
+    monkeypatch.setenv(PDL_ENV, "0")
+    assert not pdl_enabled((9, 0))
+    monkeypatch.setenv(PDL_ENV, "yes")
+    with pytest.raises(CudaBackendError, match=PDL_ENV):
+        pdl_enabled((9, 0))

@@ -150,7 +150,7 @@ class CudaDevice:
             raise CudaBackendError(f"launch mode {launch_mode!r}: must be one of {launcher.LAUNCH_MODES}")
         if launch_mode == "pycuda":
             return self.cuda.module_from_file(str(self.fatbin_path))
-        return launcher.DriverModule(self.fatbin_path)
+        return launcher.DriverModule(self.fatbin_path, pdl=launcher.pdl_enabled(self.device.compute_capability()))
 
     def child(self, launch_mode: str | None = None) -> CudaDevice:
         """The same context and stream with its own counted memory (a backend that shares a device,
