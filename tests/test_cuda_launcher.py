@@ -168,7 +168,7 @@ def test_missing_kernels_and_unprepared_calls_are_named(tmp_path):
 def test_pdl_attribute_matches_cuda_h_and_reaches_only_pdl_aware_kernels(tmp_path, monkeypatch):
     """CUlaunchAttribute is 72 bytes (id, pad, 64-byte value); with pdl=True the kernels written for
     programmatic dependent launch (cuda/pdl.cuh) carry attribute 6 = 1, the others (the gemm layouts,
-    the sampler) none. PDL is on from sm_90 unless QWEN_SERVE_CUDA_PDL=0."""
+    the sampler) none. PDL is used on sm_90+ with QWEN_SERVE_CUDA_PDL=1 only."""
     assert ctypes.sizeof(LaunchAttribute) == 72 and LaunchAttribute.value.offset == 8
     assert pdl_aware("linear_mma_norm_q5_0_g1") and pdl_aware("linear_mma_narrow_acc_q6_k_g2")
     assert pdl_aware("attention_mma_decode") and pdl_aware("embedding_q5_0") and pdl_aware("rms_norm_f32")
@@ -184,6 +184,8 @@ def test_pdl_attribute_matches_cuda_h_and_reaches_only_pdl_aware_kernels(tmp_pat
     attribute = LaunchAttribute.from_address(pdl_address)
     assert pdl_count == 1 and attribute.id == 6 and attribute.value[0] == 1 and plain == (None, 0)
     monkeypatch.delenv(PDL_ENV, raising=False)
+    assert not pdl_enabled((9, 0))                 # off unless asked for
+    monkeypatch.setenv(PDL_ENV, "1")
     assert pdl_enabled((9, 0)) and not pdl_enabled((8, 9))
     monkeypatch.setenv(PDL_ENV, "0")
     assert not pdl_enabled((9, 0))

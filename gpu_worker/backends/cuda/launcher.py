@@ -13,9 +13,9 @@ after (its launches read every per-step input from static buffers, as a CUDA gra
 
 Launch modes (QWEN_SERVE_CUDA_LAUNCH): "driver" (the default) or "pycuda" (PyCUDA's own module
 and launches; nothing is recorded). In "driver" mode on sm_90+ the kernels written for it
-(pdl_aware, cuda/pdl.cuh) launch with programmatic dependent launch: a kernel's CTAs are scheduled
-while the previous kernel finishes, so the launch latency between them overlaps (H200, decode graph at
-batch 1: 881 -> 860 us on synthetic weights; QWEN_SERVE_CUDA_PDL=0 turns it off). DriverModule mimics the slice of PyCUDA's Module / Function
+(pdl_aware, cuda/pdl.cuh) can launch with programmatic dependent launch (QWEN_SERVE_CUDA_PDL=1; off by
+default, see pdl_enabled): a kernel's CTAs are scheduled while the previous kernel finishes, so the
+launch latency between them overlaps. DriverModule mimics the slice of PyCUDA's Module / Function
 API the ops use (get_function, prepare, prepared_async_call, __call__, set_attribute), so every op
 launches through either unchanged.
 """
@@ -76,8 +76,14 @@ class KernelNotFound(CudaBackendError, LookupError):
 
 
 def pdl_enabled(compute_capability: tuple[int, int]) -> bool:
-    """Programmatic dependent launch for the pdl_aware kernels: on sm_90+ unless QWEN_SERVE_CUDA_PDL=0."""
-    setting = os.environ.get(PDL_ENV, "").strip() or "1"
+    """Programmatic dependent launch for the pdl_aware kernels: with QWEN_SERVE_CUDA_PDL=1, on sm_90+.
+
+    Off by default. Real model on an H200 (b60f7c4): the decode graph at batch 1 / 2 / 8 takes 852 / 944 /
+    1,185 us with it against 885 / 973 / 1,236 without (one gRPC stream 1,034 against 1,005 tok/s at
+    6a4dfe7), but 256 concurrent gRPC streams ran slower with it: 27.1-42.6k tok/s over nine runs (median
+    ~35k, first-token p50 up to 230 ms) against 42.0-42.7k over three runs without, interleaved on the same
+    machine. Why is not found; until it is, the serving default keeps throughput."""
+    setting = os.environ.get(PDL_ENV, "").strip() or "0"
     if setting not in ("0", "1"):
         raise CudaBackendError(f"{PDL_ENV}={setting!r}: must be 0 or 1")
     return setting == "1" and tuple(compute_capability) >= (9, 0)
