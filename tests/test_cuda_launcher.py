@@ -12,8 +12,18 @@ import numpy as np
 import pytest
 
 from gpu_worker.backends.cuda.device import CudaBackendError
-from gpu_worker.backends.cuda.launcher import (LAUNCH_ENV, PDL_ENV, DriverModule, KernelNotFound, LaunchAttribute,
-                                               LaunchConfig, launch_mode, pack_arguments, pdl_aware, pdl_enabled)
+from gpu_worker.backends.cuda.launcher import (
+    LAUNCH_ENV,
+    PDL_ENV,
+    DriverModule,
+    KernelNotFound,
+    LaunchAttribute,
+    LaunchConfig,
+    launch_mode,
+    pack_arguments,
+    pdl_aware,
+    pdl_enabled,
+)
 
 
 def test_launch_config_matches_cuda_h_layout():
@@ -139,10 +149,8 @@ def test_a_recording_does_not_nest(tmp_path):
     fatbin = tmp_path / "k.fatbin"
     fatbin.write_bytes(b"x")
     module = DriverModule(fatbin, lib=RecordingLibcuda())
-    with module.recording():
-        with pytest.raises(CudaBackendError, match="nest"):
-            with module.recording():
-                pass
+    with module.recording(), pytest.raises(CudaBackendError, match="nest"), module.recording():
+        pass
 
 
 def test_a_driver_without_culaunchkernelex_names_the_fallback(tmp_path, monkeypatch):

@@ -166,7 +166,7 @@ def test_weight_scratch_holds_the_largest_layer_matrix_or_16384_lm_head_rows():
     from gpu_worker.backends.cuda.forward import weight_scratch_halves
 
     def weights(vocab: int) -> SimpleNamespace:
-        w = lambda rows, cols: DeviceWeight(6, rows, cols, ptr=1 << 30)   # noqa: E731
+        w = lambda rows, cols: DeviceWeight(6, rows, cols, ptr=1 << 30)
         layer = SimpleNamespace(qkv_runs=(w(1152, 896),), o=w(896, 896), gate=None, up=None,
                                 down=w(896, 4864), gate_up=w(9728, 896))
         return SimpleNamespace(layers=(layer, layer), lm_head=w(vocab, 896))
