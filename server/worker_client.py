@@ -123,7 +123,8 @@ class _WakeQueue:
     the first ones had finished. Spread over iterations, the same work leaves room for the accepts.
     256 streams on the serving path alone (benchmarks.free_forward_worker, 4 ms steps, H200 host, 16
     cores, six runs each): aggregate 14.1-17.4k -> 17.4-19.9k tok/s, last arrival at the worker
-    1.26-1.72 s -> 1.04-1.26 s after the first send."""
+    1.26-1.72 s -> 1.04-1.26 s after the first send. With the real model the 256-stream runs stayed as
+    spread as before (docs/gpu_results/serving_profile_h200.md, session 11)."""
 
     def __init__(self, per_round: int) -> None:
         self.per_round = per_round
