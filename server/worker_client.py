@@ -95,13 +95,15 @@ class _Mailbox:
     def add(self, item: StreamItem) -> bool:
         """Add an item without waking the reader; True when it waits and needs a wake()."""
         self.items.append(item)
-        waiter = self._waiter
-        return waiter is not None and not waiter.done()
+        return self._reader_waits()
 
     def wake(self) -> None:
+        if self._reader_waits():
+            self._waiter.set_result(None)
+
+    def _reader_waits(self) -> bool:
         waiter = self._waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
+        return waiter is not None and not waiter.done()
 
     async def take_all(self) -> list[StreamItem]:
         while not self.items:

@@ -271,9 +271,10 @@ def plan_linear(weight: DeviceWeight, num_tokens: int, epilogue: str = "store",
                             shared_bytes=gemm_shared_bytes(weight, rows_per_cta, tokens_per_cta))
     chunk_cols = plan_k_chunks(weight, rows_per_cta, x_rows)
     if not norm and layout in ("split_k", "narrow") and num_tokens <= NARROW_UP_TO_TOKENS \
-            and weight.cols >= LONG_COLS and chunk_cols >= weight.cols \
-            and 2 * stage_bytes(weight, half_k_chunk(weight), rows_per_cta, x_rows) <= SHARED_BUDGET:
-        chunk_cols = half_k_chunk(weight)
+            and weight.cols >= LONG_COLS and chunk_cols >= weight.cols:
+        half = half_k_chunk(weight)
+        if 2 * stage_bytes(weight, half, rows_per_cta, x_rows) <= SHARED_BUDGET:
+            chunk_cols = half
     buffers = 1 if chunk_cols >= weight.cols else 2
     if norm:   # the prologue normalizes x once, before the first (only) chunk is multiplied
         if chunk_cols < weight.cols:
