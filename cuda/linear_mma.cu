@@ -24,6 +24,8 @@
 // Per K chunk a CTA stages its rows' bytes and its tokens' x values global -> shared with 16-byte
 // cp.async, double-buffered (the next chunk is in flight while this one is multiplied), so the
 // inner loop reads shared memory only.
+#include <type_traits>
+
 #include "common.cuh"
 #include "linear_mma_common.cuh"
 #include "pdl.cuh"
@@ -121,24 +123,57 @@ __device__ __forceinline__ WarpTile warp_tile(const LinearArgs& a, const uint8_t
     return tile;
 }
 
-// acc[j] += rows x tokens 8j..8j+7 over sub-chunk `sub` (columns relative to the chunk start).
+// A lane's 8 columns of its j-th step (0, 1, ...) over a staged row chunk: columns col0 + 128 j,
+// col0 = 32 v + 8 t < 128 for accumulator v and quad lane t (sub-chunk v + 4 j; chunks start at
+// multiples of 128 and of the block). Returns the block holding them and sets i, their index in
+// it. For every type that index is the same on every step of one parity (ODD: j odd), so the
+// compiler keeps the in-block arithmetic out of the loop and a step costs one pointer add; the
+// per-step division and modulo of block_of took ~25 of the ~100 instructions of a Q6_K step.
+template <int T, bool ODD>
+__device__ __forceinline__ const uint8_t* lane_block(const uint8_t* row, int col0, int j, int& i) {
+    constexpr int kValues = qformats::BlockInfo<T>::kValues, kBytes = qformats::BlockInfo<T>::kBytes;
+    static_assert(kValues == 1 || kValues == 32 || kValues == 256, "a block of 1, 32 or 256 values");
+    if constexpr (kValues == 256) {         // two steps per block
+        i = col0 + (ODD ? 128 : 0);
+        return row + (j >> 1) * kBytes;
+    } else if constexpr (kValues == 32) {   // four blocks per step
+        i = col0 & 31;
+        return row + ((col0 >> 5) + 4 * j) * kBytes;
+    } else {                                // float types: one value per "block"
+        i = 0;
+        return row + (col0 + 128 * j) * kBytes;
+    }
+}
+
+// Runs step(j, odd) for j = 0, 1, ... while first_sub + 4 j < num_sub (accumulator first_sub's
+// sub-chunks, in order), odd a std::bool_constant of j's parity (for lane_block).
+template <typename Step>
+__device__ __forceinline__ void for_each_step(int first_sub, int num_sub, Step step) {
+    for (int j = 0; first_sub + 4 * j < num_sub; j += 2) {
+        step(j, std::false_type{});
+        if (first_sub + 4 * (j + 1) < num_sub) step(j + 1, std::true_type{});
+    }
+}
+
+// acc[g] += the lane's rows (their 8 columns at index i of blocks lo and hi) x tokens 8g..8g+7,
+// the columns at col of the staged x chunk.
 template <int T, int NG>
-__device__ __forceinline__ void multiply_sub_chunk(const LinearArgs& a, const WarpTile& tile, int sub,
-                                                   int num_groups, float acc[NG][4]) {
-    const int lane = threadIdx.x & 31, group = lane >> 2;
-    const int col = sub * kSubK + 8 * (lane & 3);   // this lane's 8 columns
+__device__ __forceinline__ void multiply_blocks(const LinearArgs& a, const uint8_t* xs, const uint8_t* lo_block,
+                                                const uint8_t* hi_block, int i, int col, int num_groups,
+                                                float acc[NG][4]) {
+    const int group = (threadIdx.x & 31) >> 2;
     uint32_t frag[2][4];
     if constexpr (T == qformats::kF16) {
         // fp16 weights (e.g. an F16 conversion): the fragments are the stored halves, 16
         // bytes per row (rows are 16-byte aligned: row_bytes = 2K, K % 32 == 0), no conversion.
-        const uint4 lo = *reinterpret_cast<const uint4*>(tile.rows[0] + 2 * col);
-        const uint4 hi = *reinterpret_cast<const uint4*>(tile.rows[1] + 2 * col);
+        const uint4 lo = *reinterpret_cast<const uint4*>(lo_block);
+        const uint4 hi = *reinterpret_cast<const uint4*>(hi_block);
         frag[0][0] = lo.x; frag[0][1] = hi.x; frag[0][2] = lo.y; frag[0][3] = hi.y;
         frag[1][0] = lo.z; frag[1][1] = hi.z; frag[1][2] = lo.w; frag[1][3] = hi.w;
     } else {
         uint32_t lo[4], hi[4];
-        qformats::dequant8_half2<T>(tile.rows[0], col, lo);
-        qformats::dequant8_half2<T>(tile.rows[1], col, hi);
+        qformats::dequant8_half2_block<T>(lo_block, i, lo);
+        qformats::dequant8_half2_block<T>(hi_block, i, hi);
         pack_a_fragments(lo, hi, frag);
     }
 #pragma unroll
@@ -146,11 +181,33 @@ __device__ __forceinline__ void multiply_sub_chunk(const LinearArgs& a, const Wa
         if (j >= num_groups) break;
         // Token 8j + group; a lane past the staged tokens reads the last one (never stored).
         const int token = min(8 * j + group, a.x_rows - 1);
-        const float4* xp = reinterpret_cast<const float4*>(tile.xs + token * x_stride(a) + 4 * col);
+        const float4* xp = reinterpret_cast<const float4*>(xs + token * x_stride(a) + 4 * col);
         const float4 x0 = xp[0], x1 = xp[1];
         mma_16x8x16(acc[j], frag[0], pack_half2(x0.x, x0.y), pack_half2(x0.z, x0.w));
         mma_16x8x16(acc[j], frag[1], pack_half2(x1.x, x1.y), pack_half2(x1.z, x1.w));
     }
+}
+
+// acc[g] += rows x tokens 8g..8g+7 over sub-chunk `sub` (columns relative to the chunk start).
+template <int T, int NG>
+__device__ __forceinline__ void multiply_sub_chunk(const LinearArgs& a, const WarpTile& tile, int sub,
+                                                   int num_groups, float acc[NG][4]) {
+    const int col = sub * kSubK + 8 * (threadIdx.x & 3);   // this lane's 8 columns
+    int i;
+    const uint8_t* lo = qformats::block_of<T>(tile.rows[0], col, i);
+    const uint8_t* hi = qformats::block_of<T>(tile.rows[1], col, i);
+    multiply_blocks<T, NG>(a, tile.xs, lo, hi, i, col, num_groups, acc);
+}
+
+// The same for step j of accumulator `warp` (for_each_step).
+template <int T, int NG, bool ODD>
+__device__ __forceinline__ void multiply_step(const LinearArgs& a, const WarpTile& tile, int warp, int j,
+                                              int num_groups, float acc[NG][4]) {
+    const int col0 = warp * kSubK + 8 * (threadIdx.x & 3);
+    int i;
+    const uint8_t* lo = lane_block<T, ODD>(tile.rows[0], col0, j, i);
+    const uint8_t* hi = lane_block<T, ODD>(tile.rows[1], col0, j, i);
+    multiply_blocks<T, NG>(a, tile.xs, lo, hi, i, col0 + 4 * kSubK * j, num_groups, acc);
 }
 
 // Decode steps (*_norm_* kernels of the decode tiles): the staged x rows (whole K, at most 16 of
@@ -191,7 +248,10 @@ __device__ __forceinline__ void normalize_staged_x(const LinearArgs& a, uint8_t*
 template <int T, int ROWS, bool NORM, typename Multiply>
 __device__ __forceinline__ void for_each_chunk(const LinearArgs& a, int n0, int m0, int num_tokens, Multiply multiply) {
     extern __shared__ __align__(16) uint8_t smem[];
-    uint8_t* buffers[2] = {smem, smem + buffer_bytes<ROWS>(a)};
+    // Staging buffer c & 1, computed from smem each time: a dynamically indexed array of the two
+    // pointers lives in local memory, and the loads through it lose their address space (generic
+    // LD instead of LDS, 64-bit address arithmetic in the inner loop).
+    const auto buffer = [&](int c) { return smem + (c & 1) * buffer_bytes<ROWS>(a); };
     qs::pdl_wait_for_previous_kernel();
     if constexpr (NORM) {
         uint8_t* xs = smem + weight_bytes<ROWS>(a);
@@ -211,10 +271,10 @@ __device__ __forceinline__ void for_each_chunk(const LinearArgs& a, int n0, int 
         return;
     }
     const int num_chunks = (a.num_cols + a.chunk_cols - 1) / a.chunk_cols;
-    stage_chunk<T, ROWS>(a, n0, m0, num_tokens, 0, buffers[0]);
+    stage_chunk<T, ROWS>(a, n0, m0, num_tokens, 0, buffer(0));
     for (int c = 0; c < num_chunks; ++c) {
-        if (c + 1 < num_chunks) {   // buffer (c + 1) & 1 was released by the barrier ending chunk c - 1
-            stage_chunk<T, ROWS>(a, n0, m0, num_tokens, (c + 1) * a.chunk_cols, buffers[(c + 1) & 1]);
+        if (c + 1 < num_chunks) {   // buffer(c + 1) was released by the barrier ending chunk c - 1
+            stage_chunk<T, ROWS>(a, n0, m0, num_tokens, (c + 1) * a.chunk_cols, buffer(c + 1));
             asm volatile("cp.async.wait_group 1;\n" ::: "memory");
         } else {
             asm volatile("cp.async.wait_group 0;\n" ::: "memory");
@@ -222,7 +282,7 @@ __device__ __forceinline__ void for_each_chunk(const LinearArgs& a, int n0, int 
         __syncthreads();
         // k0 / 32 is a multiple of 4 (chunk_cols is K or a multiple of 128): a sub-chunk's index
         // in the chunk and in K agree mod 4.
-        multiply(buffers[c & 1], c * a.chunk_cols, min(a.chunk_cols, a.num_cols - c * a.chunk_cols) / kSubK);
+        multiply(buffer(c), c * a.chunk_cols, min(a.chunk_cols, a.num_cols - c * a.chunk_cols) / kSubK);
         __syncthreads();
     }
 }
@@ -250,9 +310,9 @@ __device__ void linear_mma_split_k(const LinearArgs& a) {
     float acc[NG][4] = {};
     for_each_chunk<T, kRows, NORM>(a, n0, m0, num_tokens, [&](uint8_t* buf, int k0, int num_sub) {
         const WarpTile tile = warp_tile<T, kRows>(a, buf, n0, 0, k0);
-#pragma unroll 2
-        for (int sub = warp; sub < num_sub; sub += kAccumulators)
-            multiply_sub_chunk<T, NG>(a, tile, sub, num_groups, acc);
+        for_each_step(warp, num_sub, [&](int j, auto odd) {
+            multiply_step<T, NG, decltype(odd)::value>(a, tile, warp, j, num_groups, acc);
+        });
     });
     qs::pdl_allow_next_kernel();   // the main work is done: the next kernel may start its CTAs
     // Accumulators -> shared [warp][row][token], then summed in accumulator order.
@@ -326,16 +386,18 @@ __device__ void linear_mma_narrow(const LinearArgs& a) {
     for_each_chunk<T, kRows, NORM>(a, n0, m0, num_tokens, [&](uint8_t* buf, int k0, int num_sub) {
         const uint8_t* row = staged_row<T>(a, buf, n0, group, k0);
         const uint8_t* xs = buf + weight_bytes<kRows>(a);
-#pragma unroll 2
-        for (int sub = warp; sub < num_sub; sub += kAccumulators) {
-            const int col = sub * kSubK + 8 * quad;   // this lane's 8 columns
+        const int col0 = warp * kSubK + 8 * quad;   // this lane's 8 columns on step 0
+        for_each_step(warp, num_sub, [&](int j, auto odd) {
+            const int col = col0 + 4 * kSubK * j;
+            int i;
+            const uint8_t* block = lane_block<T, decltype(odd)::value>(row, col0, j, i);
             uint32_t w[2][2];                         // B fragments: [mma][k slots 2t.. / 2t+8..]
             if constexpr (T == qformats::kF16) {
-                const uint4 h = *reinterpret_cast<const uint4*>(row + 2 * col);
+                const uint4 h = *reinterpret_cast<const uint4*>(block);
                 w[0][0] = h.x; w[0][1] = h.y; w[1][0] = h.z; w[1][1] = h.w;
             } else {
                 uint32_t v[4];   // value pairs (0, 1), (2, 3), (4, 5), (6, 7)
-                qformats::dequant8_half2<T>(row, col, v);
+                qformats::dequant8_half2_block<T>(block, i, v);
                 w[0][0] = v[0]; w[0][1] = v[1]; w[1][0] = v[2]; w[1][1] = v[3];
             }
             const float4* lo = reinterpret_cast<const float4*>(xs + token_lo * x_stride(a) + 4 * col);
@@ -347,7 +409,7 @@ __device__ void linear_mma_narrow(const LinearArgs& a) {
                                        pack_half2(h.z, h.w)};
                 mma_16x8x16(acc, x, w[s][0], w[s][1]);
             }
-        }
+        });
     });
     qs::pdl_allow_next_kernel();   // the main work is done: the next kernel may start its CTAs
     // acc: tokens group (0, 1) and group + 8 (2, 3), rows 2 * quad and 2 * quad + 1 -> [warp][row][token]

@@ -102,29 +102,36 @@ __device__ __forceinline__ float byte_minus(uint32_t word, float magic_plus_bias
 }
 constexpr float kMagic = 8388608.0f;   // 2^23
 
-template <int T> __device__ void dequant8(const uint8_t* row, int v0, float out[8]);
+// dequant8_block<T>(b, i, out): values i..i+7 of the block at b (one value per "block" for the
+// float types, i = 0). dequant8<T>(row, v0, out): values v0..v0+7 of a row, v0 a multiple of 8.
+template <int T> __device__ void dequant8_block(const uint8_t* b, int i, float out[8]);
 
-template <> __device__ __forceinline__ void dequant8<kF32>(const uint8_t* row, int v0, float out[8]) {
-    const float* p = reinterpret_cast<const float*>(row) + v0;
+template <int T>
+__device__ __forceinline__ void dequant8(const uint8_t* row, int v0, float out[8]) {
+    int i; const uint8_t* b = block_of<T>(row, v0, i);
+    dequant8_block<T>(b, i, out);
+}
+
+template <> __device__ __forceinline__ void dequant8_block<kF32>(const uint8_t* b, int, float out[8]) {
+    const float* p = reinterpret_cast<const float*>(b);
 #pragma unroll
     for (int j = 0; j < 8; ++j) out[j] = p[j];
 }
 
-template <> __device__ __forceinline__ void dequant8<kF16>(const uint8_t* row, int v0, float out[8]) {
-    const __half* p = reinterpret_cast<const __half*>(row) + v0;
+template <> __device__ __forceinline__ void dequant8_block<kF16>(const uint8_t* b, int, float out[8]) {
+    const __half* p = reinterpret_cast<const __half*>(b);
 #pragma unroll
     for (int j = 0; j < 8; ++j) out[j] = __half2float(p[j]);
 }
 
-template <> __device__ __forceinline__ void dequant8<kBF16>(const uint8_t* row, int v0, float out[8]) {
-    const __nv_bfloat16* p = reinterpret_cast<const __nv_bfloat16*>(row) + v0;
+template <> __device__ __forceinline__ void dequant8_block<kBF16>(const uint8_t* b, int, float out[8]) {
+    const __nv_bfloat16* p = reinterpret_cast<const __nv_bfloat16*>(b);
 #pragma unroll
     for (int j = 0; j < 8; ++j) out[j] = __bfloat162float(p[j]);
 }
 
 // Q4_0: { half d; uint8 qs[16]; }  x = d * (q - 8)
-template <> __device__ __forceinline__ void dequant8<kQ4_0>(const uint8_t* row, int v0, float out[8]) {
-    int i; const uint8_t* b = block_of<kQ4_0>(row, v0, i);
+template <> __device__ __forceinline__ void dequant8_block<kQ4_0>(const uint8_t* b, int i, float out[8]) {
     const float d = load_half(b);
     int q[8]; nibbles8(b + 2, i, q);
 #pragma unroll
@@ -132,8 +139,7 @@ template <> __device__ __forceinline__ void dequant8<kQ4_0>(const uint8_t* row, 
 }
 
 // Q4_1: { half d; half m; uint8 qs[16]; }  x = d * q + m
-template <> __device__ __forceinline__ void dequant8<kQ4_1>(const uint8_t* row, int v0, float out[8]) {
-    int i; const uint8_t* b = block_of<kQ4_1>(row, v0, i);
+template <> __device__ __forceinline__ void dequant8_block<kQ4_1>(const uint8_t* b, int i, float out[8]) {
     const float d = load_half(b), m = load_half(b + 2);
     int q[8]; nibbles8(b + 4, i, q);
 #pragma unroll
@@ -142,8 +148,7 @@ template <> __device__ __forceinline__ void dequant8<kQ4_1>(const uint8_t* row, 
 
 // Q5_0: { half d; uint8 qh[4]; uint8 qs[16]; }  x = d * (q - 16), q = nibble | qh bit << 4
 // (four values per word: nibbles masked, fifth bits spread in, bytes read as floats by byte_minus).
-template <> __device__ __forceinline__ void dequant8<kQ5_0>(const uint8_t* row, int v0, float out[8]) {
-    int i; const uint8_t* b = block_of<kQ5_0>(row, v0, i);
+template <> __device__ __forceinline__ void dequant8_block<kQ5_0>(const uint8_t* b, int i, float out[8]) {
     const float d = load_half(b);
     const uint2 w = load8_words(b + 6 + (i & 15));
     const int shift = i < 16 ? 0 : 4;
@@ -157,8 +162,7 @@ template <> __device__ __forceinline__ void dequant8<kQ5_0>(const uint8_t* row, 
 }
 
 // Q5_1: { half d; half m; uint8 qh[4]; uint8 qs[16]; }  x = d * q + m
-template <> __device__ __forceinline__ void dequant8<kQ5_1>(const uint8_t* row, int v0, float out[8]) {
-    int i; const uint8_t* b = block_of<kQ5_1>(row, v0, i);
+template <> __device__ __forceinline__ void dequant8_block<kQ5_1>(const uint8_t* b, int i, float out[8]) {
     const float d = load_half(b), m = load_half(b + 2);
     int q[8]; nibbles8(b + 8, i, q); high_bits8(load_u32_unaligned(b + 4), i, q);
 #pragma unroll
@@ -166,8 +170,7 @@ template <> __device__ __forceinline__ void dequant8<kQ5_1>(const uint8_t* row, 
 }
 
 // Q8_0: { half d; int8 qs[32]; }  x = d * q  (q + 128 = the byte with its top bit flipped)
-template <> __device__ __forceinline__ void dequant8<kQ8_0>(const uint8_t* row, int v0, float out[8]) {
-    int i; const uint8_t* b = block_of<kQ8_0>(row, v0, i);
+template <> __device__ __forceinline__ void dequant8_block<kQ8_0>(const uint8_t* b, int i, float out[8]) {
     const float d = load_half(b);
     const uint2 w = load8_words(b + 2 + i);
     const uint32_t lo = w.x ^ 0x80808080u, hi = w.y ^ 0x80808080u;
@@ -190,8 +193,7 @@ __device__ __forceinline__ void scale_min_k4(const uint8_t* sc, int s, int& scal
 
 // Q4_K: { half d; half dmin; uint8 scales[12]; uint8 qs[128]; }, 8 sub-blocks of 32 values.
 // Sub-block s uses nibble (s & 1) of qs[32 * (s / 2) + l];  x = d*scale_s*q - dmin*min_s
-template <> __device__ __forceinline__ void dequant8<kQ4_K>(const uint8_t* row, int v0, float out[8]) {
-    int i; const uint8_t* b = block_of<kQ4_K>(row, v0, i);
+template <> __device__ __forceinline__ void dequant8_block<kQ4_K>(const uint8_t* b, int i, float out[8]) {
     const int s = i / 32, l = i % 32;
     int scale, min; scale_min_k4(b + 4, s, scale, min);
     const float d = __fmul_rn(load_half(b), float(scale));
@@ -207,8 +209,7 @@ template <> __device__ __forceinline__ void dequant8<kQ4_K>(const uint8_t* row, 
 
 // Q5_K: { half d; half dmin; uint8 scales[12]; uint8 qh[32]; uint8 qs[128]; }
 // As Q4_K, plus fifth bit s of qh[l].
-template <> __device__ __forceinline__ void dequant8<kQ5_K>(const uint8_t* row, int v0, float out[8]) {
-    int i; const uint8_t* b = block_of<kQ5_K>(row, v0, i);
+template <> __device__ __forceinline__ void dequant8_block<kQ5_K>(const uint8_t* b, int i, float out[8]) {
     const int s = i / 32, l = i % 32;
     int scale, min; scale_min_k4(b + 4, s, scale, min);
     const float d = __fmul_rn(load_half(b), float(scale));
@@ -226,8 +227,7 @@ template <> __device__ __forceinline__ void dequant8<kQ5_K>(const uint8_t* row, 
 // Q6_K: { uint8 ql[128]; uint8 qh[64]; int8 scales[16]; half d; }, two halves of 128 values.
 // In half h, value g*32 + l (g = 0..3) takes nibble (g >= 2) of ql[64h + 32(g&1) + l] and bits
 // 2g..2g+1 of qh[32h + l];  x = d * scales[i / 16] * (q - 32)
-template <> __device__ __forceinline__ void dequant8<kQ6_K>(const uint8_t* row, int v0, float out[8]) {
-    int i; const uint8_t* b = block_of<kQ6_K>(row, v0, i);
+template <> __device__ __forceinline__ void dequant8_block<kQ6_K>(const uint8_t* b, int i, float out[8]) {
     const int h = i / 128, g = (i % 128) / 32, l = i % 32;
     const float d = __fmul_rn(load_half(b + 208), float(reinterpret_cast<const int8_t*>(b + 192)[i / 16]));
     const uint2 ql = load8_words(b + 64 * h + 32 * (g & 1) + l);
@@ -252,9 +252,9 @@ template <> __device__ __forceinline__ void dequant8<kQ6_K>(const uint8_t* row, 
 // with half the instructions per value. Other types (fp32 scales such as K-quants' d * scale)
 // convert dequant8's fp32 values.
 template <int T>
-__device__ __forceinline__ void dequant8_half2(const uint8_t* row, int v0, uint32_t out[4]) {
+__device__ __forceinline__ void dequant8_half2_block(const uint8_t* b, int i, uint32_t out[4]) {
     float v[8];
-    dequant8<T>(row, v0, v);
+    dequant8_block<T>(b, i, v);
 #pragma unroll
     for (int k = 0; k < 4; ++k) {
         const __half2 h = __floats2half2_rn(v[2 * k], v[2 * k + 1]);
@@ -280,16 +280,14 @@ __device__ __forceinline__ void scale_byte_pairs(const uint8_t* d_ptr, const uin
     }
 }
 
-template <> __device__ __forceinline__ void dequant8_half2<kQ4_0>(const uint8_t* row, int v0, uint32_t out[4]) {
-    int i; const uint8_t* b = block_of<kQ4_0>(row, v0, i);
+template <> __device__ __forceinline__ void dequant8_half2_block<kQ4_0>(const uint8_t* b, int i, uint32_t out[4]) {
     const uint2 w = load8_words(b + 2 + (i & 15));
     const int shift = i < 16 ? 0 : 4;
     const uint32_t words[2] = {(w.x >> shift) & 0x0F0F0F0Fu, (w.y >> shift) & 0x0F0F0F0Fu};
     scale_byte_pairs(b, words, 8.0f, out);
 }
 
-template <> __device__ __forceinline__ void dequant8_half2<kQ5_0>(const uint8_t* row, int v0, uint32_t out[4]) {
-    int i; const uint8_t* b = block_of<kQ5_0>(row, v0, i);
+template <> __device__ __forceinline__ void dequant8_half2_block<kQ5_0>(const uint8_t* b, int i, uint32_t out[4]) {
     const uint2 w = load8_words(b + 6 + (i & 15));
     const int shift = i < 16 ? 0 : 4;
     const uint32_t qh = load_u32_unaligned(b + 2) >> i;   // bit j: fifth bit of value i + j
@@ -298,11 +296,17 @@ template <> __device__ __forceinline__ void dequant8_half2<kQ5_0>(const uint8_t*
     scale_byte_pairs(b, words, 16.0f, out);
 }
 
-template <> __device__ __forceinline__ void dequant8_half2<kQ8_0>(const uint8_t* row, int v0, uint32_t out[4]) {
-    int i; const uint8_t* b = block_of<kQ8_0>(row, v0, i);
+template <> __device__ __forceinline__ void dequant8_half2_block<kQ8_0>(const uint8_t* b, int i, uint32_t out[4]) {
     const uint2 w = load8_words(b + 2 + i);
     const uint32_t words[2] = {w.x ^ 0x80808080u, w.y ^ 0x80808080u};   // q + 128
     scale_byte_pairs(b, words, 128.0f, out);
+}
+
+// The same from a row and a value index v0 (a multiple of 8).
+template <int T>
+__device__ __forceinline__ void dequant8_half2(const uint8_t* row, int v0, uint32_t out[4]) {
+    int i; const uint8_t* b = block_of<T>(row, v0, i);
+    dequant8_half2_block<T>(b, i, out);
 }
 
 }  // namespace qformats
