@@ -184,10 +184,10 @@ def test_linear_mma_picks_the_measured_fastest_tiles():
     assert linear_mma.pick_tile(lm_head, 512, allow_gemm=False) == ("rows", 4)
     wide_f32 = DeviceWeight(0, 896, 32768, ptr=1 << 20)   # 64-row tiles do not fit: the next smaller
     assert linear_mma.pick_tile(wide_f32, 512) in {("gemm32", 8), ("split_k", 2), ("split_k", 1)}
-    # with a weight scratch (allow_f16gemm): the f16 layouts from 128 tokens on, from 64 on gate/up and
-    # down; 64-row tiles from 512 on the 896-row matrices; never on k/v
-    for weight, start, tile in ((q, 128, ("f16gemm32", 4)), (gate_up, 64, ("f16gemm", 8)),
-                                (down, 64, ("f16gemm32", 4)), (lm_head, 128, ("f16gemm", 8))):
+    # with a weight scratch (allow_f16gemm): the f16 layouts from 32 tokens on; 64-row tiles from 512
+    # on the 896-row matrices; never on k/v
+    for weight, start, tile in ((q, 32, ("f16gemm32", 4)), (gate_up, 32, ("f16gemm", 8)),
+                                (down, 32, ("f16gemm32", 4)), (lm_head, 32, ("f16gemm", 8))):
         assert linear_mma.pick_tile(weight, start, allow_f16gemm=True) == tile
         assert linear_mma.pick_tile(weight, start - 1, allow_f16gemm=True) == linear_mma.pick_tile(weight, start - 1)
     assert [linear_mma.pick_tile(w, t, allow_f16gemm=True) for w in (q, down) for t in (511, 512)] == \

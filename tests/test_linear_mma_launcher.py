@@ -122,7 +122,7 @@ def test_a_producer_written_copy_replaces_the_conversion_for_the_next_call_only(
     """note_x16: rms_norm / attention wrote x's fp16 copy themselves, at an address of their own."""
     o = DeviceWeight(6, 896, 896, ptr=1 << 31)
     linear, calls = launcher(weight_halves=896 * 896)
-    assert linear.wants_x16(o, 256) and not linear.wants_x16(o, 8)   # f16gemm32 from 128 tokens, split-K at 8
+    assert linear.wants_x16(o, 256) and not linear.wants_x16(o, 8)   # f16gemm32 from 32 tokens, split-K at 8
     linear.note_x16(0x1000, 256, 896, 0x700000)
     linear(o, 0x1000, 0xa000, 256, stream=None)
     assert [c[0] for c in calls] == ["dequant_slots_q5_0", "linear_f16_gemm32_g4"]   # no conversion

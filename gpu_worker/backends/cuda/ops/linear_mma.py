@@ -52,11 +52,13 @@ WIDE_ROWS = 16384                   # N from which a matrix counts as LM-head-li
 GEMM_WIDE_ROWS, GEMM_WIDE_FROM_TOKENS, GEMM_WIDE_64_ROWS_FROM = 4096, 64, 256
 GEMM_ROWS, GEMM_FROM_TOKENS, GEMM16_FROM_TOKENS = 512, 512, 128
 # The f16 layouts (fp16 copies of W and x; linear_mma_tiles_h200.md): never on k/v (N < 512: split-K
-# is 2x faster there); f16gemm from 64 tokens on gate/up-like matrices (4096 <= N < 16384: 20.7 us
-# against gemm32's 30.4) and from 128 on the LM head; on the 896-row ones 32-row x 32-token
-# f16gemm32 tiles (4x the CTAs: each CTA's chain of chunks sets the time) from 128 tokens, from 64
-# on long-K ones (down: 22 us against split-K's 33), and f16gemm from 512
-F16_GEMM_FROM_TOKENS, F16_GEMM_WIDE_FROM_TOKENS, F16_GEMM_NARROW_64_ROWS_FROM = 128, 64, 512
+# is 2x faster there); f16gemm on gate/up-like matrices (4096 <= N < 16384: 20.7 us against gemm32's
+# 30.4 at 64 tokens) and on the LM head; on the 896-row ones 32-row x 32-token f16gemm32 tiles (4x
+# the CTAs: each CTA's chain of chunks sets the time), f16gemm from 512. All from 32 tokens: decode
+# graphs on an H200 (synthetic weights with the real model's types, session 12) at 24 / 32 / 48 / 64
+# tokens took 2,394 / 2,397 / 2,125 / 2,137 us with them from 64 (gate/up, down) and 128 (q/o, LM
+# head) tokens, 1,939 / 1,943 / 2,006 / 2,016 us from 32 (16 tokens: 1,708 us either way, 1,938 from 16).
+F16_GEMM_FROM_TOKENS, F16_GEMM_WIDE_FROM_TOKENS, F16_GEMM_NARROW_64_ROWS_FROM = 32, 32, 512
 LONG_COLS = 4096                    # K from which a matrix counts as down-projection-like
 # Decode sizes (linear_mma_tiles_h200.md, 2026-11-28 session 7): the narrow tile up to 8 tokens where a
 # warp's chain is long (down: 13.3 -> 9.1 us at 1 token, 19.1 -> 13.6 at 8) or the rows few (k/v: 3.2
@@ -88,7 +90,7 @@ def pick_tile(weight: DeviceWeight, num_tokens: int, allow_gemm: bool = True,
     (docs/gpu_results/linear_mma_tiles_h200.md); every choice gives bitwise the same result.
     With scratches for fp16 copies of x and W (allow_f16gemm), on matrices of >= GEMM_ROWS rows:
     f16gemm from F16_GEMM_FROM_TOKENS (F16_GEMM_WIDE_FROM_TOKENS on gate/up-like ones); on the
-    narrower ones f16gemm32 with 32-token tiles (from 64 tokens when K is long), f16gemm from 512.
+    narrower ones f16gemm32 with 32-token tiles, f16gemm from 512.
     Else a gemm tile where wanted_gemm says so (and an fp16 scratch for x exists). Otherwise:
     LM-head-like (N >= 16384): 64-row tiles, 32 tokens per CTA from 32 tokens on. Others, up to 8
     tokens: narrow tiles (8 rows x 16 tokens) on long-K or short (< 512 rows) matrices, 16-row split-K
