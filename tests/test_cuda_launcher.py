@@ -175,8 +175,9 @@ def test_missing_kernels_and_unprepared_calls_are_named(tmp_path):
 
 def test_pdl_attribute_matches_cuda_h_and_reaches_only_pdl_aware_kernels(tmp_path, monkeypatch):
     """CUlaunchAttribute is 72 bytes (id, pad, 64-byte value); with pdl=True the kernels written for
-    programmatic dependent launch (cuda/pdl.cuh) carry attribute 6 = 1, the others (the gemm layouts,
-    the sampler) none. PDL is used on sm_90+ with QWEN_SERVE_CUDA_PDL=1 only."""
+    programmatic dependent launch (cuda/pdl.cuh) carry attribute 6 = 1 inside programmatic_launches(),
+    the others (the gemm layouts, the sampler) none, and nothing outside the block or with pdl=False.
+    PDL is used on sm_90+ with QWEN_SERVE_CUDA_PDL=1 only."""
     assert ctypes.sizeof(LaunchAttribute) == 72 and LaunchAttribute.value.offset == 8
     assert pdl_aware("linear_mma_norm_q5_0_g1") and pdl_aware("linear_mma_narrow_acc_q6_k_g2")
     assert pdl_aware("attention_mma_decode") and pdl_aware("embedding_q5_0") and pdl_aware("rms_norm_f32")
@@ -186,11 +187,22 @@ def test_pdl_attribute_matches_cuda_h_and_reaches_only_pdl_aware_kernels(tmp_pat
     fatbin.write_bytes(b"\x7fimage")
     lib = RecordingLibcuda()
     module = DriverModule(fatbin, lib=lib, pdl=True)
-    module.get_function("linear_mma_q5_0_g1")(np.int32(1), grid=(1,), block=(128,), stream=FakeStream())
-    module.get_function("linear_mma_gemm_q5_0_g8")(np.int32(1), grid=(1,), block=(256,), stream=FakeStream())
+    aware, unaware = module.get_function("linear_mma_q5_0_g1"), module.get_function("linear_mma_gemm_q5_0_g8")
+    with module.programmatic_launches():
+        aware(np.int32(1), grid=(1,), block=(128,), stream=FakeStream())
+        unaware(np.int32(1), grid=(1,), block=(256,), stream=FakeStream())
+        with module.programmatic_launches(False):   # nested: this block wants none
+            aware(np.int32(1), grid=(1,), block=(128,), stream=FakeStream())
+        aware(np.int32(1), grid=(1,), block=(128,), stream=FakeStream())
+    aware(np.int32(1), grid=(1,), block=(128,), stream=FakeStream())   # outside the block
     (pdl_address, pdl_count), plain = lib.launches[0]["attrs"], lib.launches[1]["attrs"]
     attribute = LaunchAttribute.from_address(pdl_address)
     assert pdl_count == 1 and attribute.id == 6 and attribute.value[0] == 1 and plain == (None, 0)
+    assert [launch["attrs"][1] for launch in lib.launches[2:]] == [0, 1, 0]
+    off = DriverModule(fatbin, lib=lib, pdl=False)   # the setting or the device rules it out
+    with off.programmatic_launches():
+        off.get_function("linear_mma_q5_0_g1")(np.int32(1), grid=(1,), block=(128,), stream=FakeStream())
+    assert lib.launches[-1]["attrs"] == (None, 0)
     monkeypatch.delenv(PDL_ENV, raising=False)
     assert not pdl_enabled((9, 0))                 # off unless asked for
     monkeypatch.setenv(PDL_ENV, "1")

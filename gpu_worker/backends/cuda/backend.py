@@ -22,6 +22,11 @@ from gpu_worker.backends.cuda.step_inputs import StepInputs, check_step_batch
 from gpu_worker.backends.cuda.weights import can_interleave_gate_up, upload_weights
 
 FUSED_ENV = "QWEN_SERVE_CUDA_FUSED"
+# Decode graphs of up to this many tokens launch the kernels written for it with programmatic
+# dependent launch, where launcher.pdl_enabled allows: real model on an H200, graphs of 1 / 2 / 4 / 8
+# tokens 885 / 973 / 1,127 / 1,236 us without, 852 / 944 / 1,114 / 1,185 with (b60f7c4). Larger
+# steps, prompt chunks and eager launches go without it.
+PDL_MAX_TOKENS = 8
 LINEAR_ENV = "QWEN_SERVE_CUDA_LINEAR"
 # Eager steps (prefill, mixed) run on token counts rounded up to a multiple of EAGER_TOKEN_BUCKET and
 # logits rows rounded up to one of EAGER_LOGITS_BUCKET: up to 31 padding tokens of work buys a shape
@@ -146,7 +151,8 @@ class CudaBackend(Backend):
             if record is None:
                 launches()
             else:   # the capture replays the warm-up's recorded launches: no second pass of Python
-                with record() as recorded:
+                pdl = self.device.module.programmatic_launches(bucket <= PDL_MAX_TOKENS)
+                with record() as recorded, pdl:
                     launches()
                 launches = recorded.replay
             self.device.synchronize()

@@ -186,7 +186,7 @@ class DriverKernel:
     def __init__(self, module: DriverModule, handle: int, name: str) -> None:
         self._module, self._lib, self._handle, self.function_name = module, module._lib, handle, name
         self._format: str | None = None
-        self.pdl = module.pdl and pdl_aware(name)   # launched with the PDL attribute
+        self.pdl_aware = pdl_aware(name)   # launched with the PDL attribute inside programmatic_launches()
 
     def prepare(self, arg_format: str) -> DriverKernel:
         """PyCUDA's prepared-call format ("P" pointer, "i" int, "q" long long, "f" float):
@@ -210,8 +210,9 @@ class DriverKernel:
         self._launch(grid, block, stream, pack_arguments(args), shared)
 
     def _launch(self, grid, block, stream, params: bytes, shared_bytes: int) -> None:
+        pdl = self.pdl_aware and self._module.pdl_active
         launch = PreparedLaunch(self._lib, self._handle, self.function_name, grid, block, stream, params,
-                                shared_bytes, self._module.pdl_attributes if self.pdl else None)
+                                shared_bytes, self._module.pdl_attributes if pdl else None)
         launch.run()
         if self._module._recording is not None:
             self._module._recording.launches.append(launch)
@@ -221,9 +222,11 @@ class DriverModule:
     """The fatbin loaded with cuModuleLoadData into the current (PyCUDA's) context."""
 
     def __init__(self, path: str | os.PathLike[str], lib=None, pdl: bool = False) -> None:
-        """pdl: launch the pdl_aware kernels with programmatic dependent launch (sm_90+ devices)."""
+        """pdl: programmatic_launches() may launch the pdl_aware kernels with programmatic dependent
+        launch (pdl_enabled: the setting and an sm_90+ device)."""
         self._lib = lib if lib is not None else _libcuda()
         self.pdl = pdl
+        self.pdl_active = False
         self.pdl_attributes = _pdl_attributes()
         self.path = Path(path)
         handle = ctypes.c_void_p()
@@ -232,6 +235,16 @@ class DriverModule:
             raise CudaBackendError(f"cuModuleLoadData({self.path}) failed: {_error_name(self._lib, code)}")
         self._handle = handle.value
         self._recording: RecordedLaunches | None = None
+
+    @contextlib.contextmanager
+    def programmatic_launches(self, wanted: bool = True) -> Iterator[None]:
+        """Launches of pdl_aware kernels in the block carry the PDL attribute, if wanted and self.pdl.
+        A recording or graph capture made in the block keeps it."""
+        previous, self.pdl_active = self.pdl_active, self.pdl and wanted
+        try:
+            yield
+        finally:
+            self.pdl_active = previous
 
     @contextlib.contextmanager
     def recording(self) -> Iterator[RecordedLaunches]:
