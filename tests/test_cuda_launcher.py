@@ -177,7 +177,7 @@ def test_pdl_attribute_matches_cuda_h_and_reaches_only_pdl_aware_kernels(tmp_pat
     """CUlaunchAttribute is 72 bytes (id, pad, 64-byte value); with pdl=True the kernels written for
     programmatic dependent launch (cuda/pdl.cuh) carry attribute 6 = 1 inside programmatic_launches(),
     the others (the gemm layouts, the sampler) none, and nothing outside the block or with pdl=False.
-    PDL is used on sm_90+ with QWEN_SERVE_CUDA_PDL=1 only."""
+    PDL is used on sm_90+ unless QWEN_SERVE_CUDA_PDL=0."""
     assert ctypes.sizeof(LaunchAttribute) == 72 and LaunchAttribute.value.offset == 8
     assert pdl_aware("linear_mma_norm_q5_0_g1") and pdl_aware("linear_mma_narrow_acc_q6_k_g2")
     assert pdl_aware("attention_mma_decode") and pdl_aware("embedding_q5_0") and pdl_aware("rms_norm_f32")
@@ -204,7 +204,7 @@ def test_pdl_attribute_matches_cuda_h_and_reaches_only_pdl_aware_kernels(tmp_pat
         off.get_function("linear_mma_q5_0_g1")(np.int32(1), grid=(1,), block=(128,), stream=FakeStream())
     assert lib.launches[-1]["attrs"] == (None, 0)
     monkeypatch.delenv(PDL_ENV, raising=False)
-    assert not pdl_enabled((9, 0))                 # off unless asked for
+    assert pdl_enabled((9, 0)) and not pdl_enabled((8, 9))   # on by default where the device has it
     monkeypatch.setenv(PDL_ENV, "1")
     assert pdl_enabled((9, 0)) and not pdl_enabled((8, 9))
     monkeypatch.setenv(PDL_ENV, "0")

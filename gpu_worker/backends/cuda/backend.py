@@ -24,8 +24,9 @@ from gpu_worker.backends.cuda.weights import can_interleave_gate_up, upload_weig
 FUSED_ENV = "QWEN_SERVE_CUDA_FUSED"
 # Decode graphs of up to this many tokens launch the kernels written for it with programmatic
 # dependent launch, where launcher.pdl_enabled allows: real model on an H200, graphs of 1 / 2 / 4 / 8
-# tokens 885 / 973 / 1,127 / 1,236 us without, 852 / 944 / 1,114 / 1,185 with (b60f7c4). Larger
-# steps, prompt chunks and eager launches go without it.
+# tokens 883 / 969 / 1,128 / 1,256 us without, 855 / 945 / 1,090 / 1,207 with. Larger steps (where
+# PDL on every launch had coincided with slower 256-stream gRPC runs), prompt chunks and eager
+# launches go without it.
 PDL_MAX_TOKENS = 8
 LINEAR_ENV = "QWEN_SERVE_CUDA_LINEAR"
 # Eager steps (prefill, mixed) run on token counts rounded up to a multiple of EAGER_TOKEN_BUCKET and

@@ -13,9 +13,9 @@ after (its launches read every per-step input from static buffers, as a CUDA gra
 
 Launch modes (QWEN_SERVE_CUDA_LAUNCH): "driver" (the default) or "pycuda" (PyCUDA's own module
 and launches; nothing is recorded). In "driver" mode on sm_90+ the kernels written for it
-(pdl_aware, cuda/pdl.cuh) can launch with programmatic dependent launch (QWEN_SERVE_CUDA_PDL=1; off by
-default, see pdl_enabled): a kernel's CTAs are scheduled while the previous kernel finishes, so the
-launch latency between them overlaps. DriverModule mimics the slice of PyCUDA's Module / Function
+(pdl_aware, cuda/pdl.cuh) launch with programmatic dependent launch in the small decode graphs
+(QWEN_SERVE_CUDA_PDL=0 turns it off, see pdl_enabled): a kernel's CTAs are scheduled while the
+previous kernel finishes, so the launch latency between them overlaps. DriverModule mimics the slice of PyCUDA's Module / Function
 API the ops use (get_function, prepare, prepared_async_call, __call__, set_attribute), so every op
 launches through either unchanged.
 """
@@ -76,14 +76,15 @@ class KernelNotFound(CudaBackendError, LookupError):
 
 
 def pdl_enabled(compute_capability: tuple[int, int]) -> bool:
-    """Programmatic dependent launch for the pdl_aware kernels: with QWEN_SERVE_CUDA_PDL=1, on sm_90+.
+    """Programmatic dependent launch for the pdl_aware kernels (inside DriverModule.programmatic_launches:
+    the decode graphs of up to backend.PDL_MAX_TOKENS tokens) on sm_90+, unless QWEN_SERVE_CUDA_PDL=0.
 
-    Off by default. Real model on an H200 (b60f7c4): the decode graph at batch 1 / 2 / 8 takes 852 / 944 /
-    1,185 us with it against 885 / 973 / 1,236 without (one gRPC stream 1,034 against 1,005 tok/s at
-    6a4dfe7), but 256 concurrent gRPC streams ran slower with it: 27.1-42.6k tok/s over nine runs (median
-    ~35k, first-token p50 up to 230 ms) against 42.0-42.7k over three runs without, interleaved on the same
-    machine. Why is not found; until it is, the serving default keeps throughput."""
-    setting = os.environ.get(PDL_ENV, "").strip() or "0"
+    Real model on an H200 (session 12, 6d77955 kernels): the decode graph at batch 1 / 2 / 4 / 8 takes
+    855 / 945 / 1,090 / 1,207 us with it against 883 / 969 / 1,128 / 1,256 without. With PDL on every
+    launch (b60f7c4) 256 concurrent gRPC streams had measured slower (median ~35k against ~42k tok/s);
+    restricted to the small decode graphs, three interleaved runs each gave 31.3 / 36.5 / 38.7k with it
+    and 31.5 / 33.3 / 37.4k without (a noisier machine than b60f7c4's)."""
+    setting = os.environ.get(PDL_ENV, "").strip() or "1"
     if setting not in ("0", "1"):
         raise CudaBackendError(f"{PDL_ENV}={setting!r}: must be 0 or 1")
     return setting == "1" and tuple(compute_capability) >= (9, 0)
