@@ -127,8 +127,8 @@ __device__ __forceinline__ WarpTile warp_tile(const LinearArgs& a, const uint8_t
 // col0 = 32 v + 8 t < 128 for accumulator v and quad lane t (sub-chunk v + 4 j; chunks start at
 // multiples of 128 and of the block). Returns the block holding them and sets i, their index in
 // it. For every type that index is the same on every step of one parity (ODD: j odd), so the
-// compiler keeps the in-block arithmetic out of the loop and a step costs one pointer add; the
-// per-step division and modulo of block_of took ~25 of the ~100 instructions of a Q6_K step.
+// compiler keeps the in-block arithmetic out of the loop and a step costs one pointer add (in the
+// Q6_K narrow kernel's SASS, 94 -> 85.5 instructions per step against block_of's division and modulo).
 template <int T, bool ODD>
 __device__ __forceinline__ const uint8_t* lane_block(const uint8_t* row, int col0, int j, int& i) {
     constexpr int kValues = qformats::BlockInfo<T>::kValues, kBytes = qformats::BlockInfo<T>::kBytes;
