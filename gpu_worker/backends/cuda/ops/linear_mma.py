@@ -57,7 +57,8 @@ GEMM_ROWS, GEMM_FROM_TOKENS, GEMM16_FROM_TOKENS = 512, 512, 128
 # the CTAs: each CTA's chain of chunks sets the time), f16gemm from 512. All from 32 tokens: decode
 # graphs on an H200 (synthetic weights with the real model's types, session 12) at 24 / 32 / 48 / 64
 # tokens took 2,394 / 2,397 / 2,125 / 2,137 us with them from 64 (gate/up, down) and 128 (q/o, LM
-# head) tokens, 1,939 / 1,943 / 2,006 / 2,016 us from 32 (16 tokens: 1,708 us either way, 1,938 from 16).
+# head) tokens, 1,939 / 1,943 / 2,006 / 2,016 us from 32 (16 tokens: 1,708 us either way). From 16 tokens
+# on, the 16-token graph got slower (1,678 -> 1,938 us, measured on another machine).
 F16_GEMM_FROM_TOKENS, F16_GEMM_WIDE_FROM_TOKENS, F16_GEMM_NARROW_64_ROWS_FROM = 32, 32, 512
 LONG_COLS = 4096                    # K from which a matrix counts as down-projection-like
 # Decode sizes (linear_mma_tiles_h200.md, 2026-11-28 session 7): the narrow tile up to 8 tokens where a
