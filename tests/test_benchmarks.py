@@ -235,3 +235,16 @@ def process_running(pid: int) -> bool:
 def started_sections(path: Path) -> dict:
     """Sections of a result file being written (a section is listed as soon as it starts)."""
     return json.loads(path.read_text())["sections"] if path.exists() else {}
+
+
+def test_decode_host_path_runs_the_overlapped_decode_with_the_cuda_host_work(capsys) -> None:
+    """benchmarks.decode_host_path: the engine's steps submitted ahead, over the CUDA backend's
+    host work (check_step_batch, StepInputs.upload, pack_sampling) on the CPU; every timed step
+    after the first of each repeat goes ahead."""
+    from benchmarks import decode_host_path
+
+    assert decode_host_path.main(["--batch", "8", "--steps", "6", "--repeats", "2"]) == 0
+    line = capsys.readouterr().out.strip().splitlines()[0]
+    assert line.startswith("decode batch 8: host ") and " ms per step " in line
+    ahead = int(line.split("; ")[-1].split()[0])   # "...; N steps submitted ahead)"
+    assert ahead >= 2 * 6

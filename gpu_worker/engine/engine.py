@@ -26,7 +26,6 @@ from gpu_worker.backends.base import Backend, SampleRequest, StepBatch, StepOutp
 from gpu_worker.engine.block_manager import KVBlockManager
 from gpu_worker.engine.scheduler import ScheduledChunk, Scheduler
 from gpu_worker.engine.sequence import RequestSpec, Sequence
-from gpu_worker.sampling.params import SamplingParams
 
 
 class TokenOut(NamedTuple):
@@ -51,6 +50,10 @@ class FinishOut:
 
 
 EngineEvent = TokenOut | FinishOut
+
+
+_NO_TOKENS = np.zeros(0, np.int32)
+_NO_TOKENS.flags.writeable = False
 
 
 class _Submitted(NamedTuple):
@@ -171,30 +174,30 @@ class Engine:
         running = self.scheduler.running
         if self.scheduler.waiting or not running:
             return None
-        row_of: dict[int, int] = {}
+        row_of: dict[Sequence, int] = {}   # Sequence hashes by identity
         for row, (seq, num_tokens, start) in enumerate(chunks):
             if num_tokens != 1 or start + 1 != seq.num_tokens:
                 return None
-            row_of[id(seq)] = row
+            row_of[seq] = row
         bm = self.block_manager
         rows: list[int] = []
         going_on: list[Sequence] = []
-        new_blocks = 0
+        growing: list[Sequence] = []       # those whose position num_tokens starts a new block
         for seq in running:
-            row = row_of.get(id(seq))
+            row = row_of.get(seq)
             if row is None:
                 return None
-            if _needs_host_sampling_inputs(seq.spec.sampling):
+            if seq.needs_host_sampling_inputs:
                 return None
             if seq.num_output_tokens + 1 >= seq.max_tokens or seq.num_tokens + 1 >= self.context_length:
                 continue                   # its token in flight ends it (length): not in the step ahead
             rows.append(row)
             going_on.append(seq)
-            if len(seq.block_table) * bm.block_size <= seq.num_tokens:   # position num_tokens needs a block
-                new_blocks += 1
-        if not going_on or new_blocks > bm.num_free_blocks:
+            if len(seq.block_table) * bm.block_size <= seq.num_tokens:
+                growing.append(seq)
+        if not going_on or len(growing) > bm.num_free_blocks:
             return None
-        for seq in going_on:
+        for seq in growing:                # the others' blocks already hold position num_tokens
             bm.allocate(seq, 2)            # KV through position num_tokens (num_computed + 2 tokens)
         next_chunks = [ScheduledChunk(seq, 1, seq.num_tokens) for seq in going_on]
         try:
@@ -312,25 +315,19 @@ def build_step_batch(chunks: list[ScheduledChunk], block_size: int) -> StepBatch
                      slot_mapping=slot_mapping, sample=tuple(sample))
 
 
-def _needs_host_sampling_inputs(params: SamplingParams) -> bool:
-    """Penalties read the tokens so far, the one in flight included; a logit bias is uploaded per
-    step from pageable memory, which can wait for the device: no overlap for either."""
-    return (params.repetition_penalty != 1.0 or params.presence_penalty != 0.0 or params.frequency_penalty != 0.0
-            or bool(params.logit_bias))
-
-
 def build_next_decode_batch(seqs: list[Sequence], block_size: int) -> StepBatch:
     """The decode step after the one in flight, built before its tokens are read: sequence i
     feeds the token being sampled for it now (at position num_tokens; the backend takes the id
     from the device, so input_ids here are placeholders) and samples the one after it (generation
     step num_output_tokens + 1). Its block table must already cover position num_tokens. The
     sample requests' token views lack the token in flight: the overlap rule admits no penalties,
-    the only readers of those views."""
+    the only readers of those views, so they are left empty (two numpy views per sequence per step
+    saved)."""
     positions = np.array([seq.num_tokens for seq in seqs], dtype=np.int32)                # [num_seqs]
     widths = [len(seq.block_table) for seq in seqs]
     block_tables = _block_tables(widths, [b for seq in seqs for b in seq.block_table])
     slot_mapping = _slot_mapping(block_tables, np.arange(len(seqs)), positions, block_size)
-    sample = tuple(SampleRequest(seq.spec.sampling, seq.num_output_tokens + 1, seq.token_ids, seq.output_token_ids)
+    sample = tuple(SampleRequest(seq.spec.sampling, seq.num_output_tokens + 1, _NO_TOKENS, _NO_TOKENS)
                    for seq in seqs)
     return StepBatch(input_ids=np.zeros(len(seqs), np.int32), positions=positions,
                      query_start_loc=np.arange(len(seqs) + 1, dtype=np.int32), context_lens=positions + 1,

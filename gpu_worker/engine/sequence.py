@@ -59,6 +59,13 @@ class Sequence:
         self.eos_ids = frozenset() if stopping.ignore_eos else (frozenset(stopping.eos_token_ids)
                                                                 or default_eos_ids)
         self.max_tokens = stopping.max_tokens
+        # The engine's overlap rule: penalties read the tokens so far, the one in flight included, and
+        # a logit bias is uploaded per step from pageable memory, which can wait for the device; a
+        # sequence with either is never in a decode step submitted ahead (computed once: the
+        # engine checks it for every sequence at every step).
+        sampling = spec.sampling
+        self.needs_host_sampling_inputs = (sampling.repetition_penalty != 1.0 or sampling.presence_penalty != 0.0
+                                           or sampling.frequency_penalty != 0.0 or bool(sampling.logit_bias))
         # Prompt + generated ids in a growable buffer, so each step hands the sampler views instead
         # of converting a Python list (that cost grows with length x batch). # [capacity] int32
         self._ids = np.empty(max(16, 2 * self.num_prompt_tokens), dtype=np.int32)
