@@ -121,12 +121,10 @@ class CudaBackend(Backend):
         total = num_blocks * self.kv_bytes_per_block(block_size)
         base = mem.allocate("kv", total)
         layer_bytes = num_slots * cfg.num_kv_heads * cfg.head_dim * 2
-        kv = []
-        for i in range(cfg.num_layers):
-            def cache(which: int) -> DeviceTensor:
-                return DeviceTensor(base + (2 * i + which) * layer_bytes,
-                                    (num_slots, cfg.num_kv_heads, cfg.head_dim), np.dtype(np.float16))
-            kv.append((cache(0), cache(1)))
+        shape, fp16 = (num_slots, cfg.num_kv_heads, cfg.head_dim), np.dtype(np.float16)
+        kv = [(DeviceTensor(base + 2 * i * layer_bytes, shape, fp16),         # K of layer i
+               DeviceTensor(base + (2 * i + 1) * layer_bytes, shape, fp16))   # V of layer i
+              for i in range(cfg.num_layers)]
         self.kv_bytes, self.num_blocks, self.block_size = total, num_blocks, block_size
         max_blocks_per_seq = -(-self.max_model_len // block_size)
         self.forward = Qwen2Forward(self.device, cfg, self.weights, self.max_num_tokens, self.max_num_seqs,
