@@ -146,7 +146,7 @@ class _WakeQueue:
             mailbox = queue.popleft()
             mailbox.wake_queued = False
             mailbox.wake()
-        if queue and not self._scheduled:
+        if queue:                          # _scheduled was cleared above: nothing else is scheduled
             self._scheduled = True
             asyncio.get_running_loop().call_soon(self.wake_round)
 
