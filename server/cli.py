@@ -71,6 +71,11 @@ def _add_serve_flags(parser: argparse.ArgumentParser) -> None:
     add("--no-prefix-cache", action="store_true", default=_env_bool("no-prefix-cache"),
         help="turn off the worker's prefix cache (reuse of KV blocks of repeated prompt prefixes; on by "
              "default, outputs are the same either way) [QWEN_SERVE_NO_PREFIX_CACHE=1]")
+    add("--stream-messages-per-s", type=float, default=float(str(_env("stream-messages-per-s", 8000))),
+        help="token messages per second the front-end aims at over all streams: with many streams, "
+             "each one's tokens are sent together, one message per stream every streams / this "
+             "seconds at most (256 streams: every 32 ms); first tokens and ends go out at once; "
+             "0 sends every token as soon as it is made (default 8000) [QWEN_SERVE_STREAM_MESSAGES_PER_S]")
     add("--log-json", action="store_true", default=_env_bool("log-json"),
         help="one JSON object per log line [QWEN_SERVE_LOG_JSON=1]")
     add("--log-requests", action="store_true", default=_env_bool("log-requests"),
@@ -108,7 +113,8 @@ def config_from_args(args: argparse.Namespace) -> ServeConfig:
         prefix_cache=not args.no_prefix_cache,
         grace_period_s=args.grace_period, tls_cert=args.tls_cert,
         tls_key=args.tls_key, auth_token=args.auth_token, auth_exempt_health=not args.auth_health,
-        metrics_port=args.metrics_port, log_json=args.log_json, log_requests=args.log_requests)
+        metrics_port=args.metrics_port, log_json=args.log_json, log_requests=args.log_requests,
+        stream_messages_per_s=args.stream_messages_per_s)
 
 
 def _run_serve(args: argparse.Namespace) -> int:

@@ -28,6 +28,9 @@ class ServeConfig:
     log_json: bool = False
     log_requests: bool = False             # log prompt/output text (debug only)
     max_message_bytes: int = 16 * 1024 * 1024
+    # Token messages per second the front-end aims at over all streams; 0 = every token at once
+    # (server.worker_client._Pacing says why and how).
+    stream_messages_per_s: float = 8000.0
 
     def __post_init__(self) -> None:
         if not (0 <= self.port <= 65535):
@@ -51,6 +54,8 @@ class ServeConfig:
             raise ValueError("auth_token must not be empty when given")
         if self.metrics_port is not None and not (0 <= self.metrics_port <= 65535):
             raise ValueError(f"metrics_port must be in [0, 65535], got {self.metrics_port}")
+        if not (self.stream_messages_per_s >= 0 and math.isfinite(self.stream_messages_per_s)):
+            raise ValueError(f"stream_messages_per_s must be >= 0, got {self.stream_messages_per_s}")
         if self.max_message_bytes < 1024:
             raise ValueError(f"max_message_bytes must be >= 1024, got {self.max_message_bytes}")
 

@@ -14,7 +14,9 @@ API (used by server.servicer; everything runs on one asyncio loop):
     async for batch in client.generate_batches(...same arguments...):
         the same events, as lists: everything that arrived for the request since the consumer last
         asked (one list per wake-up; at most one FinishedEvent, always last). What the servicer uses,
-        so that tokens that pile up while the front-end is busy leave in one gRPC message.
+        so that tokens that pile up while the front-end is busy leave in one gRPC message. With
+        stream_messages_per_s set, a stream is woken at most once per streams / stream_messages_per_s
+        seconds (its first token and its end at once): see _Pacing.
     await client.abort(request_id) -> bool   # False when not in flight; its stream ends "cancelled"
     await client.stats() -> dict             # kv_blocks_total/used/free, running, waiting, steps, ...
     client.latest_stats: dict                # the same, pushed by the worker once a second
@@ -32,6 +34,8 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import math
+import time
 from collections import deque
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass
@@ -46,6 +50,9 @@ from gpu_worker.sampling.params import SamplingParams, StoppingParams
 
 log = logging.getLogger("qwen_serve.worker_client")
 WAKES_PER_ROUND = 16   # request streams woken per event-loop iteration (_WakeQueue)
+# A paced token may go out this much before its stream's interval ends: the loop's timers can fire a
+# hair early, and tokens due within a millisecond are not worth a second wake-up.
+PACING_SLACK_S = 0.001
 
 
 class WorkerUnavailable(RuntimeError):
@@ -76,26 +83,64 @@ class FinishedEvent:
 StreamItem = TokenEvent | FinishedEvent | BaseException
 
 
+class _Pacing:
+    """How often one stream may be handed its tokens. Every token delivered alone costs the front-end
+    a wake-up, a gRPC message and a socket write; with hundreds of streams that work filled the event
+    loop, and grpc.aio, which accepts one new RPC per handful of loop iterations, took a burst of new
+    requests in over a second (docs/gpu_results/serving_profile_h200.md). With `messages_per_s` set,
+    each stream is woken at most once per `interval_s` = streams / messages_per_s, so the whole
+    front-end sends about that many token messages per second at most, each carrying whatever tokens
+    arrived meanwhile. A stream's first token and its end (or failure) are always delivered at once.
+    0 turns pacing off: every token is handed over as soon as it arrives."""
+
+    __slots__ = ("interval_s", "messages_per_s")
+
+    def __init__(self, messages_per_s: float) -> None:
+        if not (messages_per_s >= 0 and math.isfinite(messages_per_s)):
+            raise ValueError(f"stream messages per second must be >= 0, got {messages_per_s}")
+        self.messages_per_s = messages_per_s
+        self.interval_s = 0.0
+
+    def set_streams(self, count: int) -> None:
+        self.interval_s = count / self.messages_per_s if self.messages_per_s else 0.0
+
+
 class _Mailbox:
     """One request's undelivered events. The reader takes all of them at once and is woken once per
-    delivery round, not once per token (asyncio.Queue would wake it, and be read, per item)."""
+    delivery round, not once per token (asyncio.Queue would wake it, and be read, per item). With
+    pacing, tokens that arrive less than the pacing interval after the last delivery wait for a
+    timer (or for an urgent item: the finish or a failure)."""
 
-    __slots__ = ("_waiter", "items", "wake_queued")
+    __slots__ = ("_not_before", "_pacing", "_timer", "_urgent", "_waiter", "_wakes", "items", "wake_queued")
 
-    def __init__(self) -> None:
+    def __init__(self, pacing: _Pacing | None = None, wakes: _WakeQueue | None = None) -> None:
         self.items: list[StreamItem] = []
         self._waiter: asyncio.Future[None] | None = None
         self.wake_queued = False     # in WorkerClient's wake queue (_WakeQueue)
+        self._pacing = pacing
+        self._wakes = wakes          # where the pacing timer queues the wake-up (None: wake at once)
+        self._not_before = 0.0       # loop time before which plain tokens are not handed over
+        self._urgent = False         # an item that must not wait for the pacing interval is queued
+        self._timer: asyncio.TimerHandle | None = None
 
     def put(self, item: StreamItem) -> None:
-        """Add an item and wake the reader now."""
+        """Add an urgent item (a failure) and wake the reader now."""
         self.items.append(item)
+        self._urgent = True
         self.wake()
 
-    def add(self, item: StreamItem) -> bool:
-        """Add an item without waking the reader; True when it waits and needs a wake()."""
+    def add(self, item: StreamItem, urgent: bool = False) -> bool:
+        """Add an item without waking the reader; True when it waits and needs a wake() now. A plain
+        token inside the pacing interval arms the pacing timer instead."""
         self.items.append(item)
-        return self._reader_waits()
+        self._urgent = self._urgent or urgent
+        waiter = self._waiter
+        if waiter is None or waiter.done():
+            return False
+        if self._urgent or not self._not_before or time.monotonic() >= self._not_before - PACING_SLACK_S:
+            return True
+        self._arm_timer(waiter.get_loop())
+        return False
 
     def wake(self) -> None:
         if self._reader_waits():
@@ -105,14 +150,38 @@ class _Mailbox:
         waiter = self._waiter
         return waiter is not None and not waiter.done()
 
+    def _arm_timer(self, loop: asyncio.AbstractEventLoop) -> None:
+        if self._timer is None:
+            self._timer = loop.call_at(self._not_before, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        if self._wakes is None:
+            self.wake()
+        elif self._reader_waits():
+            self._wakes.push(self)
+            self._wakes.start()
+
+    def _ready(self, now: float) -> bool:
+        return bool(self.items) and (self._urgent or now >= self._not_before - PACING_SLACK_S)
+
     async def take_all(self) -> list[StreamItem]:
-        while not self.items:
-            self._waiter = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        while not self._ready(loop.time()):
+            if self.items:                 # plain tokens inside the pacing interval
+                self._arm_timer(loop)
+            self._waiter = loop.create_future()
             try:
                 await self._waiter
             finally:
                 self._waiter = None
         items, self.items = self.items, []
+        self._urgent = False
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        interval = self._pacing.interval_s if self._pacing is not None else 0.0
+        self._not_before = loop.time() + interval if interval else 0.0
         return items
 
 
@@ -167,7 +236,8 @@ class _Stream:
 class WorkerClient:
     def __init__(self, model_path: str, backend: str = "auto", socket_dir: str | None = None,
                  attach: bool = False, heartbeat_timeout_s: float = 5.0, step_timeout_s: float = 300.0,
-                 start_timeout_s: float = 600.0, restart: bool = True, **worker_opts: object) -> None:
+                 start_timeout_s: float = 600.0, restart: bool = True, stream_messages_per_s: float = 0.0,
+                 **worker_opts: object) -> None:
         self.process = WorkerProcess(model_path, backend, socket_dir, attach, worker_opts)
         self.heartbeat_timeout_s = heartbeat_timeout_s
         self.step_timeout_s = step_timeout_s
@@ -183,6 +253,7 @@ class WorkerClient:
         self._outbound: deque[tuple[int, bytes]] = deque()
         self._stats_waiters: dict[int, asyncio.Future[dict[str, Any]]] = {}
         self._wakes = _WakeQueue(WAKES_PER_ROUND)
+        self._pacing = _Pacing(stream_messages_per_s)
         self._callbacks: list[Callable[[bool], None]] = []
         self._serving = False
         self._closing = False
@@ -252,8 +323,9 @@ class WorkerClient:
             raise ValueError(f"request id {request_id!r} is already in flight")
         key = next(self._key_counter)
         spec = RequestSpec(key, tuple(int(t) for t in prompt_ids), sampling, stopping)
-        stream = _Stream(request_id, key, _Mailbox())
+        stream = _Stream(request_id, key, _Mailbox(self._pacing, self._wakes))
         self._streams[key], self._keys[request_id] = stream, key
+        self._pacing.set_streams(len(self._streams))
         conn = self._conn
         try:
             self._send(messages.SUBMIT, messages.encode_submit(spec))
@@ -272,6 +344,7 @@ class WorkerClient:
         finally:
             self._streams.pop(key, None)
             self._keys.pop(request_id, None)
+            self._pacing.set_streams(len(self._streams))
             if not stream.finished and conn is self._conn and self._serving:
                 self._send(messages.ABORT, messages.encode_key(key))
 
@@ -336,7 +409,7 @@ class WorkerClient:
             else:
                 item = FinishedEvent(fin.reason, fin.prompt_tokens, fin.completion_tokens,
                                      fin.queue_ns, fin.ttft_ns, fin.decode_ns)
-            if stream.mailbox.add(item):
+            if stream.mailbox.add(item, urgent=True):
                 self._wakes.push(stream.mailbox)
         elif msg_type == messages.STATS:
             stats = messages.decode_stats(payload)

@@ -149,5 +149,6 @@ def default_worker_factory(config: ServeConfig) -> Any:
         options["max_tokens_per_step"] = config.max_tokens_per_step
     if config.attach_dir:   # the worker already has its model; the path is informational here
         return WorkerClient(config.model_path or "", backend=config.backend, socket_dir=config.attach_dir,
-                            attach=True, **options)
-    return WorkerClient(resolve_model_path(config), backend=config.backend, **options)
+                            attach=True, stream_messages_per_s=config.stream_messages_per_s, **options)
+    return WorkerClient(resolve_model_path(config), backend=config.backend,
+                        stream_messages_per_s=config.stream_messages_per_s, **options)

@@ -17,7 +17,7 @@ from tests.live_server import REPO, LiveServer
 
 SERVE_FLAGS = ("--host", "--port", "--model", "--backend", "--attach", "--max-queue", "--kv-cache-gb",
                "--max-batch", "--max-tokens-per-step", "--grace-period", "--tls-cert", "--tls-key", "--auth-token", "--auth-health",
-               "--metrics-port", "--log-json", "--log-requests")
+               "--metrics-port", "--stream-messages-per-s", "--log-json", "--log-requests")
 
 
 def test_help_explains_every_flag_and_its_env_var() -> None:
@@ -145,3 +145,23 @@ def test_max_tokens_per_step_reaches_the_worker_and_defaults_by_backend(monkeypa
     assert tokens_per_step(None, "cpu", 64) == DEFAULT_TOKENS_PER_STEP["cpu"] == 256
     assert tokens_per_step(None, "cuda", 4096) == 4096                 # every sequence can decode
     assert tokens_per_step(300, "cuda", 64) == 300
+
+
+def test_stream_messages_per_s_reaches_the_worker_client(monkeypatch: pytest.MonkeyPatch) -> None:
+    from server.cli import config_from_args
+    from server.worker_link import default_worker_factory
+
+    def pacing_rate(cli_args: list[str]) -> float:
+        config = config_from_args(build_parser().parse_args(["serve", "--model", "m.gguf", *cli_args]))
+        client = default_worker_factory(config)
+        try:
+            return client._pacing.messages_per_s
+        finally:
+            client.process.cleanup()
+
+    assert pacing_rate([]) == 8000
+    assert pacing_rate(["--stream-messages-per-s", "0"]) == 0          # every token at once
+    monkeypatch.setenv("QWEN_SERVE_STREAM_MESSAGES_PER_S", "2500")
+    assert pacing_rate([]) == 2500
+    with pytest.raises(ValueError, match="stream_messages_per_s must be >= 0"):
+        pacing_rate(["--stream-messages-per-s", "-1"])

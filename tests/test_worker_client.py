@@ -25,6 +25,7 @@ from server.worker_client import (
     WorkerRequestError,
     WorkerUnavailable,
     _Mailbox,
+    _Pacing,
     _WakeQueue,
 )
 
@@ -184,3 +185,115 @@ def test_waiting_streams_are_woken_a_round_per_loop_iteration() -> None:
         return woken
 
     assert asyncio.run(scenario()) == [16, 32, 40, 40]
+
+
+async def _collect(mailbox: _Mailbox, into: list[tuple[float, list[object]]]) -> None:
+    """A reader like generate_batches: (loop time, items) per delivery, until a FinishedEvent."""
+    loop = asyncio.get_running_loop()
+    while True:
+        items = await mailbox.take_all()
+        into.append((loop.time(), items))
+        if any(isinstance(item, (FinishedEvent, BaseException)) for item in items):
+            return
+
+
+def test_pacing_interval_is_streams_over_the_message_rate() -> None:
+    pacing = _Pacing(messages_per_s=8000)
+    pacing.set_streams(256)
+    assert pacing.interval_s == pytest.approx(0.032)
+    pacing.set_streams(1)
+    assert pacing.interval_s == pytest.approx(1 / 8000)
+    off = _Pacing(messages_per_s=0)
+    off.set_streams(256)
+    assert off.interval_s == 0.0
+    for bad in (-1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="messages per second must be >= 0"):
+            _Pacing(bad)
+
+
+def test_a_paced_stream_gets_its_first_token_at_once_then_one_delivery_per_interval() -> None:
+    """Interval 0.3 s (3 streams at 10 messages/s): the first token goes out at once; tokens that
+    follow within the interval wait, then leave together when its timer fires (through the wake
+    queue); nothing is lost or reordered."""
+
+    async def scenario() -> tuple[list[tuple[float, list[object]]], float, list[bool]]:
+        loop = asyncio.get_running_loop()
+        pacing, wakes = _Pacing(messages_per_s=10), _WakeQueue(per_round=16)
+        pacing.set_streams(3)
+        mailbox = _Mailbox(pacing, wakes)
+        deliveries: list[tuple[float, list[object]]] = []
+        reader = asyncio.ensure_future(_collect(mailbox, deliveries))
+        await asyncio.sleep(0)
+        started = loop.time()
+        needs_wake = [mailbox.add(TokenEvent(1))]             # first token: wake now
+        if needs_wake[0]:
+            wakes.push(mailbox)
+            wakes.start()
+        await asyncio.sleep(0.01)
+        needs_wake += [mailbox.add(TokenEvent(2)), mailbox.add(TokenEvent(3))]   # inside the interval
+        await asyncio.sleep(0.1)
+        assert len(deliveries) == 1                            # 2 and 3 are still held
+        await asyncio.sleep(0.35)
+        mailbox.add(FinishedEvent("length", 1, 3, 0, 0, 0), urgent=True)
+        mailbox.wake()
+        await reader
+        return deliveries, started, needs_wake
+
+    deliveries, started, needs_wake = asyncio.run(scenario())
+    assert needs_wake == [True, False, False]
+    assert [items for _, items in deliveries[:2]] == [[TokenEvent(1)], [TokenEvent(2), TokenEvent(3)]]
+    assert deliveries[0][0] - started < 0.05
+    assert 0.3 - 0.002 <= deliveries[1][0] - deliveries[0][0] < 0.4     # the pacing timer, not later
+
+
+def test_the_end_and_failures_are_not_held_by_pacing() -> None:
+    """A finish (urgent add) or a failure (put) is handed over at once with the tokens held before it."""
+
+    async def scenario(last: object) -> tuple[list[tuple[float, list[object]]], float]:
+        loop = asyncio.get_running_loop()
+        pacing = _Pacing(messages_per_s=1)
+        pacing.set_streams(10)                                 # a 10 s interval
+        mailbox = _Mailbox(pacing)
+        deliveries: list[tuple[float, list[object]]] = []
+        reader = asyncio.ensure_future(_collect(mailbox, deliveries))
+        await asyncio.sleep(0)
+        assert mailbox.add(TokenEvent(1))
+        mailbox.wake()
+        await asyncio.sleep(0.01)
+        assert not mailbox.add(TokenEvent(2))                  # held: the interval has 10 s to go
+        started = loop.time()
+        if isinstance(last, FinishedEvent):
+            assert mailbox.add(last, urgent=True)
+            mailbox.wake()
+        else:
+            mailbox.put(last)                                  # type: ignore[arg-type]
+        await asyncio.wait_for(reader, 2)
+        return deliveries, started
+
+    finished = FinishedEvent("eos", 1, 2, 0, 0, 0)
+    deliveries, started = asyncio.run(scenario(finished))
+    assert [items for _, items in deliveries] == [[TokenEvent(1)], [TokenEvent(2), finished]]
+    assert deliveries[1][0] - started < 0.5
+    failure = WorkerUnavailable("gone")
+    deliveries, started = asyncio.run(scenario(failure))
+    assert [items for _, items in deliveries] == [[TokenEvent(1)], [TokenEvent(2), failure]]
+
+
+def test_without_pacing_every_token_wakes_a_waiting_reader() -> None:
+    async def scenario() -> list[bool]:
+        mailbox = _Mailbox(_Pacing(messages_per_s=0))
+        deliveries: list[tuple[float, list[object]]] = []
+        reader = asyncio.ensure_future(_collect(mailbox, deliveries))
+        woken = []
+        for token in range(5):
+            await asyncio.sleep(0)
+            woken.append(mailbox.add(TokenEvent(token)))
+            mailbox.wake()
+        await asyncio.sleep(0)
+        mailbox.add(FinishedEvent("length", 1, 5, 0, 0, 0), urgent=True)
+        mailbox.wake()
+        await reader
+        assert [items for _, items in deliveries[:5]] == [[TokenEvent(t)] for t in range(5)]
+        return woken
+
+    assert asyncio.run(scenario()) == [True] * 5
