@@ -7,7 +7,10 @@ Per concurrency level N (default 1,16,64,256): every client sends `--rounds` gre
 `--prompt-len`-token prompt (random ids, pre-tokenized) for exactly `--max-tokens` tokens (EOS
 ignored). Reports client-observed time to first token and inter-token latency (p50/p99), the
 aggregate output tok/s (all tokens / first send to last end), the single-stream decode rate
-and errors. With --serve-model it starts the server itself on a free loopback port and stops it.
+and errors. With --waves W each level runs W times (new prompts each time, so the prefix cache
+serves none of them) and reports the wave of median aggregate, with every wave's aggregate beside
+it: one burst of 256 streams is a ~1 s sample. With --serve-model it starts the server itself on a
+free loopback port and stops it.
 """
 from __future__ import annotations
 
@@ -36,6 +39,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--prompt-len", type=int, default=128)
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--rounds", type=int, default=1, help="sequential requests per client")
+    p.add_argument("--waves", type=int, default=1,
+                   help="times each level runs (fresh prompts each); the median wave is reported")
     p.add_argument("--client-procs", type=int, default=0, help="client processes (0: min(N, cores/2, 8))")
     p.add_argument("--budget-s", type=float, default=60.0, help="time budget per level (s)")
     p.add_argument("--json", type=Path)
@@ -44,7 +49,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.set_defaults(concurrency="1,3", prompt_len=8, max_tokens=4)
     args = p.parse_args(argv)
     args.levels = parse_int_list(args.concurrency)
-    for name in ("prompt_len", "max_tokens", "rounds"):
+    for name in ("prompt_len", "max_tokens", "rounds", "waves"):
         if getattr(args, name) <= 0:
             p.error(f"--{name.replace('_', '-')} must be > 0")
     if args.client_procs < 0:
@@ -85,11 +90,19 @@ def summarize(records: list[dict[str, Any]], expected_tokens: int) -> dict[str, 
             "stream_decode_tok_s_median": stream_rates[len(stream_rates) // 2] if stream_rates else None}
 
 
+def median_wave(waves: list[dict[str, Any]]) -> dict[str, Any]:
+    """The wave of median aggregate (the lower middle one of an even count), with every wave's
+    aggregate in wave order."""
+    rates = [wave["aggregate_tok_s"] or 0.0 for wave in waves]
+    middle = sorted(range(len(waves)), key=lambda i: rates[i])[(len(waves) - 1) // 2]
+    return waves[middle] | {"waves": len(waves), "median_wave": middle, "wave_aggregate_tok_s": rates}
+
+
 def client_plans(args: argparse.Namespace, target: str, num_clients: int, vocab_size: int,
-                 timeout_s: float) -> list[ClientPlan]:
+                 timeout_s: float, wave: int = 0) -> list[ClientPlan]:
     procs = args.client_procs or max(1, min(num_clients, (os.cpu_count() or 2) // 2, 8))
     procs = min(procs, num_clients)
-    prompts = random_prompts(num_clients, args.prompt_len, vocab_size, seed=30_000 + num_clients)
+    prompts = random_prompts(num_clients, args.prompt_len, vocab_size, seed=30_000 + num_clients + 1000 * wave)
     return [ClientPlan(target, tuple(prompts[i::procs]), args.rounds, args.max_tokens, timeout_s)
             for i in range(procs)]
 
@@ -115,9 +128,10 @@ def run_levels(args: argparse.Namespace, target: str, results: ResultFile) -> No
         [ClientPlan(target, tuple(random_prompts(1, args.prompt_len, vocab, seed=1)), 1, warmup_tokens,
                     budget.seconds)]), warmup_tokens))
     for level in args.levels:
-        results.run_section(f"concurrency_{level}", args.budget_s, lambda budget, n=level: summarize(
-            run_clients(client_plans(args, target, n, vocab, budget.seconds)), args.max_tokens)
-            | {"concurrency": n, "rounds": args.rounds})
+        results.run_section(f"concurrency_{level}", args.budget_s, lambda budget, n=level: median_wave([
+            summarize(run_clients(client_plans(args, target, n, vocab, budget.seconds / args.waves, wave)),
+                      args.max_tokens) | {"concurrency": n, "rounds": args.rounds}
+            for wave in range(args.waves)]))
 
 
 def exit_on_sigterm(signum: int, _frame: object) -> None:

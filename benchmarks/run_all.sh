@@ -15,6 +15,7 @@
 #   F16_MODEL=/tmp/<model>.<bytes>.f16.gguf               reused when present, else converted (1.3 GB)
 #   ENGINE_ARGS= GRPC_ARGS= HF_ARGS= F16_ARGS=            extra flags, e.g. ENGINE_ARGS="--batches 1,64"
 #   QUICK=1                                               tiny sizes everywhere (checks the harness)
+#   GRPC_WAVES=5                                          runs of each gRPC level (median reported; 1 with QUICK)
 #   HF_DEVICE=cuda                                        device for the HF baseline
 set -u -o pipefail
 MODEL="${1:?usage: bash benchmarks/run_all.sh MODEL.gguf}"
@@ -29,6 +30,7 @@ RESULTS="${RESULTS:-benchmarks/results}"
 # Named after the source's name and size, so a conversion of another model is never reused.
 F16_MODEL="${F16_MODEL:-/tmp/$(basename "$MODEL" .gguf).$(stat -c %s "$MODEL").f16.gguf}"
 QUICK_FLAG=""; [ "${QUICK:-0}" = "1" ] && QUICK_FLAG="--quick"
+GRPC_WAVES="${GRPC_WAVES:-5}"; [ "${QUICK:-0}" = "1" ] && GRPC_WAVES=1
 export PYTHONUNBUFFERED=1
 mkdir -p "$OUT"
 rm -f "$OUT"/engine.json "$OUT"/engine_f16.json "$OUT"/grpc.json "$OUT"/hf.json
@@ -66,7 +68,7 @@ if [ "${SKIP_ENGINE:-0}" != "1" ]; then
 fi
 if [ "${SKIP_GRPC:-0}" != "1" ]; then
   part grpc "${T_GRPC:-55}" "$PY" -m benchmarks.grpc_load --serve-model "$MODEL" --backend "$BACKEND" \
-    --budget-s 15 --json "$OUT/grpc.json" $QUICK_FLAG ${GRPC_ARGS:-}
+    --budget-s 15 --waves "$GRPC_WAVES" --json "$OUT/grpc.json" $QUICK_FLAG ${GRPC_ARGS:-}
 fi
 if [ "${SKIP_HF:-0}" != "1" ]; then
   part hf "${T_HF:-95}" "$PY" -m benchmarks.hf_baseline "$MODEL" --device "${HF_DEVICE:-cuda}" \

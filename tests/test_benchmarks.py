@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks import engine_bench, grpc_load, hf_baseline, report
+from benchmarks import engine_bench, grpc_load, hf_baseline, report, report_tables
 from benchmarks.common import Budget, parse_int_list
 from gpu_worker.model.gguf_loader import load_gguf
 
@@ -35,7 +35,7 @@ def engine_json(tiny_model_path: Path, tmp_path_factory: pytest.TempPathFactory)
 def grpc_json(tiny_model_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("bench") / "grpc.json"
     rc = grpc_load.main(["--serve-model", str(tiny_model_path), "--backend", "cpu", "--quick",
-                         "--json", str(out)])
+                         "--waves", "2", "--json", str(out)])
     assert rc == 0, json.loads(out.read_text()).get("server_error")
     return out
 
@@ -115,6 +115,8 @@ def test_grpc_load_against_a_started_server(grpc_json: Path) -> None:
         assert measured["ttft"]["count"] == level and measured["ttft"]["p50_ms"] > 0
         assert measured["itl"]["count"] == 3 * level
         assert measured["aggregate_tok_s"] > 0
+        assert measured["waves"] == 2 and len(measured["wave_aggregate_tok_s"]) == 2
+        assert measured["aggregate_tok_s"] == measured["wave_aggregate_tok_s"][measured["median_wave"]]
 
 
 def test_grpc_summary_arithmetic() -> None:
@@ -131,6 +133,18 @@ def test_grpc_summary_arithmetic() -> None:
     assert summary["stream_decode_tok_s_median"] == pytest.approx(3 / 0.6)
 
 
+def test_the_median_wave_is_reported_with_every_waves_aggregate() -> None:
+    waves = [{"aggregate_tok_s": rate, "wave": i} for i, rate in enumerate((41.0, 28.0, 43.0, 40.0, 42.0))]
+    level = grpc_load.median_wave(waves)
+    assert level["aggregate_tok_s"] == 41.0 and level["median_wave"] == level["wave"] == 0
+    assert level["waves"] == 5
+    assert level["wave_aggregate_tok_s"] == [41.0, 28.0, 43.0, 40.0, 42.0]
+    assert grpc_load.median_wave(waves[:4])["aggregate_tok_s"] == 40.0      # the lower middle of 4
+    assert grpc_load.median_wave(waves[:1])["median_wave"] == 0
+    assert report_tables.wave_note(level) == " (median of 5 waves, 28–43)"
+    assert report_tables.wave_note(grpc_load.median_wave(waves[:1])) == ""
+
+
 def test_report_merges_runs_into_the_issue_table(engine_json: Path, grpc_json: Path, tmp_path: Path,
                                                   capsys: pytest.CaptureFixture[str]) -> None:
     out_dir = tmp_path / "results"
@@ -143,7 +157,7 @@ def test_report_merges_runs_into_the_issue_table(engine_json: Path, grpc_json: P
     decode1 = sections(engine_json)["decode"]["1"]["tok_s"]
     assert merged["headline"][0]["value"] == decode1
     for text in ("≥ 2,500 tok/s", "≤ 5 ms", "≤ 1.5 s", "12 KiB fp16", f"{decode1:,.0f} tok/s",
-                 "| 3 |", "hf: missing"):
+                 "| 3 |", "hf: missing", "median of 2 waves"):
         assert text in markdown, text
     assert capsys.readouterr().out.rstrip().endswith(".md")
 
