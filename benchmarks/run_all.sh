@@ -9,9 +9,9 @@
 #
 # Environment (all optional):
 #   PY=python3  BACKEND=cuda  OUT=/tmp/qwen_bench (logs + raw JSON)  RESULTS=benchmarks/results
-#   TOTAL=285                                             seconds for everything, report included
+#   TOTAL=345                                             seconds for everything, report included
 #   SKIP_ENGINE=1 SKIP_GRPC=1 SKIP_HF=1 SKIP_F16=1      skip a part
-#   T_ENGINE=60 T_GRPC=55 T_HF=95 T_F16=55               per-part timeouts (F16: conversion + bench)
+#   T_ENGINE=60 T_GRPC=55 T_HF=150 T_F16=55              per-part timeouts (F16: conversion + bench)
 #   F16_MODEL=/tmp/<model>.<bytes>.f16.gguf               reused when present, else converted (1.3 GB)
 #   ENGINE_ARGS= GRPC_ARGS= HF_ARGS= F16_ARGS=            extra flags, e.g. ENGINE_ARGS="--batches 1,64"
 #   QUICK=1                                               tiny sizes everywhere (checks the harness)
@@ -21,7 +21,7 @@ set -u -o pipefail
 MODEL="${1:?usage: bash benchmarks/run_all.sh MODEL.gguf}"
 MODEL="$(realpath "$MODEL")"
 cd "$(dirname "$0")/.."
-DEADLINE=$(( $(date +%s) + ${TOTAL:-285} ))
+DEADLINE=$(( $(date +%s) + ${TOTAL:-345} ))
 REPORT_RESERVE=10
 PY="${PY:-python3}"
 BACKEND="${BACKEND:-cuda}"
@@ -71,7 +71,7 @@ if [ "${SKIP_GRPC:-0}" != "1" ]; then
     --budget-s 15 --waves "$GRPC_WAVES" --json "$OUT/grpc.json" $QUICK_FLAG ${GRPC_ARGS:-}
 fi
 if [ "${SKIP_HF:-0}" != "1" ]; then
-  part hf "${T_HF:-95}" "$PY" -m benchmarks.hf_baseline "$MODEL" --device "${HF_DEVICE:-cuda}" \
+  part hf "${T_HF:-150}" "$PY" -m benchmarks.hf_baseline "$MODEL" --device "${HF_DEVICE:-cuda}" \
     --budget-s 45 --json "$OUT/hf.json" $QUICK_FLAG ${HF_ARGS:-}
 fi
 if [ "${SKIP_F16:-0}" != "1" ]; then

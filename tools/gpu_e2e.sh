@@ -9,7 +9,7 @@
 # 4. the service end to end: `qwen-serve serve --backend auto`, `qwen-client info`, the haiku;
 # 5. the issue-5 benchmarks (benchmarks/run_all.sh), time-boxed.
 # Logs in WORK_DIR (/tmp/gpu_e2e), returned as one tarball in $OUT. SKIP_BENCH=1: parts 1-4 only;
-# ONLY_BENCH=1: part 5 only (TOTAL seconds, default 200).
+# ONLY_BENCH=1: part 5 only (TOTAL seconds, default 260).
 set -u -o pipefail
 MODEL="$(realpath "${1:?usage: tools/gpu_e2e.sh MODEL.gguf}")"
 # Everything is written under a work dir; one tarball of it goes to $RETURN_DIR (the device tool's $OUT).
@@ -65,5 +65,5 @@ done
 fi
 [ "${SKIP_BENCH:-0}" = "1" ] && { pack tests; exit 0; }
 section "benchmarks"
-OUT="$OUT/bench" TOTAL="${TOTAL:-200}" SKIP_F16="${SKIP_F16:-1}" bash benchmarks/run_all.sh "$MODEL"
+OUT="$OUT/bench" TOTAL="${TOTAL:-260}" SKIP_F16="${SKIP_F16:-1}" bash benchmarks/run_all.sh "$MODEL"
 pack all
