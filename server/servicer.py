@@ -118,15 +118,19 @@ class QwenServeServicer:
             "ttft_ms": round(event.time_to_first_token_ns / 1e6, 3)}})
 
     async def Generate(self, request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[pb.GenerateResponse]:
+        counted = False   # the Finished event went out: _run has counted the request's outcome
         try:
             async for event in self._run(request, context):
+                counted = isinstance(event, FinishedEvent)
                 yield convert.event_to_proto(event)
         except RpcError as error:
             await self._abort(context, error)
         except (asyncio.CancelledError, GeneratorExit):
             # A cancel that lands while grpc sends our last message never enters this generator:
-            # it is closed later (GeneratorExit at the yield) and must be counted all the same.
-            self._cancelled(context)
+            # it is closed later (GeneratorExit at the yield) and must be counted all the same,
+            # unless that last message was the Finished event, whose outcome is counted already.
+            if not counted:
+                self._cancelled(context)
             raise
 
     async def Complete(self, request: Any, context: grpc.aio.ServicerContext) -> pb.CompleteResponse:
