@@ -73,8 +73,8 @@ def _add_serve_flags(parser: argparse.ArgumentParser) -> None:
              "default, outputs are the same either way) [QWEN_SERVE_NO_PREFIX_CACHE=1]")
     add("--stream-messages-per-s", type=float, default=float(str(_env("stream-messages-per-s", 8000))),
         help="token messages per second the front-end aims at over all streams: with many streams, "
-             "each one's tokens are sent together, one message per stream every streams / this "
-             "seconds at most (256 streams: every 32 ms); first tokens and ends go out at once; "
+             "each one's tokens are sent together, one message per stream every generating streams / "
+             "this seconds at most (256 streams: every 32 ms); first tokens and ends go out at once; "
              "0 sends every token as soon as it is made (default 8000) [QWEN_SERVE_STREAM_MESSAGES_PER_S]")
     add("--log-json", action="store_true", default=_env_bool("log-json"),
         help="one JSON object per log line [QWEN_SERVE_LOG_JSON=1]")

@@ -15,8 +15,8 @@ API (used by server.servicer; everything runs on one asyncio loop):
         the same events, as lists: everything that arrived for the request since the consumer last
         asked (one list per wake-up; at most one FinishedEvent, always last). What the servicer uses,
         so that tokens that pile up while the front-end is busy leave in one gRPC message. With
-        stream_messages_per_s set, a stream is woken at most once per streams / stream_messages_per_s
-        seconds (its first token and its end at once): see _Pacing.
+        stream_messages_per_s set, a stream is woken at most once per generating streams /
+        stream_messages_per_s seconds (its first token and its end at once): see _Pacing.
     await client.abort(request_id) -> bool   # False when not in flight; its stream ends "cancelled"
     await client.stats() -> dict             # kv_blocks_total/used/free, running, waiting, steps, ...
     client.latest_stats: dict                # the same, pushed by the worker once a second
@@ -88,20 +88,29 @@ class _Pacing:
     a wake-up, a gRPC message and a socket write; with hundreds of streams that work filled the event
     loop, and grpc.aio, which accepts one new RPC per handful of loop iterations, took a burst of new
     requests in over a second (docs/gpu_results/serving_profile_h200.md). With `messages_per_s` set,
-    each stream is woken at most once per `interval_s` = streams / messages_per_s, so the whole
-    front-end sends about that many token messages per second at most, each carrying whatever tokens
-    arrived meanwhile. A stream's first token and its end (or failure) are always delivered at once.
-    0 turns pacing off: every token is handed over as soon as it arrives."""
+    each stream is woken at most once per `interval_s` = generating streams / messages_per_s, so the
+    whole front-end sends about that many token messages per second at most, each carrying whatever
+    tokens arrived meanwhile. A stream counts from its first token to its end (requests still queued
+    in the worker send nothing). Its first token and its end (or failure) are always delivered at
+    once. 0 turns pacing off: every token is handed over as soon as it arrives."""
 
-    __slots__ = ("interval_s", "messages_per_s")
+    __slots__ = ("generating", "interval_s", "messages_per_s")
 
     def __init__(self, messages_per_s: float) -> None:
         if not (messages_per_s >= 0 and math.isfinite(messages_per_s)):
             raise ValueError(f"stream messages per second must be >= 0, got {messages_per_s}")
         self.messages_per_s = messages_per_s
+        self.generating = 0
         self.interval_s = 0.0
 
-    def set_streams(self, count: int) -> None:
+    def stream_started(self) -> None:
+        self._set_generating(self.generating + 1)
+
+    def stream_ended(self) -> None:
+        self._set_generating(self.generating - 1)
+
+    def _set_generating(self, count: int) -> None:
+        self.generating = count
         self.interval_s = count / self.messages_per_s if self.messages_per_s else 0.0
 
 
@@ -325,13 +334,17 @@ class WorkerClient:
         spec = RequestSpec(key, tuple(int(t) for t in prompt_ids), sampling, stopping)
         stream = _Stream(request_id, key, _Mailbox(self._pacing, self._wakes))
         self._streams[key], self._keys[request_id] = stream, key
-        self._pacing.set_streams(len(self._streams))
         conn = self._conn
+        generating = False
         try:
             self._send(messages.SUBMIT, messages.encode_submit(spec))
             while True:
                 batch: list[TokenEvent | FinishedEvent] = []
-                for item in await stream.mailbox.take_all():
+                items = await stream.mailbox.take_all()
+                if not generating:
+                    generating = True
+                    self._pacing.stream_started()
+                for item in items:
                     if isinstance(item, BaseException):
                         if batch:
                             yield batch          # the tokens that came before the failure first
@@ -344,7 +357,8 @@ class WorkerClient:
         finally:
             self._streams.pop(key, None)
             self._keys.pop(request_id, None)
-            self._pacing.set_streams(len(self._streams))
+            if generating:
+                self._pacing.stream_ended()
             if not stream.finished and conn is self._conn and self._serving:
                 self._send(messages.ABORT, messages.encode_key(key))
 

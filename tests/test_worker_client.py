@@ -92,6 +92,43 @@ def test_16_concurrent_streams_equal_each_request_alone(model_path: Path) -> Non
         assert finished.ttft_ns > 0 and finished.queue_ns >= 0
 
 
+def test_paced_streams_carry_the_same_tokens_in_fewer_deliveries(model_path: Path) -> None:
+    """16 streams paced at 50 messages/s (a 320 ms interval while all generate): every stream still
+    gets exactly its tokens, in fewer deliveries; the pacing counts only generating streams and is
+    back to zero afterwards."""
+    expected = expected_alone(model_path, list(range(16)))
+    seen_generating: list[int] = []
+
+    async def batches_of(client: WorkerClient, i: int) -> list[list]:
+        prompt, sampling, stopping = params(i)
+        out = []
+        async for batch in client.generate_batches(f"paced-{i}", prompt, sampling, stopping):
+            out.append(batch)
+            seen_generating.append(client._pacing.generating)
+        return out
+
+    async def main() -> tuple[list[list[list]], int]:
+        client = WorkerClient(str(model_path), "cpu", num_kv_blocks=64, max_batch=16, stream_messages_per_s=50)
+        await client.start()
+        try:
+            results = await asyncio.gather(*[batches_of(client, i) for i in range(16)])
+            return results, client._pacing.generating
+        finally:
+            await client.close()
+
+    results, generating_after = asyncio.run(main())
+    assert generating_after == 0 and 1 <= max(seen_generating) <= 16
+    for i, batches in enumerate(results):
+        events = [event for batch in batches for event in batch]
+        tokens = [e for e in events if isinstance(e, TokenEvent)]
+        assert [(t.token_id, t.logprobs) for t in tokens] == [(t.token_id, t.logprobs) for t in expected[i]]
+        assert isinstance(events[-1], FinishedEvent)
+    deliveries = sum(len(batches) for batches in results)
+    total_tokens = sum(len(expected[i]) for i in range(16))
+    print(f"paced: {total_tokens} tokens + 16 ends in {deliveries} deliveries")
+    assert deliveries < total_tokens
+
+
 def test_cancel_and_abort_free_kv_and_bad_requests_are_rejected(model_path: Path) -> None:
     async def main() -> None:
         client = WorkerClient(str(model_path), "cpu", num_kv_blocks=64, block_size=4)
@@ -197,15 +234,19 @@ async def _collect(mailbox: _Mailbox, into: list[tuple[float, list[object]]]) ->
             return
 
 
-def test_pacing_interval_is_streams_over_the_message_rate() -> None:
-    pacing = _Pacing(messages_per_s=8000)
-    pacing.set_streams(256)
+def generating(pacing: _Pacing, count: int) -> _Pacing:
+    for _ in range(count):
+        pacing.stream_started()
+    return pacing
+
+
+def test_pacing_interval_is_generating_streams_over_the_message_rate() -> None:
+    pacing = generating(_Pacing(messages_per_s=8000), 256)
     assert pacing.interval_s == pytest.approx(0.032)
-    pacing.set_streams(1)
+    for _ in range(255):
+        pacing.stream_ended()
     assert pacing.interval_s == pytest.approx(1 / 8000)
-    off = _Pacing(messages_per_s=0)
-    off.set_streams(256)
-    assert off.interval_s == 0.0
+    assert generating(_Pacing(messages_per_s=0), 256).interval_s == 0.0
     for bad in (-1.0, float("nan"), float("inf")):
         with pytest.raises(ValueError, match="messages per second must be >= 0"):
             _Pacing(bad)
@@ -218,8 +259,7 @@ def test_a_paced_stream_gets_its_first_token_at_once_then_one_delivery_per_inter
 
     async def scenario() -> tuple[list[tuple[float, list[object]]], float, list[bool]]:
         loop = asyncio.get_running_loop()
-        pacing, wakes = _Pacing(messages_per_s=10), _WakeQueue(per_round=16)
-        pacing.set_streams(3)
+        pacing, wakes = generating(_Pacing(messages_per_s=10), 3), _WakeQueue(per_round=16)
         mailbox = _Mailbox(pacing, wakes)
         deliveries: list[tuple[float, list[object]]] = []
         reader = asyncio.ensure_future(_collect(mailbox, deliveries))
@@ -251,8 +291,7 @@ def test_the_end_and_failures_are_not_held_by_pacing() -> None:
 
     async def scenario(last: object) -> tuple[list[tuple[float, list[object]]], float]:
         loop = asyncio.get_running_loop()
-        pacing = _Pacing(messages_per_s=1)
-        pacing.set_streams(10)                                 # a 10 s interval
+        pacing = generating(_Pacing(messages_per_s=1), 10)     # a 10 s interval
         mailbox = _Mailbox(pacing)
         deliveries: list[tuple[float, list[object]]] = []
         reader = asyncio.ensure_future(_collect(mailbox, deliveries))
