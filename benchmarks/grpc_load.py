@@ -42,7 +42,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--waves", type=int, default=1,
                    help="times each level runs (fresh prompts each); the median wave is reported")
     p.add_argument("--client-procs", type=int, default=0, help="client processes (0: min(N, cores/2, 8))")
-    p.add_argument("--budget-s", type=float, default=60.0, help="time budget per level (s)")
+    p.add_argument("--budget-s", type=float, default=60.0,
+                   help="time budget per level (s), split evenly over its waves (each stream's deadline)")
     p.add_argument("--json", type=Path)
     p.add_argument("--quick", action="store_true", help="tiny sizes: checks the harness, measures nothing")
     if p.parse_known_args(argv)[0].quick:   # quick sizes replace the defaults; explicit flags still win
