@@ -80,12 +80,8 @@ class HostPathBackend(FreeForwardBackend):
         return self.step(batch), sampled, batch.num_seqs
 
     def collect(self, handle: object) -> StepOutput:
-        output, sampled, num_seqs = handle
-        token_ids = np.full(num_seqs, -1, np.int32)
-        per_seq: list = [None] * num_seqs
-        for seq in sampled:                      # as CudaBackend.collect builds its outputs
-            token_ids[seq], per_seq[seq] = output.token_ids[seq], None
-        return StepOutput(token_ids=token_ids, logprobs=tuple(per_seq))
+        output, sampled, num_seqs = handle      # built as CudaBackend.collect builds its outputs
+        return StepOutput.of_sampled(num_seqs, sampled, output.token_ids[sampled], [None] * len(sampled))
 
 
 def make_engine(batch: int) -> Engine:

@@ -6,7 +6,7 @@ import random
 
 import numpy as np
 
-from gpu_worker.backends.base import Backend, StepBatch, StepOutput
+from gpu_worker.backends.base import Backend, StepBatch, StepOutput, TokenLogprobs
 from gpu_worker.engine.engine import Engine, build_step_batch
 from gpu_worker.engine.scheduler import ScheduledChunk
 from gpu_worker.engine.sequence import RequestSpec
@@ -92,3 +92,11 @@ def test_build_step_batch_equals_the_per_chunk_construction() -> None:
             engine._postprocess(plan.chunks, output)
             engine.check_invariants()
         assert backend.num_checked > 0 and (num_preempted > 0 or num_blocks == 400)
+
+
+def test_step_output_of_sampled_places_each_draw_in_its_sequence_row() -> None:
+    logprobs = TokenLogprobs(7, -0.5, ((7, -0.5), (3, -1.0)))
+    out = StepOutput.of_sampled(4, [1, 3], [7, 9], [logprobs, None])
+    assert out.token_ids.dtype == np.int32 and out.token_ids.tolist() == [-1, 7, -1, 9]
+    assert out.logprobs == (None, logprobs, None, None)
+    assert StepOutput.of_sampled(2, [], [], []).token_ids.tolist() == [-1, -1]

@@ -6,6 +6,7 @@ one step over an explicit batch. Nothing else crosses this boundary.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -99,6 +100,17 @@ class TokenLogprobs:
 class StepOutput:
     token_ids: np.ndarray                        # [num_seqs] int32, -1 where nothing was sampled
     logprobs: tuple[TokenLogprobs | None, ...]   # per sequence, when its params ask for logprobs
+
+    @classmethod
+    def of_sampled(cls, num_seqs: int, sampled: Sequence[int], tokens: Sequence[int],
+                   logprobs: Sequence[TokenLogprobs | None]) -> StepOutput:
+        """The output of a step whose sequences sampled[j] drew tokens[j] (with logprobs[j]); the
+        others sampled nothing."""
+        token_ids = np.full(num_seqs, -1, np.int32)
+        per_seq: list[TokenLogprobs | None] = [None] * num_seqs
+        for j, seq in enumerate(sampled):
+            token_ids[seq], per_seq[seq] = tokens[j], logprobs[j]
+        return cls(token_ids=token_ids, logprobs=tuple(per_seq))
 
 
 class Backend(ABC):

@@ -13,7 +13,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from gpu_worker.backends.base import Backend, StepBatch, StepOutput, TokenLogprobs
+from gpu_worker.backends.base import Backend, StepBatch, StepOutput
 from gpu_worker.backends.cuda.device import CudaBackendError, CudaDevice, CudaOutOfMemoryError, DeviceTensor
 from gpu_worker.backends.cuda.forward import LINEAR_KERNELS, Qwen2Forward
 from gpu_worker.backends.cuda.graphs import DEFAULT_BUCKETS, DecodeGraphs, graphs_available
@@ -190,11 +190,7 @@ class CudaBackend(Backend):
     def collect(self, handle: object) -> StepOutput:
         assert isinstance(handle, PendingStep)
         tokens, logprobs = self.sampler.finish(handle.sample)
-        token_ids = np.full(handle.num_seqs, -1, np.int32)
-        per_seq: list[TokenLogprobs | None] = [None] * handle.num_seqs
-        for j, seq in enumerate(handle.sampled):
-            token_ids[seq], per_seq[seq] = tokens[j], logprobs[j]
-        return StepOutput(token_ids=token_ids, logprobs=tuple(per_seq))
+        return StepOutput.of_sampled(handle.num_seqs, handle.sampled, tokens, logprobs)
 
     def _take_previous_tokens(self, previous_rows: np.ndarray) -> None:
         """Input id i of this decode step = the token the previous step sampled in row
